@@ -1,0 +1,86 @@
+"""Accuracy and latency measurement on the device (numpy and the standard library only)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB."""
+    ref = reference.astype(np.float64).ravel()
+    noise = ref - test.astype(np.float64).ravel()
+    p_noise = float(np.sum(noise * noise))
+    p_signal = float(np.sum(ref * ref))
+    if p_noise == 0.0:
+        return 200.0
+    if p_signal == 0.0:
+        return -200.0
+    return 10.0 * math.log10(p_signal / p_noise)
+
+
+def evaluate(runner: Any, x: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None,
+             batch: int) -> dict[str, Any]:
+    """Run every sample once; accuracy vs labels and fidelity vs the fp32 reference outputs.
+
+    With a static batch > 1 the last partial batch is padded by repeating its last sample and the
+    padding is dropped from the outputs.
+    """
+    outs = []
+    n = x.shape[0]
+    for start in range(0, n, batch):
+        chunk = x[start:start + batch]
+        real = chunk.shape[0]
+        if real < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
+        out = runner.infer(chunk)
+        outs.append(np.asarray(out, dtype=np.float32).reshape(batch, -1)[:real])
+    logits = np.concatenate(outs, axis=0)
+    pred = logits.argmax(axis=1)
+    result: dict[str, Any] = {"samples": int(n), "predictions": pred.astype(int).tolist()}
+    if labels is not None:
+        result["accuracy"] = round(float((pred == labels.reshape(-1)).mean()) * 100.0, 4)
+    if reference is not None:
+        ref = reference.reshape(n, -1)
+        result["top1_agreement"] = round(float((pred == ref.argmax(axis=1)).mean()) * 100.0, 4)
+        result["sqnr_db"] = round(sqnr_db(ref, logits), 3)
+        result["max_abs_diff"] = float(np.max(np.abs(ref - logits)))
+    return result
+
+
+def percentile(sorted_ms: list[float], q: float) -> float:
+    """Linear-interpolated percentile of an already sorted list (numpy's default method)."""
+    if not sorted_ms:
+        return float("nan")
+    k = (len(sorted_ms) - 1) * q / 100.0
+    lo = math.floor(k)
+    hi = math.ceil(k)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (k - lo)
+
+
+def time_runs(runner: Any, x: np.ndarray, warmup: int, runs: int) -> dict[str, Any]:
+    """Warm-up runs (not timed), then ``runs`` timed runs of one batch. Milliseconds."""
+    for _ in range(warmup):
+        runner.infer(x)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner.infer(x)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    times.sort()
+    mean = sum(times) / len(times)
+    var = sum((t - mean) ** 2 for t in times) / (len(times) - 1) if len(times) > 1 else 0.0
+    return {
+        "p50": round(percentile(times, 50), 4),
+        "p90": round(percentile(times, 90), 4),
+        "p99": round(percentile(times, 99), 4),
+        "mean": round(mean, 4),
+        "stdev": round(math.sqrt(var), 4),
+        "min": round(times[0], 4),
+        "max": round(times[-1], 4),
+        "runs": len(times),
+        "warmup": warmup,
+    }

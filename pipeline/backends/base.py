@@ -1,0 +1,84 @@
+"""What every backend provides, and the typed values that flow through a build.
+
+A backend turns the optimized fp32 ONNX model (or, for TFLite, the PyTorch model) into the
+artifact its runtime loads, at one precision. It never edits its inputs and writes only under
+``ctx.workdir``. The device-side half of a backend is its runner in ``pipeline/agent/runners``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import numpy as np
+
+    from pipeline.spec import BuildSpec, PipelineSpec, TargetSpec
+
+
+@dataclass
+class Samples:
+    """Preprocessed samples (N, *input_shape[1:]) float32, optional labels, stable ids and hash."""
+
+    x: "np.ndarray"
+    y: "np.ndarray | None"
+    ids: list[str]
+    sha256: str
+
+
+@dataclass
+class BuildContext:
+    """Everything a conversion may read. Stages pass typed values, never bare dicts."""
+
+    spec: "PipelineSpec"
+    target: "TargetSpec"
+    build: "BuildSpec"
+    workdir: Path
+    """Empty folder owned by this conversion; the artifact's files go here."""
+    onnx_fp32: Path
+    """Optimized fp32 ONNX model (Conv+BN folded, shapes inferred, simplified)."""
+    input_name: str
+    output_name: str
+    calibration: Samples
+    check: Samples
+    """A few real samples for the post-conversion numeric check (from the calibration split)."""
+    reference: "np.ndarray"
+    """fp32 ONNX Runtime outputs for ``check.x``: what the converted model is compared against."""
+    cache_dir: Path
+    torch_model: Callable[[], Any]
+    """Returns the eval-mode PyTorch module (for routes that leave from PyTorch, e.g. TFLite)."""
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class Artifact:
+    """A converted model, ready to be packaged and shipped."""
+
+    backend: str
+    precision: str
+    workdir: Path
+    files: list[str]
+    """File names relative to ``workdir`` that the runner needs (everything shipped)."""
+    runner: str
+    """Name of the agent runner (pipeline/agent/runners/<runner>.py)."""
+    runner_config: dict[str, Any]
+    """JSON-able config handed to the runner on the device (file names, tensor names, quant params)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """JSON-able conversion report: check numbers, calibration report, layers kept in float."""
+
+
+class Backend(Protocol):
+    """The registry's view of a backend (see pipeline.registry)."""
+
+    name: str
+    precisions: tuple[str, ...]
+
+    def available(self) -> tuple[bool, str]:
+        """Whether the converter can run on this host, and if not, why (one line, with the fix)."""
+
+    def version(self) -> dict[str, str]:
+        """Versions of the tools the conversion uses, recorded in the manifest and cache keys."""
+
+    def convert(self, ctx: BuildContext, precision: str) -> Artifact:
+        """Build the artifact for ``precision`` under ``ctx.workdir``; raise ConversionError on failure."""
