@@ -1,0 +1,104 @@
+"""ONNX Runtime backend (host side). The device side is pipeline/agent/runners/onnxruntime.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.backends.base import Artifact, BuildContext
+from pipeline.backends.checks import check_outputs, run_runner
+from pipeline.errors import ConversionError
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+    precisions = ("fp32", "fp16", "int8")
+
+    def available(self) -> tuple[bool, str]:
+        for module in ("onnx", "onnxruntime"):
+            if importlib.util.find_spec(module) is None:
+                return False, f"python package {module!r} is missing; run `make venv` (pip install 'edgeship[convert]')"
+        return True, "ok"
+
+    def version(self) -> dict[str, str]:
+        import onnx
+        import onnxruntime
+
+        return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
+
+    def convert(self, ctx: BuildContext, precision: str) -> Artifact:
+        if precision not in self.precisions:
+            raise ConversionError(f"onnxruntime: precision {precision!r} not supported ({', '.join(self.precisions)})")
+        out = ctx.workdir / "model.onnx"
+        info: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        if precision == "fp32":
+            shutil.copyfile(ctx.onnx_fp32, out)
+        elif precision == "fp16":
+            _to_fp16(ctx.onnx_fp32, out)
+        else:
+            info["calibration"] = quantize_int8(ctx, out)
+        info["convert_s"] = round(time.perf_counter() - t0, 3)
+        config = {"model": out.name, "input": ctx.input_name, "output": ctx.output_name}
+        batch = ctx.spec.input.shape[0]
+        got = run_runner("onnxruntime", ctx.workdir, config, ctx.check.x, batch, ctx.target.threads)
+        info.update(check_outputs(self.name, precision, ctx.reference, got))
+        return Artifact(self.name, precision, ctx.workdir, [out.name], "onnxruntime", config, info)
+
+
+def _to_fp16(src: Path, out: Path) -> None:
+    """fp16 weights and activations with fp32 model inputs/outputs (keep_io_types)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    onnx.save(half, str(out))
+
+
+def quantize_int8(ctx: BuildContext, out: Path) -> dict[str, Any]:
+    """Static INT8 (QDQ): edgeship's calibration, or ORT's own defaults with method 'ort-default'."""
+    cal = ctx.spec.calibration
+    if cal.method == "ort-default":
+        return _ort_default(ctx, out)
+    from calibration import CalibrationConfig, CalibrationSet, quantize_onnx
+
+    budget = ctx.spec.accuracy.max_drop_pp
+    if ctx.target.limits.max_accuracy_drop_pp is not None:
+        budget = min(budget, ctx.target.limits.max_accuracy_drop_pp)
+    cfg = CalibrationConfig(method=cal.method, percentile=cal.percentile, activation_mode=cal.activations,
+                            per_channel=cal.per_channel, holdout_fraction=cal.holdout_fraction,
+                            max_drop_pp=budget, fallback=cal.fallback, target="onnxruntime")
+    calib = CalibrationSet(ctx.calibration.x, tuple(ctx.calibration.ids), ctx.calibration.y)
+    report = quantize_onnx(ctx.onnx_fp32, out, calib, cfg, ctx.cache_dir / "calibration")
+    return report.to_dict()
+
+
+def _ort_default(ctx: BuildContext, out: Path) -> dict[str, Any]:
+    """onnxruntime.quantization.quantize_static with its defaults (the baseline users start from)."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    x = ctx.calibration.x
+    batch = ctx.spec.input.shape[0]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.i = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.i + batch > len(x):
+                return None
+            chunk = x[self.i:self.i + batch]
+            self.i += batch
+            return {ctx.input_name: chunk}
+
+    t0 = time.perf_counter()
+    quantize_static(str(ctx.onnx_fp32), str(out), Reader())
+    return {"method": "ort-default", "calibration_time_s": round(time.perf_counter() - t0, 3)}
+
+
+BACKEND = OnnxRuntimeBackend()

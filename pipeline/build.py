@@ -1,0 +1,224 @@
+"""Build: spec + target -> export -> optimize -> convert per (backend, precision) -> release folder.
+
+Every stage is cached by content (pipeline.cache); a rebuild with nothing changed does no work
+and says so. The release folder is written beside the old one and swapped in at the end, so a
+failed build leaves the previous release and the cache intact.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.backends.base import Artifact, BuildContext, Samples
+from pipeline.cache import Cache, sha256_file
+from pipeline.errors import ConversionError, EdgeshipError, SpecError
+from pipeline.registry import get_backend, require_available
+from pipeline.spec import PipelineSpec, TargetSpec
+
+OPTIMIZE_PASSES = ("fold_conv_bn", "onnxslim", "infer_shapes")
+CHECK_SAMPLES = 32
+
+
+@dataclass
+class StageEvent:
+    stage: str
+    cached: bool
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class BuildResult:
+    spec: PipelineSpec
+    target: TargetSpec
+    release_dir: Path
+    release_id: str
+    manifest: dict[str, Any]
+    artifacts: list[Artifact]
+    reference_metric: dict[str, Any]
+    events: list[StageEvent] = field(default_factory=list)
+
+
+def _timed(events: list[StageEvent], log: Callable[[str], None], stage: str, fn: Callable[[], Any],
+           detail: Callable[[Any], str] = lambda r: "") -> Any:
+    t0 = time.perf_counter()
+    result = fn()
+    cached = bool(getattr(result, "hit", False))
+    ev = StageEvent(stage, cached, time.perf_counter() - t0, detail(result))
+    events.append(ev)
+    log(f"{stage:<24} {'cached' if cached else 'built '} {ev.seconds:7.2f}s  {ev.detail}")
+    return result
+
+
+def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | None = None,
+          log: Callable[[str], None] = print) -> BuildResult:
+    """Run every build stage for ``target`` and write ``out_dir/release``."""
+    from pipeline.stages.export import export_onnx, run_onnx
+    from pipeline.stages.inputs import check_disjoint, load_samples, model_identity, model_loader, state_hash
+    from pipeline.stages.optimize import optimize_onnx
+
+    cache = cache or Cache()
+    events: list[StageEvent] = []
+    require_available(sorted({b.backend for b in target.builds}))
+    for b in target.builds:
+        backend = get_backend(b.backend)
+        for p in b.precisions:
+            if p not in backend.precisions:
+                raise SpecError(f"{target.source_path}: field 'builds': backend {b.backend!r} cannot build "
+                                f"{p!r}; it supports {', '.join(backend.precisions)}")
+
+    calib = _timed(events, log, "load calibration set", lambda: load_samples(spec, "calibration"),
+                   lambda s: f"{len(s.x)} samples sha256:{s.sha256[:12]}")
+    evals = _timed(events, log, "load evaluation set", lambda: load_samples(spec, "evaluation"),
+                   lambda s: f"{len(s.x)} samples sha256:{s.sha256[:12]}")
+    check_disjoint(calib, evals, spec)
+    if spec.evaluation.metric == "top1" and evals.y is None:
+        raise SpecError(f"{spec.source_path}: field 'evaluation.metric': top1 needs labels, the evaluation "
+                        "set has none; add labels or use metric: fidelity")
+
+    load_model = model_loader(spec)
+    model_cache: dict[str, Any] = {}
+
+    def torch_model() -> Any:
+        if "m" not in model_cache:
+            model_cache["m"] = load_model()
+        return model_cache["m"]
+
+    import torch  # noqa: F401 - the export and TFLite routes need it; fail early if missing
+
+    weights = state_hash(torch_model())
+    batch = spec.input.shape[0]
+    export_parts = {"model": model_identity(spec), "weights": weights, "input": spec.input.model_dump(),
+                    "export": spec.export, "torch": torch.__version__, "edgeship": __version__}
+    exported = _timed(events, log, "export onnx", lambda: cache.get_or_build(
+        "export", export_parts, lambda d: _write_json(d / "info.json", export_onnx(spec, lambda: torch_model(),
+                                                                                   calib.x, d).info)),
+        lambda r: f"key {r.key[:12]}")
+    onnx_raw = exported.path / "model.onnx"
+    export_info = json.loads((exported.path / "info.json").read_text())
+
+    check_x = calib.x[:CHECK_SAMPLES]
+    opt_parts = {"onnx": sha256_file(onnx_raw), "passes": OPTIMIZE_PASSES, "edgeship": __version__}
+    optimized = _timed(events, log, "optimize (fold, slim)", lambda: cache.get_or_build(
+        "optimize", opt_parts, lambda d: _write_json(d / "info.json", optimize_onnx(onnx_raw, d / "model.onnx",
+                                                                                    check_x, batch))),
+        lambda r: f"key {r.key[:12]}")
+    onnx_opt = optimized.path / "model.onnx"
+    opt_info = json.loads((optimized.path / "info.json").read_text())
+    onnx_sha = sha256_file(onnx_opt)
+
+    from pipeline.analyze import analyze_onnx
+
+    analysis = analyze_onnx(onnx_opt)
+    reference_eval = run_onnx(onnx_opt, evals.x, batch, spec.input.name)
+    reference_check = run_onnx(onnx_opt, check_x, batch, spec.input.name)
+    ref_metric = _reference_metric(spec, reference_eval, evals)
+    log(f"{'fp32 reference':<24} {_fmt_metric(ref_metric)}")
+
+    artifacts: list[Artifact] = []
+    for build_spec in target.builds:
+        backend = get_backend(build_spec.backend)
+        for precision in build_spec.precisions:
+            ctx_parts = {
+                "onnx": onnx_sha, "weights": weights, "backend": backend.name, "precision": precision,
+                "versions": backend.version(), "options": build_spec.options, "threads": target.threads,
+                "calibration": spec.calibration.model_dump(exclude={"source", "limit"}) | {"sha256": calib.sha256},
+                "budget": [spec.accuracy.max_drop_pp, target.limits.max_accuracy_drop_pp],
+                "input": spec.input.model_dump(), "edgeship": __version__,
+            }
+
+            def convert(d: Path, backend=backend, precision=precision, build_spec=build_spec) -> None:
+                ctx = BuildContext(spec=spec, target=target, build=build_spec, workdir=d, onnx_fp32=onnx_opt,
+                                   input_name=spec.input.name, output_name="output", calibration=calib,
+                                   check=Samples(check_x, None, calib.ids[:CHECK_SAMPLES], ""),
+                                   reference=reference_check, cache_dir=cache.root.parent,
+                                   torch_model=torch_model, log=log)
+                try:
+                    art = backend.convert(ctx, precision)
+                except EdgeshipError:
+                    raise
+                except Exception as exc:  # a converter's own exception: one line, with its type
+                    raise ConversionError(f"{backend.name} {precision}: conversion failed: "
+                                          f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+                _write_json(d / "artifact.json", {"backend": art.backend, "precision": art.precision,
+                                                   "files": art.files, "runner": art.runner,
+                                                   "runner_config": art.runner_config, "info": art.info})
+
+            entry = _timed(events, log, f"{backend.name} {precision}", lambda convert=convert, ctx_parts=ctx_parts:
+                           cache.get_or_build("convert", ctx_parts, convert), lambda r: f"key {r.key[:12]}")
+            meta = json.loads((entry.path / "artifact.json").read_text())
+            artifacts.append(Artifact(meta["backend"], meta["precision"], entry.path, meta["files"],
+                                      meta["runner"], meta["runner_config"], meta["info"]))
+
+    from pipeline.stages.package import package_release
+
+    provenance = {
+        "spec": {"name": spec.name, "path": str(spec.source_path), "sha256": sha256_file(spec.source_path)
+                 if spec.source_path else None},
+        "target": target.model_dump(mode="json"),
+        "model": {"weights_sha256": weights, "onnx_sha256": onnx_sha, "export": export_info,
+                  "optimize": opt_info, "analysis": analysis},
+        "calibration_set": {"sha256": calib.sha256, "samples": len(calib.x)},
+        "evaluation_set": {"sha256": evals.sha256, "samples": len(evals.x), "metric": spec.evaluation.metric},
+        "reference": ref_metric,
+        "tools": _tool_versions(target),
+    }
+    release_dir, release_id, manifest = _timed(
+        events, log, "package release",
+        lambda: package_release(out_dir, spec, target, artifacts, evals, reference_eval, provenance),
+        lambda r: f"release {r[1][:12]}")
+    return BuildResult(spec, target, release_dir, release_id, manifest, artifacts, ref_metric, events)
+
+
+def _reference_metric(spec: PipelineSpec, reference: np.ndarray, evals: Samples) -> dict[str, Any]:
+    pred = reference.reshape(len(reference), -1).argmax(1)
+    if spec.evaluation.metric == "top1":
+        assert evals.y is not None
+        return {"metric": "top1", "accuracy": round(float((pred == evals.y).mean()) * 100.0, 4),
+                "samples": len(pred), "source": "fp32 ONNX Runtime on the host"}
+    return {"metric": "fidelity", "accuracy": 100.0, "samples": len(pred),
+            "source": "fp32 ONNX Runtime on the host (fidelity: agreement with itself)"}
+
+
+def _fmt_metric(m: dict[str, Any]) -> str:
+    return f"{m['metric']} {m['accuracy']:.2f}% on {m['samples']} samples"
+
+
+def _tool_versions(target: TargetSpec) -> dict[str, Any]:
+    versions: dict[str, Any] = {"edgeship": __version__, "python": sys.version.split()[0],
+                                "host": platform.platform()}
+    import numpy
+    import torch
+
+    versions.update({"torch": torch.__version__, "numpy": numpy.__version__})
+    for name in sorted({b.backend for b in target.builds}):
+        versions[name] = get_backend(name).version()
+    return versions
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Swap ``new`` into ``final``: the old folder is kept until the new one is in place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}-old-", dir=final.parent))
+        old.rmdir()
+        final.rename(old)
+    new.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

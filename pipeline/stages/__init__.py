@@ -1,0 +1,1 @@
+"""Pipeline stages: functions with typed inputs and outputs, each cached by content."""

@@ -1,0 +1,140 @@
+"""Resolve what a spec names: the PyTorch model and the calibration / evaluation samples."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.backends.base import Samples
+from pipeline.errors import SpecError
+from pipeline.spec import DataSource, ImageFolderSource, NpzSource, PipelineSpec, PythonSource
+
+
+def import_callable(ref: str, where: str) -> Callable[..., Any]:
+    """``module:function`` -> the function, with a one-line SpecError naming ``where``."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpecError(f"{where}: cannot import module {module_name!r} ({exc}); "
+                        "check the name and that it is on PYTHONPATH") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SpecError(f"{where}: {module_name!r} has no callable {attr!r}; check the name")
+    return fn
+
+
+def model_loader(spec: PipelineSpec) -> Callable[[], Any]:
+    """A function returning the eval-mode ``nn.Module`` the spec names (lazy: torch on call)."""
+    src = spec.model
+    where = f"{spec.source_path}: field 'model'"
+
+    def load() -> Any:
+        import torch
+
+        if src.exported:
+            path = spec.resolve_path(src.exported)
+            program = torch.export.load(str(path))
+            return program.module()
+        factory = import_callable(src.factory or "", f"{where}.factory")
+        model = factory(**src.kwargs)
+        if src.checkpoint:
+            path = spec.resolve_path(src.checkpoint)
+            # weights_only: never unpickle arbitrary objects from a checkpoint file.
+            state = torch.load(path, weights_only=True, map_location="cpu")
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            model.load_state_dict(state)
+        if not isinstance(model, torch.nn.Module):
+            raise SpecError(f"{where}.factory: returned {type(model).__name__}, expected torch.nn.Module")
+        return model.eval()
+
+    return load
+
+
+def model_identity(spec: PipelineSpec) -> dict[str, Any]:
+    """What identifies the model's bytes, for cache keys (weights hash, not just a name)."""
+    ident: dict[str, Any] = {"factory": spec.model.factory, "kwargs": spec.model.kwargs}
+    for field in ("checkpoint", "exported"):
+        value = getattr(spec.model, field)
+        if value:
+            from pipeline.cache import sha256_file
+
+            ident[field] = sha256_file(spec.resolve_path(value))
+    return ident
+
+
+def state_hash(model: Any) -> str:
+    """sha256 over a module's parameters and buffers (names, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        arr = tensor.detach().cpu().contiguous().numpy()
+        h.update(str(arr.shape).encode() + str(arr.dtype).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def load_samples(spec: PipelineSpec, section: str) -> Samples:
+    """The calibration or evaluation samples, shape-checked against the spec's input."""
+    from calibration.data import CalibrationSet
+    from calibration.errors import CalibrationDataError
+
+    cfg = getattr(spec, section)
+    where = f"{spec.source_path}: field '{section}.source'"
+    expected = tuple(spec.input.shape[1:])
+    try:
+        data = _read_source(spec, cfg.source, where, expected, cfg.limit)
+    except CalibrationDataError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+    if tuple(data.samples.shape[1:]) != expected:
+        raise SpecError(f"{where}: samples have shape {tuple(data.samples.shape[1:])}, the model input "
+                        f"expects {expected} (input.shape without the batch dim)")
+    if cfg.limit:
+        data = data.subset(range(min(cfg.limit, len(data))))
+    return to_samples(data)
+
+
+def to_samples(data: "CalibrationSet") -> Samples:  # noqa: F821 - lazy import
+    return Samples(x=data.samples, y=data.labels, ids=list(data.ids), sha256=data.content_hash)
+
+
+def check_disjoint(calibration: Samples, evaluation: Samples, spec: PipelineSpec) -> None:
+    """Refuse a calibration set that shares samples with the evaluation set (by content)."""
+    from calibration.data import CalibrationSet, check_overlap
+    from calibration.errors import CalibrationDataError
+
+    try:
+        check_overlap(CalibrationSet(calibration.x, tuple(calibration.ids)),
+                      CalibrationSet(evaluation.x, tuple(evaluation.ids)))
+    except CalibrationDataError as exc:
+        raise SpecError(f"{spec.source_path}: fields 'calibration' and 'evaluation': {exc}") from None
+
+
+def _read_source(spec: PipelineSpec, src: DataSource, where: str, shape: tuple[int, ...],
+                 limit: int | None) -> "CalibrationSet":  # noqa: F821
+    from calibration.data import CalibrationSet, ImagePreprocess
+
+    if isinstance(src, PythonSource):
+        out = import_callable(src.callable, f"{where}.callable")(**src.kwargs)
+        x, y = (out if isinstance(out, tuple) else (out, None))
+        x = np.asarray(x, dtype=np.float32)
+        ids = [f"{src.callable}[{i}]" for i in range(len(x))]
+        return CalibrationSet.from_arrays(x, labels=y, ids=ids, input_shape=shape)
+    if isinstance(src, NpzSource):
+        return CalibrationSet.from_numpy(spec.resolve_path(src.path), input_shape=shape)
+    assert isinstance(src, ImageFolderSource)
+    pre = spec.preprocessing
+    if spec.input.layout == "NC":
+        raise SpecError(f"{where}: image folders need an image input layout (NCHW or NHWC)")
+    h, w = (shape[1], shape[2]) if spec.input.layout == "NCHW" else (shape[0], shape[1])
+    if pre.resize:
+        h, w = pre.resize
+    prep = ImagePreprocess(height=h, width=w, mean=tuple(pre.mean), std=tuple(pre.std), scale=pre.scale,
+                           layout=spec.input.layout, color=pre.color)
+    folder = spec.resolve_path(src.path)
+    has_classes = folder.is_dir() and any(p.is_dir() for p in folder.iterdir())
+    return CalibrationSet.from_image_folder(folder, prep, labels_from_subfolders=has_classes, limit=limit)

@@ -1,0 +1,98 @@
+"""Stage: package artifacts, the device agent and the evaluation samples into a release folder.
+
+Layout (what a transport ships, verbatim):
+    manifest.json            what is in the release, sha256 of every file, provenance
+    edgeship_agent/          the device agent (stdlib + numpy + one runtime)
+    artifacts/<run-id>/...   one folder per (backend, precision)
+    data/eval.npz            x, y (labels, if any), reference (fp32 outputs) for on-device metrics
+
+The release id is the sha256 over the file list (names and hashes) and the agent settings, so
+an unchanged build gives the same id and a deploy of it moves no bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.backends.base import Artifact, Samples
+from pipeline.cache import canonical_json, sha256_file
+from pipeline.spec import PipelineSpec, TargetSpec
+
+AGENT_SOURCE = Path(__file__).resolve().parent.parent / "agent"
+
+
+def run_id(backend: str, precision: str) -> str:
+    return f"{backend}-{precision}"
+
+
+def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artifacts: list[Artifact],
+                    evals: Samples, reference: np.ndarray, provenance: dict[str, Any]) -> tuple[Path, str, dict]:
+    """Write ``out_dir/release`` atomically; returns (path, release id, manifest)."""
+    from pipeline.build import replace_dir
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".release-", dir=out_dir))
+    try:
+        shutil.copytree(AGENT_SOURCE, tmp / "edgeship_agent",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        runs = []
+        for art in artifacts:
+            rid = run_id(art.backend, art.precision)
+            dest = tmp / "artifacts" / rid
+            dest.mkdir(parents=True)
+            for name in art.files:
+                src = art.workdir / name
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dest / name)
+            size = sum((dest / n).stat().st_size for n in art.files)
+            runs.append({"id": rid, "backend": art.backend, "precision": art.precision, "runner": art.runner,
+                         "dir": f"artifacts/{rid}", "config": art.runner_config,
+                         "artifact_bytes": size,
+                         "artifact_sha256": _files_digest(dest, art.files),
+                         "conversion": art.info})
+        (tmp / "data").mkdir()
+        arrays: dict[str, np.ndarray] = {"x": evals.x.astype(np.float32), "reference": reference.astype(np.float32)}
+        if evals.y is not None:
+            arrays["y"] = evals.y.astype(np.int64)
+        _save_npz_deterministic(tmp / "data" / "eval.npz", arrays)
+        validation = spec.validation or target.validation
+        agent = {"eval_file": "data/eval.npz", "threads": target.threads, "warmup": validation.warmup,
+                 "runs": validation.runs, "batch": spec.input.shape[0], "metric": spec.evaluation.metric}
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        release_id = hashlib.sha256(canonical_json({"files": files, "agent": agent, "runs": [
+            {k: r[k] for k in ("id", "runner", "dir", "config")} for r in runs]}).encode()).hexdigest()
+        manifest = {"release_id": release_id, "name": spec.name, "target": target.name, "agent": agent,
+                    "runs": runs, "files": files, "provenance": provenance}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
+        replace_dir(tmp, out_dir / "release")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / "release", release_id, manifest
+
+
+def _files_digest(folder: Path, names: list[str]) -> str:
+    """One sha256 for an artifact: the hash of its single file, or over the sorted (name, hash) list."""
+    if len(names) == 1:
+        return sha256_file(folder / names[0])
+    return hashlib.sha256(canonical_json({n: sha256_file(folder / n) for n in sorted(names)}).encode()).hexdigest()
+
+
+def _save_npz_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez stamps zip entries with the current time; write fixed timestamps so bytes repeat."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            buf = io.BytesIO()
+            np.save(buf, arrays[name], allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            zf.writestr(info, buf.getvalue())

@@ -1,0 +1,1 @@
+"""Validation on the host side: turn the agent's measurements into results, gates and reports."""

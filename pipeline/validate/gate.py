@@ -1,0 +1,97 @@
+"""The gate: each run against the accuracy budget and the target's limits.
+
+The budget is the tighter of the spec's ``accuracy.max_drop_pp`` and the target's
+``limits.max_accuracy_drop_pp``. The drop is measured against the fp32 reference computed on the
+host from the optimized ONNX model, so an fp32 conversion error on a backend shows up as a drop
+too. For the ``fidelity`` metric the run's "accuracy" is its top-1 agreement with that reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.spec import PipelineSpec, TargetSpec
+
+
+def budget_pp(spec: PipelineSpec, target: TargetSpec) -> float:
+    budget = spec.accuracy.max_drop_pp
+    if target.limits.max_accuracy_drop_pp is not None:
+        budget = min(budget, target.limits.max_accuracy_drop_pp)
+    return budget
+
+
+def run_row(raw: dict[str, Any], run_meta: dict[str, Any], reference: dict[str, Any], metric: str,
+            tdp_w: float | None) -> dict[str, Any]:
+    """One result row (the README's results schema) from the agent's raw result."""
+    accuracy = raw.get("accuracy") if metric == "top1" else raw.get("top1_agreement")
+    drop = None if accuracy is None else round(reference["accuracy"] - accuracy, 4)
+    latency = raw.get("latency_ms") or {}
+    row = {
+        "id": run_meta["id"],
+        "backend": run_meta["backend"],
+        "precision": run_meta["precision"],
+        "accuracy": accuracy,
+        "accuracy_drop_pp": drop,
+        "top1_agreement": raw.get("top1_agreement"),
+        "sqnr_db": raw.get("sqnr_db"),
+        "latency_ms": latency,
+        "peak_rss_mb": raw.get("peak_rss_mb"),
+        "model_rss_mb": (round(raw["peak_rss_mb"] - raw["baseline_rss_mb"], 2)
+                         if raw.get("peak_rss_mb") is not None and raw.get("baseline_rss_mb") is not None else None),
+        "load_ms": raw.get("load_ms"),
+        "artifact_bytes": run_meta.get("artifact_bytes"),
+        "artifact_sha256": run_meta.get("artifact_sha256"),
+        "runtime_version": raw.get("runtime_version"),
+        # No power meter on the device: energy is estimated from the board's typical power and
+        # the measured latency, and labelled as an estimate.
+        "energy_mj_per_inference_est": (round(tdp_w * latency["p50"], 4) if tdp_w and latency.get("p50") else None),
+        "calibration": _calibration_summary(run_meta),
+        "error": raw.get("error"),
+    }
+    return row
+
+
+def _calibration_summary(run_meta: dict[str, Any]) -> dict[str, Any] | None:
+    cal = (run_meta.get("conversion") or {}).get("calibration")
+    if not cal:
+        return None
+    keep = ("method", "reason", "budget_met", "fallback_layers", "calibration_time_s", "stats_cache_hit")
+    return {k: cal[k] for k in keep if k in cal}
+
+
+def check_run(row: dict[str, Any], spec: PipelineSpec, target: TargetSpec) -> dict[str, Any]:
+    """Gate one run; returns {"passed": bool, "reasons": [...]} and stores it in the row."""
+    reasons: list[str] = []
+    rid = row["id"]
+    if row.get("error"):
+        reasons.append(f"{rid}: failed on the device: {row['error']}")
+    else:
+        budget = budget_pp(spec, target)
+        drop = row.get("accuracy_drop_pp")
+        if drop is None:
+            reasons.append(f"{rid}: no accuracy was measured")
+        elif drop > budget:
+            reasons.append(f"{rid}: accuracy drop {drop:.2f} pp exceeds the budget {budget:.2f} pp")
+        lim = target.limits
+        p90 = (row.get("latency_ms") or {}).get("p90")
+        if lim.max_latency_p90_ms is not None and p90 is not None and p90 > lim.max_latency_p90_ms:
+            reasons.append(f"{rid}: latency p90 {p90:.2f} ms exceeds {lim.max_latency_p90_ms} ms")
+        rss = row.get("peak_rss_mb")
+        if lim.max_memory_mb is not None and rss is not None and rss > lim.max_memory_mb:
+            reasons.append(f"{rid}: peak memory {rss:.1f} MB exceeds {lim.max_memory_mb} MB")
+        size = row.get("artifact_bytes")
+        if lim.max_artifact_mb is not None and size is not None and size / 2**20 > lim.max_artifact_mb:
+            reasons.append(f"{rid}: artifact {size / 2**20:.2f} MB exceeds {lim.max_artifact_mb} MB")
+        cal = row.get("calibration") or {}
+        if cal.get("budget_met") is False:
+            reasons.append(f"{rid}: calibration could not meet the {budget:.2f} pp budget even with "
+                           "layers kept in float")
+    gate = {"passed": not reasons, "reasons": reasons}
+    row["gate"] = gate
+    return gate
+
+
+def combine(gates: list[dict[str, Any]]) -> dict[str, Any]:
+    reasons = [r for g in gates for r in g["reasons"]]
+    return {"passed": all(g["passed"] for g in gates) and bool(gates), "reasons": reasons or
+            ([] if gates else ["nothing was measured"])}

@@ -1,0 +1,86 @@
+"""Human-readable report (rich table on the terminal, Markdown file) from the results document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+RESULTS_SCHEMA = "edgeship.results/1"
+
+
+def _f(v: Any, fmt: str = "{:.2f}", none: str = "-") -> str:
+    return none if v is None else fmt.format(v)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 1024:.1f} kB"
+
+
+COLUMNS = ("device", "backend", "precision", "accuracy %", "drop pp", "SQNR dB", "p50 ms", "p90 ms",
+           "p99 ms", "peak RSS MB", "size", "gate")
+
+
+def rows(results: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for dev in results["devices"]:
+        if dev.get("error") and not dev.get("runs"):
+            out.append([dev["device"], "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "ERROR"])
+            continue
+        for r in dev["runs"]:
+            lat = r.get("latency_ms") or {}
+            out.append([
+                dev["device"], r["backend"], r["precision"], _f(r.get("accuracy")),
+                _f(r.get("accuracy_drop_pp"), "{:+.2f}"), _f(r.get("sqnr_db"), "{:.1f}"),
+                _f(lat.get("p50"), "{:.3f}"), _f(lat.get("p90"), "{:.3f}"), _f(lat.get("p99"), "{:.3f}"),
+                _f(r.get("peak_rss_mb"), "{:.1f}"), _size(r.get("artifact_bytes")),
+                "pass" if r.get("gate", {}).get("passed") else "FAIL",
+            ])
+    return out
+
+
+def print_report(results: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    ref = results.get("reference", {})
+    title = (f"{results['spec']} on {results['target']} - fp32 reference {ref.get('metric')} "
+             f"{_f(ref.get('accuracy'))}% ({ref.get('samples')} samples), budget {results.get('budget_pp')} pp")
+    table = Table(title=title, title_justify="left")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col in ("device", "backend", "precision", "gate") else "right")
+    for row in rows(results):
+        style = None if row[-1] == "pass" else "red"
+        table.add_row(*row, style=style)
+    console.print(table)
+    for dev in results["devices"]:
+        dep = dev.get("deploy") or {}
+        if dep:
+            console.print(f"[dim]{dev['device']}: release {str(dep.get('release_id', ''))[:12]}, "
+                          f"{dep.get('bytes_moved', 0)} bytes moved"
+                          f"{', rolled back to ' + str(dev.get('rolled_back_to'))[:12] if dev.get('rolled_back') else ''}"
+                          "[/dim]")
+        if dev.get("error"):
+            console.print(f"[red]{dev['device']}: {dev['error']}[/red]")
+        for r in dev.get("runs", []):
+            cal = r.get("calibration") or {}
+            if cal.get("method"):
+                kept = cal.get("fallback_layers") or []
+                console.print(f"[dim]{dev['device']} {r['id']}: calibration {cal['method']}"
+                              f"{' (' + cal['reason'] + ')' if cal.get('reason') else ''}"
+                              f"{', kept in float: ' + ', '.join(str(k.get('name', k)) for k in kept) if kept else ''}"
+                              "[/dim]")
+    gate = results["gate"]
+    if gate["passed"]:
+        console.print("[bold green]gate: PASSED[/bold green]")
+    else:
+        console.print("[bold red]gate: FAILED[/bold red]")
+        for reason in gate["reasons"]:
+            console.print(f"  [red]- {reason}[/red]")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
+    return "\n".join(lines) + "\n"
