@@ -1,0 +1,70 @@
+# edgeship - the two commands a newcomer needs:
+#   make deploy TARGET=local   build the default example, quantize, deploy, measure, gate
+#   make test                  run the test suite
+# Each installs what it needs (a virtual environment with pinned versions) first.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+EDGESHIP := $(VENV)/bin/edgeship
+SPEC     ?= examples/mnist.yaml
+TARGET   ?= local
+PYTEST_ARGS ?=
+STAMP    := $(VENV)/.installed
+
+.PHONY: help venv deploy build validate test test-fast bench bench-calibration devices devices-down nightly schema clean
+
+help:
+	@echo "make deploy TARGET=local   build + deploy + validate + gate the default example (MNIST-5k CNN)"
+	@echo "make test                  run the test suite"
+	@echo "make bench                 fp32 vs fp16 vs int8, both workloads, side by side -> bench/results/"
+	@echo "make bench-calibration     edgeship calibration vs onnxruntime defaults -> bench/results/"
+	@echo "make devices               start the emulated devices (sim-arm64, sim-x86; needs root)"
+	@echo "make nightly               deploy every nightly target, keep history, fail on accuracy regressions"
+
+# The venv is (re)built when the pins or the project's dependencies change.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade --quiet "pip>=24"
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[all,dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+deploy: $(STAMP)
+	$(EDGESHIP) deploy --spec $(SPEC) --target $(TARGET) --json build/results-$(TARGET).json
+
+build: $(STAMP)
+	$(EDGESHIP) build --spec $(SPEC) --target $(TARGET)
+
+validate: $(STAMP)
+	$(EDGESHIP) validate --spec $(SPEC) --target $(TARGET)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not device and not docker" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/bench.py
+
+bench-calibration: $(STAMP)
+	$(PY) bench/bench_calibration.py
+
+devices: $(STAMP)
+	$(EDGESHIP) sim up sim-arm64 sim-x86
+
+devices-down: $(STAMP)
+	$(EDGESHIP) sim down sim-arm64 sim-x86
+
+nightly: $(STAMP)
+	$(EDGESHIP) nightly
+
+schema: $(STAMP)
+	@mkdir -p build/schema
+	$(EDGESHIP) targets schema > build/schema/target.schema.json
+	$(EDGESHIP) targets schema --spec > build/schema/spec.schema.json
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,201 @@
+"""The ``edgeship`` command line. The only place errors become exit codes and one line of text.
+
+Exit codes: 0 success / gate passed, 2 bad spec or target, 3 gate failed, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from pipeline import __version__
+from pipeline.errors import AccuracyRegression, EdgeshipError
+
+app = typer.Typer(help="edgeship: PyTorch -> ONNX -> edge artifacts, calibrated INT8, deployed and measured.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+targets_app = typer.Typer(help="List, show and validate hardware targets.", no_args_is_help=True)
+app.add_typer(targets_app, name="targets")
+console = Console(stderr=True)
+out_console = Console()
+
+SPEC_OPT = typer.Option(..., "--spec", "-s", help="pipeline spec (YAML)")
+TARGET_OPT = typer.Option("local", "--target", "-t", help="target name (targets/NAME.yaml) or file")
+OUT_OPT = typer.Option(None, "--out", "-o", help="output folder (default build/<spec>/<target>)")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgeship {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """edgeship command line."""
+
+
+def _load(spec_path: Path, target_name: str) -> tuple[Any, Any]:
+    from pipeline.spec import load_spec, load_target
+
+    return load_spec(spec_path), load_target(target_name)
+
+
+def _out(out: Optional[Path], spec: Any, target: Any) -> Path:
+    return out or Path("build") / spec.name / target.name
+
+
+def _log(msg: str) -> None:
+    console.print(f"[dim]{msg}[/dim]", highlight=False)
+
+
+@app.command()
+def build(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] = OUT_OPT) -> None:
+    """Export, optimize, calibrate and convert for every backend x precision of the target."""
+    from pipeline.build import build as run_build
+
+    s, t = _load(spec, target)
+    result = run_build(s, t, _out(out, s, t), log=_log)
+    for art in result.artifacts:
+        check = art.info.get("check", {})
+        out_console.print(f"{art.backend:<12} {art.precision:<5} SQNR {check.get('sqnr_db', '-'):>6} dB  "
+                          f"top-1 agreement {check.get('top1_agreement', '-')}%")
+    out_console.print(f"release {result.release_id[:12]} -> {result.release_dir}")
+
+
+def _finish(results: dict[str, Any], json_out: Optional[Path], out_dir: Path) -> None:
+    from pipeline.validate.report import markdown, print_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out_dir / "report.md").write_text(markdown(results))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print_report(results, out_console)
+    if not results["gate"]["passed"]:
+        raise AccuracyRegression("; ".join(results["gate"]["reasons"][:3]) or "gate failed")
+
+
+@app.command()
+def deploy(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] = OUT_OPT,
+           json_out: Optional[Path] = typer.Option(None, "--json", help="write machine-readable results here"),
+           host: Optional[list[str]] = typer.Option(None, "--host", help="only these hosts of the target"),
+           no_rollback: bool = typer.Option(False, "--no-rollback", help="keep a release that fails the gate")) -> None:
+    """Build, ship to the target's devices, measure there, gate (exit 3 when the gate fails)."""
+    from pipeline.deploy import deploy as run_deploy
+
+    s, t = _load(spec, target)
+    out_dir = _out(out, s, t)
+    results = run_deploy(s, t, out_dir, hosts=host, rollback_on_fail=not no_rollback, log=_log)
+    _finish(results, json_out, out_dir)
+
+
+@app.command()
+def validate(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] = OUT_OPT,
+             json_out: Optional[Path] = typer.Option(None, "--json", help="write machine-readable results here"),
+             host: Optional[list[str]] = typer.Option(None, "--host")) -> None:
+    """Re-measure the release deployed on the target's devices now and gate it (no build, no upload)."""
+    from pipeline.deploy import validate_current
+
+    s, t = _load(spec, target)
+    out_dir = _out(out, s, t)
+    _finish(validate_current(s, t, out_dir, hosts=host, log=_log), json_out, out_dir)
+
+
+@app.command()
+def analyze(spec: Path = SPEC_OPT) -> None:
+    """Parameters, FLOPs and activation memory of the model (exported and optimized, cached)."""
+    from pipeline.analyze import format_count
+    from pipeline.spec import load_spec, load_target
+    from pipeline.build import build as run_build
+
+    s = load_spec(spec)
+    t = load_target("local").model_copy(update={"builds": []})
+    t.builds = []
+    result = run_build(s, t, Path("build") / s.name / "analyze", log=_log)
+    a = result.manifest["provenance"]["model"]["analysis"]
+    opt = result.manifest["provenance"]["model"]["optimize"]
+    out_console.print(f"params {format_count(a['params'])} ({a['param_bytes'] / 2**20:.2f} MB fp32), "
+                      f"FLOPs {format_count(a['flops'])} per batch, activations peak "
+                      f"{a['activation_bytes_peak'] / 2**20:.2f} MB / total {a['activation_bytes_total'] / 2**20:.2f} MB, "
+                      f"BN folded by edgeship: {opt['bn_folded']}")
+
+
+@targets_app.command("list")
+def targets_list() -> None:
+    """Every target found, with its architecture, transport and builds."""
+    from pipeline.spec import list_target_names, load_target
+
+    for name in list_target_names():
+        t = load_target(name)
+        builds = ", ".join(f"{b.backend}[{'/'.join(b.precisions)}]" for b in t.builds)
+        ext = f" (extends {t.extends})" if t.extends else ""
+        out_console.print(f"{name:<18} {t.arch:<8} {t.transport.kind:<5} {builds}{ext}", highlight=False, markup=False, soft_wrap=True)
+
+
+@targets_app.command("show")
+def targets_show(name: str) -> None:
+    """The resolved target (after extends:), as YAML."""
+    import yaml
+
+    from pipeline.spec import load_target
+
+    t = load_target(name)
+    out_console.print(yaml.safe_dump(t.model_dump(mode="json"), sort_keys=False), highlight=False, markup=False, soft_wrap=True)
+
+
+@targets_app.command("schema")
+def targets_schema(spec: bool = typer.Option(False, "--spec", help="the pipeline spec's schema instead")) -> None:
+    """JSON Schema for target files (or pipeline specs), for editors."""
+    from pipeline.spec import spec_schema, target_schema
+
+    typer.echo(json.dumps(spec_schema() if spec else target_schema(), indent=1))
+
+
+def _mount_optional() -> None:
+    """Sub-apps from pipeline.sim and pipeline.transport (typer apps; light imports)."""
+    import importlib.util
+
+    # While these packages are being written they may be absent from a checkout; the commands
+    # then simply do not exist (nothing is swallowed: an import error inside them still raises).
+    if importlib.util.find_spec("pipeline.sim.cli") is None or importlib.util.find_spec("pipeline.transport.cli") is None:
+        return
+    from pipeline.sim.cli import app as sim_app
+    from pipeline.transport.cli import devices_app, rollback
+
+    app.add_typer(sim_app, name="sim", help="Emulated devices (QEMU aarch64, x86_64) with real sshd.")
+    app.add_typer(devices_app, name="devices", help="Trust, probe, provision devices; list releases.")
+    app.command("rollback")(rollback)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: run the app, map typed errors to exit codes and one line."""
+    _mount_optional()
+    try:
+        app(args=argv, standalone_mode=False)
+    except EdgeshipError as exc:
+        console.print(f"[bold red]edgeship: error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("edgeship: interrupted")
+        return 130
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

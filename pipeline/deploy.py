@@ -1,0 +1,171 @@
+"""Deploy + validate: ship a release to every device of a target, measure there, gate, roll back.
+
+Per device, under the device's lock: probe (refuse a mismatched architecture or runtime), upload
+the release (content-addressed: nothing moves if it is already there), switch ``current``, run
+the agent, gate its numbers, and switch back to the previous release when the gate fails.
+Devices of a fleet run in parallel (bounded by ``transport.parallel``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.build import BuildResult, build
+from pipeline.cache import Cache
+from pipeline.errors import DeviceError, EdgeshipError
+from pipeline.spec import Host, PipelineSpec, TargetSpec
+from pipeline.validate.gate import budget_pp, check_run, combine, run_row
+from pipeline.validate.report import RESULTS_SCHEMA
+
+LOCK_WAIT_S = 600.0
+
+
+def deploy(spec: PipelineSpec, target: TargetSpec, out_dir: Path, *, cache: Cache | None = None,
+           hosts: list[str] | None = None, rollback_on_fail: bool = True,
+           log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build (cached), deploy to every host of ``target``, validate, gate. Returns the results doc."""
+    built = build(spec, target, out_dir, cache=cache, log=log)
+    return deploy_release(built, hosts=hosts, rollback_on_fail=rollback_on_fail, log=log)
+
+
+def deploy_release(built: BuildResult, *, hosts: list[str] | None = None, rollback_on_fail: bool = True,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    from pipeline.transport import for_each_host
+
+    target = built.target
+    selected = _select_hosts(target, hosts)
+
+    def one(host: Host | None) -> dict[str, Any]:
+        return _deploy_one(built, host, rollback_on_fail, log)
+
+    t0 = time.perf_counter()
+    if target.transport.kind == "local":
+        outcomes: dict[str, Any] = {"local": _catch(lambda: one(None))}
+    else:
+        outcomes = for_each_host(target, lambda h: _catch(lambda: one(h)), target.transport.parallel,
+                                 hosts=selected)
+    devices = []
+    for name, out in outcomes.items():
+        if isinstance(out, BaseException):
+            out = {"device": name, "error": str(out), "runs": [], "gate": {"passed": False,
+                   "reasons": [f"{name}: {out}"]}}
+        devices.append(out)
+    return _results(built, devices, time.perf_counter() - t0)
+
+
+def validate_current(spec: PipelineSpec, target: TargetSpec, out_dir: Path, *, hosts: list[str] | None = None,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Re-measure what is deployed now (no build, no upload), gate it against the spec and target."""
+    from pipeline.transport import for_each_host, open_transport
+
+    def one(host: Host | None) -> dict[str, Any]:
+        with open_transport(target, host) as tr:
+            name = tr.name
+            current = tr.current()
+            if current is None:
+                raise DeviceError(f"{name}: nothing is deployed; run `edgeship deploy` first")
+            raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s)
+            manifest = json.loads(tr.read_current_manifest()) if hasattr(tr, "read_current_manifest") else None
+        if manifest is None:
+            raise DeviceError(f"{name}: cannot read the deployed manifest")
+        return _device_result(spec, target, name, manifest, raw, {"release_id": current, "bytes_moved": 0})
+
+    if target.transport.kind == "local":
+        outcomes: dict[str, Any] = {"local": _catch(lambda: one(None))}
+    else:
+        outcomes = for_each_host(target, lambda h: _catch(lambda: one(h)), target.transport.parallel,
+                                 hosts=_select_hosts(target, hosts))
+    devices = [o if not isinstance(o, BaseException) else
+               {"device": n, "error": str(o), "runs": [], "gate": {"passed": False, "reasons": [f"{n}: {o}"]}}
+               for n, o in outcomes.items()]
+    gate = combine([d["gate"] for d in devices])
+    ref = devices[0].get("reference", {}) if devices else {}
+    return {"schema": RESULTS_SCHEMA, "spec": spec.name, "target": target.name, "release_id": None,
+            "reference": ref, "budget_pp": budget_pp(spec, target), "devices": devices,
+            "runs": devices[0]["runs"] if len(devices) == 1 else [], "gate": gate}
+
+
+def _select_hosts(target: TargetSpec, names: list[str] | None) -> list[Host] | None:
+    if not names:
+        return None
+    known = {h.name: h for h in target.transport.hosts}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise DeviceError(f"target {target.name} has no host named {', '.join(missing)}; "
+                          f"hosts: {', '.join(known) or 'none'}")
+    return [known[n] for n in names]
+
+
+def _catch(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except EdgeshipError as exc:
+        return exc
+
+
+def _deploy_one(built: BuildResult, host: Host | None, rollback_on_fail: bool,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    from pipeline.transport import open_transport
+
+    target, spec = built.target, built.spec
+    with open_transport(target, host) as tr:
+        name = tr.name
+        with tr.lock(wait_s=LOCK_WAIT_S):
+            probe = tr.probe()
+            tr.check(target, probe)
+            log(f"{name}: {probe.get('arch')} {probe.get('os')}, python {probe.get('python')}, "
+                f"{probe.get('disk_free_mb')} MB free")
+            dep = tr.deploy(built.release_dir, built.release_id)
+            log(f"{name}: release {built.release_id[:12]} {'uploaded' if dep.get('changed') else 'already there'}"
+                f", {dep.get('bytes_moved', 0)} bytes moved")
+            raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s)
+            result = _device_result(spec, target, name, built.manifest, raw, dep)
+            result["probe"] = probe
+            if not result["gate"]["passed"] and rollback_on_fail:
+                previous = dep.get("previous")
+                if previous and previous != built.release_id:
+                    tr.rollback(previous)
+                    result["rolled_back"] = True
+                    result["rolled_back_to"] = previous
+                    log(f"{name}: gate failed, rolled back to {previous[:12]}")
+                else:
+                    result["rolled_back"] = False
+                    log(f"{name}: gate failed and there is no previous release to roll back to")
+    return result
+
+
+def _device_result(spec: PipelineSpec, target: TargetSpec, name: str, manifest: dict[str, Any],
+                   raw: dict[str, Any], dep: dict[str, Any]) -> dict[str, Any]:
+    reference = manifest["provenance"]["reference"]
+    metas = {r["id"]: r for r in manifest["runs"]}
+    rows, gates = [], []
+    by_id = {r["id"]: r for r in raw.get("results", [])}
+    for rid, meta in metas.items():
+        measured = by_id.get(rid, {"error": "the agent returned no result for this run"})
+        row = run_row(measured, meta, reference, spec.evaluation.metric, target.hardware.tdp_w)
+        gates.append(check_run(row, spec, target))
+        rows.append(row)
+    return {"device": name, "deploy": dep, "device_info": raw.get("device"), "runs": rows,
+            "reference": reference, "gate": combine(gates), "rolled_back": False, "error": None}
+
+
+def _results(built: BuildResult, devices: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    gate = combine([d["gate"] for d in devices])
+    return {
+        "schema": RESULTS_SCHEMA,
+        "spec": built.spec.name,
+        "target": built.target.name,
+        "release_id": built.release_id,
+        "reference": built.reference_metric,
+        "budget_pp": budget_pp(built.spec, built.target),
+        "model": built.manifest["provenance"]["model"]["analysis"],
+        "stages": [{"stage": e.stage, "cached": e.cached, "seconds": round(e.seconds, 3)} for e in built.events],
+        "devices": devices,
+        # The single-device case, flat, for scripts: the first device's runs.
+        "runs": devices[0]["runs"] if devices else [],
+        "gate": gate,
+        "deploy_seconds": round(seconds, 2),
+    }
