@@ -1,0 +1,157 @@
+"""Specs and targets: bad input gives one line naming the file, the field and what is expected."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import SpecError
+from pipeline.spec import load_spec, load_target, target_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD_SPEC = yaml.safe_load((ROOT / "examples" / "mnist.yaml").read_text())
+GOOD_TARGET = yaml.safe_load((ROOT / "targets" / "local.yaml").read_text())
+
+
+def _write(tmp_path: Path, name: str, data) -> Path:
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return p
+
+
+def _with(base: dict, dotted: str, value) -> dict:
+    data = json.loads(json.dumps(base))
+    node = data
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = node[int(k)] if isinstance(node, list) else node[k]
+    if value is _DELETE:
+        del node[keys[-1]]
+    else:
+        node[keys[-1]] = value
+    return data
+
+
+_DELETE = object()
+
+SPEC_CASES = [
+    ("unknown top-level field", "modle", {"factory": "x:y"}, "modle", "unknown field"),
+    ("wrong type", "input.shape", "abc", "input.shape", "list"),
+    ("negative dim", "input.shape", [1, -1, 28, 28], "input.shape", "positive"),
+    ("bad batch mode", "input.batch", "sometimes", "input.batch", "static"),
+    ("missing model", "model", _DELETE, "model", "required"),
+    ("factory without colon", "model.factory", "pipeline.workloads.mnist.pretrained_model", "model", "module:function"),
+    ("unknown calibration method", "calibration.method", "magic", "calibration.method", "entropy"),
+    ("unknown source kind", "calibration.source", {"kind": "ftp", "path": "x"}, "calibration.source", "kind"),
+    ("missing npz file", "evaluation.source", {"kind": "npz", "path": "nope.npz"}, "evaluation.source.path", "not found"),
+    ("bad metric", "evaluation.metric", "f1", "evaluation.metric", "top1"),
+    ("negative budget", "accuracy.max_drop_pp", -1, "accuracy.max_drop_pp", "greater than or equal"),
+]
+
+
+@pytest.mark.parametrize("label,field,value,named,expect", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
+def test_bad_spec_gives_one_line(tmp_path, label, field, value, named, expect) -> None:
+    path = _write(tmp_path, "spec.yaml", _with(GOOD_SPEC, field, value))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert str(path) in msg
+    assert named in msg
+    assert expect.lower() in msg.lower()
+
+
+def test_spec_yaml_syntax_error_names_line(tmp_path) -> None:
+    path = _write(tmp_path, "spec.yaml", "name: x\nmodel: [unclosed\n")
+    with pytest.raises(SpecError, match=r"spec.yaml:.*line"):
+        load_spec(path)
+
+
+def test_spec_missing_file() -> None:
+    with pytest.raises(SpecError, match="not found"):
+        load_spec("does/not/exist.yaml")
+
+
+def test_spec_not_a_mapping(tmp_path) -> None:
+    with pytest.raises(SpecError, match="mapping"):
+        load_spec(_write(tmp_path, "spec.yaml", "- a\n- b\n"))
+
+
+TARGET_CASES = [
+    ("unknown field", "trheads", 4, "trheads", "unknown field"),
+    ("bad arch", "arch", "sparc", "arch", "x86_64"),
+    ("bad precision", "builds.0.precisions", ["int4"], "builds.0.precisions", "fp32"),
+    ("unknown backend", "builds.0.backend", "coreml", "builds.0.backend", "onnxruntime"),
+    ("threads zero", "threads", 0, "threads", "greater than or equal"),
+    ("secret in target", "transport.password", "hunter2", "transport.password", "secrets do not belong"),
+    ("ssh without hosts", "transport", {"kind": "ssh"}, "transport", "hosts"),
+    ("bad port", "transport", {"kind": "ssh", "hosts": [{"name": "a", "host": "h", "port": 70000}]},
+     "transport.hosts.0.port", "less than"),
+    ("no builds", "builds", [], "builds", "at least 1"),
+]
+
+
+@pytest.mark.parametrize("label,field,value,named,expect", TARGET_CASES, ids=[c[0] for c in TARGET_CASES])
+def test_bad_target_gives_one_line(tmp_path, label, field, value, named, expect) -> None:
+    path = _write(tmp_path, "t.yaml", _with(GOOD_TARGET, field, value))
+    with pytest.raises(SpecError) as err:
+        load_target(str(path))
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg
+    assert named in msg
+    assert expect.lower() in msg.lower()
+
+
+def test_extends_merges_and_overrides(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EDGESHIP_TARGETS_PATH", str(tmp_path))
+    _write(tmp_path, "base.yaml", {"arch": "aarch64", "threads": 4, "builds": [{"backend": "onnxruntime"}],
+                                   "limits": {"max_accuracy_drop_pp": 1.0, "max_memory_mb": 512}})
+    _write(tmp_path, "child.yaml", {"extends": "base", "threads": 2, "limits": {"max_memory_mb": 256}})
+    t = load_target("child")
+    assert t.name == "child" and t.arch == "aarch64" and t.threads == 2
+    assert t.limits.max_memory_mb == 256 and t.limits.max_accuracy_drop_pp == 1.0
+
+
+def test_extends_cycle_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EDGESHIP_TARGETS_PATH", str(tmp_path))
+    _write(tmp_path, "a.yaml", {"extends": "b", "arch": "x86_64", "builds": [{"backend": "onnxruntime"}]})
+    _write(tmp_path, "b.yaml", {"extends": "a"})
+    with pytest.raises(SpecError) as err:
+        load_target("a")
+    assert "cycle" in str(err.value) and "extends" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_extends_unknown_parent(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EDGESHIP_TARGETS_PATH", str(tmp_path))
+    _write(tmp_path, "c.yaml", {"extends": "nope", "arch": "x86_64", "builds": [{"backend": "onnxruntime"}]})
+    with pytest.raises(SpecError, match=r"c.yaml: field 'extends'.*nope"):
+        load_target("c")
+
+
+@pytest.mark.parametrize("name", ["local", "x86-server", "rpi4", "rpi5", "jetson", "jetson-orin-nano",
+                                  "sim-arm64", "sim-x86"])
+def test_shipped_targets_are_valid(name) -> None:
+    t = load_target(name)
+    assert t.name == name and t.builds
+    for host in t.transport.hosts:
+        assert host.key_file is None or "PRIVATE KEY" not in host.key_file
+
+
+def test_sim_targets_extend_the_boards_they_imitate() -> None:
+    assert load_target("sim-arm64").extends == "rpi4" and load_target("sim-arm64").arch == "aarch64"
+    assert load_target("sim-x86").extends == "x86-server" and load_target("sim-x86").arch == "x86_64"
+
+
+def test_schema_validates_shipped_targets() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = target_schema()
+    for p in (ROOT / "targets").glob("*.yaml"):
+        data = yaml.safe_load(p.read_text())
+        if "extends" in data:
+            continue  # partial by design: only the merged target is complete
+        jsonschema.validate(data, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"arch": "x86_64", "builds": [], "bogus": 1}, schema)
