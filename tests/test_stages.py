@@ -1,0 +1,134 @@
+"""Stages: Conv+BN folding numerics, export numerics, content-addressed cache hits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+
+def _conv_bn_model(rng: np.random.Generator, with_bias: bool) -> "onnx.ModelProto":
+    cin, cout = 3, 8
+    w = rng.normal(size=(cout, cin, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W")]
+    conv_inputs = ["x", "W"]
+    if with_bias:
+        inits.append(numpy_helper.from_array(rng.normal(size=cout).astype(np.float32), "B"))
+        conv_inputs.append("B")
+    # Non-trivial BN statistics: scale, shift, running mean and variance far from identity.
+    for name, arr in (("gamma", rng.uniform(0.5, 2.0, cout)), ("beta", rng.normal(size=cout)),
+                      ("mean", rng.normal(size=cout) * 3), ("var", rng.uniform(0.1, 4.0, cout))):
+        inits.append(numpy_helper.from_array(arr.astype(np.float32), name))
+    nodes = [
+        helper.make_node("Conv", conv_inputs, ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["bn"], epsilon=1e-3),
+        helper.make_node("Relu", ["bn"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "convbn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, cin, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, cout, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run(model: "onnx.ModelProto", x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fold_conv_bn_numerics(with_bias: bool) -> None:
+    from pipeline.stages.optimize import count_ops, fold_conv_bn
+
+    rng = np.random.default_rng(0)
+    model = _conv_bn_model(rng, with_bias)
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    before = _run(model, x)
+    folded = fold_conv_bn(model)
+    assert folded == 1
+    assert "BatchNormalization" not in count_ops(model)
+    after = _run(model, x)
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
+    assert np.abs(before).max() > 1.0  # the check compares real signal, not zeros
+
+
+def test_fold_skips_bn_whose_conv_output_is_shared() -> None:
+    from pipeline.stages.optimize import fold_conv_bn
+
+    model = _conv_bn_model(np.random.default_rng(1), True)
+    # A second consumer of the conv output: folding would change what it sees, so it must not fold.
+    model.graph.node.append(helper.make_node("Identity", ["c"], ["c2"]))
+    model.graph.output.append(helper.make_tensor_value_info("c2", TensorProto.FLOAT, [2, 8, 8, 8]))
+    assert fold_conv_bn(model) == 0
+
+
+@pytest.mark.slow
+def test_export_and_optimize_mnist(tmp_path: Path, mnist_spec) -> None:
+    """Real export of the MNIST CNN: matches PyTorch, optimized graph has no BatchNormalization."""
+    import torch
+
+    from pipeline.stages.export import export_onnx, run_onnx
+    from pipeline.stages.inputs import load_samples, model_loader
+    from pipeline.stages.optimize import count_ops, optimize_onnx
+
+    calib = load_samples(mnist_spec, "calibration")
+    art = export_onnx(mnist_spec, model_loader(mnist_spec), calib.x, tmp_path)
+    assert art.info["export_check_max_abs_diff"] < 1e-3
+    info = optimize_onnx(art.path, tmp_path / "opt.onnx", calib.x[:16], 1)
+    assert "BatchNormalization" not in count_ops(onnx.load(str(tmp_path / "opt.onnx")))
+    model = model_loader(mnist_spec)()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(calib.x[:16].copy())).numpy()
+    got = run_onnx(tmp_path / "opt.onnx", calib.x[:16], 1)
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
+    assert info["ops_after"].get("Conv") == 3
+
+
+def test_export_check_catches_a_wrong_export(tmp_path: Path) -> None:
+    """The numeric check fails when ONNX and PyTorch disagree (the model changes after export)."""
+    import torch
+
+    from pipeline.errors import ConversionError
+    from pipeline.stages.export import check_against_torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    x = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.from_numpy(x[:1]),), str(path), dynamo=True, external_data=False,
+                      input_names=["input"])
+    check_against_torch(model, path, x, "input", 1)  # agrees
+    with torch.no_grad():
+        model[0].weight.add_(0.5)
+    with pytest.raises(ConversionError, match="disagrees with PyTorch"):
+        check_against_torch(model, path, x, "input", 1)
+
+
+def test_cache_hit_and_atomic_failure(tmp_path: Path) -> None:
+    from pipeline.cache import Cache
+
+    cache = Cache(tmp_path)
+    calls = []
+
+    def build(d: Path) -> None:
+        calls.append(1)
+        (d / "out.txt").write_text("x")
+
+    first = cache.get_or_build("s", {"a": 1}, build)
+    second = cache.get_or_build("s", {"a": 1}, build)
+    assert not first.hit and second.hit and len(calls) == 1 and first.path == second.path
+    third = cache.get_or_build("s", {"a": 2}, build)
+    assert not third.hit and third.path != first.path
+
+    def broken(d: Path) -> None:
+        (d / "half.txt").write_text("half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_build("s", {"a": 3}, broken)
+    entry = cache.entry("s", __import__("pipeline.cache", fromlist=["key_of"]).key_of({"stage": "s", "a": 3}))
+    assert not entry.exists()
+    assert not list(entry.parent.glob(".*"))  # no temp leftovers
+    assert (first.path / "out.txt").read_text() == "x"  # old entries untouched
