@@ -58,8 +58,9 @@ devices: $(STAMP)
 devices-down: $(STAMP)
 	$(EDGESHIP) sim down sim-arm64 sim-x86
 
+NIGHTLY_TARGETS ?= local
 nightly: $(STAMP)
-	$(EDGESHIP) nightly
+	$(EDGESHIP) nightly $(foreach t,$(NIGHTLY_TARGETS),--target $(t))
 
 schema: $(STAMP)
 	@mkdir -p build/schema

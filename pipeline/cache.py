@@ -51,7 +51,8 @@ class Cache:
     """A folder of ``<stage>/<key>/`` entries."""
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = Path(root) if root else cache_home() / "stages"
+        env = os.environ.get("EDGESHIP_STAGE_CACHE")
+        self.root = Path(root) if root else (Path(env) if env else cache_home() / "stages")
 
     def entry(self, stage: str, key: str) -> Path:
         return self.root / stage / key[:2] / key

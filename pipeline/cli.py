@@ -21,7 +21,8 @@ app = typer.Typer(help="edgeship: PyTorch -> ONNX -> edge artifacts, calibrated 
 targets_app = typer.Typer(help="List, show and validate hardware targets.", no_args_is_help=True)
 app.add_typer(targets_app, name="targets")
 console = Console(stderr=True)
-out_console = Console()
+# Tables are wide (12 columns): when piped or in CI, don't squeeze them into 80 columns.
+out_console = Console() if Console().is_terminal else Console(width=200)
 
 SPEC_OPT = typer.Option(..., "--spec", "-s", help="pipeline spec (YAML)")
 TARGET_OPT = typer.Option("local", "--target", "-t", help="target name (targets/NAME.yaml) or file")
@@ -125,6 +126,29 @@ def analyze(spec: Path = SPEC_OPT) -> None:
                       f"FLOPs {format_count(a['flops'])} per batch, activations peak "
                       f"{a['activation_bytes_peak'] / 2**20:.2f} MB / total {a['activation_bytes_total'] / 2**20:.2f} MB, "
                       f"BN folded by edgeship: {opt['bn_folded']}")
+
+
+@app.command()
+def nightly(spec: Optional[list[Path]] = typer.Option(None, "--spec", "-s", help="specs (default: both examples)"),
+            target: Optional[list[str]] = typer.Option(None, "--target", "-t", help="targets (default: local)"),
+            out: Path = typer.Option(Path("build/nightly"), "--out", "-o"),
+            history: Path = typer.Option(Path("build/history"), "--history", help="where the history is kept"),
+            tolerance_pp: float = typer.Option(0.5, "--tolerance-pp",
+                                               help="allowed fall below the last good run, pp")) -> None:
+    """Deploy every spec to every target, append to the history, fail on gate failures or regressions."""
+    from pipeline.nightly import run_nightly
+    from pipeline.spec import project_root
+
+    specs = spec or [project_root() / "examples" / "mnist.yaml", project_root() / "examples" / "efficientnet_lite0.yaml"]
+    summary = run_nightly(specs, target or ["local"], out, history, tolerance_pp, log=_log)
+    for pair in summary["pairs"]:
+        mark = "[green]pass[/green]" if pair["passed"] else "[red]FAIL[/red]"
+        out_console.print(f"{pair['spec']:<20} {pair['target']:<12} {mark}")
+        for reason in pair["reasons"]:
+            out_console.print(f"    [red]- {reason}[/red]")
+    if not summary["passed"]:
+        raise AccuracyRegression("nightly: " + "; ".join(
+            f"{p['spec']} on {p['target']}" for p in summary["pairs"] if not p["passed"]) + " failed")
 
 
 @targets_app.command("list")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def preprocess(pixels: np.ndarray) -> np.ndarray:
     return ((pixels / 255.0 - MEAN) / STD).astype(np.float32)
 
 
+@lru_cache(maxsize=1)
 def splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{"train", "calibration", "evaluation"} -> (x, y); disjoint by construction."""
     x, y = _raw()

@@ -1,0 +1,92 @@
+"""Nightly accuracy-drop checks: deploy every (spec, target), keep the history, catch regressions.
+
+Each run's result is appended to ``<history>/<spec>/<target>.jsonl``. Besides each run's own gate,
+a run regresses when its accuracy falls more than ``tolerance_pp`` below the last run of the same
+(device, backend, precision) that passed its gate ("last good"). A newer toolchain that quietly
+costs accuracy after quantization is therefore caught even while it stays inside the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.errors import EdgeshipError
+from pipeline.spec import load_spec, load_target
+
+
+def history_file(history: Path, spec_name: str, target_name: str) -> Path:
+    return history / spec_name / f"{target_name}.jsonl"
+
+
+def last_good(path: Path) -> dict[str, dict[str, Any]]:
+    """(device/run id) -> the newest row that passed its gate."""
+    good: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return good
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        for dev in entry.get("devices", []):
+            for row in dev.get("runs", []):
+                if (row.get("gate") or {}).get("passed"):
+                    good[f"{dev['device']}/{row['id']}"] = {**row, "when": entry.get("when"),
+                                                            "release_id": entry.get("release_id")}
+    return good
+
+
+def regressions(results: dict[str, Any], good: dict[str, dict[str, Any]], tolerance_pp: float) -> list[str]:
+    found = []
+    for dev in results.get("devices", []):
+        for row in dev.get("runs", []):
+            key = f"{dev['device']}/{row['id']}"
+            prev = good.get(key)
+            if prev is None or row.get("accuracy") is None or prev.get("accuracy") is None:
+                continue
+            fall = prev["accuracy"] - row["accuracy"]
+            if fall > tolerance_pp:
+                found.append(f"{key}: accuracy {row['accuracy']:.2f}% is {fall:.2f} pp below the last good "
+                             f"run ({prev['accuracy']:.2f}% on {prev.get('when')}), tolerance {tolerance_pp} pp")
+    return found
+
+
+def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: Path, tolerance_pp: float,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Deploy each spec to each target; returns a summary with ``passed`` and per-pair outcomes."""
+    from pipeline.deploy import deploy
+
+    pairs = []
+    for spec_path in specs:
+        spec = load_spec(spec_path)
+        for target_name in targets:
+            target = load_target(target_name)
+            hist = history_file(history, spec.name, target.name)
+            good = last_good(hist)
+            log(f"nightly: {spec.name} on {target.name}")
+            try:
+                results = deploy(spec, target, out_root / spec.name / target.name, log=log)
+                error = None
+            except EdgeshipError as exc:
+                results, error = None, str(exc)
+            entry: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                     "spec": spec.name, "target": target.name}
+            if results is None:
+                entry.update({"error": error, "devices": [], "gate": {"passed": False, "reasons": [error]}})
+                regress: list[str] = []
+            else:
+                regress = regressions(results, good, tolerance_pp)
+                entry.update({"release_id": results["release_id"], "reference": results["reference"],
+                              "devices": [{"device": d["device"], "runs": d["runs"], "gate": d["gate"],
+                                           "error": d.get("error")} for d in results["devices"]],
+                              "gate": results["gate"]})
+            entry["regressions"] = regress
+            entry["passed"] = bool(entry["gate"]["passed"]) and not regress
+            hist.parent.mkdir(parents=True, exist_ok=True)
+            with open(hist, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry, default=str) + "\n")
+            pairs.append({"spec": spec.name, "target": target.name, "passed": entry["passed"],
+                          "reasons": entry["gate"]["reasons"] + regress, "history": str(hist)})
+    return {"passed": all(p["passed"] for p in pairs) and bool(pairs), "pairs": pairs}
