@@ -7,6 +7,7 @@ failed build leaves the previous release and the cache intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
@@ -28,6 +29,15 @@ from pipeline.spec import PipelineSpec, TargetSpec
 
 OPTIMIZE_PASSES = ("fold_conv_bn", "onnxslim", "infer_shapes")
 CHECK_SAMPLES = 32
+
+
+# How a long stage shows progress (the CLI installs a spinner); a no-op by default.
+_STATUS: list[Callable[[str], Any]] = [lambda stage: contextlib.nullcontext()]
+
+
+def set_status(factory: Callable[[str], Any]) -> None:
+    """Install ``factory(stage) -> context manager`` shown while each stage runs."""
+    _STATUS[0] = factory
 
 
 @dataclass
@@ -53,7 +63,8 @@ class BuildResult:
 def _timed(events: list[StageEvent], log: Callable[[str], None], stage: str, fn: Callable[[], Any],
            detail: Callable[[Any], str] = lambda r: "") -> Any:
     t0 = time.perf_counter()
-    result = fn()
+    with _STATUS[0](stage):
+        result = fn()
     cached = bool(getattr(result, "hit", False))
     ev = StageEvent(stage, cached, time.perf_counter() - t0, detail(result))
     events.append(ev)

@@ -201,6 +201,10 @@ def _mount_optional() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app, map typed errors to exit codes and one line."""
     _mount_optional()
+    if console.is_terminal:
+        from pipeline.build import set_status
+
+        set_status(lambda stage: console.status(f"[bold]{stage}[/bold] ..."))
     try:
         app(args=argv, standalone_mode=False)
     except EdgeshipError as exc:
