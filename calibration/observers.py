@@ -246,10 +246,20 @@ def qparams(lo: float, hi: float, symmetric: bool) -> QParams:
     return QParams(np.array(scale, np.float32), np.array(zp, np.uint8), "uint8")
 
 
-def weight_qparams(w: np.ndarray, axis: int, per_channel: bool = True) -> QParams:
+def weight_qparams(
+    w: np.ndarray,
+    axis: int,
+    per_channel: bool = True,
+    bias: np.ndarray | None = None,
+    input_scale: float | None = None,
+) -> QParams:
     """Symmetric int8 weight parameters: scale = absmax / 127 per output channel (or tensor).
 
-    A channel of zeros gets scale 1 (any scale represents it exactly; 0 would divide by zero).
+    With ``bias`` and ``input_scale`` the scale is floored so that the int32 bias (scale
+    input_scale * weight_scale) cannot overflow: a near-dead channel (weights ~1e-9 after BN
+    folding, bias ~0.5) would otherwise get its bias clipped to ~0 and corrupt the whole
+    channel. Its weights then round to zero, which they nearly are. A channel of zeros gets
+    scale 1 (any scale represents it exactly; 0 would divide by zero).
     """
     w = np.asarray(w, np.float32)
     if per_channel:
@@ -257,7 +267,13 @@ def weight_qparams(w: np.ndarray, axis: int, per_channel: bool = True) -> QParam
         amax = np.abs(w).max(axis=red)
     else:
         amax = np.array(np.abs(w).max())
-    scale = np.where(amax > 0, amax / INT8_SYM_MAX, 1.0).astype(np.float32)
+    scale = np.where(amax > 0, amax / INT8_SYM_MAX, 1.0).astype(np.float64)
+    if bias is not None and input_scale is not None and input_scale > 0:
+        b = np.abs(np.asarray(bias, np.float64))
+        b = b if per_channel else np.array(b.max() if b.size else 0.0)
+        # 2**30 leaves a 2x margin below int32's limit for the accumulated products
+        scale = np.maximum(scale, b / (float(input_scale) * 2.0**30))
+    scale = scale.astype(np.float32)
     return QParams(scale, np.zeros(scale.shape, np.int8), "int8", axis if per_channel else None)
 
 

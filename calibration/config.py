@@ -1,0 +1,152 @@
+"""Calibration options and the report every calibration run returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from calibration.errors import CalibrationConfigError
+
+METHOD_CHOICES = ("auto", "minmax", "percentile", "entropy", "mse")
+TARGETS = ("onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How to calibrate.
+
+    Attributes:
+        method: range observer, or "auto" to score all on the holdout and keep the best.
+        percentile: percentile of |x| kept by the "percentile" observer.
+        activation_mode: "symmetric" (int8, zero point 0) or "asymmetric" (uint8; a
+            non-negative tensor gets zero point 0). None picks per target: asymmetric for
+            onnxruntime (U8S8 kernels are the fast path on x86/ARM CPUs), symmetric for TensorRT
+            (its explicit quantization requires it).
+        per_channel: weights per output channel (else per tensor); always symmetric int8.
+        holdout_fraction: share of the calibration set held out to score methods and fallback.
+            Ranges are fitted on the rest. The evaluation set is never used.
+        max_drop_pp: accuracy-drop budget on the holdout (percentage points; top-1
+            disagreement with fp32 when there are no labels). None: no budget.
+        fallback: keep the most sensitive layers in float until the budget is met.
+        target: "onnxruntime" or "tensorrt" (TensorRT forces symmetric activations).
+        seed: holdout split seed.
+        bins: histogram bins per side (|x| resolution), TensorRT uses 2048.
+        batch_size: samples per inference call during statistics and scoring.
+        threads: onnxruntime intra-op threads (None: its default).
+        max_fallback_layers: most layers fallback may keep in float (None: all but one).
+    """
+
+    method: str = "auto"
+    percentile: float = 99.99
+    activation_mode: str | None = None
+    per_channel: bool = True
+    holdout_fraction: float = 0.2
+    max_drop_pp: float | None = None
+    fallback: bool = True
+    target: str = "onnxruntime"
+    seed: int = 0
+    bins: int = 2048
+    batch_size: int = 16
+    threads: int | None = None
+    max_fallback_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_CHOICES:
+            raise CalibrationConfigError(f"method {self.method!r} unknown; choose one of {', '.join(METHOD_CHOICES)}")
+        if self.target not in TARGETS:
+            raise CalibrationConfigError(f"target {self.target!r} unknown; choose one of {', '.join(TARGETS)}")
+        if self.activation_mode not in (None, "symmetric", "asymmetric"):
+            raise CalibrationConfigError(
+                f"activation_mode {self.activation_mode!r} unknown; choose 'symmetric' or 'asymmetric'"
+            )
+        if self.target == "tensorrt" and self.activation_mode == "asymmetric":
+            raise CalibrationConfigError(
+                "TensorRT explicit quantization needs symmetric int8 (zero point 0); "
+                "set activation_mode='symmetric' or leave it unset"
+            )
+        if not 0.0 < self.percentile <= 100.0:
+            raise CalibrationConfigError(f"percentile must be in (0, 100], got {self.percentile}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise CalibrationConfigError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if self.max_drop_pp is not None and self.max_drop_pp < 0:
+            raise CalibrationConfigError(f"max_drop_pp must be >= 0, got {self.max_drop_pp}")
+        if self.bins < 256:
+            raise CalibrationConfigError(f"bins must be >= 256 (entropy needs room above 128 levels), got {self.bins}")
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether activations are symmetric int8."""
+        if self.activation_mode is None:
+            return self.target == "tensorrt"
+        return self.activation_mode == "symmetric"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able options."""
+        return asdict(self)
+
+
+@dataclass
+class FallbackLayer:
+    """One layer kept in float by the accuracy-aware fallback.
+
+    Attributes:
+        name: node name.
+        op: op type.
+        sqnr_db: output SQNR (dB) of the model with only this layer quantized (lower = more
+            sensitive).
+        saved_pp: holdout accuracy (or agreement) points recovered when this layer alone is
+            left in float while all others are quantized.
+        saved_db: output SQNR gained the same way.
+    """
+
+    name: str
+    op: str
+    sqnr_db: float
+    saved_pp: float
+    saved_db: float
+
+
+@dataclass
+class CalibrationReport:
+    """What one calibration run chose and measured (all holdout metrics are vs fp32).
+
+    Attributes:
+        method: the observer used for the written model.
+        method_scores: per method tried: holdout sqnr_db, top1_agreement (%), accuracy (%).
+        reason: one sentence on why ``method`` was chosen.
+        activation_mode: "symmetric" or "asymmetric".
+        per_channel: weights per output channel.
+        target: "onnxruntime" or "tensorrt".
+        fallback_layers: layers kept in float, most sensitive first.
+        budget_met: True/False against ``max_drop_pp``; None if there was no budget.
+        budget_reason: why the budget could not be met (empty if met).
+        holdout: final model on the holdout: top1_agreement, sqnr_db, drop_pp (and
+            accuracy, fp32_accuracy with labels), n.
+        calibration_time_s: wall time of the whole run.
+        stats_cache_hit: the activation statistics came from the cache (no model run).
+        per_layer_sqnr: per tensor SQNR of the final quantized model vs fp32 on the holdout.
+        ranges: tensor -> (lo, hi) of the chosen method.
+        output: path of the written model.
+    """
+
+    method: str
+    method_scores: dict[str, dict[str, float]]
+    reason: str
+    activation_mode: str
+    per_channel: bool
+    target: str
+    fallback_layers: list[FallbackLayer] = field(default_factory=list)
+    budget_met: bool | None = None
+    budget_reason: str = ""
+    holdout: dict[str, float] = field(default_factory=dict)
+    calibration_time_s: float = 0.0
+    stats_cache_hit: bool = False
+    per_layer_sqnr: list[dict[str, Any]] = field(default_factory=list)
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    output: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (floats rounded for reading; ranges as [lo, hi] lists)."""
+        d = asdict(self)
+        d["ranges"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.ranges.items()}
+        return d

@@ -1,0 +1,48 @@
+"""Fidelity metrics of a quantized model's outputs against fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(sum ref^2 / sum (ref - test)^2).
+
+    Identical outputs give +inf, capped at 200 dB so the value stays JSON-able.
+    """
+    ref = np.asarray(ref, np.float64)
+    noise = float(np.sum((ref - np.asarray(test, np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0.0:
+        return 200.0
+    if signal == 0.0:
+        return -200.0
+    return float(min(200.0, 10.0 * np.log10(signal / noise)))
+
+
+def top1_agreement(ref: np.ndarray, test: np.ndarray) -> float:
+    """Percentage of samples whose argmax (last axis) matches fp32's."""
+    r = np.asarray(ref).reshape(ref.shape[0], -1).argmax(axis=1)
+    t = np.asarray(test).reshape(test.shape[0], -1).argmax(axis=1)
+    return float(np.mean(r == t) * 100.0)
+
+
+def accuracy(out: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent."""
+    return float(np.mean(np.asarray(out).reshape(out.shape[0], -1).argmax(axis=1) == labels) * 100.0)
+
+
+def fidelity(ref: np.ndarray, test: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
+    """Holdout metrics of ``test`` vs ``ref``.
+
+    ``drop_pp`` is the accuracy drop vs fp32 when labels exist, else the top-1 disagreement
+    (100 - agreement); it is the quantity a ``max_drop_pp`` budget is checked against.
+    """
+    m = {"sqnr_db": sqnr_db(ref, test), "top1_agreement": top1_agreement(ref, test), "n": float(ref.shape[0])}
+    if labels is not None:
+        m["accuracy"] = accuracy(test, labels)
+        m["fp32_accuracy"] = accuracy(ref, labels)
+        m["drop_pp"] = m["fp32_accuracy"] - m["accuracy"]
+    else:
+        m["drop_pp"] = 100.0 - m["top1_agreement"]
+    return m

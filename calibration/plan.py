@@ -1,0 +1,100 @@
+"""A quantization plan: activation ranges and parameters plus weight parameters for one method.
+
+The plan mirrors two rules of ONNX Runtime's QDQ quantizer so the parameters we report are the
+ones written: ops that only move data (MaxPool, Reshape, Transpose, ...) reuse their input's
+parameters for their output, and weights are floored so the int32 bias cannot overflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from calibration.graph import WeightedLayer, initializer_array
+from calibration.observers import QParams, compute_ranges, qparams, weight_qparams
+from calibration.stats import Statistics
+
+#: ops whose output ORT quantizes with the input's parameters (registry: QDQDirect8BitOp etc.)
+SHARE_INPUT_PARAMS = (
+    "MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "AveragePool",
+    "Slice", "Split", "Gather", "GatherElements", "Resize", "Pad", "TopK",
+)
+
+
+@dataclass
+class QuantPlan:
+    """Everything a writer needs.
+
+    Attributes:
+        method: the observer used.
+        symmetric: activation mode.
+        ranges: activation tensor -> (lo, hi).
+        acts: activation tensor -> parameters.
+        weights: weight initializer -> parameters.
+        layers: the weighted layers.
+    """
+
+    method: str
+    symmetric: bool
+    ranges: dict[str, tuple[float, float]]
+    acts: dict[str, QParams]
+    weights: dict[str, QParams]
+    layers: list[WeightedLayer]
+
+
+def make_plan(
+    model: Any,
+    stats: Statistics,
+    layers: list[WeightedLayer],
+    method: str,
+    symmetric: bool,
+    per_channel: bool = True,
+    percentile: float = 99.99,
+) -> QuantPlan:
+    """Compute the plan for ``method`` from cached statistics (no model run).
+
+    Args:
+        model: the fp32 onnx.ModelProto.
+        stats: activation statistics.
+        layers: weighted layers of ``model``.
+        method: observer name.
+        symmetric: activation mode.
+        per_channel: weights per output channel.
+        percentile: for the percentile observer.
+    """
+    ranges = compute_ranges(stats, method, symmetric, percentile)
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    graph_outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        # A tensor read only by Relu/Clip is worth quantizing only over what the activation
+        # lets through: ORT folds the activation into the preceding Q in asymmetric mode, and
+        # in symmetric mode (activation kept) a pre-ReLU6 range of +-200 would leave the [0, 6]
+        # that survives with a step of ~1.5.
+        if node.op_type in ("Relu", "Clip") and node.output[0] in ranges:
+            x = node.input[0]
+            if x in ranges and consumers.get(x) == 1 and x not in graph_outputs:
+                ranges[x] = ranges[node.output[0]]
+    for node in model.graph.node:
+        if node.op_type in SHARE_INPUT_PARAMS and node.input and node.input[0] in ranges:
+            for out in node.output:
+                if out in ranges:
+                    ranges[out] = ranges[node.input[0]]
+    acts = {n: qparams(lo, hi, symmetric) for n, (lo, hi) in ranges.items()}
+    inits = {i.name for i in model.graph.initializer}
+    weights: dict[str, QParams] = {}
+    nodes = {n.name: n for n in model.graph.node}
+    for layer in layers:
+        node = nodes[layer.node]
+        bias_name = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        in_q = acts.get(layer.inputs[0]) if layer.inputs else None
+        weights[layer.weight] = weight_qparams(
+            initializer_array(model, layer.weight),
+            layer.axis,
+            per_channel,
+            bias=initializer_array(model, bias_name) if bias_name else None,
+            input_scale=float(in_q.scale) if in_q is not None else None,
+        )
+    return QuantPlan(method, symmetric, ranges, acts, weights, layers)

@@ -1,0 +1,143 @@
+"""Layer sensitivity and accuracy-aware fallback.
+
+Sensitivity comes from the gated fake-quant model (:mod:`calibration.simulate`), two numbers per
+layer on the holdout:
+
+* ``sqnr_db``: output SQNR with only that layer quantized (how much damage it does alone);
+* ``saved_db`` / ``saved_pp``: output SQNR and accuracy (or agreement) recovered when that
+  layer alone is left in float while every other layer is quantized.
+
+Layers are ranked by ``saved_db`` (continuous, so stable on a small holdout), then the fallback
+keeps the top-ranked layers in float, fewest first, checking each candidate set with the *real*
+QDQ model until the holdout drop is within budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from calibration.config import FallbackLayer
+from calibration.metrics import fidelity, sqnr_db
+from calibration.simulate import GatedModel
+
+
+@dataclass
+class LayerSensitivity:
+    """Sensitivity of one layer (see module docstring)."""
+
+    name: str
+    op: str
+    sqnr_db: float
+    saved_db: float
+    saved_pp: float
+
+
+def layer_sensitivity(
+    gated: GatedModel,
+    samples: np.ndarray,
+    ref: np.ndarray,
+    labels: np.ndarray | None = None,
+    batch_size: int = 32,
+) -> list[LayerSensitivity]:
+    """Measure every gated layer; returned most sensitive (largest ``saved_db``) first."""
+    n = len(gated.layers)
+    all_on = gated.run(samples, np.ones(n, bool), batch_size)
+    base = fidelity(ref, all_on, labels)
+    result = []
+    for i, layer in enumerate(gated.layers):
+        only = np.zeros(n, bool)
+        only[i] = True
+        leave = ~only
+        out_only = gated.run(samples, only, batch_size)
+        out_leave = gated.run(samples, leave, batch_size)
+        f_leave = fidelity(ref, out_leave, labels)
+        result.append(
+            LayerSensitivity(
+                name=layer.node,
+                op=layer.op,
+                sqnr_db=sqnr_db(ref, out_only),
+                saved_db=f_leave["sqnr_db"] - base["sqnr_db"],
+                saved_pp=base["drop_pp"] - f_leave["drop_pp"],
+            )
+        )
+    result.sort(key=lambda s: (-s.saved_db, s.sqnr_db))
+    return result
+
+
+def _candidate_sizes(limit: int) -> list[int]:
+    """1, 2, ..., 8, then doubling: fewest layers first, bounded number of real evaluations."""
+    sizes = list(range(1, min(limit, 8) + 1))
+    k = 16
+    while k < limit:
+        sizes.append(k)
+        k *= 2
+    if limit > 8 and limit not in sizes:
+        sizes.append(limit)
+    return sizes
+
+
+@dataclass
+class FallbackResult:
+    """Outcome of :func:`choose_fallback`.
+
+    Attributes:
+        layers: layers kept in float, most sensitive first.
+        budget_met: whether the holdout drop is within budget.
+        reason: why not, if not.
+        metrics: holdout metrics of the final candidate.
+        tried: (number of float layers, drop_pp) per real evaluation.
+    """
+
+    layers: list[FallbackLayer]
+    budget_met: bool
+    reason: str
+    metrics: dict[str, float]
+    tried: list[tuple[int, float]] = field(default_factory=list)
+
+
+def choose_fallback(
+    ranked: list[LayerSensitivity],
+    evaluate: Callable[[list[str]], dict[str, float]],
+    base_metrics: dict[str, float],
+    max_drop_pp: float,
+    max_layers: int | None = None,
+) -> FallbackResult:
+    """Keep the most sensitive layers in float until the holdout drop is within budget.
+
+    Args:
+        ranked: layers, most sensitive first.
+        evaluate: builds the real QDQ model with the given nodes in float and returns its holdout
+            metrics (must contain ``drop_pp``).
+        base_metrics: metrics with no layer in float.
+        max_drop_pp: budget.
+        max_layers: most layers to keep in float (default: all but one, else nothing is
+            quantized).
+
+    Returns:
+        The chosen layers, or ``budget_met=False`` with the reason.
+    """
+    if base_metrics["drop_pp"] <= max_drop_pp:
+        return FallbackResult([], True, "", base_metrics)
+    limit = len(ranked) - 1 if max_layers is None else min(max_layers, len(ranked) - 1)
+    tried: list[tuple[int, float]] = []
+    metrics = base_metrics
+    k = 0
+    for k in _candidate_sizes(limit):
+        metrics = evaluate([s.name for s in ranked[:k]])
+        tried.append((k, metrics["drop_pp"]))
+        if metrics["drop_pp"] <= max_drop_pp:
+            break
+    chosen = [FallbackLayer(s.name, s.op, s.sqnr_db, s.saved_pp, s.saved_db) for s in ranked[:k]]
+    if metrics["drop_pp"] <= max_drop_pp and k > 0:
+        return FallbackResult(chosen, True, "", metrics, tried)
+    reason = (
+        f"holdout drop {metrics['drop_pp']:.2f} pp > budget {max_drop_pp:.2f} pp even with "
+        f"{k} of {len(ranked)} layers in float"
+        if limit > 0
+        else f"holdout drop {base_metrics['drop_pp']:.2f} pp > budget {max_drop_pp:.2f} pp and the "
+        f"model has {len(ranked)} quantizable layer(s): nothing to fall back"
+    )
+    return FallbackResult(chosen, False, reason, metrics, tried)

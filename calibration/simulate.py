@@ -1,0 +1,131 @@
+"""Gated fake-quantization model: any subset of layers quantized, one onnxruntime session.
+
+Layer sensitivity needs the model evaluated with many different sets of quantized layers.
+Writing and loading one QDQ model per set would cost a quantizer run and a session each, so we
+build one float model in which every weighted layer L has
+
+* its weight replaced by ``W + g_L * (fq(W) - W)`` (fq: per-channel quantize-dequantize), and
+* its activation input replaced by ``x + g_L * (DQ(Q(x)) - x)``,
+
+with ``g_L`` a scalar graph input. Feeding g_L = 1 quantizes L, g_L = 0 leaves it in float.
+The numbers match a QDQ model up to int32 accumulation rounding; the real writer confirms the
+final choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from calibration.graph import WeightedLayer
+from calibration.observers import QParams
+
+
+@dataclass
+class GatedModel:
+    """A gated fake-quant model and how to drive it.
+
+    Attributes:
+        session: onnxruntime session.
+        layers: gated layers, in graph order.
+        gate_names: graph input name of each layer's gate.
+        input_name: the model's data input.
+        output_name: the model's first output.
+    """
+
+    session: Any
+    layers: list[WeightedLayer]
+    gate_names: list[str]
+    input_name: str
+    output_name: str
+
+    def run(self, samples: np.ndarray, on: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """First output with layer i quantized where ``on[i]`` is true."""
+        feeds_g = {g: np.array(1.0 if v else 0.0, np.float32) for g, v in zip(self.gate_names, on)}
+        outs = []
+        for s in range(0, samples.shape[0], batch_size):
+            feeds = {self.input_name: samples[s : s + batch_size], **feeds_g}
+            outs.append(self.session.run([self.output_name], feeds)[0])
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+def build_gated_model(
+    model: Any,
+    layers: list[WeightedLayer],
+    acts: dict[str, QParams],
+    weights: dict[str, QParams],
+    threads: int | None = None,
+) -> GatedModel:
+    """Build the gated model from the fp32 ``model`` (an onnx.ModelProto, not modified).
+
+    Args:
+        model: fp32 model.
+        layers: the layers to gate.
+        acts: activation parameters (a layer's input without parameters stays float).
+        weights: weight parameters per initializer.
+        threads: onnxruntime intra-op threads.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from calibration.runtime import make_session
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    by_name = {n.name: n for n in g.node}
+    new_nodes: dict[str, list[onnx.NodeProto]] = {}  # inserted before the named node
+    gate_names: list[str] = []
+    for i, layer in enumerate(layers):
+        gate = f"__edgeship_gate_{i}"
+        gate_names.append(gate)
+        g.input.append(helper.make_tensor_value_info(gate, onnx.TensorProto.FLOAT, []))
+        node = by_name[layer.node]
+        pre: list[onnx.NodeProto] = []
+        wq = weights.get(layer.weight)
+        if wq is not None:
+            w = inits[layer.weight].astype(np.float32)
+            shape = [1] * w.ndim
+            shape[wq.axis if wq.axis is not None else 0] = -1
+            s = np.asarray(wq.scale, np.float32).reshape(shape if wq.axis is not None else ())
+            delta = (np.clip(np.round(w / s), -128, 127) * s - w).astype(np.float32)
+            dname = f"{layer.weight}__edgeship_dq_delta_{i}"
+            g.initializer.append(numpy_helper.from_array(delta, dname))
+            pre += [
+                helper.make_node("Mul", [dname, gate], [f"{dname}_g"]),
+                helper.make_node("Add", [layer.weight, f"{dname}_g"], [f"{dname}_w"]),
+            ]
+            node.input[1] = f"{dname}_w"
+        for x in layer.inputs:
+            q = acts.get(x)
+            if q is None:
+                continue
+            base = f"{x}__edgeship_fq_{i}"
+            zp_type = onnx.TensorProto.INT8 if q.dtype == "int8" else onnx.TensorProto.UINT8
+            g.initializer.append(numpy_helper.from_array(np.array(q.scale, np.float32), f"{base}_s"))
+            g.initializer.append(
+                helper.make_tensor(f"{base}_z", zp_type, [], [int(q.zero_point)])
+            )
+            pre += [
+                helper.make_node("QuantizeLinear", [x, f"{base}_s", f"{base}_z"], [f"{base}_q"]),
+                helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_s", f"{base}_z"], [f"{base}_dq"]),
+                helper.make_node("Sub", [f"{base}_dq", x], [f"{base}_e"]),
+                helper.make_node("Mul", [f"{base}_e", gate], [f"{base}_eg"]),
+                helper.make_node("Add", [x, f"{base}_eg"], [f"{base}_x"]),
+            ]
+            for k, name in enumerate(node.input):
+                if name == x:
+                    node.input[k] = f"{base}_x"
+        new_nodes[layer.node] = pre
+    ordered: list[onnx.NodeProto] = []
+    for n in g.node:
+        ordered.extend(new_nodes.get(n.name, []))
+        ordered.append(n)
+    del g.node[:]
+    g.node.extend(ordered)
+    session = make_session(m.SerializeToString(), threads=threads)
+    data_input = next(i.name for i in session.get_inputs() if not i.name.startswith("__edgeship_gate_"))
+    return GatedModel(session, list(layers), gate_names, data_input, session.get_outputs()[0].name)

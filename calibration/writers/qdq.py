@@ -1,0 +1,192 @@
+"""QDQ ONNX writer, driving ``onnxruntime.quantization.quantize_static`` with our parameters.
+
+ONNX Runtime's quantizer is well kept (op coverage, bias quantization, Relu/Clip folding, QDQ
+placement its kernels fuse), so we do not re-implement it; we only decide the numbers:
+
+* activation ranges go in through ``calibration_cache_path`` (a TensorsData JSON), so ORT runs
+  no calibration of its own;
+* the exact scale / zero point of every activation and every weight channel go in through
+  ``TensorQuantOverrides``, and ``QDQDisableWeightAdjustForInt32Bias`` stops ORT from silently
+  rescaling weights;
+* :func:`read_qdq_params` reads the written model back, and :func:`write_qdq` checks that each
+  scale in it is the one we computed (raising if ORT changed any).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibration.errors import CalibrationError
+from calibration.observers import QParams
+
+
+@dataclass
+class QdqResult:
+    """What :func:`write_qdq` wrote.
+
+    Attributes:
+        path: the QDQ model.
+        activations: tensor -> (scale, zero point) as written.
+        weights: weight initializer -> (scales, zero points) as written.
+        mismatches: tensors whose written scale differs from the requested one (tolerated only
+            for ops ORT forces to share their input's parameters, e.g. MaxPool, Reshape).
+    """
+
+    path: Path
+    activations: dict[str, tuple[float, int]] = field(default_factory=dict)
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
+
+
+def _quant_type(dtype: str):  # -> QuantType
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QInt8 if dtype == "int8" else QuantType.QUInt8
+
+
+def build_overrides(
+    acts: dict[str, QParams], weights: dict[str, QParams]
+) -> dict[str, list[dict[str, object]]]:
+    """TensorQuantOverrides: exact scale/zero point per activation and per weight channel."""
+    over: dict[str, list[dict[str, object]]] = {}
+    for name, q in acts.items():
+        zp_type = np.int8 if q.dtype == "int8" else np.uint8
+        over[name] = [
+            {
+                "quant_type": _quant_type(q.dtype),
+                "scale": np.array(q.scale, np.float32),
+                "zero_point": np.array(q.zero_point, zp_type),
+            }
+        ]
+    for name, q in weights.items():
+        scales = np.atleast_1d(q.scale)
+        entries: list[dict[str, object]] = [
+            {"quant_type": _quant_type("int8"), "scale": np.array(s, np.float32), "zero_point": np.array(0, np.int8)}
+            for s in scales
+        ]
+        if q.axis is not None:
+            entries[0]["axis"] = int(q.axis)
+        over[name] = entries
+    return over
+
+
+def write_qdq(
+    model_path: Path,
+    output: Path,
+    ranges: dict[str, tuple[float, float]],
+    acts: dict[str, QParams],
+    weights: dict[str, QParams],
+    symmetric: bool,
+    per_channel: bool,
+    nodes_to_exclude: Iterable[str] = (),
+    verify: bool = True,
+) -> QdqResult:
+    """Write a QDQ model whose scales are exactly ``acts`` and ``weights``.
+
+    Args:
+        model_path: fp32 ONNX model.
+        output: where to write the QDQ model.
+        ranges: activation tensor -> (lo, hi) (what ORT would have calibrated).
+        acts: activation tensor -> per-tensor parameters.
+        weights: weight initializer -> per-channel (or per-tensor) parameters.
+        symmetric: activations are symmetric int8 (else uint8).
+        per_channel: weights per output channel.
+        nodes_to_exclude: nodes left in float (fallback).
+        verify: read the output back and compare its scales with the requested ones.
+
+    Returns:
+        The written parameters and any mismatch.
+
+    Raises:
+        CalibrationError: quantization failed, or a written scale differs from ours on a tensor
+            ORT had no reason to change.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgeship-qdq-") as tmp:
+        cache = Path(tmp) / "ranges.json"
+        data = {
+            n: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
+            for n, (lo, hi) in ranges.items()
+        }
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
+        try:
+            quantize_static(
+                str(model_path),
+                str(output),
+                calibration_data_reader=None,
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+                nodes_to_exclude=list(nodes_to_exclude),
+                calibration_cache_path=str(cache),
+                extra_options={
+                    "ActivationSymmetric": symmetric,
+                    "WeightSymmetric": True,
+                    "TensorQuantOverrides": build_overrides(acts, weights),
+                    "QDQDisableWeightAdjustForInt32Bias": True,
+                },
+            )
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise CalibrationError(f"onnxruntime quantize_static failed on {str(model_path)!r}: {exc}") from exc
+    result = QdqResult(output)
+    result.activations, result.weights = read_qdq_params(output)
+    if verify:
+        result.mismatches = _compare(result, acts, weights)
+    return result
+
+
+def read_qdq_params(path: Path) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Read (scale, zero point) back from a QDQ model.
+
+    Activations are keyed by the float tensor a QuantizeLinear quantizes; weights by the float
+    initializer name (ORT stores ``<w>_quantized`` and dequantizes it with a DequantizeLinear).
+
+    Returns:
+        (activations, weights).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    acts: dict[str, tuple[float, int]] = {}
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for node in model.graph.node:
+        scale = inits.get(node.input[1]) if len(node.input) > 1 else None
+        zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+        if scale is None:
+            continue
+        zp_arr = np.zeros(scale.shape, np.int64) if zp is None else zp.astype(np.int64)
+        if node.op_type == "QuantizeLinear" and node.input[0] not in inits:
+            acts[node.input[0]] = (float(scale), int(zp_arr))
+        elif node.op_type == "DequantizeLinear" and node.input[0] in inits and node.input[0].endswith("_quantized"):
+            weights[node.input[0][: -len("_quantized")]] = (scale.astype(np.float32), zp_arr)
+    return acts, weights
+
+
+def _compare(result: QdqResult, acts: dict[str, QParams], weights: dict[str, QParams]) -> list[str]:
+    bad: list[str] = []
+    for name, (s, z) in result.activations.items():
+        q = acts.get(name)
+        if q is not None and (not np.isclose(s, float(q.scale), rtol=1e-6) or z != int(q.zero_point)):
+            bad.append(name)
+    for name, (s, z) in result.weights.items():
+        q = weights.get(name)
+        if q is None or s.size != np.atleast_1d(q.scale).size:
+            continue  # e.g. a bias (int32, derived from input x weight scales)
+        if not np.allclose(s.ravel(), np.atleast_1d(q.scale), rtol=1e-6) or z.any():
+            raise CalibrationError(
+                f"onnxruntime wrote weight scales for {name!r} that differ from the calibrated ones; "
+                "the QDQ model would not match the other backends"
+            )
+    return bad
