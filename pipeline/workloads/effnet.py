@@ -19,7 +19,7 @@ MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
           "retina", "colorwheel", "camera", "brick", "grass", "gravel", "moon", "coins", "clock", "page")
-CROPS_PER_PHOTO = 6
+CROPS_PER_PHOTO = 8
 
 
 def _photos() -> list[tuple[str, np.ndarray]]:
