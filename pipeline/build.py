@@ -102,20 +102,31 @@ def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | 
     model_cache: dict[str, Any] = {}
 
     def torch_model() -> Any:
+        if spec.model.onnx:
+            raise ConversionError(f"{spec.source_path}: field 'model.onnx': this route needs the PyTorch model; "
+                                  "give model.factory (or model.exported) instead of an ONNX file")
         if "m" not in model_cache:
             model_cache["m"] = load_model()
         return model_cache["m"]
 
     import torch  # noqa: F401 - the export and TFLite routes need it; fail early if missing
 
-    weights = state_hash(torch_model())
     batch = spec.input.shape[0]
+    if spec.model.onnx:
+        from pipeline.stages.onnx_guard import check_external_data
+
+        user_onnx = spec.resolve_path(spec.model.onnx)
+        external = check_external_data(user_onnx)
+        weights = sha256_file(user_onnx) + "".join(sha256_file(user_onnx.parent / e) for e in external)
+        stage_name, export_fn = "import onnx", lambda d: _write_json(d / "info.json", _import_onnx(user_onnx, d))
+    else:
+        weights = state_hash(torch_model())
+        stage_name = "export onnx"
+        export_fn = lambda d: _write_json(d / "info.json", export_onnx(spec, torch_model, calib.x, d).info)  # noqa: E731
     export_parts = {"model": model_identity(spec), "weights": weights, "input": spec.input.model_dump(),
                     "export": spec.export, "torch": torch.__version__, "edgeship": __version__}
-    exported = _timed(events, log, "export onnx", lambda: cache.get_or_build(
-        "export", export_parts, lambda d: _write_json(d / "info.json", export_onnx(spec, lambda: torch_model(),
-                                                                                   calib.x, d).info)),
-        lambda r: f"key {r.key[:12]}")
+    exported = _timed(events, log, stage_name, lambda: cache.get_or_build("export", export_parts, export_fn),
+                      lambda r: f"key {r.key[:12]}")
     onnx_raw = exported.path / "model.onnx"
     export_info = json.loads((exported.path / "info.json").read_text())
 
@@ -128,6 +139,10 @@ def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | 
     onnx_opt = optimized.path / "model.onnx"
     opt_info = json.loads((optimized.path / "info.json").read_text())
     onnx_sha = sha256_file(onnx_opt)
+    input_name, output_name = _io_names(onnx_opt)
+    if input_name != spec.input.name:
+        raise SpecError(f"{spec.source_path}: field 'input.name': the model's input is called {input_name!r}, "
+                        f"not {spec.input.name!r}; set input.name: {input_name}")
 
     from pipeline.analyze import analyze_onnx
 
@@ -151,7 +166,7 @@ def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | 
 
             def convert(d: Path, backend=backend, precision=precision, build_spec=build_spec) -> None:
                 ctx = BuildContext(spec=spec, target=target, build=build_spec, workdir=d, onnx_fp32=onnx_opt,
-                                   input_name=spec.input.name, output_name="output", calibration=calib,
+                                   input_name=input_name, output_name=output_name, calibration=calib,
                                    check=Samples(check_x, None, calib.ids[:CHECK_SAMPLES], ""),
                                    reference=reference_check, cache_dir=cache.root.parent,
                                    torch_model=torch_model, log=log)
@@ -190,6 +205,27 @@ def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | 
         lambda: package_release(out_dir, spec, target, artifacts, evals, reference_eval, provenance),
         lambda r: f"release {r[1][:12]}")
     return BuildResult(spec, target, release_dir, release_id, manifest, artifacts, ref_metric, events)
+
+
+def _io_names(path: Path) -> tuple[str, str]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name for t in graph.initializer}
+    inputs = [i.name for i in graph.input if i.name not in inits]
+    if len(inputs) != 1 or len(graph.output) < 1:
+        raise ConversionError(f"{path}: edgeship handles single-input models; this one has inputs {inputs}")
+    return inputs[0], graph.output[0].name
+
+
+def _import_onnx(src: Path, out_dir: Path) -> dict[str, Any]:
+    """A user's ONNX file (external data already checked to stay in its folder), as one file."""
+    import onnx
+
+    model = onnx.load(str(src))  # loads external data from beside the model
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_dir / "model.onnx"))
+    return {"source": "onnx", "path": str(src), "opset": [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]}
 
 
 def _reference_metric(spec: PipelineSpec, reference: np.ndarray, evals: Samples) -> dict[str, Any]:

@@ -46,13 +46,16 @@ class ModelSource(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = Field(None, description="state_dict file (.pt), loaded with weights_only=True")
     exported: str | None = Field(None, description="torch.export ExportedProgram file (.pt2)")
+    onnx: str | None = Field(None, description="an ONNX model to start from (skips the export stage; "
+                                               "routes that leave from PyTorch, e.g. tflite, are unavailable)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSource":
-        if not self.factory and not self.exported:
-            raise ValueError("give 'factory' (module:function) or 'exported' (.pt2 file)")
-        if self.factory and self.exported:
-            raise ValueError("give either 'factory' or 'exported', not both")
+        given = [k for k in ("factory", "exported", "onnx") if getattr(self, k)]
+        if not given:
+            raise ValueError("give 'factory' (module:function), 'exported' (.pt2 file) or 'onnx' (.onnx file)")
+        if len(given) > 1:
+            raise ValueError(f"give one model source, not {' and '.join(given)}")
         if self.checkpoint and not self.factory:
             raise ValueError("'checkpoint' needs 'factory' to build the module it loads into")
         if self.factory and ":" not in self.factory:
@@ -322,6 +325,7 @@ def _check_spec_files(spec: PipelineSpec, path: Path) -> None:
     checks: list[tuple[str, str | None]] = [
         ("model.checkpoint", spec.model.checkpoint),
         ("model.exported", spec.model.exported),
+        ("model.onnx", spec.model.onnx),
     ]
     for section in ("calibration", "evaluation"):
         src = getattr(spec, section).source

@@ -132,3 +132,53 @@ def test_cache_hit_and_atomic_failure(tmp_path: Path) -> None:
     assert not entry.exists()
     assert not list(entry.parent.glob(".*"))  # no temp leftovers
     assert (first.path / "out.txt").read_text() == "x"  # old entries untouched
+
+
+def _model_with_external(tmp_path: Path, location: str) -> Path:
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(graph)
+    from onnx.external_data_helper import set_external_data
+
+    tensor = model.graph.initializer[0]
+    set_external_data(tensor, location=location)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    path = tmp_path / "models" / "m.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "sub/../../secret.bin"])
+def test_external_data_outside_model_folder_is_refused(tmp_path: Path, location: str) -> None:
+    from pipeline.errors import SpecError
+    from pipeline.stages.onnx_guard import check_external_data
+
+    (tmp_path / "secret.bin").write_bytes(np.ones(16, np.float32).tobytes())
+    path = _model_with_external(tmp_path, location)
+    with pytest.raises(SpecError, match="outside the model's folder"):
+        check_external_data(path)
+
+
+def test_external_data_symlink_leaving_folder_is_refused(tmp_path: Path) -> None:
+    from pipeline.errors import SpecError
+    from pipeline.stages.onnx_guard import check_external_data
+
+    (tmp_path / "secret.bin").write_bytes(np.ones(16, np.float32).tobytes())
+    path = _model_with_external(tmp_path, "weights.bin")
+    (path.parent / "weights.bin").symlink_to(tmp_path / "secret.bin")
+    with pytest.raises(SpecError, match="outside the model's folder"):
+        check_external_data(path)
+
+
+def test_external_data_inside_folder_is_accepted(tmp_path: Path) -> None:
+    from pipeline.stages.onnx_guard import check_external_data
+
+    path = _model_with_external(tmp_path, "weights.bin")
+    (path.parent / "weights.bin").write_bytes(np.ones(16, np.float32).tobytes())
+    assert check_external_data(path) == ["weights.bin"]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"x": np.ones((1, 4), np.float32)})[0], 4.0)
