@@ -1,0 +1,6 @@
+"""``python -m pipeline.sim up sim-arm64 sim-x86``: the sim CLI without the main edgeship CLI."""
+
+from pipeline.sim.cli import app
+
+if __name__ == "__main__":
+    app(prog_name="python -m pipeline.sim")
