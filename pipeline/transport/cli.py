@@ -1,0 +1,188 @@
+"""``edgeship devices ...`` and ``edgeship rollback``: typer commands over the transport layer.
+
+Mounted by pipeline/cli.py (``app.add_typer(devices_app, name="devices")``,
+``app.command("rollback")(rollback)``). Errors are raised as DeviceError/SpecError; the main CLI
+turns them into one line and an exit code. A fleet command reports every host, then fails if any
+host failed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from pipeline.errors import DeviceError, EdgeshipError
+from pipeline.spec import Host, TargetSpec, list_target_names, load_target
+
+devices_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                          help="Trust, probe and provision devices; list their releases.")
+
+HostOpt = Annotated[Optional[str], typer.Option("--host", help="Only this host of the target (its name).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def _hosts(target: TargetSpec, name: str | None) -> list[Host] | None:
+    if name is None:
+        return None
+    from pipeline.transport.transport import pick_host
+
+    return [pick_host(target, name)]
+
+
+def _fleet(target: TargetSpec, host: str | None, fn: Callable[[Any], Any], show: Callable[[str, Any], None],
+           as_json: bool) -> None:
+    """Run ``fn(transport)`` on each host, print each outcome, raise if any host failed."""
+    from pipeline.transport import for_each_host, open_transport
+
+    def one(h: Host | None) -> Any:
+        with open_transport(target, h) as t:
+            return fn(t)
+
+    outcomes = for_each_host(target, one, hosts=_hosts(target, host))
+    if as_json:
+        typer.echo(json.dumps({n: (o if not isinstance(o, EdgeshipError) else {"error": str(o)})
+                               for n, o in outcomes.items()}, indent=1, default=str))
+    failed = []
+    for name, out in outcomes.items():
+        if isinstance(out, EdgeshipError):
+            failed.append(name)
+            if not as_json:
+                typer.echo(f"{name}: error: {out}", err=True)
+        elif not as_json:
+            show(name, out)
+    if failed:
+        raise DeviceError(f"{len(failed)} of {len(outcomes)} hosts of {target.name} failed: {', '.join(failed)}")
+
+
+@devices_app.command("list")
+def list_devices(as_json: JsonOpt = False) -> None:
+    """Every target's devices and whether edgeship trusts their host keys (no network)."""
+    rows = []
+    for name in list_target_names():
+        try:
+            target = load_target(name)
+        except EdgeshipError as exc:
+            rows.append({"target": name, "error": str(exc)})
+            continue
+        if target.transport.kind == "local":
+            rows.append({"target": name, "host": "local", "address": target.transport.root, "trusted": "n/a"})
+            continue
+        from pipeline.transport import hostkeys
+
+        known = hostkeys.load_known(hostkeys.known_hosts_path(target))
+        for h in target.transport.hosts:
+            keys = known.lookup(hostkeys.host_entry(h)) or {}
+            fp = ", ".join(hostkeys.fingerprint(k) for k in keys.values()) or "not trusted"
+            rows.append({"target": name, "host": h.name, "address": f"{h.user}@{h.host}:{h.port}", "trusted": fp})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        if "error" in r:
+            typer.echo(f"{r['target']:<18} error: {r['error']}")
+        else:
+            typer.echo(f"{r['target']:<18} {r['host']:<14} {r['address']:<34} {r['trusted']}")
+
+
+@devices_app.command("trust")
+def trust_cmd(target_name: Annotated[str, typer.Argument(metavar="TARGET")], host: HostOpt = None,
+              yes: Annotated[bool, typer.Option("--yes", help="Accept the key shown (you checked it).")] = False,
+              fingerprint: Annotated[Optional[str], typer.Option(
+                  "--fingerprint", help="Expected SHA256:... fingerprint, obtained on the device itself.")] = None,
+              ) -> None:
+    """Fetch a device's host key (key exchange only, no login), show it, enrol it when confirmed.
+
+    Check the fingerprint on the device's console: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub
+    """
+    from pipeline.transport import hostkeys
+
+    target = load_target(target_name)
+    if target.transport.kind != "ssh":
+        raise DeviceError(f"target {target.name} is not reached over SSH; nothing to trust")
+    for h in _hosts(target, host) or target.transport.hosts:
+        confirmed = yes
+        if fingerprint is None and not yes:
+            key = hostkeys.fetch_host_key(h, target.transport.connect_timeout_s)
+            fp = hostkeys.fingerprint(key)
+            typer.echo(f"{h.name} ({h.host}:{h.port}) presents {key.get_name()} {fp}")
+            if not sys.stdin.isatty():
+                raise DeviceError(f"{h.host}:{h.port} presents {fp}; not trusted without confirmation: rerun with "
+                                  f"--fingerprint {fp} after checking it on the device, or --yes")
+            confirmed = typer.confirm("Is this the key shown on the device itself?", default=False)
+            if not confirmed:
+                raise DeviceError(f"{h.host}:{h.port}: key not trusted (declined)")
+            fingerprint_for_host = fp  # write exactly the key the person just saw
+        else:
+            fingerprint_for_host = fingerprint
+        out = hostkeys.trust(target, h, expected=fingerprint_for_host, yes=confirmed)
+        typer.echo(f"{h.name}: {out['status']} {out['key_type']} {out['fingerprint']} "
+                   f"in {hostkeys.known_hosts_path(target)}")
+
+
+@devices_app.command("probe")
+def probe_cmd(target_name: Annotated[str, typer.Argument(metavar="TARGET")], host: HostOpt = None,
+              as_json: JsonOpt = False) -> None:
+    """What each device is (arch, OS, CPU, memory, disk, python, runtimes) and whether it fits."""
+    target = load_target(target_name)
+
+    def fn(t: Any) -> dict[str, Any]:
+        p = t.probe()
+        try:
+            t.check(target, p)
+            p["fits_target"] = True
+        except DeviceError as exc:
+            p["fits_target"] = str(exc)
+        return p
+
+    def show(name: str, p: dict[str, Any]) -> None:
+        rt = ", ".join(f"{k} {v}" for k, v in sorted((p.get("runtimes") or {}).items())) or "none"
+        jet = p.get("jetson") or {}
+        typer.echo(f"{name}: {p['arch']} {p['os']}, {p.get('cores')} cores {p.get('cpu')}, "
+                   f"{p.get('memory_mb')} MB RAM, {p.get('disk_free_mb')} MB free, python {p.get('python')}")
+        typer.echo(f"  runtimes: {rt}" + (f"; L4T {jet.get('l4t')} TensorRT {jet.get('tensorrt')}" if jet else ""))
+        fits = p["fits_target"]
+        typer.echo(f"  fits {target.name}: " + ("yes" if fits is True else f"no: {fits}"))
+
+    _fleet(target, host, fn, show, as_json)
+
+
+@devices_app.command("provision")
+def provision_cmd(target_name: Annotated[str, typer.Argument(metavar="TARGET")], host: HostOpt = None,
+                  as_json: JsonOpt = False) -> None:
+    """Create the device's runtime venv with the target's pinned packages (idempotent)."""
+    target = load_target(target_name)
+
+    def show(name: str, out: dict[str, Any]) -> None:
+        pk = ", ".join(f"{k} {v}" for k, v in sorted((out.get("packages") or {}).items()))
+        typer.echo(f"{name}: {'provisioned' if out.get('changed') else 'already provisioned'} "
+                   f"{out.get('venv', '')} {pk} {out.get('note', '')}".rstrip())
+
+    _fleet(target, host, lambda t: t.provision(target), show, as_json)
+
+
+@devices_app.command("releases")
+def releases_cmd(target_name: Annotated[str, typer.Argument(metavar="TARGET")], host: HostOpt = None,
+                 as_json: JsonOpt = False) -> None:
+    """Releases on each device, most recent first; marks current (*) and previous (-)."""
+    target = load_target(target_name)
+
+    def show(name: str, st: dict[str, Any]) -> None:
+        typer.echo(f"{name}:" + ("" if st["details"] else " no releases"))
+        for d in st["details"]:
+            mark = "*" if d["id"] == st["current"] else "-" if d["id"] == st["previous"] else " "
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(d["last_current"])) if d["last_current"] else "never"
+            typer.echo(f"  {mark} {d['id']:<40} {d['bytes'] / 2**20:8.1f} MiB  last current {when}")
+
+    _fleet(target, host, lambda t: t.store.state(), show, as_json)
+
+
+def rollback(target_name: Annotated[str, typer.Argument(metavar="TARGET")],
+             to: Annotated[Optional[str], typer.Option("--to", help="Release id (default: the previous one).")] = None,
+             host: HostOpt = None) -> None:
+    """Switch each device of TARGET back to its previous release (or --to ID), atomically."""
+    target = load_target(target_name)
+    _fleet(target, host, lambda t: t.rollback(to), lambda n, cur: typer.echo(f"{n}: current is now {cur}"), False)

@@ -1,0 +1,372 @@
+"""Release-store operations that run ON the device: Python 3 standard library only.
+
+The host never manipulates the release store with ad-hoc shell lines; it sends this file's source
+to the device (``python3 -c <source> <op> <json-args>``) and reads one JSON document back. Local
+and SSH transports run the very same program, so the layout and its invariants live in one place:
+
+    <root>/releases/<release_id>/           immutable, verified releases
+    <root>/releases/<id>/.edgeship-sha256sums   the verified file list (``sha256sum -c`` format)
+    <root>/staging/<release_id>.<nonce>/    an upload in progress (resumable); it lives in
+                                             releases/.staging/ instead when releases/ is its own
+                                             filesystem, so the final move stays one rename(2)
+    <root>/current -> releases/<id>          switched atomically (symlink + rename)
+    <root>/history                           one line per switch: "<unix time> <id>"
+    <root>/.lock, .lock.owner                the per-device deploy lock (see lock.py)
+
+Nothing here may import anything outside the standard library, and the code must stay compatible
+with the oldest device Python we support (3.9): no ``match``, no ``X | Y`` at runtime.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+
+SUMS = ".edgeship-sha256sums"
+_CHUNK = 1 << 20
+
+
+def _sha256(path, sync=False):
+    """sha256 of a file; with ``sync`` also fsync it (edge boards lose power; verify = durable)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(_CHUNK)
+            if not block:
+                break
+            h.update(block)
+        if sync:
+            os.fsync(fh.fileno())
+    return h.hexdigest()
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _history(root):
+    """[(time, id), ...] oldest first; tolerant of a torn last line."""
+    out = []
+    try:
+        with open(os.path.join(root, "history"), encoding="utf-8") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) == 2:
+                    out.append((float(parts[0]), parts[1]))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _releases(root):
+    rel = os.path.join(root, "releases")
+    if not os.path.isdir(rel):
+        return []
+    return sorted(d for d in os.listdir(rel) if not d.startswith(".") and os.path.isdir(os.path.join(rel, d)))
+
+
+def _current(root):
+    try:
+        link = os.readlink(os.path.join(root, "current"))
+    except OSError:
+        return None
+    return os.path.basename(link.rstrip("/"))
+
+
+def _previous(root, current, existing):
+    """The last release that was current before ``current`` and still exists."""
+    for _, rid in reversed(_history(root)):
+        if rid != current and rid in existing:
+            return rid
+    return None
+
+
+def _by_recency(root, existing):
+    """Existing releases, most recently current first; never-current ones last."""
+    last = {}
+    for t, rid in _history(root):
+        last[rid] = t
+    return sorted(existing, key=lambda r: last.get(r, -1.0), reverse=True)
+
+
+def _tree_bytes(path):
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _free_bytes(root):
+    st = os.statvfs(root)
+    return st.f_bavail * st.f_frsize
+
+
+def _verify(folder, expected, sync=False):
+    """Names of files in ``expected`` ({rel: sha256}) that are missing or differ under ``folder``."""
+    bad = []
+    for rel, sha in sorted(expected.items()):
+        path = os.path.join(folder, rel)
+        try:
+            ok = os.path.isfile(path) and not os.path.islink(path) and _sha256(path, sync) == sha
+        except OSError:
+            ok = False
+        if not ok:
+            bad.append(rel)
+    return bad
+
+
+def _read_sums(folder):
+    """The verified list a release carries: {rel: sha256}; None when absent or unreadable."""
+    try:
+        with open(os.path.join(folder, SUMS), encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    out = {}
+    for line in lines:
+        if "  " in line:
+            sha, rel = line.split("  ", 1)
+            out[rel] = sha
+    return out
+
+
+def _state(root):
+    existing = _releases(root)
+    cur = _current(root)
+    return {"current": cur, "previous": _previous(root, cur, existing), "releases": existing}
+
+
+def _switch(root, rid):
+    """Point ``current`` at releases/<rid> atomically: new symlink, then rename(2) over the old."""
+    tmp = os.path.join(root, "current.tmp")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(os.path.join("releases", rid), tmp)
+    os.replace(tmp, os.path.join(root, "current"))
+    _fsync_dir(root)
+    with open(os.path.join(root, "history"), "a", encoding="utf-8") as fh:
+        fh.write("%.3f %s\n" % (time.time(), rid))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _prune(root, keep):
+    """Delete releases beyond the ``keep`` most recent previous ones; never current or previous."""
+    existing = _releases(root)
+    cur = _current(root)
+    prev = _previous(root, cur, existing)
+    others = [r for r in _by_recency(root, existing) if r != cur]
+    protected = {cur, prev} | set(others[:keep])
+    pruned = []
+    for rid in existing:
+        if rid not in protected:
+            shutil.rmtree(os.path.join(root, "releases", rid))
+            pruned.append(rid)
+    return pruned
+
+
+def _staging_root(root):
+    """Where uploads are staged: <root>/staging, on the same filesystem as releases/.
+
+    The final move into releases/ must be a rename(2) to be atomic, which only works within one
+    filesystem. When releases/ is a mount of its own (a data partition, a quota'd tmpfs), staging
+    moves to releases/.staging (dot names are never releases) and the other place is emptied.
+    """
+    releases = os.path.join(root, "releases")
+    default = os.path.join(root, "staging")
+    for d in (releases, default):
+        os.makedirs(d, exist_ok=True)
+    if os.stat(default).st_dev == os.stat(releases).st_dev:
+        unused, chosen = os.path.join(releases, ".staging"), default
+    else:
+        unused, chosen = default, os.path.join(releases, ".staging")
+        os.makedirs(chosen, exist_ok=True)
+    if os.path.isdir(unused):
+        for d in os.listdir(unused):
+            shutil.rmtree(os.path.join(unused, d), ignore_errors=True)
+    return chosen
+
+
+def _link_index(root, skip):
+    """sha256 -> path of a verified file in some existing release (for hard-linking, not uploading)."""
+    index = {}
+    for rid in _releases(root):
+        if rid == skip:
+            continue
+        folder = os.path.join(root, "releases", rid)
+        for rel, sha in (_read_sums(folder) or {}).items():
+            index.setdefault(sha, os.path.join(folder, rel))
+    return index
+
+
+def op_list(a):
+    """What the store holds: current, previous, every release with its size and last switch time."""
+    root = a["root"]
+    st = _state(root)
+    last = {}
+    for t, rid in _history(root):
+        last[rid] = t
+    st["details"] = [
+        {"id": r, "bytes": _tree_bytes(os.path.join(root, "releases", r)), "last_current": last.get(r)}
+        for r in _by_recency(root, st["releases"])
+    ]
+    return st
+
+
+def op_prepare(a):
+    """Get a staging folder ready for release ``id``; say which files still need uploading.
+
+    Args (JSON): root, id, nonce, files {rel: [sha256, size]}.
+    Returns ``state="present"`` when a verified copy already sits in releases/ (nothing to upload),
+    else ``state="staged"`` with ``staging`` and ``need`` {rel: resume offset}.
+    """
+    root, rid, files = a["root"], a["id"], a["files"]
+    staging_root = _staging_root(root)
+    expected = dict((rel, v[0]) for rel, v in files.items())
+    target = os.path.join(root, "releases", rid)
+    broken = None
+    if os.path.isdir(target):
+        bad = _verify(target, expected)
+        if not bad:
+            out = _state(root)
+            out.update(state="present", free_bytes=_free_bytes(os.path.join(root, "releases")))
+            return out
+        broken = rid  # a damaged copy: re-stage it from scratch, never link from it
+
+    # Only the newest staging folder of this release survives (it is resumed); staging folders of
+    # other releases belong to abandoned deploys (we hold the lock) and only take space.
+    mine = [d for d in os.listdir(staging_root) if d.rsplit(".", 1)[0] == rid and "." in d]
+    mine.sort(key=lambda d: os.path.getmtime(os.path.join(staging_root, d)), reverse=True)
+    for d in os.listdir(staging_root):
+        if not mine or d != mine[0]:
+            shutil.rmtree(os.path.join(staging_root, d), ignore_errors=True)
+    stage = os.path.join(staging_root, mine[0] if mine else "%s.%s" % (rid, a["nonce"]))
+    os.makedirs(stage, exist_ok=True)
+    os.utime(stage)
+
+    # Files we did not ask for (older manifests, stray partials) go.
+    for dirpath, _, names in os.walk(stage):
+        for n in names:
+            rel = os.path.relpath(os.path.join(dirpath, n), stage)
+            if rel not in files:
+                os.remove(os.path.join(dirpath, n))
+
+    index = _link_index(root, broken)
+    need, linked, resumed = {}, 0, 0
+    for rel, (sha, size) in sorted(files.items()):
+        path = os.path.join(stage, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.isfile(path) and not os.path.islink(path):
+            have = os.path.getsize(path)
+            if have == size and _sha256(path) == sha:
+                continue
+            if 0 < have < size:
+                need[rel] = have  # an interrupted upload: continue where it stopped
+                resumed += 1
+                continue
+            os.remove(path)
+        src = index.get(sha)
+        if src is not None and os.path.getsize(src) == size:
+            # Releases are immutable, so an identical file is shared, not copied again.
+            try:
+                os.link(src, path)
+            except OSError:
+                shutil.copy2(src, path)
+            linked += 1
+            continue
+        need[rel] = 0
+    out = _state(root)
+    out.update(state="staged", staging=stage, need=need, linked=linked, resumed=resumed,
+               free_bytes=_free_bytes(os.path.join(root, "releases")))
+    return out
+
+
+def op_finalize(a):
+    """Verify the staged files on the device, move them into releases/, switch, prune.
+
+    Args (JSON): root, id, staging, files {rel: [sha256, size]}, keep.
+    A file whose hash differs is deleted from staging (so the next deploy uploads it again) and
+    the release is refused: ``ok=false`` with ``bad`` naming the files; nothing else changes.
+    """
+    root, rid, stage, files = a["root"], a["id"], a["staging"], a["files"]
+    expected = dict((rel, v[0]) for rel, v in files.items())
+    bad = _verify(stage, expected, sync=True)
+    if bad:
+        for rel in bad:
+            try:
+                os.remove(os.path.join(stage, rel))
+            except OSError:
+                pass
+        out = _state(root)
+        out.update(ok=False, bad=bad)
+        return out
+    with open(os.path.join(stage, SUMS), "w", encoding="utf-8") as fh:
+        for rel in sorted(expected):
+            fh.write("%s  %s\n" % (expected[rel], rel))
+        fh.flush()
+        os.fsync(fh.fileno())
+    target = os.path.join(root, "releases", rid)
+    if os.path.isdir(target):
+        # A damaged copy of the same id (prepare found it bad): move it aside first. If it was
+        # current, ``current`` dangles between the two renames; it pointed at bad bytes anyway.
+        trash = stage + ".damaged"
+        os.rename(target, trash)
+        os.rename(stage, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(stage, target)
+    _fsync_dir(os.path.join(root, "releases"))
+    _switch(root, rid)
+    pruned = _prune(root, int(a["keep"]))
+    out = _state(root)
+    out.update(ok=True, pruned=pruned)
+    return out
+
+
+def op_switch(a):
+    """Make an existing release current (rollback) after re-verifying its files.
+
+    Args (JSON): root, to (a release id or null for the previous one).
+    """
+    root = a["root"]
+    st = _state(root)
+    to = a.get("to") or st["previous"]
+    if to is None:
+        st.update(ok=False, error="no previous release to roll back to")
+        return st
+    if to not in st["releases"]:
+        st.update(ok=False, error="release %s is not on the device" % to)
+        return st
+    folder = os.path.join(root, "releases", to)
+    sums = _read_sums(folder)
+    bad = ["(no %s)" % SUMS] if sums is None else _verify(folder, sums)
+    if bad:
+        st.update(ok=False, error="release %s is damaged (%s); deploy it again" % (to, ", ".join(bad[:3])))
+        return st
+    _switch(root, to)
+    out = _state(root)
+    out.update(ok=True)
+    return out
+
+
+OPS = {"list": op_list, "prepare": op_prepare, "finalize": op_finalize, "switch": op_switch}
+
+
+def main(argv):
+    op, args = argv[1], json.loads(argv[2])
+    sys.stdout.write(json.dumps(OPS[op](args)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
