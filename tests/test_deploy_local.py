@@ -117,8 +117,14 @@ def test_agent_prints_json_document(workspace: Path) -> None:
 
     result = build(load_spec(ROOT / "examples" / "mnist.yaml"), load_target("testdev"), workspace / "b",
                    cache=Cache(workspace / "stages"), log=lambda m: None)
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-I", "-m", "edgeship_agent", "run", "--release", "."],
+    # Shadow our own packages so any import of them from the agent fails loudly: the agent must
+    # need nothing of ours but itself (plus numpy and the runtime).
+    shadow = workspace / "shadow"
+    for pkg in ("pipeline", "calibration"):
+        (shadow / pkg).mkdir(parents=True)
+        (shadow / pkg / "__init__.py").write_text(f"raise ImportError('the agent imported {pkg}')\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{result.release_dir}:{shadow}"}
+    proc = subprocess.run([sys.executable, "-m", "edgeship_agent", "run", "--release", "."],
                           cwd=result.release_dir, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
@@ -138,3 +144,24 @@ def test_bad_spec_exit_code_2(tmp_path: Path, capsys) -> None:
     assert main(["build", "--spec", str(bad), "--target", "local"]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "Traceback" not in err
+
+
+def test_nightly_keeps_history_and_catches_a_regression(workspace: Path) -> None:
+    history = workspace / "history"
+    args = ["nightly", "--spec", str(ROOT / "examples" / "mnist.yaml"), "--target", "testdev",
+            "--out", str(workspace / "nightly"), "--history", str(history)]
+    assert main(args) == 0
+    hist = history / "mnist-cnn" / "testdev.jsonl"
+    first = json.loads(hist.read_text().splitlines()[0])
+    assert first["passed"] is True and first["regressions"] == []
+    # A past good night that was 0.8 pp better than tonight can be: tonight must be flagged, even
+    # though tonight is inside the 1.0 pp budget.
+    better = json.loads(json.dumps(first))
+    for dev in better["devices"]:
+        for row in dev["runs"]:
+            row["accuracy"] = row["accuracy"] + 0.8
+    hist.write_text(json.dumps(better) + "\n")
+    assert main(args) == 3
+    last = json.loads(hist.read_text().splitlines()[-1])
+    assert last["passed"] is False and last["gate"]["passed"] is True
+    assert any("below the last good run" in r for r in last["regressions"])
