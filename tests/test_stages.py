@@ -182,3 +182,36 @@ def test_external_data_inside_folder_is_accepted(tmp_path: Path) -> None:
     assert check_external_data(path) == ["weights.bin"]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"x": np.ones((1, 4), np.float32)})[0], 4.0)
+
+
+@pytest.mark.slow
+def test_dynamic_batch_export(tmp_path: Path, mnist_spec) -> None:
+    """batch: dynamic gives a symbolic batch dim; the same model runs batch 1 and batch 7."""
+    from pipeline.stages.export import export_onnx, run_onnx
+    from pipeline.stages.inputs import load_samples, model_loader
+
+    spec = mnist_spec.model_copy(deep=True)
+    spec.input.batch = "dynamic"
+    calib = load_samples(spec, "calibration")
+    art = export_onnx(spec, model_loader(spec), calib.x, tmp_path)
+    dim0 = onnx.load(str(art.path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value
+    one = run_onnx(art.path, calib.x[:14], 1)
+    seven = run_onnx(art.path, calib.x[:14], 7)
+    np.testing.assert_allclose(one, seven, rtol=1e-4, atol=1e-5)
+
+
+def test_analyze_counts_conv_macs_and_params(tmp_path: Path) -> None:
+    from pipeline.analyze import analyze_onnx
+
+    model = _conv_bn_model(np.random.default_rng(0), True)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    a = analyze_onnx(path)
+    # Conv 3->8, 3x3, output 2x8x8x8: MACs = 2*8*8*8 * (3*3*3)
+    assert a["macs_by_op"]["Conv"] == 2 * 8 * 8 * 8 * 27
+    assert a["params"] == 8 * 3 * 3 * 3 + 8 + 4 * 8
+    assert a["flops"] == 2 * a["macs"]
+    # Peak live activations: at most input + two intermediates; total counts all three outputs.
+    assert a["activation_bytes_total"] == 3 * 2 * 8 * 8 * 8 * 4
+    assert a["activation_bytes_peak"] <= 2 * 3 * 8 * 8 * 4 + 2 * (2 * 8 * 8 * 8 * 4)
