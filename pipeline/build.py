@@ -94,6 +94,11 @@ def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | 
     evals = _timed(events, log, "load evaluation set", lambda: load_samples(spec, "evaluation"),
                    lambda s: f"{len(s.x)} samples sha256:{s.sha256[:12]}")
     check_disjoint(calib, evals, spec)
+    limit = (spec.validation or target.validation).samples
+    if limit and limit < len(evals.x):
+        evals = Samples(evals.x[:limit], None if evals.y is None else evals.y[:limit], evals.ids[:limit],
+                        f"{evals.sha256}[:{limit}]")
+        log(f"{'evaluation subset':<24} first {limit} samples (validation.samples of {target.name})")
     if spec.evaluation.metric == "top1" and evals.y is None:
         raise SpecError(f"{spec.source_path}: field 'evaluation.metric': top1 needs labels, the evaluation "
                         "set has none; add labels or use metric: fidelity")

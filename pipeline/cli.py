@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from pipeline import __version__
-from pipeline.errors import AccuracyRegression, EdgeshipError
+from pipeline.errors import AccuracyRegression, DeviceError, EdgeshipError
 
 app = typer.Typer(help="edgeship: PyTorch -> ONNX -> edge artifacts, calibrated INT8, deployed and measured.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -78,7 +78,13 @@ def _finish(results: dict[str, Any], json_out: Optional[Path], out_dir: Path) ->
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    print_report(results, out_console)
+    if any(d.get("runs") for d in results["devices"]):
+        print_report(results, out_console)
+    errors = [f"{d['device']}: {d['error']}" if not str(d["error"]).startswith(d["device"]) else str(d["error"])
+              for d in results["devices"] if d.get("error")]
+    if errors:
+        # The device could not be measured (connection, host key, disk, ...): not a gate verdict.
+        raise DeviceError("; ".join(errors[:3]) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""))
     if not results["gate"]["passed"]:
         raise AccuracyRegression("; ".join(results["gate"]["reasons"][:3]) or "gate failed")
 
@@ -184,12 +190,6 @@ def targets_schema(spec: bool = typer.Option(False, "--spec", help="the pipeline
 
 def _mount_optional() -> None:
     """Sub-apps from pipeline.sim and pipeline.transport (typer apps; light imports)."""
-    import importlib.util
-
-    # While these packages are being written they may be absent from a checkout; the commands
-    # then simply do not exist (nothing is swallowed: an import error inside them still raises).
-    if importlib.util.find_spec("pipeline.sim.cli") is None or importlib.util.find_spec("pipeline.transport.cli") is None:
-        return
     from pipeline.sim.cli import app as sim_app
     from pipeline.transport.cli import devices_app, rollback
 

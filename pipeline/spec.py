@@ -142,6 +142,8 @@ class AccuracySpec(_Strict):
 class ValidationSpec(_Strict):
     warmup: int = Field(10, ge=0)
     runs: int = Field(100, ge=1)
+    samples: int | None = Field(None, gt=0, description="evaluate on the first N evaluation samples only "
+                                                         "(slow or emulated devices); the fp32 reference uses the same N")
 
 
 class PipelineSpec(_Strict):
