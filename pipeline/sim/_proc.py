@@ -63,6 +63,12 @@ def run(
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
         raise SimError(f"{label} timed out after {timeout:.0f}s: {last_line(out)}") from None
+    except BaseException:
+        # Ctrl-C / SIGTERM (the CLI maps it to KeyboardInterrupt): the child runs in its own
+        # session and would not see the signal, so take its whole tree down with us.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        raise
     result = subprocess.CompletedProcess(list(cmd), proc.returncode, out, "")
     if check and proc.returncode != 0:
         raise SimError(f"{label} failed (exit {proc.returncode}): {last_line(out)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 from typing import Annotated
 
@@ -30,6 +31,10 @@ def parse_size_mb(text: str) -> int:
     return value * 1024 if match.group(2).lower() == "g" else value
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _fail(err: Exception) -> typer.Exit:
     typer.echo(f"error: {err}", err=True)
     return typer.Exit(code=getattr(err, "exit_code", 1))
@@ -49,6 +54,9 @@ def up(
     from pipeline.errors import EdgeshipError
 
     quota = parse_size_mb(releases_size) if releases_size else None
+    # SIGTERM (CI timeouts, `kill`) must unwind like Ctrl-C so a half build is cleaned up and
+    # its debootstrap/pip children are killed, instead of the process just vanishing.
+    signal.signal(signal.SIGTERM, _interrupt)
     for name in names:
         started = time.monotonic()
         try:

@@ -128,11 +128,19 @@ def up(name: str, install_deps: bool = False, rebuild: bool = False,
         if rebuild or not rootfs.is_current(spec):
             _down_locked(spec)
             rootfs.build(spec)
-        sshd.configure(root)
-        rootfs.mount_api_fs(root)
-        if releases_mb is not None:
-            _apply_quota(root, releases_mb)
-        sshd.start(spec, root)
+        was_up = sshd.running_pid(root) is not None
+        if was_up:
+            sshd.thaw(root)  # `up` promises a usable device, even after an unpaired freeze()
+        try:
+            sshd.configure(root)
+            rootfs.mount_api_fs(root)
+            if releases_mb is not None:
+                _apply_quota(root, releases_mb)
+            sshd.start(spec, root)
+        except BaseException:
+            if not was_up:
+                _down_locked(spec)  # leave no mounts behind from a start that failed
+            raise
         info = _info(spec)
         device_file(name).write_text(json.dumps(info.to_dict(), indent=2) + "\n")
         return info

@@ -102,7 +102,8 @@ def ensure_binfmt(spec: SimSpec) -> None:
         run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)], timeout=30,
             what="mount binfmt_misc")
     entry = BINFMT_DIR / spec.qemu
-    if not entry.exists() or "enabled" not in entry.read_text():
+    # The entry's first line is "enabled" or "disabled" (so no substring test).
+    if not entry.exists() or entry.read_text().splitlines()[:1] != ["enabled"]:
         run(["update-binfmts", "--enable", spec.qemu], timeout=60, what="update-binfmts")
     if not entry.exists():
         raise SimPrerequisiteError(

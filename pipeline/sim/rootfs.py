@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from pipeline.sim import host
-from pipeline.sim._proc import CHROOT_ENV, mounts_under, run, unmount_all
+from pipeline.sim._proc import CHROOT_ENV, kill_root, mounts_under, run, unmount_all
 from pipeline.sim.config import (
     DEBIAN_SUITE,
     DEBOOTSTRAP_INCLUDE,
@@ -67,6 +67,7 @@ def safe_remove(path: Path) -> None:
     """
     if not path.exists():
         return
+    kill_root(path)  # e.g. a pip left running in a build's chroot by a killed edgeship
     unmount_all(path)
     if mounts_under(path):
         raise SimError(f"refusing to delete {path}: something below it is still mounted")

@@ -135,3 +135,26 @@ def test_run_is_bounded():
 
 def test_mountinfo_unescape():
     assert _unescape(r"/a\040b\011c") == "/a b\tc"
+
+
+def test_binfmt_disabled_entry_gets_enabled_and_needs_fix_binary_flag(tmp_path, monkeypatch):
+    (tmp_path / "register").write_text("")
+    entry = tmp_path / "qemu-aarch64"
+    entry.write_text("disabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: P\n")
+    calls: list[list[str]] = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(list(cmd))
+        entry.write_text(entry.read_text().replace("disabled", "enabled"))
+
+    monkeypatch.setattr(host, "BINFMT_DIR", tmp_path)
+    monkeypatch.setattr(host, "run", fake_run)
+    monkeypatch.setattr(host, "host_debian_arch", lambda: "amd64")
+    with pytest.raises(SimPrerequisiteError, match="F flag"):
+        host.ensure_binfmt(SPECS["sim-arm64"])
+    assert calls == [["update-binfmts", "--enable", "qemu-aarch64"]]
+    entry.write_text("enabled\nflags: PF\n")
+    calls.clear()
+    host.ensure_binfmt(SPECS["sim-arm64"])
+    host.ensure_binfmt(SPECS["sim-x86"])  # native: nothing to do
+    assert calls == []
