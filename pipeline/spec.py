@@ -437,18 +437,19 @@ def load_target(name_or_path: str) -> TargetSpec:
     return target
 
 
-def target_schema() -> dict[str, Any]:
-    """JSON Schema for target files (for editors: yaml-language-server's $schema)."""
-    schema = TargetSpec.model_json_schema()
+def _schema(model: type[BaseModel], title: str) -> dict[str, Any]:
+    schema = model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "edgeship target"
+    schema["title"] = title
     schema.get("properties", {}).pop("source_path", None)
     return schema
+
+
+def target_schema() -> dict[str, Any]:
+    """JSON Schema for target files (for editors: yaml-language-server's $schema)."""
+    return _schema(TargetSpec, "edgeship target")
 
 
 def spec_schema() -> dict[str, Any]:
-    schema = PipelineSpec.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "edgeship pipeline spec"
-    schema.get("properties", {}).pop("source_path", None)
-    return schema
+    """JSON Schema for pipeline specs."""
+    return _schema(PipelineSpec, "edgeship pipeline spec")

@@ -75,13 +75,20 @@ def run_runner(runner_name: str, workdir: Any, config: dict[str, Any], x: np.nda
     runner = load_runner_module(runner_name).Runner(workdir, config, threads)
     runner.activate()
     try:
-        outs = []
-        for i in range(0, len(x), batch):
-            chunk = x[i:i + batch]
-            real = len(chunk)
-            if real < batch:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
-            outs.append(np.asarray(runner.infer(chunk), dtype=np.float32).reshape(batch, -1)[:real])
+        return run_batched(runner.infer, x, batch)
     finally:
         runner.deactivate()
+
+
+def run_batched(infer: Any, x: np.ndarray, batch: int) -> np.ndarray:
+    """``infer`` over ``x`` in chunks of a static ``batch``; the last chunk is padded with its last
+    sample and the padding dropped from the outputs. Returns (N, -1) float32."""
+    outs = []
+    for i in range(0, len(x), batch):
+        chunk = x[i:i + batch]
+        real = len(chunk)
+        if real < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
+        outs.append(np.asarray(infer(np.ascontiguousarray(chunk, dtype=np.float32)), dtype=np.float32)
+                    .reshape(batch, -1)[:real])
     return np.concatenate(outs)

@@ -61,14 +61,14 @@ def run_onnx(path: Path, x: np.ndarray, batch: int, input_name: str | None = Non
     opts.intra_op_num_threads = 2
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = input_name or sess.get_inputs()[0].name
-    outs = []
-    for i in range(0, len(x), batch):
-        chunk = x[i:i + batch]
-        real = len(chunk)
-        if real < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
-        outs.append(sess.run(None, {name: np.ascontiguousarray(chunk, dtype=np.float32)})[0][:real])
-    return np.concatenate(outs).astype(np.float32)
+    from pipeline.backends.checks import run_batched
+
+    out = run_batched(lambda chunk: sess.run(None, {name: chunk})[0], x, batch)
+    return out.reshape(len(x), *sess.get_outputs()[0].shape[1:]) if _static(sess) else out
+
+
+def _static(sess: Any) -> bool:
+    return all(isinstance(d, int) for d in sess.get_outputs()[0].shape[1:])
 
 
 def check_against_torch(model: Any, onnx_path: Path, x: np.ndarray, input_name: str, batch: int) -> dict[str, Any]:
