@@ -51,6 +51,18 @@ def check_probe(target: TargetSpec, probe: dict[str, Any], name: str, host: Host
     if not python_satisfies(py, target.runtime.python):
         raise DeviceError(f"target {target.name} needs python {target.runtime.python} but {_where(name, host)} "
                           f"has {py}; install a newer python on the device")
+    want_l4t = target.hardware.l4t
+    if want_l4t:
+        jet = probe.get("jetson") or {}
+        have_l4t = str(jet.get("l4t") or "")
+        # "36" accepts any r36.x, "36.4" any 36.4.y: the target names as much as it cares about.
+        if have_l4t.split(".")[:len(want_l4t.split("."))] != want_l4t.split("."):
+            raise DeviceError(f"target {target.name} expects L4T {want_l4t} but {_where(name, host)} has "
+                              f"{'L4T ' + have_l4t if have_l4t else 'no L4T (not a Jetson)'}; flash the matching JetPack "
+                              "or pick the target for this board")
+        if any(b.backend == "tensorrt" for b in target.builds) and not jet.get("tensorrt"):
+            raise DeviceError(f"target {target.name} builds TensorRT engines but {_where(name, host)} has no "
+                              "tensorrt python module; install JetPack's python3-libnvinfer")
     wanted = target.runtime.packages
     if not wanted:
         return

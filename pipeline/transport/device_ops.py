@@ -241,7 +241,11 @@ def op_prepare(a):
             out = _state(root)
             out.update(state="present", free_bytes=_free_bytes(os.path.join(root, "releases")))
             return out
-        broken = rid  # a damaged copy: re-stage it from scratch, never link from it
+        # Same id, other bytes. A copy that fails its own verified list is damaged: never link
+        # from it. One that passes is intact (e.g. repackaged): its unchanged files are reused.
+        own = _read_sums(target)
+        if own is None or _verify(target, own):
+            broken = rid
 
     # Only the newest staging folder of this release survives (it is resumed); staging folders of
     # other releases belong to abandoned deploys (we hold the lock) and only take space.

@@ -158,7 +158,9 @@ class SshExecutor:
                               "(and not frozen)?") from None
         except paramiko.SSHException as exc:
             conn.close()
-            if "banner" in str(exc) or "Timeout" in str(exc):
+            # paramiko's start_client returns silently when ``timeout`` passes mid-handshake; the
+            # next step then says "No existing session". Both mean: no SSH answer in time.
+            if any(m in str(exc) for m in ("banner", "Timeout", "No existing session")):
                 raise DeviceError(f"{self.name}: no SSH answer within {ts.connect_timeout_s:g} s ({exc}); is the "
                                   "device up (and not frozen)?") from None
             raise DeviceError(f"{self.name}: SSH connection failed: {exc}; check the device and the network") from None

@@ -128,3 +128,41 @@ def test_check_names_the_mismatch_and_the_fix(local_target: TargetSpec) -> None:
         with pytest.raises(DeviceError, match=r"numpy 2.0.0 \(want 0.0.1\); surely-not-installed-pkg missing.*"
                                               r"edgeship devices provision local"):
             t.check(pinned, fake)
+
+
+def test_check_jetson_l4t_and_tensorrt(local_target: TargetSpec) -> None:
+    from pipeline.spec import load_target
+
+    orin = load_target("jetson-orin-nano")
+    probe = {"arch": "aarch64", "python": "3.10.12", "runtime_python_ok": True,
+             "packages": dict(orin.runtime.packages), "jetson": {"l4t": "36.3.0", "tensorrt": "10.3.0"}}
+    with open_transport(local_target) as t:
+        with pytest.raises(DeviceError, match=r"expects L4T 36.4 but local .* has L4T 36.3.0; flash"):
+            t.check(orin, probe)
+        t.check(orin, dict(probe, jetson={"l4t": "36.4.0", "tensorrt": "10.3.0"}))
+        with pytest.raises(DeviceError, match="no tensorrt python module"):
+            t.check(orin, dict(probe, jetson={"l4t": "36.4.3", "tensorrt": None}))
+        with pytest.raises(DeviceError, match=r"has no L4T \(not a Jetson\)"):
+            t.check(orin, dict(probe, jetson=None))
+        with pytest.raises(DeviceError, match=r"needs python >=3.10 but local .* has 3.9.2"):
+            t.check(orin, dict(probe, python="3.9.2", jetson={"l4t": "36.4.0", "tensorrt": "10.3.0"}))
+
+
+def test_redeploy_repairs_a_damaged_release(local_target: TargetSpec, tmp_path: Path) -> None:
+    rel = make_release(tmp_path / "A", "A", 100_000)
+    root = Path(local_target.transport.root)
+    with open_transport(local_target) as t:
+        t.deploy(rel, "A")
+        blob = root / "releases" / "A" / "data" / "blob.bin"
+        blob.write_bytes(b"bit rot")  # the device's copy went bad at rest
+        fixed = t.deploy(rel, "A")
+        assert fixed["changed"] and fixed["bytes_moved"] == fixed["release_bytes"]  # nothing trusted from it
+        assert blob.read_bytes() == (rel / "data" / "blob.bin").read_bytes()
+        assert t.current() == "A"
+
+        # Same id, intact but repackaged (manifest bytes differ): only the manifest travels.
+        manifest = json.loads((rel / "manifest.json").read_text())
+        manifest["note"] = "repackaged"
+        (rel / "manifest.json").write_text(json.dumps(manifest))
+        again = t.deploy(rel, "A")
+        assert again["uploaded_files"] == 1 and again["bytes_moved"] == (rel / "manifest.json").stat().st_size
