@@ -1,6 +1,6 @@
 # edgeship toolchain image: the `edgeship` CLI with every converter and runtime it drives
 # (torch CPU, onnx/onnxruntime, litert-torch, pnnx/ncnn, fabric), pinned by constraints.txt and
-# installed the way the Makefile installs it: a venv + pip install -c constraints.txt -e ".[all,dev]".
+# installed the way the Makefile installs it: a venv, pip>=24, pip install -c constraints.txt -e ".[all,dev]".
 #
 #   docker build -t edgeship .                    # where python:3.11-slim-bookworm can be pulled
 #   docker build -t edgeship --build-arg BASE_IMAGE="$(docker/make-base-image.sh)" .   # offline
@@ -29,6 +29,7 @@ COPY docker/stub-project.py /tmp/stub-project.py
 COPY constraints.txt pyproject.toml ./
 RUN python3 /tmp/stub-project.py \
  && python3 -m venv .venv \
+ && .venv/bin/pip install --upgrade "pip>=24" \
  && .venv/bin/pip install -c constraints.txt -e ".[${EXTRAS}]" \
  && .venv/bin/pip check \
  && .venv/bin/python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

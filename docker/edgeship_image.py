@@ -203,8 +203,11 @@ def _version() -> str:
 
 def build_image(client=None, tags: Iterable[str] = (), reuse: bool = True,
                 log: Callable[[str], None] = print, stream: Callable[[str], None] | None = None,
-                ) -> tuple[str, dict]:
+                nocache: bool = False) -> tuple[str, dict]:
     """Build (or reuse) the image; returns (content tag, info).
+
+    reuse=False builds even if the content tag exists; nocache=True also ignores the layer
+    cache (a cold build, for timing).
 
     info: base, hash, reused (bool), seconds, size_bytes, log (path of the build log).
     """
@@ -237,7 +240,7 @@ def build_image(client=None, tags: Iterable[str] = (), reuse: bool = True,
         error = None
         with open(log_path, "w") as fh:
             for chunk in client.api.build(
-                path=str(REPO), tag=tag, rm=True, forcerm=True, decode=True, pull=False,
+                path=str(REPO), tag=tag, rm=True, forcerm=True, decode=True, pull=False, nocache=nocache,
                 buildargs={**buildargs, "VERSION": _version(), "REVISION": _git_revision()},
             ):
                 text = chunk.get("stream") or chunk.get("status") or ""
@@ -290,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tag", action="append", default=[], help="extra tag(s), e.g. edgeship:dev")
     ap.add_argument("--no-reuse", action="store_true", help="build even if the tag exists")
+    ap.add_argument("--no-cache", action="store_true", help="ignore the layer cache (cold build)")
     ap.add_argument("--stage-wheels", action="store_true", help="only stage local wheels")
     ap.add_argument("-q", "--quiet", action="store_true", help="do not stream the build log")
     args = ap.parse_args(argv)
@@ -301,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         stage_wheels(log)
         return 0
     try:
-        tag, info = build_image(tags=args.tag, reuse=not args.no_reuse, log=log,
+        tag, info = build_image(tags=args.tag, reuse=not (args.no_reuse or args.no_cache),
+                                nocache=args.no_cache, log=log,
                                 stream=None if args.quiet else sys.stderr.write)
     except ImageBuildError as exc:
         log(str(exc))
