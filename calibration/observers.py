@@ -136,23 +136,36 @@ def mse_threshold(h: np.ndarray, width: float, levels: int) -> float:
     return float(t[int(np.argmin(err))])
 
 
-def _mse_range_signed(t: TensorStats, levels: int = UINT8_MAX, grid: int = 64) -> tuple[float, float]:
-    """Asymmetric MSE range for a mixed-sign tensor: grid search over (lo, hi) clip pairs."""
-    c = t.hist.astype(np.float64)
+def _mse_range_signed(t: TensorStats, levels: int = UINT8_MAX, grid: int = 128) -> tuple[float, float]:
+    """Asymmetric MSE range for a mixed-sign tensor: grid search over (lo, hi) clip pairs.
+
+    Candidates are histogram bin edges; clipping errors below lo and above hi come from prefix
+    and suffix sums of c, c*x, c*x^2, so the grid costs O(grid^2), not O(grid^2 * bins).
+    """
+    c = t.nonzero_hist().astype(np.float64)
     x = t.centers()
-    los = np.linspace(t.min, 0.0, grid, endpoint=False)
-    his = np.linspace(t.max, 0.0, grid, endpoint=False)
-    best, best_err = (t.min, t.max), np.inf
-    for lo in los:
-        step = (his - lo) / levels  # one scale per hi candidate
-        below = np.where(x < lo, (x - lo) ** 2, 0.0)
-        above = np.clip(x[None, :] - his[:, None], 0.0, None) ** 2
-        inside = ((x[None, :] >= lo) & (x[None, :] <= his[:, None])) * (step[:, None] ** 2 / 12.0)
-        err = (c[None, :] * (below[None, :] + above + inside)).sum(axis=1)
-        j = int(np.argmin(err))
-        if err[j] < best_err:
-            best_err, best = err[j], (float(lo), float(his[j]))
-    return best
+    nb = c.shape[0]
+    edges = np.linspace(-t.absmax, t.absmax, nb + 1)
+    zero = np.zeros(1)
+    p0 = np.concatenate([zero, np.cumsum(c)])
+    p1 = np.concatenate([zero, np.cumsum(c * x)])
+    p2 = np.concatenate([zero, np.cumsum(c * x * x)])
+    # candidate edge indices: lo edges in [first used bin, zero], hi edges in [zero, last used]
+    used = np.flatnonzero(t.hist)
+    first, last, mid = int(used[0]), int(used[-1]) + 1, nb // 2
+    lo_idx = np.unique(np.linspace(first, mid, grid).astype(np.int64))
+    hi_idx = np.unique(np.linspace(mid, last, grid).astype(np.int64))
+    lo_v, hi_v = edges[lo_idx], edges[hi_idx]
+    # below lo: sum c (x - lo)^2 over bins < lo_idx
+    below = p2[lo_idx] - 2 * lo_v * p1[lo_idx] + lo_v**2 * p0[lo_idx]
+    # above hi: sum c (x - hi)^2 over bins >= hi_idx
+    a0, a1, a2 = p0[-1] - p0[hi_idx], p1[-1] - p1[hi_idx], p2[-1] - p2[hi_idx]
+    above = a2 - 2 * hi_v * a1 + hi_v**2 * a0
+    inside = p0[hi_idx][None, :] - p0[lo_idx][:, None]
+    step = (hi_v[None, :] - lo_v[:, None]) / levels
+    err = below[:, None] + above[None, :] + inside * step**2 / 12.0
+    i, j = np.unravel_index(int(np.argmin(err)), err.shape)
+    return float(min(lo_v[i], 0.0)), float(max(hi_v[j], 0.0))
 
 
 def observe(

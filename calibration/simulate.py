@@ -4,10 +4,13 @@ Layer sensitivity needs the model evaluated with many different sets of quantize
 Writing and loading one QDQ model per set would cost a quantizer run and a session each, so we
 build one float model in which every weighted layer L has
 
-* its weight replaced by ``W + g_L * (fq(W) - W)`` (fq: per-channel quantize-dequantize), and
-* its activation input replaced by ``x + g_L * (DQ(Q(x)) - x)``,
+* its output computed as ``op(x', W) + g_L * op(x', fq(W) - W)`` (fq: per-channel
+  quantize-dequantize; the op is linear in its weight, so this is ``op(x', fq(W))`` when
+  g_L = 1), and
+* its activation input replaced by ``x' = x + g_L * (DQ(Q(x)) - x)``,
 
-with ``g_L`` a scalar graph input. Feeding g_L = 1 quantizes L, g_L = 0 leaves it in float.
+with ``g_L`` a scalar graph input. Both weights stay constants: onnxruntime pre-packs constant
+conv weights, and a weight computed at run time (``W + g * delta``) made the model ~15x slower. Feeding g_L = 1 quantizes L, g_L = 0 leaves it in float.
 The numbers match a QDQ model up to int32 accumulation rounding; the real writer confirms the
 final choice.
 """
@@ -77,7 +80,8 @@ def build_gated_model(
     g = m.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     by_name = {n.name: n for n in g.node}
-    new_nodes: dict[str, list[onnx.NodeProto]] = {}  # inserted before the named node
+    # nodes inserted (before, after) the named node
+    new_nodes: dict[str, tuple[list[onnx.NodeProto], list[onnx.NodeProto]]] = {}
     gate_names: list[str] = []
     for i, layer in enumerate(layers):
         gate = f"__edgeship_gate_{i}"
@@ -86,6 +90,7 @@ def build_gated_model(
         node = by_name[layer.node]
         pre: list[onnx.NodeProto] = []
         wq = weights.get(layer.weight)
+        post: list[onnx.NodeProto] = []
         if wq is not None:
             w = inits[layer.weight].astype(np.float32)
             shape = [1] * w.ndim
@@ -94,11 +99,19 @@ def build_gated_model(
             delta = (np.clip(np.round(w / s), -128, 127) * s - w).astype(np.float32)
             dname = f"{layer.weight}__edgeship_dq_delta_{i}"
             g.initializer.append(numpy_helper.from_array(delta, dname))
-            pre += [
-                helper.make_node("Mul", [dname, gate], [f"{dname}_g"]),
-                helper.make_node("Add", [layer.weight, f"{dname}_g"], [f"{dname}_w"]),
+            y = node.output[0]
+            twin = onnx.NodeProto()
+            twin.CopyFrom(node)
+            twin.name = f"{node.name}__edgeship_delta"
+            del twin.input[2:]  # no bias: the bias is added once, by the main node
+            twin.input[1] = dname
+            twin.output[0] = f"{y}__edgeship_delta"
+            node.output[0] = f"{y}__edgeship_main"
+            post = [
+                twin,
+                helper.make_node("Mul", [twin.output[0], gate], [f"{y}__edgeship_delta_g"]),
+                helper.make_node("Add", [node.output[0], f"{y}__edgeship_delta_g"], [y]),
             ]
-            node.input[1] = f"{dname}_w"
         for x in layer.inputs:
             q = acts.get(x)
             if q is None:
@@ -116,14 +129,17 @@ def build_gated_model(
                 helper.make_node("Mul", [f"{base}_e", gate], [f"{base}_eg"]),
                 helper.make_node("Add", [x, f"{base}_eg"], [f"{base}_x"]),
             ]
-            for k, name in enumerate(node.input):
-                if name == x:
-                    node.input[k] = f"{base}_x"
-        new_nodes[layer.node] = pre
+            for node_ in (node, *post[:1]):  # the main node and its weight-delta twin
+                for k, name in enumerate(node_.input):
+                    if name == x:
+                        node_.input[k] = f"{base}_x"
+        new_nodes[layer.node] = (pre, post)
     ordered: list[onnx.NodeProto] = []
     for n in g.node:
-        ordered.extend(new_nodes.get(n.name, []))
+        before, after = new_nodes.get(n.name, ([], []))
+        ordered.extend(before)
         ordered.append(n)
+        ordered.extend(after)
     del g.node[:]
     g.node.extend(ordered)
     session = make_session(m.SerializeToString(), threads=threads)

@@ -85,6 +85,7 @@ def write_qdq(
     per_channel: bool,
     nodes_to_exclude: Iterable[str] = (),
     verify: bool = True,
+    quantize_bias: bool = True,
 ) -> QdqResult:
     """Write a QDQ model whose scales are exactly ``acts`` and ``weights``.
 
@@ -98,6 +99,8 @@ def write_qdq(
         per_channel: weights per output channel.
         nodes_to_exclude: nodes left in float (fallback).
         verify: read the output back and compare its scales with the requested ones.
+        quantize_bias: int32 bias (ONNX Runtime); False keeps float bias (TensorRT's explicit
+            quantization wants float bias and fuses it itself).
 
     Returns:
         The written parameters and any mismatch.
@@ -134,6 +137,7 @@ def write_qdq(
                     "WeightSymmetric": True,
                     "TensorQuantOverrides": build_overrides(acts, weights),
                     "QDQDisableWeightAdjustForInt32Bias": True,
+                    "QuantizeBias": quantize_bias,
                 },
             )
         except (ValueError, RuntimeError, KeyError) as exc:
