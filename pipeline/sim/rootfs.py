@@ -152,6 +152,13 @@ def _install_runtime(tmp: Path) -> None:
             *RUNTIME_PINS, timeout=PIP_TIMEOUT, what="pip install runtimes", env=env)
 
 
+def _keep_host_keys(old: Path, new: Path) -> None:
+    """Carry the previous rootfs's sshd host keys over, so a rebuild does not force re-trust."""
+    old_keys = sorted(inside(old, "/etc/ssh").glob("ssh_host_*_key*")) if old.exists() else []
+    for key in old_keys:
+        shutil.copy2(key, inside(new, f"/etc/ssh/{key.name}"))
+
+
 def build(spec: SimSpec) -> Path:
     """Build ``spec``'s rootfs from scratch and atomically put it in place. Caller holds the lock.
 
@@ -177,6 +184,7 @@ def build(spec: SimSpec) -> Path:
         _install_runtime(tmp)
         _chroot(tmp, "ssh-keygen", "-A", timeout=300, what="ssh-keygen -A")
         inside(tmp, DEVICE_RELEASES).mkdir(parents=True, exist_ok=True)
+        _keep_host_keys(rootfs_path(spec.name), tmp)
         unmount_all(tmp)
         stamp = {
             "name": spec.name,

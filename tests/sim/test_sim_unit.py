@@ -158,3 +158,17 @@ def test_binfmt_disabled_entry_gets_enabled_and_needs_fix_binary_flag(tmp_path, 
     host.ensure_binfmt(SPECS["sim-arm64"])
     host.ensure_binfmt(SPECS["sim-x86"])  # native: nothing to do
     assert calls == []
+
+
+def test_rebuild_keeps_host_keys(tmp_path):
+    from pipeline.sim.rootfs import _keep_host_keys
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root, text in ((old, "old"), (new, "new")):
+        (root / "etc/ssh").mkdir(parents=True)
+        (root / "etc/ssh/ssh_host_ed25519_key").write_text(text)
+        (root / "etc/ssh/ssh_host_ed25519_key.pub").write_text(text + ".pub")
+    _keep_host_keys(old, new)
+    assert (new / "etc/ssh/ssh_host_ed25519_key").read_text() == "old"
+    assert (new / "etc/ssh/ssh_host_ed25519_key.pub").read_text() == "old.pub"
+    _keep_host_keys(tmp_path / "absent", new)  # first build: nothing to carry over
