@@ -49,13 +49,16 @@ def _prepare(model_fp32: Path, work: Path) -> tuple[Path, Any]:
 
 
 def _write(src: Path, out: Path, plan: QuantPlan, cfg: CalibrationConfig, exclude: list[str]) -> Path:
+    from calibration.graph import load_model
+    from calibration.plan import float_tensors_for
     from calibration.writers.qdq import write_qdq
 
+    drop = float_tensors_for(load_model(src), exclude) if exclude else set()
     res = write_qdq(
         src,
         out,
-        plan.ranges,
-        plan.acts,
+        {k: v for k, v in plan.ranges.items() if k not in drop},
+        {k: v for k, v in plan.acts.items() if k not in drop},
         plan.weights,
         symmetric=plan.symmetric,
         per_channel=cfg.per_channel,

@@ -98,3 +98,33 @@ def make_plan(
             input_scale=float(in_q.scale) if in_q is not None else None,
         )
     return QuantPlan(method, symmetric, ranges, acts, weights, layers)
+
+
+def float_tensors_for(model: Any, float_nodes: list[str]) -> set[str]:
+    """Activation tensors to leave unquantized so that ``float_nodes`` really see float input.
+
+    ORT quantizes a tensor wherever it has a range, including at the output of the producing
+    node; excluding only the consumer would still feed it dequantized int8. So for each float
+    node we drop its input tensor when every consumer of that tensor is a float node, then walk
+    back through single-consumer ReLU/Clip and data-movement ops (which ORT would fold into, or
+    share parameters with, the producer's output quantization).
+    """
+    nodes = set(float_nodes)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    passthrough = ("Relu", "Clip", *SHARE_INPUT_PARAMS)
+    dropped: set[str] = set()
+    for n in model.graph.node:
+        if n.name not in nodes or not n.input:
+            continue
+        x = n.input[0]
+        while x and all(c.name in nodes or c.output[0] in dropped for c in consumers.get(x, [])):
+            dropped.add(x)
+            p = producer.get(x)
+            if p is None or p.op_type not in passthrough or len(consumers.get(p.input[0], [])) != 1:
+                break
+            x = p.input[0]
+    return dropped
