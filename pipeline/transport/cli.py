@@ -103,7 +103,11 @@ def trust_cmd(target_name: Annotated[str, typer.Argument(metavar="TARGET")], hos
     target = load_target(target_name)
     if target.transport.kind != "ssh":
         raise DeviceError(f"target {target.name} is not reached over SSH; nothing to trust")
-    for h in _hosts(target, host) or target.transport.hosts:
+    hosts = _hosts(target, host) or target.transport.hosts
+    if fingerprint is not None and len(hosts) > 1:
+        raise DeviceError(f"target {target.name} has {len(hosts)} hosts and each has its own key; "
+                          "give --host with --fingerprint")
+    for h in hosts:
         confirmed = yes
         if fingerprint is None and not yes:
             key = hostkeys.fetch_host_key(h, target.transport.connect_timeout_s)

@@ -41,18 +41,33 @@ def test_deploy_probe_check_and_agent(ssh_target: Callable[..., TargetSpec], tmp
         assert sums.returncode == 0
 
 
-def test_fleet_helper_runs_per_host(ssh_target: Callable[..., TargetSpec]) -> None:
+def test_fleet_helper_runs_per_host_bounded(ssh_target: Callable[..., TargetSpec]) -> None:
     target = ssh_target()
+    ghost = target.transport.hosts[0].model_copy(update={"name": "ghost", "port": 1})  # nothing listens
+    target.transport.hosts.append(ghost)
 
     def probe(host):  # type: ignore[no-untyped-def]
         with open_transport(target, host) as t:
             return t.probe()["arch"]
 
-    assert for_each_host(target, probe) == {"testdev": target.arch}
-    broken = target.model_copy(deep=True)
-    broken.transport.hosts[0].port = 1  # nothing listens there
-    [(name, err)] = for_each_host(broken, probe).items()
-    assert name == "testdev" and isinstance(err, DeviceError) and "connection refused" in str(err)
+    out = for_each_host(target, probe)
+    assert out["testdev"] == target.arch  # one dead device does not stop the others
+    assert isinstance(out["ghost"], DeviceError) and "connection refused" in str(out["ghost"])
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def busy(host):  # type: ignore[no-untyped-def]
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return host.name
+
+    target.transport.hosts += [ghost.model_copy(update={"name": f"h{i}"}) for i in range(4)]
+    target.transport.parallel = 2
+    assert len(for_each_host(target, busy)) == 6 and peak[0] == 2
 
 
 def test_upload_killed_mid_transfer_keeps_current_and_resumes(ssh_target: Callable[..., TargetSpec],
