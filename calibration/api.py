@@ -57,13 +57,14 @@ def _write(src: Path, out: Path, plan: QuantPlan, cfg: CalibrationConfig, exclud
     res = write_qdq(
         src,
         out,
-        {k: v for k, v in plan.ranges.items() if k not in drop},
-        {k: v for k, v in plan.acts.items() if k not in drop},
+        plan.ranges,
+        plan.acts,
         plan.weights,
         symmetric=plan.symmetric,
         per_channel=cfg.per_channel,
         nodes_to_exclude=exclude,
         quantize_bias=cfg.target != "tensorrt",
+        float_tensors=drop,
     )
     return res.path
 

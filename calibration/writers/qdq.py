@@ -86,6 +86,7 @@ def write_qdq(
     nodes_to_exclude: Iterable[str] = (),
     verify: bool = True,
     quantize_bias: bool = True,
+    float_tensors: Iterable[str] = (),
 ) -> QdqResult:
     """Write a QDQ model whose scales are exactly ``acts`` and ``weights``.
 
@@ -101,6 +102,10 @@ def write_qdq(
         verify: read the output back and compare its scales with the requested ones.
         quantize_bias: int32 bias (ONNX Runtime); False keeps float bias (TensorRT's explicit
             quantization wants float bias and fuses it itself).
+        float_tensors: activations to leave in float (the inputs of fallback layers). ORT
+            insists on quantizing every output of a quantized node, so their Q/DQ pairs are
+            removed after writing; ReLU/Clip are then kept as nodes (ORT would otherwise fold
+            them into the very Q we remove).
 
     Returns:
         The written parameters and any mismatch.
@@ -114,6 +119,7 @@ def write_qdq(
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    floats = set(float_tensors)
     with tempfile.TemporaryDirectory(prefix="edgeship-qdq-") as tmp:
         cache = Path(tmp) / "ranges.json"
         data = {
@@ -138,15 +144,48 @@ def write_qdq(
                     "TensorQuantOverrides": build_overrides(acts, weights),
                     "QDQDisableWeightAdjustForInt32Bias": True,
                     "QuantizeBias": quantize_bias,
+                    "QDQKeepRemovableActivations": bool(floats),
                 },
             )
         except (ValueError, RuntimeError, KeyError) as exc:
             raise CalibrationError(f"onnxruntime quantize_static failed on {str(model_path)!r}: {exc}") from exc
+    if floats:
+        strip_qdq(output, floats)
     result = QdqResult(output)
     result.activations, result.weights = read_qdq_params(output)
     if verify:
         result.mismatches = _compare(result, acts, weights)
     return result
+
+
+def strip_qdq(path: Path, tensors: set[str]) -> int:
+    """Remove the QuantizeLinear -> DequantizeLinear pairs on ``tensors`` (consumers read the
+    float tensor again). Returns the number of pairs removed."""
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    nodes = list(g.node)
+    # indices, not id(): protobuf wrappers are transient and their ids get reused
+    q_idx = {nodes[i].output[0]: i for i in range(len(nodes))
+             if nodes[i].op_type == "QuantizeLinear" and nodes[i].input[0] in tensors}
+    remove: set[int] = set(q_idx.values())
+    rewire: dict[str, str] = {}
+    for i, n in enumerate(nodes):
+        if n.op_type == "DequantizeLinear" and n.input[0] in q_idx:
+            rewire[n.output[0]] = nodes[q_idx[n.input[0]]].input[0]
+            remove.add(i)
+    if {o.name for o in g.output} & set(rewire):
+        raise CalibrationError("cannot keep a graph output in float by stripping its Q/DQ")
+    kept = [n for i, n in enumerate(nodes) if i not in remove]
+    for n in kept:
+        for k, name in enumerate(n.input):
+            if name in rewire:
+                n.input[k] = rewire[name]
+    del g.node[:]
+    g.node.extend(kept)
+    onnx.save(model, str(path))
+    return len(rewire)
 
 
 def read_qdq_params(path: Path) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -172,7 +211,11 @@ def read_qdq_params(path: Path) -> tuple[dict[str, tuple[float, int]], dict[str,
             continue
         zp_arr = np.zeros(scale.shape, np.int64) if zp is None else zp.astype(np.int64)
         if node.op_type == "QuantizeLinear" and node.input[0] not in inits:
-            acts[node.input[0]] = (float(scale), int(zp_arr))
+            name = node.input[0]
+            # ORT renames a graph output's float tensor so the final DQ can keep the name
+            if name.endswith("_QuantizeLinear_Input"):
+                name = name[: -len("_QuantizeLinear_Input")]
+            acts[name] = (float(scale), int(zp_arr))
         elif node.op_type == "DequantizeLinear" and node.input[0] in inits and node.input[0].endswith("_quantized"):
             weights[node.input[0][: -len("_quantized")]] = (scale.astype(np.float32), zp_arr)
     return acts, weights

@@ -1,0 +1,91 @@
+"""quantize_onnx end to end on tiny models: method choice, cache, fallback, report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration import CalibrationConfig, CalibrationSet, quantize_onnx
+from calibration.errors import CalibrationConfigError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import build_cnn  # noqa: E402
+
+
+def test_auto_scores_every_method_on_holdout(tiny_cnn: Path, calib_samples: np.ndarray, tmp_path: Path) -> None:
+    calib = CalibrationSet.from_arrays(calib_samples)
+    rep = quantize_onnx(tiny_cnn, tmp_path / "q.onnx", calib, CalibrationConfig(method="auto"), tmp_path / "cache")
+    assert set(rep.method_scores) == {"minmax", "percentile", "entropy", "mse"}
+    best = max(rep.method_scores.values(), key=lambda s: s["sqnr_db"])["sqnr_db"]
+    assert rep.method_scores[rep.method]["sqnr_db"] == best
+    assert rep.method in rep.reason and "SQNR" in rep.reason
+    assert rep.holdout["n"] == round(0.2 * len(calib))  # scored on the held-out slice only
+    assert rep.holdout["sqnr_db"] > 20 and (tmp_path / "q.onnx").is_file()
+    assert rep.per_layer_sqnr and all("tensor" in r and "sqnr_db" in r for r in rep.per_layer_sqnr)
+    assert not rep.stats_cache_hit
+    json.dumps(rep.to_dict())  # JSON-able
+
+    # choosing another method reuses the statistics: no calibration run
+    rep2 = quantize_onnx(tiny_cnn, tmp_path / "q2.onnx", calib, CalibrationConfig(method="entropy"), tmp_path / "cache")
+    assert rep2.stats_cache_hit and rep2.method == "entropy" and list(rep2.method_scores) == ["entropy"]
+
+
+def test_tensorrt_target_is_symmetric(tiny_cnn: Path, calib_samples: np.ndarray, tmp_path: Path) -> None:
+    from calibration.writers.tensorrt import check_tensorrt_rules
+
+    cfg = CalibrationConfig(method="minmax", target="tensorrt")
+    rep = quantize_onnx(tiny_cnn, tmp_path / "t.onnx", CalibrationSet.from_arrays(calib_samples), cfg)
+    assert rep.activation_mode == "symmetric"
+    check_tensorrt_rules(tmp_path / "t.onnx")
+    with pytest.raises(CalibrationConfigError, match="symmetric"):
+        CalibrationConfig(target="tensorrt", activation_mode="asymmetric")
+
+
+def test_fallback_finds_planted_sensitive_layer(tmp_path: Path, calib_samples: np.ndarray) -> None:
+    model = build_cnn(tmp_path / "planted.onnx", seed=3, outlier_channel=3000.0)
+    calib = CalibrationSet.from_arrays(calib_samples)
+    no_budget = quantize_onnx(model, tmp_path / "a.onnx", calib, CalibrationConfig(method="minmax"))
+    assert no_budget.holdout["drop_pp"] > 5  # the outlier channel really hurts
+
+    cfg = CalibrationConfig(method="minmax", max_drop_pp=0.0)
+    rep = quantize_onnx(model, tmp_path / "b.onnx", calib, cfg)
+    assert rep.budget_met is True
+    assert [f.name for f in rep.fallback_layers] == ["conv2"]  # just the planted layer
+    fb = rep.fallback_layers[0]
+    assert fb.saved_db > 10 and fb.op == "Conv" and np.isfinite(fb.sqnr_db)
+    assert rep.holdout["drop_pp"] <= 0.0 and rep.holdout["sqnr_db"] > no_budget.holdout["sqnr_db"] + 10
+    # the float layer really is float in the written model: no DequantizeLinear feeds conv2
+    import onnx
+
+    m = onnx.load(str(tmp_path / "b.onnx"))
+    producers = {o: n.op_type for n in m.graph.node for o in n.output}
+    conv2 = next(n for n in m.graph.node if n.name == "conv2")
+    assert producers.get(conv2.input[0]) != "DequantizeLinear" and conv2.input[1] == "w2"
+
+
+def test_fallback_reports_unmeetable_budget(tmp_path: Path, calib_samples: np.ndarray) -> None:
+    model = build_cnn(tmp_path / "planted.onnx", seed=3, outlier_channel=3000.0)
+    calib = CalibrationSet.from_arrays(calib_samples)
+    cfg = CalibrationConfig(method="minmax", max_drop_pp=0.0, max_fallback_layers=0)
+    rep = quantize_onnx(model, tmp_path / "c.onnx", calib, cfg)
+    assert rep.budget_met is False and "budget" in rep.budget_reason
+    cfg = CalibrationConfig(method="minmax", max_drop_pp=0.0, fallback=False)
+    rep = quantize_onnx(model, tmp_path / "d.onnx", calib, cfg)
+    assert rep.budget_met is False and "fallback is off" in rep.budget_reason
+
+
+def test_import_is_light() -> None:
+    import subprocess
+
+    code = (
+        "import sys, calibration; "
+        "from calibration import CalibrationConfig, CalibrationSet; "
+        "bad = [m for m in ('torch', 'onnxruntime', 'onnx') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert res.returncode == 0, res.stdout + res.stderr

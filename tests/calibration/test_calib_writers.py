@@ -1,0 +1,135 @@
+"""Each writer's output read back and checked against its format."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration.data import CalibrationSet
+from calibration.graph import initializer_array, load_model, weighted_layers
+from calibration.plan import QuantPlan, make_plan
+from calibration.stats import collect_statistics
+from calibration.writers.ncnn import read_ncnn_table, write_ncnn_table
+from calibration.writers.qdq import read_qdq_params, write_qdq
+from calibration.writers.tensorrt import (
+    check_tensorrt_rules,
+    float_to_hex,
+    read_calibration_cache,
+    write_calibration_cache,
+    write_tensorrt_qdq,
+)
+from calibration.writers.tflite import write_tflite_calibration
+
+
+def _plan(model_path: Path, samples: np.ndarray, cache: Path, symmetric: bool, method: str = "mse") -> QuantPlan:
+    model = load_model(model_path)
+    stats = collect_statistics(model_path, CalibrationSet.from_arrays(samples), cache)
+    return make_plan(model, stats, weighted_layers(model), method, symmetric)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_qdq_scales_are_ours(tiny_cnn: Path, calib_samples: np.ndarray, tmp_path: Path, symmetric: bool) -> None:
+    plan = _plan(tiny_cnn, calib_samples, tmp_path, symmetric)
+    out = tmp_path / "q.onnx"
+    res = write_qdq(tiny_cnn, out, plan.ranges, plan.acts, plan.weights, symmetric, per_channel=True)
+    assert res.mismatches == []
+    acts, weights = read_qdq_params(out)
+    assert {"x", "r1"} <= set(acts)
+    for name, (scale, zp) in acts.items():
+        q = plan.acts[name]
+        assert scale == pytest.approx(float(q.scale), rel=1e-6), name
+        assert zp == int(q.zero_point)
+        if symmetric:
+            assert zp == 0
+    assert acts["r1"][1] == 0  # post-ReLU: zero point 0 in both modes
+    for w in ("w1", "w2", "w3"):
+        np.testing.assert_allclose(weights[w][0], plan.weights[w].scale, rtol=1e-6)
+        assert not weights[w][1].any()
+    # per output channel: conv weights (8, ...) -> 8 scales; Gemm transB (4, 8) -> 4 scales
+    assert weights["w1"][0].shape == (8,) and weights["w3"][0].shape == (4,)
+    w1 = initializer_array(load_model(tiny_cnn), "w1")
+    np.testing.assert_allclose(weights["w1"][0], np.abs(w1).reshape(8, -1).max(1) / 127, rtol=1e-6)
+
+
+def test_qdq_runs_close_to_fp32(tiny_cnn: Path, calib_samples: np.ndarray, tmp_path: Path) -> None:
+    from calibration.metrics import sqnr_db
+    from calibration.runtime import make_session, predict
+
+    plan = _plan(tiny_cnn, calib_samples, tmp_path, False)
+    out = write_qdq(tiny_cnn, tmp_path / "q.onnx", plan.ranges, plan.acts, plan.weights, False, True).path
+    ref = predict(make_session(tiny_cnn), calib_samples)
+    assert sqnr_db(ref, predict(make_session(out), calib_samples)) > 25.0
+
+
+def test_tensorrt_cache_format(tmp_path: Path) -> None:
+    assert float_to_hex(1.0) == "3f800000" and float_to_hex(-2.0) == "c0000000"
+    ranges = {"input": (-2.54, 1.0), "conv1_out": (0.0, 12.7)}
+    scales = write_calibration_cache(tmp_path / "calib.cache", ranges, trt_version="8601")
+    lines = (tmp_path / "calib.cache").read_text().splitlines()
+    assert lines[0] == "TRT-8601-EntropyCalibration2"
+    name, hexval = lines[1].split(": ")
+    assert name == "input" and len(hexval) == 8
+    # the hex is the big-endian float32 bit pattern of amax / 127
+    assert struct.unpack(">f", bytes.fromhex(hexval))[0] == pytest.approx(2.54 / 127, rel=1e-6)
+    header, back = read_calibration_cache(tmp_path / "calib.cache")
+    assert header.startswith("TRT-") and back == pytest.approx(scales)
+    assert back["conv1_out"] == pytest.approx(0.1, rel=1e-6)
+
+
+def test_tensorrt_qdq_obeys_explicit_quantization_rules(
+    tiny_cnn: Path, calib_samples: np.ndarray, tmp_path: Path
+) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    plan = _plan(tiny_cnn, calib_samples, tmp_path, symmetric=True)
+    out = tmp_path / "trt.onnx"
+    write_tensorrt_qdq(tiny_cnn, out, plan)
+    model = onnx.load(str(out))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for n in qdq:
+        zp = inits[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any()
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.name == "conv1")
+    assert conv.input[2] == "b1"  # float bias
+    # an asymmetric plan is refused, and a uint8 model fails the rule check
+    with pytest.raises(Exception, match="symmetric"):
+        write_tensorrt_qdq(tiny_cnn, tmp_path / "bad.onnx", _plan(tiny_cnn, calib_samples, tmp_path, False))
+    asym = _plan(tiny_cnn, calib_samples, tmp_path, False)
+    write_qdq(tiny_cnn, tmp_path / "u8.onnx", asym.ranges, asym.acts, asym.weights, False, True)
+    with pytest.raises(Exception, match="zero point 0|int32 bias"):
+        check_tensorrt_rules(tmp_path / "u8.onnx")
+
+
+def test_ncnn_table_format(tiny_cnn: Path, calib_samples: np.ndarray, tmp_path: Path) -> None:
+    plan = _plan(tiny_cnn, calib_samples, tmp_path, symmetric=True)
+    path = tmp_path / "model.table"
+    write_ncnn_table(path, plan, layer_names={"conv1": "convolution_0", "conv2": "convolution_1", "fc": "innerproduct_0"})
+    text = path.read_text().splitlines()
+    # weight lines first ("<layer>_param_0 s..."), then activation lines ("<layer> s")
+    assert text[0].startswith("convolution_0_param_0 ") and len(text[0].split()) == 1 + 8
+    assert text[3].split()[0] == "convolution_0" and len(text[3].split()) == 2
+    weights, acts = read_ncnn_table(path)
+    w1 = initializer_array(load_model(tiny_cnn), "w1")
+    np.testing.assert_allclose(weights["convolution_0"], 127 / np.abs(w1).reshape(8, -1).max(1), rtol=1e-5)
+    lo, hi = plan.ranges["x"]
+    assert acts["convolution_0"] == pytest.approx(127 / max(-lo, hi), rel=1e-5)
+    assert weights["innerproduct_0"].shape == (4,)
+    # ncnn's docs: a commented weight line keeps that layer in float
+    path.write_text(path.read_text().replace("convolution_1_param_0", "#convolution_1_param_0"))
+    assert "convolution_1" not in read_ncnn_table(path)[0]
+
+
+def test_tflite_samples_and_manifest(tmp_path: Path) -> None:
+    calib = CalibrationSet.from_arrays(np.random.default_rng(0).normal(size=(6, 3, 4, 4)))
+    npy, manifest = write_tflite_calibration(tmp_path, calib)
+    back = np.load(npy)
+    assert back.dtype == np.float32 and np.array_equal(back, calib.samples)
+    m = json.loads(manifest.read_text())
+    assert m["set_sha256"] == calib.content_hash == CalibrationSet.from_arrays(back).content_hash
