@@ -43,6 +43,10 @@ def _fleet(target: TargetSpec, host: str | None, fn: Callable[[Any], Any], show:
             return fn(t)
 
     outcomes = for_each_host(target, one, hosts=_hosts(target, host))
+    if len(outcomes) == 1 and not as_json:
+        [(name, out)] = outcomes.items()
+        if isinstance(out, EdgeshipError):
+            raise out  # one device: its own one-line error is the whole story
     if as_json:
         typer.echo(json.dumps({n: (o if not isinstance(o, EdgeshipError) else {"error": str(o)})
                                for n, o in outcomes.items()}, indent=1, default=str))

@@ -96,13 +96,13 @@ def provision(t: "Transport", target: TargetSpec) -> dict[str, Any]:
         raise DeviceError(f"target {target.name}: transport.python {py!r} must be <venv>/bin/python to provision")
     venv = posixpath.dirname(posixpath.dirname(py))
     before = t.probe()
+    if before.get("arch") != target.arch:
+        check_probe(target, before, t.executor.name, t.host)  # raises: pip cannot fix the architecture
     try:
         check_probe(target, before, t.executor.name, t.host)
         return {"host": t.executor.name, "venv": venv, "changed": False, "packages": before.get("packages", {})}
     except DeviceError:
-        pass  # something is missing: that is what provisioning is for; the probe says what
-    if before.get("arch") != target.arch:
-        check_probe(target, before, t.executor.name, t.host)  # re-raise the arch mismatch: pip can't fix it
+        pass  # something is missing or differs: installing it is exactly what follows
     timeout = target.transport.command_timeout_s
     pins = " ".join(q(f"{name}=={version}") for name, version in sorted(target.runtime.packages.items()))
     index = f"--index-url {q(target.runtime.index_url)} " if target.runtime.index_url else ""

@@ -60,7 +60,7 @@ def _history(root):
                 if len(parts) == 2:
                     out.append((float(parts[0]), parts[1]))
     except (OSError, ValueError):
-        pass
+        pass  # no history yet (first deploy) or an unreadable one: nothing was ever switched
     return out
 
 
@@ -102,7 +102,7 @@ def _tree_bytes(path):
             try:
                 total += os.lstat(os.path.join(dirpath, f)).st_size
             except OSError:
-                pass
+                pass  # deleted while we walked (the agent's __pycache__): it takes no space
     return total
 
 
@@ -154,10 +154,17 @@ def _switch(root, rid):
     os.symlink(os.path.join("releases", rid), tmp)
     os.replace(tmp, os.path.join(root, "current"))
     _fsync_dir(root)
-    with open(os.path.join(root, "history"), "a", encoding="utf-8") as fh:
+    path = os.path.join(root, "history")
+    with open(path, "a", encoding="utf-8") as fh:
         fh.write("%.3f %s\n" % (time.time(), rid))
         fh.flush()
         os.fsync(fh.fileno())
+    entries = _history(root)
+    if len(entries) > 1000:  # years of nightly deploys: keep the recent half, atomically
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines("%.3f %s\n" % e for e in entries[-500:])
+        os.replace(tmp, path)
 
 
 def _prune(root, keep):
@@ -310,7 +317,7 @@ def op_finalize(a):
             try:
                 os.remove(os.path.join(stage, rel))
             except OSError:
-                pass
+                pass  # missing files are among the bad ones: nothing to discard
         out = _state(root)
         out.update(ok=False, bad=bad)
         return out

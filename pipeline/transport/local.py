@@ -25,7 +25,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        pass  # the group already exited: the goal
 
 
 class _LocalProcess:

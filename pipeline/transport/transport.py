@@ -30,7 +30,7 @@ try:
         except _md.PackageNotFoundError:
             _pk[_n] = None
 except ImportError:
-    pass
+    pass  # python < 3.8 has no importlib.metadata: packages stay unknown and check() says so
 _out["packages"] = _pk
 print(_json.dumps(_out))
 """

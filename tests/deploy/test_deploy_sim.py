@@ -60,6 +60,7 @@ def test_full_device_disk_is_a_clean_error(sim_workspace: Path, tmp_path: Path) 
     device = "sim-x86"
     target = load_target(f"e2e-{device}")
     with open_transport(target) as t:
+        before = t.current()
         small = t.deploy(make_release(tmp_path / "small", f"small-{os.getpid()}", 256 * 1024),
                          f"small-{os.getpid()}")
         used = sum(d["bytes"] for d in t.store.state()["details"])
@@ -73,6 +74,9 @@ def test_full_device_disk_is_a_clean_error(sim_workspace: Path, tmp_path: Path) 
             assert t.run_agent(["probe"], timeout_s=120)["arch"]  # the old release still works
     finally:
         sim.set_releases_quota(device, None)
+    if before is not None:
+        with open_transport(target) as t:
+            t.rollback(before)  # leave the shared device as we found it
 
 
 def test_frozen_device_is_a_device_error_within_deadline(sim_workspace: Path) -> None:
