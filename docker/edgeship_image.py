@@ -201,6 +201,64 @@ def _version() -> str:
     return m.group(1) if m else "unknown"
 
 
+def _buildkit_cli() -> str | None:
+    """A docker CLI on PATH that builds with BuildKit, or None (then the SDK's classic builder).
+
+    BuildKit builds this image in about 40 % of the classic builder's time (no commit of a
+    container per step). A CLI with the buildx plugin has it; a 20.x CLI (Debian 12's docker.io)
+    has it built in. A CLI of 23+ without buildx has neither. EDGESHIP_DOCKER_BUILDER=sdk forces
+    the Docker SDK, =cli requires a BuildKit CLI.
+    """
+    choice = os.environ.get("EDGESHIP_DOCKER_BUILDER", "auto")
+    if choice == "sdk":
+        return None
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        exe = Path(folder) / "docker"
+        if not (exe.is_file() and os.access(exe, os.X_OK)):
+            continue
+        if subprocess.run([exe, "buildx", "version"], capture_output=True).returncode == 0:
+            return str(exe)
+        proc = subprocess.run([exe, "version", "--format", "{{.Client.Version}}"],
+                              capture_output=True, text=True)
+        m = re.match(r"(\d+)\.", proc.stdout.strip())
+        if m and int(m.group(1)) < 23:
+            return str(exe)
+    if choice == "cli":
+        raise ImageBuildError("EDGESHIP_DOCKER_BUILDER=cli but no docker CLI on PATH builds with BuildKit")
+    return None
+
+
+def _build_cli(exe: str, tag: str, buildargs: dict[str, str], nocache: bool,
+               emit: Callable[[str], None]) -> str | None:
+    """docker build with BuildKit; returns None or the error line."""
+    cmd = [exe, "build", "--progress=plain", "-t", tag, "-f", str(REPO / "Dockerfile")]
+    cmd += [f"--build-arg={k}={v}" for k, v in buildargs.items()]
+    cmd += ["--no-cache"] if nocache else []
+    cmd.append(str(REPO))
+    env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:
+        emit(line)
+    if proc.wait() != 0:
+        return f"{' '.join(cmd[:2])} exited {proc.returncode}"
+    return None
+
+
+def _build_sdk(client, tag: str, buildargs: dict[str, str], nocache: bool,
+               emit: Callable[[str], None]) -> str | None:
+    """The engine's classic builder through the Docker SDK; returns None or the error."""
+    error = None
+    for chunk in client.api.build(path=str(REPO), tag=tag, rm=True, forcerm=True, decode=True,
+                                  pull=False, nocache=nocache, buildargs=buildargs):
+        text = chunk.get("stream") or chunk.get("status") or ""
+        if "error" in chunk:
+            error = chunk.get("error") or str(chunk.get("errorDetail"))
+            text = f"ERROR: {error}\n"
+        if text:
+            emit(text)
+    return error
+
+
 def build_image(client=None, tags: Iterable[str] = (), reuse: bool = True,
                 log: Callable[[str], None] = print, stream: Callable[[str], None] | None = None,
                 nocache: bool = False) -> tuple[str, dict]:
@@ -209,7 +267,7 @@ def build_image(client=None, tags: Iterable[str] = (), reuse: bool = True,
     reuse=False builds even if the content tag exists; nocache=True also ignores the layer
     cache (a cold build, for timing).
 
-    info: base, hash, reused (bool), seconds, size_bytes, log (path of the build log).
+    info: base, hash, reused (bool), builder, seconds, size_bytes, log (path of the build log).
     """
     if client is None:
         client, reason = engine()
@@ -233,31 +291,35 @@ def build_image(client=None, tags: Iterable[str] = (), reuse: bool = True,
     except docker.errors.ImageNotFound:
         image = None
     if image is None:
-        log(f"building {tag} FROM {base} (log: {log_path.relative_to(REPO)})")
+        cli = _buildkit_cli()
+        builder = "BuildKit (docker CLI)" if cli else "classic builder (Docker SDK)"
+        log(f"building {tag} FROM {base} with {builder} (log: {log_path.relative_to(REPO)})")
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        args = {**buildargs, "VERSION": _version(), "REVISION": _git_revision()}
         t0 = time.monotonic()
         lines: list[str] = []
-        error = None
         with open(log_path, "w") as fh:
-            for chunk in client.api.build(
-                path=str(REPO), tag=tag, rm=True, forcerm=True, decode=True, pull=False, nocache=nocache,
-                buildargs={**buildargs, "VERSION": _version(), "REVISION": _git_revision()},
-            ):
-                text = chunk.get("stream") or chunk.get("status") or ""
-                if "error" in chunk:
-                    error = chunk.get("error") or str(chunk.get("errorDetail"))
-                    text = f"ERROR: {error}\n"
-                if text:
-                    fh.write(text)
-                    lines.append(text)
-                    del lines[:-60]
-                    if stream:
-                        stream(text)
+            def emit(text: str) -> None:
+                fh.write(text)
+                lines.append(text)
+                del lines[:-60]
+                if stream:
+                    stream(text)
+
+            if cli:
+                error = _build_cli(cli, tag, args, nocache, emit)
+            else:
+                error = _build_sdk(client, tag, args, nocache, emit)
         info["seconds"] = round(time.monotonic() - t0, 1)
+        info["builder"] = builder
         if error is not None:
             raise ImageBuildError(f"docker build failed: {error}\n--- last lines of {log_path}:\n"
                                   + "".join(lines[-40:]))
-        image = client.images.get(tag)
+        try:
+            image = client.images.get(tag)
+        except docker.errors.ImageNotFound:
+            raise ImageBuildError(f"{builder} reported success but the engine has no {tag} "
+                                  "(does the docker CLI talk to another engine than DOCKER_HOST?)")
     else:
         info["reused"] = True
         log(f"reusing {tag} (context unchanged)")
