@@ -19,6 +19,7 @@ from calibration.stats import Statistics, TensorStats
 METHODS = ("minmax", "percentile", "entropy", "mse")
 INT8_SYM_MAX = 127  # symmetric int8 uses [-127, 127] so that zero point 0 is exact (TensorRT)
 UINT8_MAX = 255
+SPIKE_SHARE = 0.05  # a histogram bin with more than this share of the mass is a "spike"
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,18 @@ def observe(
         full = t.hist[t.bins :] if nonneg else t.abs_hist()
         thr = percentile_threshold(full, w, percentile)
     elif method == "entropy":
+        # Spike guard (our addition to TensorRT's algorithm): a single bin holding a large share
+        # of the mass (MNIST's background pixel value, a saturated ReLU6) is one value, cheap to
+        # represent, but KL charges for smearing it across its merge group and so picks a
+        # threshold right at the spike, clipping everything above it. Spikes are left out of
+        # the KL histogram and the threshold never cuts below them.
+        spikes = np.flatnonzero(h > SPIKE_SHARE * max(1, h.sum()))
+        if spikes.size:
+            h = h.copy()
+            h[spikes] = 0
         thr = entropy_threshold(h, w, levels_kl)
+        if spikes.size:
+            thr = max(thr, (int(spikes[-1]) + 1) * w)
     else:
         thr = mse_threshold(h, w, levels_mse)
     thr = float(min(max(thr, w), t.absmax))

@@ -138,3 +138,13 @@ def test_compute_ranges_every_tensor() -> None:
     r = compute_ranges(stats, "percentile", symmetric=True, percentile=99.0)
     assert set(r) == {"a", "b"} and all(lo == -hi for lo, hi in r.values())
     assert isinstance(qparams(*r["a"], True), QParams)
+
+
+def test_entropy_spike_guard_keeps_the_body() -> None:
+    # MNIST-like input: 80% of pixels at the background value, the strokes spread up to 2.8
+    rng = np.random.default_rng(5)
+    x = np.full(100_000, -0.42, np.float32)
+    x[:20_000] = rng.uniform(-0.42, 2.82, 20_000)
+    t = tensor_stats_from_array("img", x)
+    lo, hi = observe(t, "entropy", symmetric=True)
+    assert hi > 2.0  # without the guard KL clips at the spike (~0.42), destroying the strokes
