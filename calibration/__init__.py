@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from calibration.errors import CalibrationConfigError, CalibrationDataError, CalibrationError
 
 if TYPE_CHECKING:
-    from calibration.api import quantize_onnx
+    from calibration.api import build_plan, quantize_onnx
     from calibration.config import CalibrationConfig, CalibrationReport
     from calibration.data import CalibrationSet, ImagePreprocess, check_overlap
     from calibration.debug import per_layer_sqnr
@@ -37,6 +37,7 @@ _LAZY = {
     "qparams": "calibration.observers",
     "weight_qparams": "calibration.observers",
     "quantize_onnx": "calibration.api",
+    "build_plan": "calibration.api",
     "per_layer_sqnr": "calibration.debug",
 }
 

@@ -211,3 +211,40 @@ def _fallback(
     if key in paths:
         return paths[key], result.metrics
     return work / f"{plan.method}.onnx", metrics
+
+
+def build_plan(
+    model_fp32: Path,
+    calib: CalibrationSet,
+    method: str,
+    cfg: CalibrationConfig | None = None,
+    cache_dir: Path | None = None,
+) -> QuantPlan:
+    """The quantization plan (ranges, activation and weight parameters) for one method.
+
+    Uses the same fit split and statistics cache as :func:`quantize_onnx`, so after a
+    ``quantize_onnx`` run this costs no model run; the TensorRT cache and ncnn table writers take
+    the result, which keeps every backend on the same ranges as the QDQ model.
+
+    Args:
+        model_fp32: the fp32 ONNX model given to ``quantize_onnx``.
+        calib: the same calibration set.
+        method: the method ``quantize_onnx`` reported (``report.method``).
+        cfg: the same config (split, activation mode, per-channel).
+        cache_dir: the same statistics cache.
+    """
+    from calibration.graph import ensure_node_names, load_model, weighted_layers
+    from calibration.stats import collect_statistics
+
+    cfg = cfg or CalibrationConfig()
+    fit, _ = calib.split(cfg.holdout_fraction, cfg.seed)
+    model = load_model(model_fp32)
+    with tempfile.TemporaryDirectory(prefix="edgeship-plan-") as tmp:
+        src = Path(model_fp32)
+        if ensure_node_names(model):
+            import onnx
+
+            src = Path(tmp) / "prepared.onnx"
+            onnx.save(model, str(src))
+        stats = collect_statistics(src, fit, cache_dir, cfg.bins, cfg.batch_size, cfg.threads)
+    return make_plan(model, stats, weighted_layers(model), method, cfg.symmetric, cfg.per_channel, cfg.percentile)

@@ -89,3 +89,30 @@ def test_import_is_light() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_build_plan_reuses_statistics_and_feeds_other_writers(
+    tiny_cnn: Path, calib_samples: np.ndarray, tmp_path: Path
+) -> None:
+    from calibration import build_plan
+    from calibration.writers.ncnn import read_ncnn_table, write_ncnn_table
+    from calibration.writers.tensorrt import read_calibration_cache, write_calibration_cache
+
+    calib = CalibrationSet.from_arrays(calib_samples)
+    cfg = CalibrationConfig(method="auto", target="tensorrt")
+    rep = quantize_onnx(tiny_cnn, tmp_path / "q.onnx", calib, cfg, tmp_path / "cache")
+    plan = build_plan(tiny_cnn, calib, rep.method, cfg, tmp_path / "cache")
+    assert plan.ranges == {k: tuple(v) for k, v in rep.ranges.items()}  # same ranges everywhere
+    write_calibration_cache(tmp_path / "c.cache", plan.ranges)
+    _, scales = read_calibration_cache(tmp_path / "c.cache")
+    assert scales["x"] == pytest.approx(max(abs(v) for v in plan.ranges["x"]) / 127, rel=1e-6)
+    write_ncnn_table(tmp_path / "t.table", plan)
+    assert set(read_ncnn_table(tmp_path / "t.table")[1]) == {"conv1", "conv2", "fc"}
+
+
+def test_per_layer_table_points_at_planted_layer(tmp_path: Path, calib_samples: np.ndarray) -> None:
+    model = build_cnn(tmp_path / "planted.onnx", seed=3, outlier_channel=3000.0)
+    rep = quantize_onnx(model, tmp_path / "q.onnx", CalibrationSet.from_arrays(calib_samples), CalibrationConfig(method="minmax"))
+    table = {r["tensor"]: r["sqnr_db"] for r in rep.per_layer_sqnr}
+    # the damage enters at conv2 (its input r1 is fine on its own; its output r2 is not)
+    assert table["x"] > 30 and table["r2"] < 10
