@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import threading
+import time
 from types import TracebackType
 
 from pipeline.errors import DeviceError
@@ -33,19 +34,25 @@ root = a["root"]
 os.makedirs(root, exist_ok=True)
 fd = os.open(os.path.join(root, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
 end = time.monotonic() + a["wait"]
+said = 0.0
+print("STARTED", flush=True)
 while True:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         break
     except OSError:
-        if time.monotonic() >= end:
+        now = time.monotonic()
+        if now >= end or now - said >= 2.0:
             try:
                 with open(os.path.join(root, ".lock.owner")) as fh:
                     who = fh.read().strip()
             except OSError:
                 who = "unknown holder"
-            print("BUSY " + who, flush=True)
-            sys.exit(3)
+            if now >= end:
+                print("BUSY " + who, flush=True)
+                sys.exit(3)
+            print("WAITING " + who, flush=True)  # also a sign of life while we wait
+            said = now
         time.sleep(0.2)
 with open(os.path.join(root, ".lock.owner"), "w") as fh:
     fh.write("%s (device pid %d) since %s" % (a["owner"], os.getpid(),
@@ -85,7 +92,14 @@ class DeviceLock:
     def __enter__(self) -> "DeviceLock":
         args = {"root": self._root, "wait": self.wait_s, "stale": self._stale_s, "owner": self._owner()}
         proc = self._ex.spawn(f"exec {self._python} -c {q(HOLDER)} {q(json.dumps(args))}")
-        line = proc.readline(self.wait_s + self._startup_s)
+        # The holder says something at least every 2 s while it waits, so a silent device is
+        # recognised after ``startup_s``, not after the whole (possibly long) lock wait.
+        deadline = time.monotonic() + self.wait_s + self._startup_s
+        line: str | None = ""
+        while True:
+            line = proc.readline(max(0.1, min(self._startup_s, deadline - time.monotonic())))
+            if line is None or not line.startswith(("STARTED", "WAITING")) or time.monotonic() >= deadline:
+                break
         if line is not None and line.startswith("LOCKED"):
             self._proc = proc
             self.device_pid = int(line.split()[1])
@@ -96,7 +110,8 @@ class DeviceLock:
         if line is not None and line.startswith("BUSY"):
             raise DeviceError(f"{self._ex.name} is busy: {line[5:]} holds its deploy lock (waited {self.wait_s:g} s); "
                               "retry when it finishes (a dead holder's lock frees itself)")
-        why = "no answer in time" if line is None else (proc.stderr_tail() or line or "it exited")
+        why = (f"no answer within {self._startup_s:g} s: frozen or overloaded?" if line is None
+               else (proc.stderr_tail() or line or "it exited"))
         raise DeviceError(f"{self._ex.name}: could not take the deploy lock under {self._root} ({why}); "
                           "check that the device has python3 and transport.root is writable")
 

@@ -226,6 +226,10 @@ class SshExecutor:
             chan.exec_command(cmd)
         except _NET_ERRORS as exc:
             self._drop()
+            if isinstance(exc, socket.timeout) or "Timeout" in str(exc):
+                raise CommandTimeout(f"{self.name}: the device did not answer within "
+                                     f"{self.target.transport.connect_timeout_s:g} s ({exc}); is it frozen or "
+                                     "overloaded?") from None
             raise DeviceError(f"{self.name}: cannot start a remote process ({exc}); check the device and retry") from None
         return _SshProcess(chan)
 

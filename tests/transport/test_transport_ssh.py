@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -186,3 +188,32 @@ def test_two_concurrent_deploys_are_serialized(ssh_target: Callable[..., TargetS
     assert not errors, errors
     (s1, e1), (s2, e2) = sorted(spans.values())
     assert e1 <= s2, "the two deploys overlapped under the lock"
+
+
+def test_dead_holder_lock_taken_over_and_lost_lock_aborts_switch(ssh_target: Callable[..., TargetSpec],
+                                                                 tmp_path: Path) -> None:
+    target = ssh_target()
+    rel_a, rel_b = make_release(tmp_path / "A", "A"), make_release(tmp_path / "B", "B", 2 * MiB)
+    # The deploying host vanishes while holding the lock: its connection drops, the holder on the
+    # device reads EOF and exits, the kernel releases the flock; the next deploy goes ahead.
+    dying = open_transport(target)
+    with dying.lock(wait_s=5):
+        dying.executor.abort()
+        with open_transport(target, lock_wait_s=10) as t:
+            t0 = time.monotonic()
+            assert t.deploy(rel_a, "A")["changed"]
+            assert time.monotonic() - t0 < 10
+    dying.close()
+
+    # The holder dies mid-deploy (killed on the device): the deploy notices before switching.
+    with open_transport(target) as t, t.lock(wait_s=5) as lk:
+        def kill_holder(rel: str, done: int, total: int) -> None:
+            if lk.device_pid is not None:
+                os.kill(lk.device_pid, signal.SIGKILL)  # the test sshd's "device" is this machine
+                lk.device_pid = None
+                time.sleep(0.5)  # let sshd report the exit
+
+        with pytest.raises(DeviceError, match="lost the deploy lock.*nothing was switched"):
+            t.deploy(rel_b, "B", progress=kill_holder)
+    with open_transport(target) as t:
+        assert t.current() == "A"

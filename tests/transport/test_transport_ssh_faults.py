@@ -98,6 +98,16 @@ def test_frozen_device_fails_within_deadlines(sshd: Sshd, ssh_target: Callable[.
             assert time.monotonic() - t0 < 2 + 2
         finally:
             sshd.thaw(frozen)
+    with open_transport(target, lock_wait_s=600) as t:  # a long lock wait must not mean a long hang
+        frozen = sshd.session_pids()
+        sshd.freeze(frozen)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(DeviceError, match=r"did not answer within 2 s .*frozen"):
+                t.deploy(rel, "A")
+            assert time.monotonic() - t0 < 2 + 2
+        finally:
+            sshd.thaw(frozen)
     with open_transport(target) as t:
         frozen = []
         timer = threading.Timer(0.3, lambda: (frozen.extend(sshd.session_pids()), sshd.freeze(frozen)))
