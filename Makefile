@@ -12,7 +12,7 @@ TARGET   ?= local
 PYTEST_ARGS ?=
 STAMP    := $(VENV)/.installed
 
-.PHONY: help venv deploy build validate test test-fast bench bench-calibration devices devices-down nightly schema clean
+.PHONY: help venv deploy build validate test test-fast bench bench-calibration devices devices-down nightly schema clean docker-image test-docker
 
 help:
 	@echo "make deploy TARGET=local   build + deploy + validate + gate the default example (MNIST-5k CNN)"
@@ -66,6 +66,14 @@ schema: $(STAMP)
 	@mkdir -p build/schema
 	$(EDGESHIP) targets schema > build/schema/target.schema.json
 	$(EDGESHIP) targets schema --spec > build/schema/spec.schema.json
+
+docker-image: $(STAMP)
+	bash docker/start-dockerd.sh
+	$(PY) docker/edgeship_image.py --tag edgeship:latest
+
+test-docker: $(STAMP)
+	bash docker/start-dockerd.sh
+	$(PY) -m pytest -m docker tests/docker $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

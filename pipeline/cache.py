@@ -69,6 +69,7 @@ class Cache:
             build(tmp)
             (tmp / "key.json").write_text(canonical_json({"stage": stage, **parts}))
             (tmp / ".complete").write_text(key)
+            tmp.chmod(0o755)  # mkdtemp makes 0700; cache entries are plain build outputs
             if final.exists():  # a stale, incomplete entry from an older crash
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -71,6 +71,7 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
         manifest = {"release_id": release_id, "name": spec.name, "target": target.name, "agent": agent,
                     "runs": runs, "files": files, "provenance": provenance}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes 0700; a release is shared with whoever reads the results
         replace_dir(tmp, out_dir / "release")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
