@@ -1,0 +1,141 @@
+"""TFLite / LiteRT backend: PyTorch -> .tflite with litert-torch (fp32, fp16, int8).
+
+The one route that leaves from the PyTorch model (``ctx.torch_model()``) rather than the ONNX
+hub model: no maintained ONNX->TFLite converter fits these versions. INT8 still calibrates on
+the same samples as every other backend (``ctx.calibration``).
+
+Build options (``target.builds[].options``):
+    int8_io (bool, default false): keep the int8 input/output tensors the full-integer model
+        has natively; the runner then quantizes inputs and dequantizes outputs with the
+        parameters recorded in runner_config. Default: float32 I/O (QUANTIZE/DEQUANTIZE ops are
+        added inside the model, a drop-in for the fp32 model).
+    channels_last_io (bool, default false): convert an NCHW model with an NHWC input (no
+        leading TRANSPOSE in the graph); the runner transposes the NCHW samples.
+    observer ("minmax" | "histogram", default "minmax"): INT8 activation observer (build.py).
+
+After every conversion the artifact runs on the host with the device's runner class and is
+compared with the fp32 ONNX Runtime reference (pipeline.backends.checks, one set of thresholds).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import ConversionError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.backends.base import Artifact, BuildContext
+
+MODEL_FILE = "model.tflite"
+_TOOLS = ("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torch", "torchao")
+_NEEDED = {"torch": "torch", "litert_torch": "litert-torch", "ai_edge_litert": "ai-edge-litert",
+           "ai_edge_quantizer": "ai-edge-quantizer", "torchao": "torchao"}
+
+
+class TFLiteBackend:
+    """litert-torch converter + LiteRT interpreter (runner ``tflite``)."""
+
+    name = "tflite"
+    precisions = ("fp32", "fp16", "int8")
+
+    def available(self) -> tuple[bool, str]:
+        """Whether litert-torch, ai-edge-litert, ai-edge-quantizer and torch are installed."""
+        missing = [pip for mod, pip in _NEEDED.items() if importlib.util.find_spec(mod) is None]
+        if missing:
+            return False, (f"missing {', '.join(missing)}: pip install 'edgeship[tflite]' "
+                           "(litert-torch, ai-edge-litert; keep torch pinned with -c constraints.txt)")
+        return True, "litert-torch and ai-edge-litert are installed"
+
+    def version(self) -> dict[str, str]:
+        """Installed versions of the conversion tools (absent ones are left out)."""
+        out = {}
+        for dist in _TOOLS:
+            try:
+                out[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        return out
+
+    def convert(self, ctx: "BuildContext", precision: str) -> "Artifact":
+        """Convert at ``precision``, write ``model.tflite`` under ``ctx.workdir``, check it numerically.
+
+        Raises:
+            ConversionError: unsupported precision, converter failure, or failed numeric check.
+        """
+        from pipeline.backends.base import Artifact
+        from pipeline.backends.checks import check_outputs, run_runner
+        from pipeline.backends.tflite import build, interface
+
+        if precision not in self.precisions:
+            raise ConversionError(f"tflite: precision {precision!r} not supported; choose one of {self.precisions}")
+        ok, reason = self.available()
+        if not ok:
+            raise ConversionError(f"tflite: {reason}")
+        opts = ctx.build.options
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        info: dict[str, Any] = {"converter": "litert-torch", "source": "pytorch"}
+        try:
+            prepared = build.prepare(ctx)
+            if precision == "int8":
+                model, info["quantization"] = build.convert_int8(prepared, ctx)
+            else:
+                model = build.convert_fp32(prepared)
+                if precision == "fp16":
+                    model, info["fp16"] = build.cast_weights_fp16(model)
+        except ConversionError:
+            raise
+        except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError, AssertionError) as err:
+            # litert-torch / torch.export raise these for unsupported graphs; keep the cause chained
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConversionError(f"tflite {precision}: litert-torch conversion failed: {first}") from err
+
+        io = interface.io_details(model)
+        if len(io["inputs"]) != 1 or len(io["outputs"]) != 1:
+            raise ConversionError(f"tflite {precision}: expected one input and one output, got "
+                                  f"{len(io['inputs'])} and {len(io['outputs'])}")
+        input_quant = output_quant = None
+        if precision == "int8":
+            if opts.get("int8_io"):
+                input_quant, output_quant = _quant_of(io["inputs"][0]), _quant_of(io["outputs"][0])
+            else:
+                model = interface.add_float_io(model)
+                io = interface.io_details(model)
+        (ctx.workdir / MODEL_FILE).write_bytes(model)
+        config = {
+            "model": MODEL_FILE,
+            "batch": prepared.batch,
+            "data_layout": prepared.data_layout,
+            "model_layout": prepared.model_layout,
+            "input_quant": input_quant,
+            "output_quant": output_quant,
+        }
+        info["convert_seconds"] = round(time.perf_counter() - t0, 2)
+        info["io"] = io
+        info["tensor_types"] = interface.tensor_types(model)
+        info["size_bytes"] = len(model)
+        # the same runner class the device uses, on real samples, against fp32 ONNX Runtime
+        got = run_runner("tflite", ctx.workdir, config, ctx.check.x, prepared.batch, ctx.target.threads)
+        info.update(check_outputs(self.name, precision, ctx.reference, got))
+        ctx.log(f"tflite {precision}: {len(model) / 1024:.0f} KiB, check {_summary(info['check'])}")
+        return Artifact(backend=self.name, precision=precision, workdir=ctx.workdir, files=[MODEL_FILE],
+                        runner="tflite", runner_config=config, info=info)
+
+
+def _quant_of(tensor: dict[str, Any]) -> dict[str, Any]:
+    """runner_config quantization entry of an integer I/O tensor."""
+    if tensor["quant"] is None or tensor["dtype"] not in ("int8", "uint8", "int16"):
+        raise ConversionError(f"tflite int8: I/O tensor {tensor['name']!r} is {tensor['dtype']} without "
+                              "per-tensor quantization; cannot honour int8_io")
+    return {**tensor["quant"], "dtype": tensor["dtype"]}
+
+
+def _summary(check: dict[str, Any]) -> str:
+    return (f"rel_diff={check['rel_diff']:.2e} sqnr={check['sqnr_db']:.1f}dB "
+            f"top1_agree={check['top1_agreement']:.1f}%")
+
+
+BACKEND = TFLiteBackend()

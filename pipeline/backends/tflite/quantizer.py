@@ -1,0 +1,118 @@
+"""PT2E quantizer for TFLite that also fuses Conv + ReLU6.
+
+litert-torch's ``PT2EQuantizer`` fuses Conv + ReLU (one observer after the ReLU) but treats
+``hardtanh`` (ReLU6) as an op that *shares* its input's observer. For Conv -> ReLU6 that means
+the int8 scale is fitted to the raw convolution output (on EfficientNet-Lite0 up to |x| ~ 140)
+while the tensor that flows on only spans [0, 6]: about five int8 steps are left for it and the
+model collapses (measured: 2.8 dB output SQNR, 46 % top-1 agreement with fp32).
+
+:func:`make_quantizer` returns a quantizer that first annotates Conv -> hardtanh(0, 6) the way
+Conv -> ReLU is annotated (inputs and weights on the conv, the output observer after the clamp),
+then lets the stock annotators handle everything else. TFLite's converter folds the clamp into the
+convolution as its fused RELU6 activation, exactly as it does for ReLU.
+
+Imports torch / litert_torch / torchao lazily (inside the functions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_CONVS = ("conv1d", "conv2d", "convolution")
+_RELU6_BOUNDS = (0.0, 6.0)
+
+
+def _is_call(node: Any, names: tuple[str, ...]) -> bool:
+    """Whether ``node`` calls one of the aten ops ``names`` (any overload)."""
+    if getattr(node, "op", None) != "call_function":
+        return False
+    packet = getattr(node.target, "overloadpacket", None)
+    return packet is not None and packet.__name__.rstrip("_") in names
+
+
+def _is_relu6(node: Any) -> bool:
+    if not _is_call(node, ("hardtanh",)):
+        return False
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+    return (float(lo), float(hi)) == _RELU6_BOUNDS
+
+
+def annotate_conv_relu6(model: Any, config: Any) -> int:
+    """Annotate every Conv -> ReLU6 pair of ``model`` (an FX graph) as one quantized unit.
+
+    Args:
+        model: the exported graph module being prepared.
+        config: litert-torch's QuantizationConfig (static).
+
+    Returns:
+        The number of pairs annotated.
+    """
+    from litert_torch.quantize.pt2e_quantizer_utils import (
+        get_bias_qspec,
+        get_input_act_qspec,
+        get_output_act_qspec,
+        get_weight_qspec,
+    )
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    count = 0
+    for clamp in model.graph.nodes:
+        if not _is_relu6(clamp):
+            continue
+        conv = clamp.args[0]
+        # the conv's raw output must feed nothing but the clamp, or fusing would change semantics
+        if not _is_call(conv, _CONVS) or len(conv.users) != 1:
+            continue
+        if any("quantization_annotation" in n.meta for n in (conv, clamp)):
+            continue
+        qspecs = {conv.args[0]: get_input_act_qspec(config), conv.args[1]: get_weight_qspec(config)}
+        bias = conv.args[2] if len(conv.args) > 2 else None
+        if bias is not None and hasattr(bias, "meta"):
+            qspecs[bias] = get_bias_qspec(config)
+        conv.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=qspecs, _annotated=True)
+        clamp.meta["quantization_annotation"] = QuantizationAnnotation(
+            output_qspec=get_output_act_qspec(config), _annotated=True)
+        for const in (conv.args[1], bias):
+            if const is not None and hasattr(const, "meta"):
+                const.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
+        count += 1
+    return count
+
+
+OBSERVERS = ("histogram", "minmax")
+
+
+def make_quantizer(per_channel: bool, observer: str = "histogram") -> Any:
+    """A static symmetric-int8 PT2E quantizer (litert-torch's) that also fuses Conv + ReLU6.
+
+    Args:
+        per_channel: per-output-channel weight scales (else per tensor).
+        observer: activation observer. ``histogram`` (litert-torch's default) clips ranges to
+            minimise L2 error but costs seconds per sample on large models; ``minmax`` keeps
+            the full observed range and is ~10x faster.
+    """
+    import dataclasses
+
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+
+    if observer not in OBSERVERS:
+        raise ValueError(f"unknown activation observer {observer!r}; choose one of {OBSERVERS}")
+
+    class _Quantizer(PT2EQuantizer):
+        """PT2EQuantizer + Conv/ReLU6 fusion (see module docstring)."""
+
+        fused_relu6 = 0
+
+        def annotate(self, model: Any) -> Any:
+            if self.global_config is not None and self.global_config.input_activation is not None:
+                self.fused_relu6 = annotate_conv_relu6(model, self.global_config)
+            return super().annotate(model)
+
+    config = get_symmetric_quantization_config(is_per_channel=per_channel)
+    if observer == "minmax":
+        act = dataclasses.replace(config.input_activation,
+                                  observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+        config = dataclasses.replace(config, input_activation=act, output_activation=act)
+    return _Quantizer().set_global(config)

