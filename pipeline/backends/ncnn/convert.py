@@ -1,0 +1,151 @@
+"""ncnn backend: optimized ONNX -> ncnn param/bin with pnnx; fp32, fp16 and INT8.
+
+* fp32: pnnx ``fp16=0`` (float32 weights); the runner switches ncnn's fp16 options off, which
+  ncnn otherwise turns on by itself on ARMv8.2 CPUs.
+* fp16: pnnx ``fp16=1`` (weights stored as float16: half the file) *and* ncnn's
+  ``use_fp16_storage/packed/arithmetic`` at load time (half-precision blobs and, where the CPU
+  has it, arithmetic). The pnnx flag alone only shrinks the file (ncnn widens the weights back
+  when fp16 storage is off); the load-time options alone would ship an fp32-sized file.
+* int8: written by edgeship from its own calibration (see int8.py and activations.py); pnnx's
+  fp32 model is the starting point.
+
+Build options (``target.builds[].options``):
+    float_layers (list[str]): ncnn layer names to keep float at int8.
+
+After every conversion the artifact runs on the host with the device's runner class and is
+compared with the fp32 ONNX Runtime reference (pipeline.backends.checks, one set of thresholds).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import ConversionError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.backends.base import Artifact, BuildContext
+
+PARAM, BIN = "model.param", "model.bin"
+_NEEDED = {"pnnx": "pnnx", "ncnn": "ncnn", "onnx": "onnx"}
+PNNX_TIMEOUT_S = 900
+
+
+def _pnnx_exe() -> Path | None:
+    """The pnnx executable inside the pnnx wheel, found without importing it (it imports torch)."""
+    spec = importlib.util.find_spec("pnnx")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    exe = Path(list(spec.submodule_search_locations)[0]) / "pnnx"
+    return exe if exe.is_file() else None
+
+
+class NcnnBackend:
+    """pnnx converter + ncnn runtime (runner ``ncnn``)."""
+
+    name = "ncnn"
+    precisions = ("fp32", "fp16", "int8")
+
+    def available(self) -> tuple[bool, str]:
+        """Whether pnnx (with its executable), ncnn and onnx are installed."""
+        missing = [pip for mod, pip in _NEEDED.items() if importlib.util.find_spec(mod) is None]
+        if missing:
+            return False, f"missing {', '.join(missing)}: pip install 'edgeship[ncnn]' (pnnx, ncnn)"
+        if _pnnx_exe() is None:
+            return False, "the pnnx wheel has no pnnx executable for this platform: reinstall pnnx"
+        return True, "pnnx and ncnn are installed"
+
+    def version(self) -> dict[str, str]:
+        """Installed versions of pnnx, ncnn and onnx."""
+        out = {}
+        for dist in ("pnnx", "ncnn", "onnx"):
+            try:
+                out[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        return out
+
+    def convert(self, ctx: "BuildContext", precision: str) -> "Artifact":
+        """Convert ``ctx.onnx_fp32`` at ``precision``; write model.param/.bin; check numerically.
+
+        Raises:
+            ConversionError: unsupported precision or model, pnnx failure, failed numeric check.
+        """
+        from pipeline.backends.base import Artifact
+        from pipeline.backends.checks import check_outputs, run_runner
+        from pipeline.backends.ncnn import paramfile
+
+        if precision not in self.precisions:
+            raise ConversionError(f"ncnn: precision {precision!r} not supported; choose one of {self.precisions}")
+        ok, reason = self.available()
+        if not ok:
+            raise ConversionError(f"ncnn: {reason}")
+        t0 = time.perf_counter()
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        scratch = ctx.workdir / "_pnnx"
+        scratch.mkdir(exist_ok=True)
+        info: dict[str, Any] = {"converter": "pnnx", "source": "onnx"}
+        try:
+            param_path, bin_path, info["onnx_rewrites"] = _run_pnnx(ctx, scratch, fp16=precision == "fp16")
+            model = paramfile.read(param_path)
+            inputs, outputs = model.inputs(), model.outputs()
+            if len(inputs) != 1 or len(outputs) != 1:
+                raise ConversionError(f"ncnn {precision}: expected one input and one output blob, got "
+                                      f"{inputs} and {outputs}")
+            config = {"param": PARAM, "bin": BIN, "input": inputs[0], "output": outputs[0],
+                      "output_shape": [int(d) for d in ctx.reference.shape[1:]],
+                      "fp16": precision == "fp16", "int8": precision == "int8"}
+            if precision == "int8":
+                from pipeline.backends.ncnn.quantize import build_int8
+
+                info["int8"] = build_int8(ctx, model, param_path, bin_path, config, scratch)
+            else:
+                shutil.copyfile(param_path, ctx.workdir / PARAM)
+                shutil.copyfile(bin_path, ctx.workdir / BIN)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)  # pnnx's intermediates are not shipped
+        info["layers"] = len(model.layers)
+        info["size_bytes"] = (ctx.workdir / BIN).stat().st_size + (ctx.workdir / PARAM).stat().st_size
+        info["convert_seconds"] = round(time.perf_counter() - t0, 2)
+        # the same runner class the device uses, on real samples, against fp32 ONNX Runtime
+        got = run_runner("ncnn", ctx.workdir, config, ctx.check.x, 1, ctx.target.threads)
+        info.update(check_outputs(self.name, precision, ctx.reference, got))
+        c = info["check"]
+        ctx.log(f"ncnn {precision}: {info['size_bytes'] / 1024:.0f} KiB, check rel_diff={c['rel_diff']:.2e} "
+                f"sqnr={c['sqnr_db']:.1f}dB top1_agree={c['top1_agreement']:.1f}%")
+        return Artifact(backend=self.name, precision=precision, workdir=ctx.workdir, files=[PARAM, BIN],
+                        runner="ncnn", runner_config=config, info=info)
+
+
+def _run_pnnx(ctx: "BuildContext", scratch: Path, fp16: bool) -> tuple[Path, Path, list[str]]:
+    """Run pnnx on (a prepared copy of) the optimized ONNX model inside ``scratch``.
+
+    pnnx writes its intermediates next to its input, so the input is copied into ``scratch``
+    first: the stage never writes outside its workdir.
+    """
+    from pipeline.backends.ncnn.onnx_prep import fold_identity_gathers
+
+    src = scratch / "model.onnx"
+    rewrites = fold_identity_gathers(Path(ctx.onnx_fp32), src)
+    shape = [1, *[int(d) for d in ctx.spec.input.shape[1:]]]  # ncnn has no batch axis
+    param, binf = scratch / "model.ncnn.param", scratch / "model.ncnn.bin"
+    cmd = [str(_pnnx_exe()), src.name, f"inputshape=[{','.join(map(str, shape))}]", f"fp16={int(fp16)}",
+           f"ncnnparam={param.name}", f"ncnnbin={binf.name}", "ncnnpy=model_ncnn.py",
+           "pnnxparam=model.pnnx.param", "pnnxbin=model.pnnx.bin", "pnnxpy=model_pnnx.py",
+           "pnnxonnx=model.pnnx.onnx"]
+    try:
+        proc = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True, timeout=PNNX_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        raise ConversionError(f"ncnn: pnnx did not finish within {PNNX_TIMEOUT_S} s") from err
+    if proc.returncode != 0 or not param.is_file() or not binf.is_file():
+        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise ConversionError(f"ncnn: pnnx failed (exit {proc.returncode}): {tail[0]}")
+    return param, binf, rewrites
+
+
+BACKEND = NcnnBackend()
