@@ -48,7 +48,8 @@ def _prepare(model_fp32: Path, work: Path) -> tuple[Path, Any]:
     return Path(model_fp32), model
 
 
-def _write(src: Path, out: Path, plan: QuantPlan, cfg: CalibrationConfig, exclude: list[str]) -> Path:
+def _write(src: Path, out: Path, plan: QuantPlan, cfg: CalibrationConfig, exclude: list[str]) -> tuple[Path, list[str]]:
+    """Write the QDQ model; return it and the tensors whose written scale is not the plan's."""
     from calibration.graph import load_model
     from calibration.plan import float_tensors_for
     from calibration.writers.qdq import write_qdq
@@ -66,7 +67,7 @@ def _write(src: Path, out: Path, plan: QuantPlan, cfg: CalibrationConfig, exclud
         quantize_bias=cfg.target != "tensorrt",
         float_tensors=drop,
     )
-    return res.path
+    return res.path, res.mismatches
 
 
 def _score(path: Path, hold: CalibrationSet, ref: np.ndarray, cfg: CalibrationConfig) -> dict[str, float]:
@@ -122,9 +123,11 @@ def quantize_onnx(
         methods = list(METHODS) if cfg.method == "auto" else [cfg.method]
         plans: dict[str, QuantPlan] = {}
         scores: dict[str, dict[str, float]] = {}
+        mismatches: dict[str, list[str]] = {}
         for m in methods:
             plans[m] = make_plan(model, stats, layers, m, sym, cfg.per_channel, cfg.percentile)
-            scores[m] = _score(_write(src, work / f"{m}.onnx", plans[m], cfg, []), hold, ref, cfg)
+            path, mismatches[m] = _write(src, work / f"{m}.onnx", plans[m], cfg, [])
+            scores[m] = _score(path, hold, ref, cfg)
         best = max(methods, key=lambda m: (scores[m]["sqnr_db"], scores[m]["top1_agreement"]))
         if len(methods) > 1:
             others = ", ".join(f"{m} {scores[m]['sqnr_db']:.2f}" for m in methods if m != best)
@@ -147,6 +150,7 @@ def quantize_onnx(
             per_channel=cfg.per_channel,
             target=cfg.target,
             stats_cache_hit=stats.cache_hit,
+            scale_mismatches=mismatches[best],
         )
         if cfg.max_drop_pp is not None:
             report.budget_met = metrics["drop_pp"] <= cfg.max_drop_pp
@@ -193,7 +197,7 @@ def _fallback(
 
     def evaluate(names: list[str]) -> dict[str, float]:
         path = work / f"fallback_{len(paths)}.onnx"
-        _write(src, path, plan, cfg, names)
+        _write(src, path, plan, cfg, names)  # mismatches: same plan, already reported
         paths[tuple(names)] = path
         return _score(path, hold, ref, cfg)
 

@@ -127,6 +127,9 @@ class CalibrationReport:
         per_layer_sqnr: per tensor SQNR of the final quantized model vs fp32 on the holdout.
         ranges: tensor -> (lo, hi) of the chosen method.
         output: path of the written model.
+        scale_mismatches: activations whose scale in the written model differs from the
+            computed one (ONNX Runtime rules the plan did not foresee); empty when every
+            backend gets exactly the same scales.
     """
 
     method: str
@@ -144,6 +147,7 @@ class CalibrationReport:
     per_layer_sqnr: list[dict[str, Any]] = field(default_factory=list)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     output: str = ""
+    scale_mismatches: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (floats rounded for reading; ranges as [lo, hi] lists)."""

@@ -15,13 +15,17 @@ only in some cases), so callers pass ``layer_names`` mapping our node names to t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from calibration.errors import CalibrationError
 
+if TYPE_CHECKING:
+    from calibration.plan import QuantPlan
 
-def write_ncnn_table(path: Path, plan, layer_names: dict[str, str] | None = None) -> dict[str, tuple[np.ndarray, float]]:
+
+def write_ncnn_table(path: Path, plan: QuantPlan, layer_names: dict[str, str] | None = None) -> dict[str, tuple[np.ndarray, float]]:
     """Write the table for every weighted layer of ``plan``.
 
     Args:

@@ -19,10 +19,15 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from calibration.errors import CalibrationError
+
+if TYPE_CHECKING:
+    from calibration.plan import QuantPlan
+    from calibration.writers.qdq import QdqResult
 
 #: TensorRT version tag written in the header; readers of the cache compare it to their own.
 DEFAULT_TRT_VERSION = "8601"
@@ -88,7 +93,7 @@ def read_calibration_cache(path: Path) -> tuple[str, dict[str, float]]:
     return lines[0], scales
 
 
-def write_tensorrt_qdq(model_path: Path, output: Path, plan, verify: bool = True):  # -> QdqResult
+def write_tensorrt_qdq(model_path: Path, output: Path, plan: QuantPlan, verify: bool = True) -> QdqResult:
     """Write the explicit-quantization QDQ model for TensorRT from a symmetric plan.
 
     Raises:

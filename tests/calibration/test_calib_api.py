@@ -27,6 +27,7 @@ def test_auto_scores_every_method_on_holdout(tiny_cnn: Path, calib_samples: np.n
     assert rep.holdout["sqnr_db"] > 20 and (tmp_path / "q.onnx").is_file()
     assert rep.per_layer_sqnr and all("tensor" in r and "sqnr_db" in r for r in rep.per_layer_sqnr)
     assert not rep.stats_cache_hit
+    assert rep.scale_mismatches == []  # the written scales are exactly the computed ones
     json.dumps(rep.to_dict())  # JSON-able
 
     # choosing another method reuses the statistics: no calibration run
