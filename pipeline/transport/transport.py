@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from pipeline.errors import DeviceError
 from pipeline.spec import Host, TargetSpec
-from pipeline.transport.base import Executor, ProgressFn, python_cmd, q, with_deadline
+from pipeline.transport.base import CommandTimeout, Executor, ProgressFn, python_cmd, q, with_deadline
 from pipeline.transport.lock import DeviceLock
 from pipeline.transport.local import LocalExecutor
 from pipeline.transport.releases import FaultHooks, ReleaseStore
@@ -175,13 +175,20 @@ class Transport:
                f"EDGESHIP_DEVICE_ROOT={root} && "
                + with_deadline(f"{q(self.agent_python)} -m edgeship_agent {argv}", timeout_s))
         # The device's own timeout(1) fires first and reports 124; the host deadline is the backstop.
-        r = self.executor.run(cmd, timeout_s + 5.0)
+        try:
+            r = self.executor.run(cmd, timeout_s + 5.0)
+        except CommandTimeout:
+            raise CommandTimeout(f"{self.executor.name}: agent {' '.join(args[:1])} did not finish within {timeout_s:g} s "
+                                 "and the device stopped answering (frozen or overloaded?); check the device") from None
         if r.rc == 97:
             raise DeviceError(f"{self.executor.name}: no release deployed under {self.root}; run `edgeship deploy` first")
         if r.rc == 124:
             raise DeviceError(f"{self.executor.name}: agent {' '.join(args[:1])} did not finish within {timeout_s:g} s "
                               "and was stopped; raise the timeout or reduce validation runs")
         lines = r.out.strip().splitlines()
+        if r.rc < 0:  # ssh: no exit status (killed by a signal); local: -signal
+            raise DeviceError(f"{self.executor.name}: agent {' '.join(args[:1])} was killed by a signal (out of memory, "
+                              f"or a crash in the runtime?); {r.tail(2)}")
         if r.rc != 0 or not lines:
             raise DeviceError(f"{self.executor.name}: agent {' '.join(args[:1])} failed (exit {r.rc}): {r.tail(2)}")
         try:
