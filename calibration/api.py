@@ -48,15 +48,23 @@ def _prepare(model_fp32: Path, work: Path) -> tuple[Path, Any]:
     return Path(model_fp32), model
 
 
-def _write(src: Path, out: Path, plan: QuantPlan, cfg: CalibrationConfig, exclude: list[str]) -> tuple[Path, list[str]]:
+def _write(
+    src: Path, model: Any, out: Path, plan: QuantPlan, cfg: CalibrationConfig, exclude: list[str]
+) -> tuple[Path, list[str]]:
     """Write the QDQ model; return it and the tensors whose written scale is not the plan's."""
-    from calibration.graph import load_model
-    from calibration.plan import float_tensors_for
+    import onnx
+
+    from calibration.plan import corrected_model, float_tensors_for
     from calibration.writers.qdq import write_qdq
 
-    drop = float_tensors_for(load_model(src), exclude) if exclude else set()
+    qsrc = src
+    if plan.bias:
+        # bias correction lives in the float model that ORT quantizes; float layers keep theirs
+        qsrc = out.with_name(out.stem + "_fp32_corrected.onnx")
+        onnx.save(corrected_model(model, plan, exclude), str(qsrc))
+    drop = float_tensors_for(model, exclude) if exclude else set()
     res = write_qdq(
-        src,
+        qsrc,
         out,
         plan.ranges,
         plan.acts,
@@ -125,8 +133,8 @@ def quantize_onnx(
         scores: dict[str, dict[str, float]] = {}
         mismatches: dict[str, list[str]] = {}
         for m in methods:
-            plans[m] = make_plan(model, stats, layers, m, sym, cfg.per_channel, cfg.percentile)
-            path, mismatches[m] = _write(src, work / f"{m}.onnx", plans[m], cfg, [])
+            plans[m] = make_plan(model, stats, layers, m, sym, cfg.per_channel, cfg.percentile, cfg.bias_correction)
+            path, mismatches[m] = _write(src, model, work / f"{m}.onnx", plans[m], cfg, [])
             scores[m] = _score(path, hold, ref, cfg)
         best = max(methods, key=lambda m: (scores[m]["sqnr_db"], scores[m]["top1_agreement"]))
         if len(methods) > 1:
@@ -151,6 +159,7 @@ def quantize_onnx(
             target=cfg.target,
             stats_cache_hit=stats.cache_hit,
             scale_mismatches=mismatches[best],
+            bias_corrected=sorted(plan.bias),
         )
         if cfg.max_drop_pp is not None:
             report.budget_met = metrics["drop_pp"] <= cfg.max_drop_pp
@@ -189,7 +198,7 @@ def _fallback(
 
     if not layers:
         raise CalibrationError("the model has no quantizable weighted layers; nothing to fall back")
-    gated = build_gated_model(model, layers, plan.acts, plan.weights, cfg.threads)
+    gated = build_gated_model(model, layers, plan.acts, plan.weights, cfg.threads, plan.bias)
     # sensitivity ranks layers; a bounded subset of the holdout keeps it fast on big models
     k = min(len(hold), SENSITIVITY_SAMPLES)
     ranked = layer_sensitivity(gated, hold.samples[:k], ref[:k], None if hold.labels is None else hold.labels[:k])
@@ -197,7 +206,7 @@ def _fallback(
 
     def evaluate(names: list[str]) -> dict[str, float]:
         path = work / f"fallback_{len(paths)}.onnx"
-        _write(src, path, plan, cfg, names)  # mismatches: same plan, already reported
+        _write(src, model, path, plan, cfg, names)  # mismatches: same plan, already reported
         paths[tuple(names)] = path
         return _score(path, hold, ref, cfg)
 
@@ -251,4 +260,6 @@ def build_plan(
             src = Path(tmp) / "prepared.onnx"
             onnx.save(model, str(src))
         stats = collect_statistics(src, fit, cache_dir, cfg.bins, cfg.batch_size, cfg.threads)
-    return make_plan(model, stats, weighted_layers(model), method, cfg.symmetric, cfg.per_channel, cfg.percentile)
+    return make_plan(
+        model, stats, weighted_layers(model), method, cfg.symmetric, cfg.per_channel, cfg.percentile, cfg.bias_correction
+    )

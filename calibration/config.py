@@ -34,6 +34,9 @@ class CalibrationConfig:
         batch_size: samples per inference call during statistics and scoring.
         threads: onnxruntime intra-op threads (None: its default).
         max_fallback_layers: most layers fallback may keep in float (None: all but one).
+        bias_correction: fold the mean output shift of weight rounding into Conv/Gemm biases
+            (the written QDQ model carries the corrected biases; see
+            :func:`calibration.plan.bias_correction`).
     """
 
     method: str = "auto"
@@ -49,6 +52,7 @@ class CalibrationConfig:
     batch_size: int = 16
     threads: int | None = None
     max_fallback_layers: int | None = None
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_CHOICES:
@@ -130,6 +134,7 @@ class CalibrationReport:
         scale_mismatches: activations whose scale in the written model differs from the
             computed one (ONNX Runtime rules the plan did not foresee); empty when every
             backend gets exactly the same scales.
+        bias_corrected: bias initializers whose values the written model corrects.
     """
 
     method: str
@@ -148,6 +153,7 @@ class CalibrationReport:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     output: str = ""
     scale_mismatches: list[str] = field(default_factory=list)
+    bias_corrected: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (floats rounded for reading; ranges as [lo, hi] lists)."""

@@ -60,6 +60,7 @@ def build_gated_model(
     acts: dict[str, QParams],
     weights: dict[str, QParams],
     threads: int | None = None,
+    bias: dict[str, np.ndarray] | None = None,
 ) -> GatedModel:
     """Build the gated model from the fp32 ``model`` (an onnx.ModelProto, not modified).
 
@@ -69,6 +70,8 @@ def build_gated_model(
         acts: activation parameters (a layer's input without parameters stays float).
         weights: weight parameters per initializer.
         threads: onnxruntime intra-op threads.
+        bias: corrected biases (bias correction is part of quantizing a layer, so it is gated
+            with it: the twin node adds ``corrected - original``).
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -103,7 +106,12 @@ def build_gated_model(
             twin = onnx.NodeProto()
             twin.CopyFrom(node)
             twin.name = f"{node.name}__edgeship_delta"
-            del twin.input[2:]  # no bias: the bias is added once, by the main node
+            del twin.input[2:]  # the main node adds the original bias once
+            b_name = node.input[2] if len(node.input) > 2 else ""
+            if bias and b_name in bias:
+                db = (bias[b_name] - inits[b_name]).astype(np.float32)
+                g.initializer.append(numpy_helper.from_array(db, f"{b_name}__edgeship_db_{i}"))
+                twin.input.append(f"{b_name}__edgeship_db_{i}")
             twin.input[1] = dname
             twin.output[0] = f"{y}__edgeship_delta"
             node.output[0] = f"{y}__edgeship_main"

@@ -35,6 +35,8 @@ class TensorStats:
         count: number of values seen.
         zeros: number of exact zeros (ReLU outputs); every quantizer with an integer zero
             point represents them exactly, so entropy and MSE leave them out.
+        channel_mean: mean per channel (axis 1 of an N,C,... tensor, the last axis of a 2-D
+            one), used by bias correction; None for other ranks.
     """
 
     name: str
@@ -43,6 +45,7 @@ class TensorStats:
     hist: np.ndarray
     count: int
     zeros: int = 0
+    channel_mean: np.ndarray | None = None
 
     @property
     def absmax(self) -> float:
@@ -122,6 +125,8 @@ def _save(path: Path, stats: Statistics) -> None:
         maxs=np.array([stats.tensors[n].max for n in names], np.float64),
         counts=np.array([stats.tensors[n].count for n in names], np.int64),
         zeros=np.array([stats.tensors[n].zeros for n in names], np.int64),
+        **{f"mean_{i}": stats.tensors[n].channel_mean for i, n in enumerate(names)
+           if stats.tensors[n].channel_mean is not None},
         hists=np.stack([stats.tensors[n].hist for n in names]),
         meta=np.array(json.dumps({"model": stats.model_sha256, "calib": stats.calib_hash, "options": stats.options})),
     )
@@ -132,8 +137,13 @@ def _load(path: Path) -> Statistics:
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         tensors = {
-            str(n): TensorStats(str(n), float(lo), float(hi), h.astype(np.int64), int(c), int(zc))
-            for n, lo, hi, c, h, zc in zip(z["names"], z["mins"], z["maxs"], z["counts"], z["hists"], z["zeros"])
+            str(n): TensorStats(
+                str(n), float(lo), float(hi), h.astype(np.int64), int(c), int(zc),
+                z[f"mean_{i}"] if f"mean_{i}" in z.files else None,
+            )
+            for i, (n, lo, hi, c, h, zc) in enumerate(
+                zip(z["names"], z["mins"], z["maxs"], z["counts"], z["hists"], z["zeros"])
+            )
         }
     return Statistics(tensors, meta["model"], meta["calib"], meta["options"], cache_hit=True, cache_path=path)
 
@@ -164,7 +174,7 @@ def collect_statistics(
 
     t0 = time.perf_counter()
     model_sha = file_sha256(model_path)
-    options = {"bins": int(bins), "format": 2}
+    options = {"bins": int(bins), "format": 3}
     key = _cache_key(model_sha, calib.content_hash, options)
     path = Path(cache_dir) / f"stats-{key}.npz" if cache_dir is not None else None
     if path is not None and path.exists():
@@ -185,6 +195,8 @@ def collect_statistics(
     maxs = {n: -np.inf for n in names}
     counts = dict.fromkeys(names, 0)
     zeros = dict.fromkeys(names, 0)
+    sums: dict[str, np.ndarray | None] = dict.fromkeys(names)
+    rows = dict.fromkeys(names, 0)
     for _, outs in run_batches(session, calib.samples, batch_size, names):
         for n, o in zip(names, outs):
             if o.size:
@@ -192,6 +204,11 @@ def collect_statistics(
                 maxs[n] = max(maxs[n], float(o.max()))
                 counts[n] += int(o.size)
                 zeros[n] += int(np.count_nonzero(o == 0))
+                if o.ndim >= 2:
+                    red = (0, *range(2, o.ndim)) if o.ndim >= 3 else (0,)
+                    part = o.sum(axis=red, dtype=np.float64)
+                    sums[n] = part if sums[n] is None else sums[n] + part
+                    rows[n] += o.size // o.shape[1]
     # pass 2: signed histogram over [-absmax, absmax]; bincount on computed indices is several
     # times faster than np.histogram for millions of values.
     nb = 2 * bins
@@ -209,7 +226,10 @@ def collect_statistics(
             np.clip(idx, 0, nb - 1, out=idx)
             hists[n] += np.bincount(idx, minlength=nb)
     tensors = {
-        n: TensorStats(n, float(mins[n]), float(maxs[n]), hists[n], counts[n], zeros[n])
+        n: TensorStats(
+            n, float(mins[n]), float(maxs[n]), hists[n], counts[n], zeros[n],
+            None if sums[n] is None else (sums[n] / max(1, rows[n])).astype(np.float64),
+        )
         for n in names
         if counts[n]
     }

@@ -49,10 +49,12 @@ def test_tensorrt_target_is_symmetric(tiny_cnn: Path, calib_samples: np.ndarray,
 def test_fallback_finds_planted_sensitive_layer(tmp_path: Path, calib_samples: np.ndarray) -> None:
     model = build_cnn(tmp_path / "planted.onnx", seed=3, outlier_channel=3000.0)
     calib = CalibrationSet.from_arrays(calib_samples)
-    no_budget = quantize_onnx(model, tmp_path / "a.onnx", calib, CalibrationConfig(method="minmax"))
+    # bias correction off: it would re-centre the logits of this toy model and hide the damage
+    # from top-1 (not from SQNR); the planted damage is the activation range, not weight rounding
+    no_budget = quantize_onnx(model, tmp_path / "a.onnx", calib, CalibrationConfig(method="minmax", bias_correction=False))
     assert no_budget.holdout["drop_pp"] > 5  # the outlier channel really hurts
 
-    cfg = CalibrationConfig(method="minmax", max_drop_pp=0.0)
+    cfg = CalibrationConfig(method="minmax", max_drop_pp=0.0, bias_correction=False)
     rep = quantize_onnx(model, tmp_path / "b.onnx", calib, cfg)
     assert rep.budget_met is True
     assert [f.name for f in rep.fallback_layers] == ["conv2"]  # just the planted layer
@@ -71,10 +73,10 @@ def test_fallback_finds_planted_sensitive_layer(tmp_path: Path, calib_samples: n
 def test_fallback_reports_unmeetable_budget(tmp_path: Path, calib_samples: np.ndarray) -> None:
     model = build_cnn(tmp_path / "planted.onnx", seed=3, outlier_channel=3000.0)
     calib = CalibrationSet.from_arrays(calib_samples)
-    cfg = CalibrationConfig(method="minmax", max_drop_pp=0.0, max_fallback_layers=0)
+    cfg = CalibrationConfig(method="minmax", max_drop_pp=0.0, max_fallback_layers=0, bias_correction=False)
     rep = quantize_onnx(model, tmp_path / "c.onnx", calib, cfg)
     assert rep.budget_met is False and "budget" in rep.budget_reason
-    cfg = CalibrationConfig(method="minmax", max_drop_pp=0.0, fallback=False)
+    cfg = CalibrationConfig(method="minmax", max_drop_pp=0.0, fallback=False, bias_correction=False)
     rep = quantize_onnx(model, tmp_path / "d.onnx", calib, cfg)
     assert rep.budget_met is False and "fallback is off" in rep.budget_reason
 
@@ -113,7 +115,27 @@ def test_build_plan_reuses_statistics_and_feeds_other_writers(
 
 def test_per_layer_table_points_at_planted_layer(tmp_path: Path, calib_samples: np.ndarray) -> None:
     model = build_cnn(tmp_path / "planted.onnx", seed=3, outlier_channel=3000.0)
-    rep = quantize_onnx(model, tmp_path / "q.onnx", CalibrationSet.from_arrays(calib_samples), CalibrationConfig(method="minmax"))
+    cfg = CalibrationConfig(method="minmax", bias_correction=False)
+    rep = quantize_onnx(model, tmp_path / "q.onnx", CalibrationSet.from_arrays(calib_samples), cfg)
     table = {r["tensor"]: r["sqnr_db"] for r in rep.per_layer_sqnr}
     # the damage enters at conv2 (its input r1 is fine on its own; its output r2 is not)
     assert table["x"] > 30 and table["r2"] < 10
+
+
+def test_bias_correction_removes_weight_rounding_shift(tiny_cnn: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    # inputs with a large mean: weight rounding error times that mean is a systematic shift
+    x = np.random.default_rng(1).normal(1.5, 1.0, (64, 3, 8, 8)).astype(np.float32)
+    calib = CalibrationSet.from_arrays(x)
+    off = quantize_onnx(tiny_cnn, tmp_path / "off.onnx", calib, CalibrationConfig(method="minmax", bias_correction=False))
+    on = quantize_onnx(tiny_cnn, tmp_path / "on.onnx", calib, CalibrationConfig(method="minmax"))
+    assert off.bias_corrected == [] and on.bias_corrected == ["b1", "b2", "b3"]
+    assert on.holdout["sqnr_db"] > off.holdout["sqnr_db"] + 2.0
+    # the written model carries the corrected bias (int32, scale = input scale * weight scale)
+    m = onnx.load(str(tmp_path / "on.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    b1 = inits["b1_quantized"] * inits["b1_quantized_scale"]
+    orig = numpy_helper.to_array(next(i for i in onnx.load(str(tiny_cnn)).graph.initializer if i.name == "b1"))
+    assert not np.allclose(b1, orig, atol=1e-3)
