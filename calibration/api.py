@@ -172,6 +172,10 @@ def quantize_onnx(
                 )
         output.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(final, output)
+        if cfg.target == "tensorrt":
+            from calibration.writers.tensorrt import check_tensorrt_rules
+
+            check_tensorrt_rules(output)  # symmetric int8, zero point 0, output-axis channels
         report.holdout = metrics
         report.per_layer_sqnr = per_layer_sqnr(src, output, hold.samples, cfg.batch_size, cfg.threads)
         report.ranges = plan.ranges
