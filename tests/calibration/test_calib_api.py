@@ -13,7 +13,7 @@ from calibration import CalibrationConfig, CalibrationSet, quantize_onnx
 from calibration.errors import CalibrationConfigError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import build_cnn  # noqa: E402
+from calib_models import build_cnn  # noqa: E402
 
 
 def test_auto_scores_every_method_on_holdout(tiny_cnn: Path, calib_samples: np.ndarray, tmp_path: Path) -> None:
