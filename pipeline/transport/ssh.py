@@ -201,13 +201,18 @@ class SshExecutor:
     # -- commands --------------------------------------------------------------------------------
 
     def run(self, cmd: str, timeout: float, stdin: str | None = None) -> Result:
+        limit = max(1, math.ceil(timeout))
+        t0 = time.monotonic()
+        timed_out = False
         try:
-            r = self.conn.run(cmd, hide=True, warn=True, pty=False, timeout=max(1, math.ceil(timeout)),
+            r = self.conn.run(cmd, hide=True, warn=True, pty=False, timeout=limit,
                               in_stream=StringIO(stdin) if stdin is not None else False)
+            # invoke decides "timed out" by whether its timer thread is still alive, which races with
+            # the channel close its own timer triggers: a killed command can come back as an
+            # ordinary result without exit status. Past the deadline with no status = timed out.
+            timed_out = r.exited in (None, -1) and time.monotonic() - t0 >= limit - 0.05
         except CommandTimedOut:
-            self._drop()  # a frozen peer leaves the connection unusable; the next call reconnects
-            raise CommandTimeout(f"{self.name}: command did not finish within {timeout:g} s (device frozen or "
-                                 "overloaded?); raise transport.command_timeout_s if the work is legitimately slow") from None
+            timed_out = True
         except _NET_ERRORS as exc:
             self._drop()
             if isinstance(exc, socket.timeout) or "Timeout" in str(exc):
@@ -216,6 +221,10 @@ class SshExecutor:
                                      "overloaded?") from None
             raise DeviceError(f"{self.name}: connection lost while running a command ({exc or type(exc).__name__}); "
                               "check the device and retry") from None
+        if timed_out:
+            self._drop()  # a frozen peer leaves the connection unusable; the next call reconnects
+            raise CommandTimeout(f"{self.name}: command did not finish within {timeout:g} s (device frozen or "
+                                 "overloaded?); raise transport.command_timeout_s if the work is legitimately slow")
         return Result(r.exited if r.exited is not None else -1, r.stdout, r.stderr)
 
     def spawn(self, cmd: str) -> _SshProcess:

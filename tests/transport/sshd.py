@@ -99,7 +99,10 @@ class Sshd:
 
     def freeze(self, pids: list[int]) -> None:
         for p in pids:
-            os.kill(p, signal.SIGSTOP)
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass  # a session that ended between listing and signalling: nothing left to stop
 
     def thaw(self, pids: list[int]) -> None:
         for p in pids:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -59,7 +60,7 @@ def test_trust_requires_confirmation_and_refuses_silent_replacement(sshd: Sshd, 
     real_fp = hostkeys.fingerprint(hostkeys.key_from_line(sshd.host_key_line))
     auths = sshd.userauth_requests()
 
-    with pytest.raises(DeviceError, match=rf"presents {real_fp}; not trusted without confirmation"):
+    with pytest.raises(DeviceError, match=rf"presents {re.escape(real_fp)}; not trusted without confirmation"):
         hostkeys.trust(target, host)
     with pytest.raises(DeviceError, match="not the expected SHA256:AAAA"):
         hostkeys.trust(target, host, expected="SHA256:AAAA")
@@ -70,7 +71,7 @@ def test_trust_requires_confirmation_and_refuses_silent_replacement(sshd: Sshd, 
         assert t.probe()["arch"]
 
     hostkeys.enrol_public_key(target, host, _other_key_line(tmp_path))
-    with pytest.raises(DeviceError, match=rf"CHANGED \(now {real_fp}.*--fingerprint {real_fp}"):
+    with pytest.raises(DeviceError, match=rf"CHANGED \(now {re.escape(real_fp)}.*--fingerprint {re.escape(real_fp)}"):
         hostkeys.trust(target, host, yes=True)  # --yes alone never replaces a changed key
     assert hostkeys.trust(target, host, expected=real_fp)["status"] == "replaced"
     assert len(known.read_text().splitlines()) == 1
