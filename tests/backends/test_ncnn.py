@@ -109,11 +109,10 @@ def build_and_evaluate(spec: Any, tmp: Path, precisions: list[str]) -> dict[str,
     release's evaluation set (vs labels, else vs the fp32 reference), with the device runner."""
     from pipeline.build import build
     from pipeline.cache import Cache
-    from pipeline.spec import load_target
+    from pipeline.spec import BuildSpec, load_target
 
     target = load_target("local").model_copy(deep=True)
-    target.builds[0].backend = NAME
-    target.builds[0].precisions = precisions
+    target.builds = [BuildSpec(backend=NAME, precisions=precisions)]
     result = build(spec, target, tmp / "out", cache=Cache(tmp / "cache"), log=lambda s: None)
     data = np.load(result.release_dir / "data" / "eval.npz")
     truth = data["y"] if "y" in data.files else data["reference"].argmax(1)

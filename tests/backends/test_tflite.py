@@ -105,11 +105,10 @@ def build_and_evaluate(backend: str, spec: Any, tmp: Path, precisions: list[str]
     from pipeline.backends.checks import run_runner
     from pipeline.build import build
     from pipeline.cache import Cache
-    from pipeline.spec import load_target
+    from pipeline.spec import BuildSpec, load_target
 
     target = load_target("local").model_copy(deep=True)
-    target.builds[0].backend = backend
-    target.builds[0].precisions = precisions
+    target.builds = [BuildSpec(backend=backend, precisions=precisions)]
     result = build(spec, target, tmp / "out", cache=Cache(tmp / "cache"), log=lambda s: None)
     data = np.load(result.release_dir / "data" / "eval.npz")
     truth = data["y"] if "y" in data.files else data["reference"].argmax(1)
@@ -172,6 +171,19 @@ def test_int8_io_option_records_quant_params(convert: Callable[..., Artifact]) -
     x = digits(8, offset=200)
     # the same integer graph: quantizing in the runner equals the model's own QUANTIZE op
     np.testing.assert_allclose(run_artifact(int_io, x), run_artifact(float_io, x), atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+def test_float_layers_option_keeps_a_layer_float(tmp_path: Path) -> None:
+    ctx = make_context(tmp_path, NAME, tiny_cnn, digits(16), digits(8, offset=16), {"float_layers": ["0"]})
+    art = get_backend(NAME).convert(ctx, "int8")
+    assert art.info["quantization"]["kept_float"] == ["0"]  # nn.Sequential index of the first conv
+    assert art.info["tensor_types"]["float32"] > 2  # a float conv inside the integer graph
+    ctx.workdir = tmp_path / "again"
+    ctx.build.options["float_layers"] = ["no_such_layer"]
+    with pytest.raises(ConversionError, match="no_such_layer"):
+        get_backend(NAME).convert(ctx, "int8")
 
 
 @pytest.mark.slow

@@ -95,6 +95,8 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
     Activations: int8 per tensor; observer from ``options["observer"]`` (``minmax`` default,
     ``histogram`` for L2-optimal clipping at ~10x the calibration time). Conv + ReLU6 is fused
     (see quantizer.py): litert-torch's stock quantizer would not, and loses the model.
+    Layers named in ``options["float_layers"]`` and, with ``calibration.fallback``, the layers
+    sensitivity.py picks stay float (mixed model: DEQUANTIZE -> float op -> QUANTIZE).
     """
     import litert_torch
     import torch
@@ -105,10 +107,21 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
 
     per_channel = bool(ctx.spec.calibration.per_channel)
     observer = str(ctx.build.options.get("observer", "minmax"))
-    quantizer = make_quantizer(per_channel, observer)
+    float_layers = [str(n) for n in ctx.build.options.get("float_layers") or ()]
+    fallback: dict[str, Any] = {"applied": False}
+    if ctx.spec.calibration.fallback:
+        from pipeline.backends.tflite.sensitivity import choose_float_layers
+
+        chosen, fallback = choose_float_layers(ctx.torch_model().eval(), np.asarray(ctx.calibration.x), per_channel)
+        fallback["applied"] = bool(chosen)
+        float_layers += [n for n in chosen if n not in float_layers]
+    quantizer = make_quantizer(per_channel, observer, float_layers)
     t0 = time.perf_counter()
     graph = torch.export.export(p.module, (p.sample,)).module()
     graph = prepare_pt2e(graph, quantizer)
+    missing = sorted(set(float_layers) - set(quantizer.kept_float))
+    if missing:  # checked before the (long) calibration pass
+        raise ValueError(f"float_layers {missing} match no conv / linear module of the model")
     calib = to_model_layout(p, np.asarray(ctx.calibration.x, dtype=np.float32))
     usable = (calib.shape[0] // p.batch) * p.batch  # the exported graph has a static batch
     with torch.no_grad():
@@ -122,6 +135,8 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
         "weights": "per-channel" if per_channel else "per-tensor",
         "activation_observer": observer,
         "fused_conv_relu6": int(quantizer.fused_relu6),
+        "kept_float": list(quantizer.kept_float),
+        "fallback": fallback,
         "calibration_samples": int(usable),
         "calibration_sha256": ctx.calibration.sha256,
         "calibration_seconds": round(calib_s, 2),

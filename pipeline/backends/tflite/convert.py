@@ -12,6 +12,8 @@ Build options (``target.builds[].options``):
     channels_last_io (bool, default false): convert an NCHW model with an NHWC input (no
         leading TRANSPOSE in the graph); the runner transposes the NCHW samples.
     observer ("minmax" | "histogram", default "minmax"): INT8 activation observer (build.py).
+    float_layers (list[str]): PyTorch module names whose conv / linear stay float at INT8
+        (added to those ``calibration.fallback`` picks, see sensitivity.py).
 
 After every conversion the artifact runs on the host with the device's runner class and is
 compared with the fp32 ONNX Runtime reference (pipeline.backends.checks, one set of thresholds).

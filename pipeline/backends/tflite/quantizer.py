@@ -38,6 +38,36 @@ def _is_relu6(node: Any) -> bool:
     return (float(lo), float(hi)) == _RELU6_BOUNDS
 
 
+def _module_name(node: Any) -> str:
+    """Qualified name of the innermost nn.Module a graph node came from ('' if unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def keep_float(model: Any, layers: list[str]) -> list[str]:
+    """Mark the conv / linear nodes of the named modules as handled-without-quantization.
+
+    The stock annotators skip nodes that are already annotated, so these ops stay float and
+    PT2E puts a quantize/dequantize pair at their boundaries (TFLite: DEQUANTIZE -> float op ->
+    QUANTIZE). Names match the module path, also under a wrapper (``wrapped.<name>``).
+
+    Returns:
+        The module names that matched a node.
+    """
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    matched = []
+    for node in model.graph.nodes:
+        if not _is_call(node, _CONVS + ("linear", "addmm")):
+            continue
+        name = _module_name(node)
+        hit = next((n for n in layers if name == n or name.endswith("." + n)), None)
+        if hit is not None:
+            node.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
+            matched.append(hit)
+    return sorted(set(matched))
+
+
 def annotate_conv_relu6(model: Any, config: Any) -> int:
     """Annotate every Conv -> ReLU6 pair of ``model`` (an FX graph) as one quantized unit.
 
@@ -83,10 +113,11 @@ def annotate_conv_relu6(model: Any, config: Any) -> int:
 OBSERVERS = ("histogram", "minmax")
 
 
-def make_quantizer(per_channel: bool, observer: str = "histogram") -> Any:
+def make_quantizer(per_channel: bool, observer: str = "histogram", float_layers: list[str] | None = None) -> Any:
     """A static symmetric-int8 PT2E quantizer (litert-torch's) that also fuses Conv + ReLU6.
 
     Args:
+        float_layers: module names whose conv / linear stay float (fallback, user option).
         per_channel: per-output-channel weight scales (else per tensor).
         observer: activation observer. ``histogram`` (litert-torch's default) clips ranges to
             minimise L2 error but costs seconds per sample on large models; ``minmax`` keeps
@@ -104,9 +135,11 @@ def make_quantizer(per_channel: bool, observer: str = "histogram") -> Any:
         """PT2EQuantizer + Conv/ReLU6 fusion (see module docstring)."""
 
         fused_relu6 = 0
+        kept_float: list[str] = []
 
         def annotate(self, model: Any) -> Any:
             if self.global_config is not None and self.global_config.input_activation is not None:
+                self.kept_float = keep_float(model, list(float_layers or ()))
                 self.fused_relu6 = annotate_conv_relu6(model, self.global_config)
             return super().annotate(model)
 
