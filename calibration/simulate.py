@@ -47,10 +47,18 @@ class GatedModel:
     def run(self, samples: np.ndarray, on: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """First output with layer i quantized where ``on[i]`` is true."""
         feeds_g = {g: np.array(1.0 if v else 0.0, np.float32) for g, v in zip(self.gate_names, on)}
+        data = next(i for i in self.session.get_inputs() if i.name == self.input_name)
+        fixed = data.shape[0] if data.shape and isinstance(data.shape[0], int) and data.shape[0] > 0 else None
+        bs = fixed or batch_size
         outs = []
-        for s in range(0, samples.shape[0], batch_size):
-            feeds = {self.input_name: samples[s : s + batch_size], **feeds_g}
-            outs.append(self.session.run([self.output_name], feeds)[0])
+        for s in range(0, samples.shape[0], bs):
+            batch = samples[s : s + bs]
+            real = batch.shape[0]
+            if fixed and real < fixed:
+                # a fixed-batch model: pad the last batch, drop the padded rows from the output
+                batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - real, axis=0)])
+            feeds = {self.input_name: np.ascontiguousarray(batch), **feeds_g}
+            outs.append(self.session.run([self.output_name], feeds)[0][:real])
         return np.concatenate(outs).astype(np.float32, copy=False)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 
-def build_cnn(path: Path, seed: int = 0, outlier_channel: float | None = None) -> Path:
+def build_cnn(path: Path, seed: int = 0, outlier_channel: float | None = None, batch: int | str = "N") -> Path:
     """x[N,3,8,8] -> Conv(3->8)+Relu -> Conv(8->8)+Relu -> GlobalAveragePool -> Flatten -> Gemm(8->4).
 
     With ``outlier_channel`` = k, channel 0 of the first conv is scaled by k and the second
@@ -42,8 +42,8 @@ def build_cnn(path: Path, seed: int = 0, outlier_channel: float | None = None) -
     graph = helper.make_graph(
         nodes,
         "tiny_cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 4])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

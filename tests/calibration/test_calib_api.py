@@ -70,6 +70,14 @@ def test_fallback_finds_planted_sensitive_layer(tmp_path: Path, calib_samples: n
     assert producers.get(conv2.input[0]) != "DequantizeLinear" and conv2.input[1] == "w2"
 
 
+def test_fallback_on_a_fixed_batch_model(tmp_path: Path, calib_samples: np.ndarray) -> None:
+    """Exported edge models usually have a static batch of 1: sensitivity runs must respect it."""
+    model = build_cnn(tmp_path / "b1.onnx", seed=3, outlier_channel=3000.0, batch=1)
+    cfg = CalibrationConfig(method="minmax", max_drop_pp=0.0, bias_correction=False, batch_size=16)
+    rep = quantize_onnx(model, tmp_path / "b1q.onnx", CalibrationSet.from_arrays(calib_samples), cfg)
+    assert rep.budget_met is True and [f.name for f in rep.fallback_layers] == ["conv2"]
+
+
 def test_fallback_reports_unmeetable_budget(tmp_path: Path, calib_samples: np.ndarray) -> None:
     model = build_cnn(tmp_path / "planted.onnx", seed=3, outlier_channel=3000.0)
     calib = CalibrationSet.from_arrays(calib_samples)

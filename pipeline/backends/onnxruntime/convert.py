@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.backends.base import Artifact, BuildContext
 from pipeline.backends.checks import check_outputs, run_runner
@@ -73,8 +75,22 @@ def quantize_int8(ctx: BuildContext, out: Path) -> dict[str, Any]:
                             per_channel=cal.per_channel, holdout_fraction=cal.holdout_fraction,
                             max_drop_pp=budget, fallback=cal.fallback, target="onnxruntime")
     calib = CalibrationSet(ctx.calibration.x, tuple(ctx.calibration.ids), ctx.calibration.y)
-    report = quantize_onnx(ctx.onnx_fp32, out, calib, cfg, ctx.cache_dir / "calibration")
+    with quiet_root_logger():
+        report = quantize_onnx(ctx.onnx_fp32, out, calib, cfg, ctx.cache_dir / "calibration")
     return report.to_dict()
+
+
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """onnxruntime.quantization logs advice ("consider pre-processing") on the root logger at
+    WARNING for every quantize call; edgeship has already optimized the graph, so mute it."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _ort_default(ctx: BuildContext, out: Path) -> dict[str, Any]:
@@ -97,7 +113,8 @@ def _ort_default(ctx: BuildContext, out: Path) -> dict[str, Any]:
             return {ctx.input_name: chunk}
 
     t0 = time.perf_counter()
-    quantize_static(str(ctx.onnx_fp32), str(out), Reader())
+    with quiet_root_logger():
+        quantize_static(str(ctx.onnx_fp32), str(out), Reader())
     return {"method": "ort-default", "calibration_time_s": round(time.perf_counter() - t0, 3)}
 
 
