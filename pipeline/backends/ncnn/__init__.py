@@ -1,0 +1,1 @@
+"""ncnn backend (pnnx converter, edgeship-written INT8); see convert.py."""

@@ -1,0 +1,1 @@
+"""TFLite / LiteRT backend (litert-torch converter); see convert.py."""
