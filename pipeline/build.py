@@ -163,7 +163,7 @@ def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | 
         for precision in build_spec.precisions:
             ctx_parts = {
                 "onnx": onnx_sha, "weights": weights, "backend": backend.name, "precision": precision,
-                "versions": backend.version(), "options": build_spec.options, "threads": target.threads,
+                "versions": backend.version(), "options": build_spec.options,
                 "calibration": spec.calibration.model_dump(exclude={"source", "limit"}) | {"sha256": calib.sha256},
                 "budget": [spec.accuracy.max_drop_pp, target.limits.max_accuracy_drop_pp],
                 "input": spec.input.model_dump(), "edgeship": __version__,

@@ -109,6 +109,7 @@ def _deploy_one(built: BuildResult, host: Host | None, rollback_on_fail: bool,
     from pipeline.transport import open_transport
 
     target, spec = built.target, built.spec
+    started = time.time()
     with open_transport(target, host) as tr:
         name = tr.name
         with tr.lock(wait_s=LOCK_WAIT_S):
@@ -132,6 +133,7 @@ def _deploy_one(built: BuildResult, host: Host | None, rollback_on_fail: bool,
                 else:
                     result["rolled_back"] = False
                     log(f"{name}: gate failed and there is no previous release to roll back to")
+    result["started_at"], result["finished_at"] = round(started, 3), round(time.time(), 3)
     return result
 
 

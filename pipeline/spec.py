@@ -180,6 +180,8 @@ class Host(_Strict):
     port: int = Field(22, gt=0, lt=65536)
     user: str = "root"
     key_file: str | None = Field(None, description="path to the private key; never the key itself")
+    arch: Arch | None = Field(None, description="this host's architecture when a mixed fleet differs from "
+                                                "the target's arch (only for artifacts that run on both)")
 
 
 class TransportSpec(_Strict):

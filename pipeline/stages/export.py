@@ -34,7 +34,7 @@ def export_onnx(spec: PipelineSpec, load_model: Callable[[], Any], sample: np.nd
     model = load_model()
     opset = int(spec.export.get("opset", 18))
     batch = spec.input.shape[0]
-    example = torch.from_numpy(np.ascontiguousarray(sample[:batch]))
+    example = torch.from_numpy(np.array(sample[:batch], dtype=np.float32))  # a writable copy
     kwargs: dict[str, Any] = {}
     if spec.input.batch == "dynamic":
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=1024)},)

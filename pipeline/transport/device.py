@@ -44,8 +44,9 @@ def _where(name: str, host: Host | None) -> str:
 def check_probe(target: TargetSpec, probe: dict[str, Any], name: str, host: Host | None) -> None:
     """DeviceError naming the mismatch and the fix, or None when the device fits the target."""
     arch = probe.get("arch")
-    if arch != target.arch:
-        raise DeviceError(f"target {target.name} expects {target.arch} but {_where(name, host)} is {arch}; "
+    expected = host.arch if host is not None and host.arch else target.arch
+    if arch != expected:
+        raise DeviceError(f"target {target.name} expects {expected} but {_where(name, host)} is {arch}; "
                           "pick the target that matches this device")
     py = str(probe.get("python", "0"))
     if not python_satisfies(py, target.runtime.python):
