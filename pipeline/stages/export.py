@@ -75,7 +75,7 @@ def check_against_torch(model: Any, onnx_path: Path, x: np.ndarray, input_name: 
     import torch
 
     with torch.no_grad():
-        ref = torch.cat([model(torch.from_numpy(x[i:i + batch])) for i in range(0, len(x) - batch + 1, batch)]).numpy()
+        ref = torch.cat([model(torch.from_numpy(np.array(x[i:i + batch], dtype=np.float32))) for i in range(0, len(x) - batch + 1, batch)]).numpy()
     got = run_onnx(onnx_path, x[: len(ref)], batch, input_name)
     diff = float(np.max(np.abs(ref - got)))
     scale = float(np.max(np.abs(ref))) or 1.0
