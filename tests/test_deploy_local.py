@@ -134,7 +134,7 @@ def test_agent_prints_json_document(workspace: Path) -> None:
         assert r["error"] is None and r["samples"] == 1500 and len(r["predictions"]) == 1500
         assert 90.0 < r["accuracy"] <= 100.0 and r["latency_ms"]["runs"] == 20
     # The agent measured what it says: its fp32 predictions are the host reference's argmax.
-    ref = np.load(result.release_dir / "data" / "eval.npz")["reference"].argmax(1)
+    ref = np.load(result.release_dir / "data" / "reference.npy").argmax(1)
     assert np.array_equal(np.array(doc["results"][0]["predictions"]), ref)
 
 

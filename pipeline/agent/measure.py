@@ -32,7 +32,7 @@ def evaluate(runner: Any, x: np.ndarray, labels: np.ndarray | None, reference: n
     outs = []
     n = x.shape[0]
     for start in range(0, n, batch):
-        chunk = x[start:start + batch]
+        chunk = np.array(x[start:start + batch], dtype=np.float32)  # copy out of the memory map
         real = chunk.shape[0]
         if real < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
@@ -42,9 +42,9 @@ def evaluate(runner: Any, x: np.ndarray, labels: np.ndarray | None, reference: n
     pred = logits.argmax(axis=1)
     result: dict[str, Any] = {"samples": int(n), "predictions": pred.astype(int).tolist()}
     if labels is not None:
-        result["accuracy"] = round(float((pred == labels.reshape(-1)).mean()) * 100.0, 4)
+        result["accuracy"] = round(float((pred == np.asarray(labels).reshape(-1)).mean()) * 100.0, 4)
     if reference is not None:
-        ref = reference.reshape(n, -1)
+        ref = np.asarray(reference, dtype=np.float32).reshape(n, -1)
         result["top1_agreement"] = round(float((pred == ref.argmax(axis=1)).mean()) * 100.0, 4)
         result["sqnr_db"] = round(sqnr_db(ref, logits), 3)
         result["max_abs_diff"] = float(np.max(np.abs(ref - logits)))

@@ -4,7 +4,8 @@ Layout (what a transport ships, verbatim):
     manifest.json            what is in the release, sha256 of every file, provenance
     edgeship_agent/          the device agent (stdlib + numpy + one runtime)
     artifacts/<run-id>/...   one folder per (backend, precision)
-    data/eval.npz            x, y (labels, if any), reference (fp32 outputs) for on-device metrics
+    data/x.npy, y.npy, reference.npy   evaluation samples, labels (if any), fp32 outputs
+                             (plain .npy: the agent memory-maps them)
 
 The release id is the sha256 over the file list (names and hashes) and the agent settings, so
 an unchanged build gives the same id and a deploy of it moves no bytes.
@@ -61,9 +62,10 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
         arrays: dict[str, np.ndarray] = {"x": evals.x.astype(np.float32), "reference": reference.astype(np.float32)}
         if evals.y is not None:
             arrays["y"] = evals.y.astype(np.int64)
-        _save_npz_deterministic(tmp / "data" / "eval.npz", arrays)
+        for name, arr in sorted(arrays.items()):
+            np.save(tmp / "data" / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
         validation = spec.validation or target.validation
-        agent = {"eval_file": "data/eval.npz", "threads": target.threads, "warmup": validation.warmup,
+        agent = {"eval_dir": "data", "threads": target.threads, "warmup": validation.warmup,
                  "runs": validation.runs, "batch": spec.input.shape[0], "metric": spec.evaluation.metric}
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         release_id = hashlib.sha256(canonical_json({"files": files, "agent": agent, "runs": [
@@ -84,16 +86,3 @@ def _files_digest(folder: Path, names: list[str]) -> str:
     if len(names) == 1:
         return sha256_file(folder / names[0])
     return hashlib.sha256(canonical_json({n: sha256_file(folder / n) for n in sorted(names)}).encode()).hexdigest()
-
-
-def _save_npz_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez stamps zip entries with the current time; write fixed timestamps so bytes repeat."""
-    import io
-    import zipfile
-
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name in sorted(arrays):
-            buf = io.BytesIO()
-            np.save(buf, arrays[name], allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            zf.writestr(info, buf.getvalue())

@@ -81,8 +81,8 @@ def build_and_evaluate(backend: str, spec: Any, tmp: Path, precisions: list[str]
     target = load_target("local").model_copy(deep=True)
     target.builds = [BuildSpec(backend=backend, precisions=precisions)]
     result = build(spec, target, tmp / "out", cache=Cache(tmp / "cache"), log=lambda s: None)
-    data = np.load(result.release_dir / "data" / "eval.npz")
-    truth = data["y"] if "y" in data.files else data["reference"].argmax(1)
+    data = {p.stem: np.load(p) for p in (result.release_dir / "data").glob("*.npy")}
+    truth = data["y"] if "y" in data else data["reference"].argmax(1)
     out = {}
     for art in result.artifacts:
         got = run_runner(art.runner, art.workdir, art.runner_config, data["x"], int(art.runner_config.get("batch", 1)))
