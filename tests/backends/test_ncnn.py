@@ -76,6 +76,43 @@ def test_int8_model_written_from_calibration(convert: Callable[..., Artifact]) -
 
 @pytest.mark.slow
 @pytest.mark.backend(NAME)
+def test_int8_biases_carry_the_calibration_bias_correction(convert: Callable[..., Artifact]) -> None:
+    """int8 layers get the bias-corrected biases of the ONNX Runtime path's plan, not the fp32 ones."""
+    art = convert("int8")
+    corr = art.info["int8"]["bias_correction"]
+    assert corr["applied"] is True and corr["ncnn_layers"] == 4 == corr["onnx_biases_corrected"], corr
+    assert all(s["bias_corrected"] for s in art.info["int8"]["scales"].values())
+    # both .bin files end with the InnerProduct 16 -> 10; int8: ..., 10 biases, 10 weight scales,
+    # 1 input scale; fp32: ..., 10 biases
+    int8_bin, fp32_bin = (art.workdir / "model.bin").read_bytes(), (convert("fp32").workdir / "model.bin").read_bytes()
+    b_int8 = np.frombuffer(int8_bin[-(4 * 10 + 4 * 10 + 4):-(4 * 10 + 4)], "<f4")
+    b_fp32 = np.frombuffer(fp32_bin[-40:], "<f4")
+    assert not np.array_equal(b_int8, b_fp32)
+    assert np.abs(b_int8 - b_fp32).max() < 0.1 * np.abs(b_fp32).max() + 1e-3  # a correction, not new values
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+def test_bias_correction_refuses_conversions_that_differ_beyond_biases(convert: Callable[..., Artifact]) -> None:
+    from pipeline.backends.ncnn import paramfile
+    from pipeline.backends.ncnn.correction import bias_overrides
+    from pipeline.backends.ncnn.weights import Buffer, read_weights
+
+    art = convert("fp32")
+    model = paramfile.read(art.workdir / "model.param")
+    weights = read_weights(model, (art.workdir / "model.bin").read_bytes())
+    assert bias_overrides(model, weights, model, weights) == {}
+    name = next(n for n, bufs in weights.items() if len(bufs) == 2)
+    w, b = weights[name]
+    moved = {**weights, name: [w, Buffer(b.label, b.tagged, b.data + 0.5)]}
+    assert list(bias_overrides(model, weights, model, moved)) == [name]
+    changed = {**weights, name: [Buffer(w.label, w.tagged, w.data * 2.0), b]}
+    with pytest.raises(ValueError, match="buffer 'weight' differs"):
+        bias_overrides(model, weights, model, changed)
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
 def test_float_layers_option_keeps_layers_float(tmp_path: Path) -> None:
     ctx = make_context(tmp_path, NAME, tiny_cnn, digits(32), digits(8, offset=32), {"float_layers": ["linear_5"]})
     art = get_backend(NAME).convert(ctx, "int8")

@@ -7,7 +7,8 @@
   has it, arithmetic). The pnnx flag alone only shrinks the file (ncnn widens the weights back
   when fp16 storage is off); the load-time options alone would ship an fp32-sized file.
 * int8: written by edgeship from its own calibration (see int8.py and activations.py); pnnx's
-  fp32 model is the starting point.
+  fp32 model is the starting point, with the biases of the int8 layers taken from a pnnx
+  conversion of the bias-corrected ONNX model (correction.py; the ONNX Runtime path's plan).
 
 Build options (``target.builds[].options``):
     float_layers (list[str]): ncnn layer names to keep float at int8.
@@ -122,8 +123,12 @@ class NcnnBackend:
                         runner="ncnn", runner_config=config, info=info)
 
 
-def _run_pnnx(ctx: "BuildContext", scratch: Path, fp16: bool) -> tuple[Path, Path, list[str]]:
+def _run_pnnx(ctx: "BuildContext", scratch: Path, fp16: bool, onnx_path: Path | None = None
+              ) -> tuple[Path, Path, list[str]]:
     """Run pnnx on (a prepared copy of) the optimized ONNX model inside ``scratch``.
+
+    ``onnx_path`` converts another fp32 ONNX model of the same graph instead (the bias-corrected
+    copy for int8).
 
     pnnx writes its intermediates next to its input, so the input is copied into ``scratch``
     first: the stage never writes outside its workdir.
@@ -131,7 +136,7 @@ def _run_pnnx(ctx: "BuildContext", scratch: Path, fp16: bool) -> tuple[Path, Pat
     from pipeline.backends.ncnn.onnx_prep import fold_identity_gathers
 
     src = scratch / "model.onnx"
-    rewrites = fold_identity_gathers(Path(ctx.onnx_fp32), src)
+    rewrites = fold_identity_gathers(Path(onnx_path or ctx.onnx_fp32), src)
     shape = [1, *[int(d) for d in ctx.spec.input.shape[1:]]]  # ncnn has no batch axis
     param, binf = scratch / "model.ncnn.param", scratch / "model.ncnn.bin"
     cmd = [str(_pnnx_exe()), src.name, f"inputshape=[{','.join(map(str, shape))}]", f"fp16={int(fp16)}",

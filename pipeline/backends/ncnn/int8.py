@@ -84,7 +84,8 @@ def weight_scales(layer: Layer, weight: np.ndarray, per_channel: bool) -> tuple[
 
 
 def write(param: ParamFile, weights: dict[str, list[Buffer]], quantize: list[Layer],
-          act_thresholds: dict[str, float], per_channel: bool = True) -> tuple[ParamFile, bytes, dict[str, Any]]:
+          act_thresholds: dict[str, float], per_channel: bool = True,
+          biases: dict[str, np.ndarray] | None = None) -> tuple[ParamFile, bytes, dict[str, Any]]:
     """The int8 param file and bin bytes.
 
     Args:
@@ -93,6 +94,8 @@ def write(param: ParamFile, weights: dict[str, list[Buffer]], quantize: list[Lay
         quantize: layers to quantize (plan().quantize).
         act_thresholds: bottom blob -> symmetric clipping threshold (activations.thresholds).
         per_channel: per-output-channel weight scales (else one per layer).
+        biases: layer name -> bias to write instead of the fp32 one, for quantized layers only
+            (bias correction, see correction.py); layers left float keep their own bias.
 
     Returns:
         (param file, bin bytes, {layer name: {"bottom_scale", "threshold"}} for the report).
@@ -107,12 +110,14 @@ def write(param: ParamFile, weights: dict[str, list[Buffer]], quantize: list[Lay
             q, w_scales = weight_scales(layer, bufs[0].data, per_channel)
             bottom_scale = np.float32(INT8_MAX / threshold)
             chunks.append(pack_int8(q))
-            chunks.extend(pack_raw(b.data) for b in bufs[1:])  # the bias, raw float32 as before
+            fixed = (biases or {}).get(layer.name)
+            # the bias, raw float32 as before (bias-corrected where given)
+            chunks.extend(pack_raw(fixed if fixed is not None and b.label == "bias" else b.data) for b in bufs[1:])
             chunks.append(pack_raw(w_scales))
             chunks.append(pack_raw(np.array([bottom_scale], np.float32)))
             new.params[8] = "1"
             report[layer.name] = {"bottom": layer.bottoms[0], "threshold": float(threshold),
-                                  "bottom_scale": float(bottom_scale)}
+                                  "bottom_scale": float(bottom_scale), "bias_corrected": fixed is not None}
         else:
             chunks.extend(pack_float(b) for b in bufs)
         new_layers.append(new)

@@ -61,11 +61,14 @@ class _Trials:
     folder: Path
     per_channel: bool
     threads: int
+    biases: dict[str, np.ndarray]
+    """ncnn layer name -> bias-corrected bias (applied to int8 layers only)"""
 
     def write(self, layers: list["Layer"], thr: dict[str, float], folder: Path) -> dict[str, Any]:
         from pipeline.backends.ncnn import int8
 
-        param, blob, report = int8.write(self.model, self.weights, layers, thr, per_channel=self.per_channel)
+        param, blob, report = int8.write(self.model, self.weights, layers, thr, per_channel=self.per_channel,
+                                         biases=self.biases)
         folder.mkdir(parents=True, exist_ok=True)
         param.write(folder / self.config["param"])
         (folder / self.config["bin"]).write_bytes(blob)
@@ -101,6 +104,34 @@ def _fallback(trials: _Trials, layers: list["Layer"], thr: dict[str, float], x: 
     return kept, report
 
 
+def _bias_correction(ctx: "BuildContext", model: "ParamFile", weights: dict[str, Any], scratch: Path
+                     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Corrected biases per ncnn layer (from the ONNX Runtime path's plan) and the report entry.
+
+    The bias-corrected ONNX model is converted with pnnx as well and compared with the plain
+    conversion (correction.py). A conversion that differs anywhere but in biases is an error.
+    """
+    from pipeline.backends.ncnn import correction, paramfile
+    from pipeline.backends.ncnn.convert import _run_pnnx
+    from pipeline.backends.ncnn.weights import read_weights
+
+    work = scratch / "corrected"
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "corrected_fp32.onnx"
+    corrected = correction.write_corrected_onnx(ctx, src)
+    if not corrected:
+        return {}, {"applied": False, "reason": "the calibration plan corrects no bias "
+                    f"(method {ctx.spec.calibration.method!r})"}
+    param_c, bin_c, _ = _run_pnnx(ctx, work, fp16=False, onnx_path=src)
+    model_c = paramfile.read(param_c)
+    try:
+        biases = correction.bias_overrides(model, weights, model_c, read_weights(model_c, bin_c.read_bytes()))
+    except ValueError as err:
+        raise ConversionError(f"ncnn int8: bias correction: {err}") from err
+    return biases, {"applied": bool(biases), "onnx_biases_corrected": corrected, "ncnn_layers": len(biases),
+                    "source": "calibration.build_plan + corrected_model (as quantize_onnx for ONNX Runtime)"}
+
+
 def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_path: Path,
                config: dict[str, Any], scratch: Path) -> dict[str, Any]:
     """Write ``model.param`` / ``model.bin`` (int8) into ``ctx.workdir``; return the int8 report."""
@@ -128,7 +159,8 @@ def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_pa
     fp32_hold = stats.outputs if hold is fit else run_runner(
         "ncnn", bin_path.parent, {**config, "param": param_path.name, "bin": bin_path.name, "int8": False},
         hold, 1, ctx.target.threads)
-    trials = _Trials(model, weights, config, scratch / "trial", cal.per_channel, ctx.target.threads)
+    biases, correction = _bias_correction(ctx, model, weights, scratch)
+    trials = _Trials(model, weights, config, scratch / "trial", cal.per_channel, ctx.target.threads, biases)
     scores = {m: trials.score(layers, activations.thresholds(stats.stats, m, cal.percentile), hold, fp32_hold)
               for m in _methods(cal.method)}
     method = max(scores, key=lambda m: scores[m])
@@ -150,6 +182,7 @@ def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_pa
         "method_sqnr_db": scores,
         "selection": f"output SQNR vs fp32 ncnn on {hold.shape[0]} held-out calibration samples",
         "fallback": fallback,
+        "bias_correction": correction,
         "calibration_samples": int(fit.shape[0]),
         "calibration_sha256": ctx.calibration.sha256,
         "weights": "per-channel" if cal.per_channel else "per-tensor",

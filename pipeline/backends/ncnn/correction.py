@@ -1,0 +1,110 @@
+"""Bias correction for ncnn INT8, from the same calibration plan the ONNX Runtime path uses.
+
+``calibration.plan.corrected_model`` folds the mean output shift that int8 weight rounding
+causes into each Conv/Gemm bias of the fp32 ONNX model. ncnn quantizes weights exactly as that
+plan does (symmetric, absmax / 127 per output channel), so the correction carries over.
+
+ONNX initializer names do not survive pnnx (layers are renamed and fused), so instead of mapping
+names we convert the corrected ONNX model with pnnx a second time: the graph is identical except
+for bias values, so both ncnn models must have the same layers and the same weight buffers, and
+any bias buffer that differs is the corrected bias of that ncnn layer. Anything else (a layer,
+a weight or a buffer layout that differs) is refused rather than guessed.
+
+Activation statistics and the fp32 reference still come from the *plain* fp32 ncnn model:
+the corrected fp32 model is not the model being approximated, only a carrier for int8 weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.backends.base import BuildContext
+    from pipeline.backends.ncnn.paramfile import ParamFile
+    from pipeline.backends.ncnn.weights import Buffer
+
+#: the ncnn methods that map onto a calibration-library observer (ort-default: ORT's own
+#: quantizer, which does no bias correction, so neither do we)
+_PLAN_METHOD = {"auto": "minmax", "minmax": "minmax", "percentile": "percentile", "entropy": "entropy",
+                "mse": "mse"}
+
+
+def calibration_config(ctx: "BuildContext", method: str) -> Any:
+    """The ``CalibrationConfig`` the ONNX Runtime backend builds from the spec (target onnxruntime).
+
+    Args:
+        ctx: the build context (spec, target limits).
+        method: the observer for the plan (bias correction barely depends on it: only through
+            the int32-bias floor on weight scales).
+    """
+    from calibration import CalibrationConfig
+
+    cal = ctx.spec.calibration
+    budget = ctx.spec.accuracy.max_drop_pp
+    if ctx.target.limits.max_accuracy_drop_pp is not None:
+        budget = min(budget, ctx.target.limits.max_accuracy_drop_pp)
+    return CalibrationConfig(method=method, percentile=cal.percentile, activation_mode=cal.activations,
+                             per_channel=cal.per_channel, holdout_fraction=cal.holdout_fraction,
+                             max_drop_pp=budget, fallback=cal.fallback, target="onnxruntime")
+
+
+def write_corrected_onnx(ctx: "BuildContext", dst: Path) -> int:
+    """Write the bias-corrected fp32 ONNX model to ``dst``.
+
+    The plan is ``calibration.build_plan`` on the calibration set, config and statistics cache
+    that ``quantize_onnx`` uses for ONNX Runtime, so both backends carry the same correction.
+
+    Returns:
+        How many bias initializers the plan corrected (0: ``dst`` is not written).
+    """
+    import onnx
+
+    from calibration import CalibrationSet, build_plan
+    from calibration.graph import load_model
+    from calibration.plan import corrected_model
+
+    method = _PLAN_METHOD.get(ctx.spec.calibration.method)
+    if method is None:
+        return 0
+    cfg = calibration_config(ctx, method)
+    if not cfg.bias_correction:
+        return 0
+    calib = CalibrationSet(ctx.calibration.x, tuple(ctx.calibration.ids), ctx.calibration.y)
+    plan = build_plan(Path(ctx.onnx_fp32), calib, method, cfg, ctx.cache_dir / "calibration")
+    if not plan.bias:
+        return 0
+    onnx.save(corrected_model(load_model(Path(ctx.onnx_fp32)), plan), str(dst))
+    return len(plan.bias)
+
+
+def bias_overrides(plain: "ParamFile", plain_w: dict[str, list["Buffer"]], corrected: "ParamFile",
+                   corrected_w: dict[str, list["Buffer"]]) -> dict[str, np.ndarray]:
+    """ncnn layer name -> corrected bias, by comparing two pnnx conversions buffer by buffer.
+
+    Args:
+        plain, plain_w: the fp32 ncnn model of the optimized ONNX and its decoded buffers.
+        corrected, corrected_w: the same for the bias-corrected ONNX.
+
+    Raises:
+        ValueError: the two conversions differ anywhere but in bias values.
+    """
+    if len(plain.layers) != len(corrected.layers):
+        raise ValueError(f"pnnx wrote {len(plain.layers)} layers for the model and {len(corrected.layers)} "
+                         "for its bias-corrected copy")
+    out: dict[str, np.ndarray] = {}
+    for a, b in zip(plain.layers, corrected.layers):
+        if (a.type, a.name, a.bottoms, a.tops, a.params) != (b.type, b.name, b.bottoms, b.tops, b.params):
+            raise ValueError(f"layer {a.name!r} ({a.type}) differs from {b.name!r} ({b.type}) in the corrected model")
+        bufs_a, bufs_b = plain_w.get(a.name, []), corrected_w.get(b.name, [])
+        if [(x.label, x.data.shape) for x in bufs_a] != [(x.label, x.data.shape) for x in bufs_b]:
+            raise ValueError(f"layer {a.name!r} has different weight buffers in the corrected model")
+        for x, y in zip(bufs_a, bufs_b):
+            if x.label == "bias" and a.type in ("Convolution", "ConvolutionDepthWise", "InnerProduct"):
+                if not np.array_equal(x.data, y.data):
+                    out[a.name] = y.data.astype(np.float32)
+            elif not np.array_equal(x.data, y.data):
+                raise ValueError(f"layer {a.name!r}: buffer {x.label!r} differs in the corrected model")
+    return out
