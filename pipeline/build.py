@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.backends.base import Artifact, BuildContext, Samples
-from pipeline.cache import Cache, sha256_file
+from pipeline.cache import Cache, sha256_file, source_digest
 from pipeline.errors import ConversionError, EdgeshipError, SpecError
 from pipeline.registry import get_backend, require_available
 from pipeline.spec import PipelineSpec, TargetSpec
@@ -129,14 +129,16 @@ def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | 
         stage_name = "export onnx"
         export_fn = lambda d: _write_json(d / "info.json", export_onnx(spec, torch_model, calib.x, d).info)  # noqa: E731
     export_parts = {"model": model_identity(spec), "weights": weights, "input": spec.input.model_dump(),
-                    "export": spec.export, "torch": torch.__version__, "edgeship": __version__}
+                    "export": spec.export, "torch": torch.__version__, "edgeship": __version__,
+                    "code": source_digest("pipeline.stages.export")}
     exported = _timed(events, log, stage_name, lambda: cache.get_or_build("export", export_parts, export_fn),
                       lambda r: f"key {r.key[:12]}")
     onnx_raw = exported.path / "model.onnx"
     export_info = json.loads((exported.path / "info.json").read_text())
 
     check_x = calib.x[:CHECK_SAMPLES]
-    opt_parts = {"onnx": sha256_file(onnx_raw), "passes": OPTIMIZE_PASSES, "edgeship": __version__}
+    opt_parts = {"onnx": sha256_file(onnx_raw), "passes": OPTIMIZE_PASSES, "edgeship": __version__,
+                 "code": source_digest("pipeline.stages.optimize")}
     optimized = _timed(events, log, "optimize (fold, slim)", lambda: cache.get_or_build(
         "optimize", opt_parts, lambda d: _write_json(d / "info.json", optimize_onnx(onnx_raw, d / "model.onnx",
                                                                                     check_x, batch))),
@@ -167,6 +169,8 @@ def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | 
                 "calibration": spec.calibration.model_dump(exclude={"source", "limit"}) | {"sha256": calib.sha256},
                 "budget": [spec.accuracy.max_drop_pp, target.limits.max_accuracy_drop_pp],
                 "input": spec.input.model_dump(), "edgeship": __version__,
+                "code": source_digest(type(backend).__module__.rpartition(".")[0], "pipeline.backends.checks",
+                                      "calibration", f"pipeline.agent.runners.{backend.name}"),
             }
 
             def convert(d: Path, backend=backend, precision=precision, build_spec=build_spec) -> None:

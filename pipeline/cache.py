@@ -32,6 +32,29 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def source_digest(*modules: str) -> str:
+    """sha256 over the Python sources of the given packages/modules.
+
+    Part of every stage's cache key, so a changed converter (a fix, a new calibration rule)
+    invalidates what it built even when the version number did not move.
+    """
+    import importlib.util
+
+    h = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            continue
+        roots = list(spec.submodule_search_locations or []) or [str(Path(spec.origin))]
+        for root in roots:
+            root_path = Path(root)
+            files = sorted(root_path.rglob("*.py")) if root_path.is_dir() else [root_path]
+            for f in files:
+                h.update(f.relative_to(root_path.parent).as_posix().encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 

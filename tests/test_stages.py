@@ -215,3 +215,21 @@ def test_analyze_counts_conv_macs_and_params(tmp_path: Path) -> None:
     # Peak live activations: at most input + two intermediates; total counts all three outputs.
     assert a["activation_bytes_total"] == 3 * 2 * 8 * 8 * 8 * 4
     assert a["activation_bytes_peak"] <= 2 * 3 * 8 * 8 * 4 + 2 * (2 * 8 * 8 * 8 * 4)
+
+
+def test_source_digest_changes_with_the_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A converter fix must invalidate what the old code built, even without a version bump."""
+    import importlib
+
+    from pipeline.cache import source_digest
+
+    pkg = tmp_path / "fakeconv"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "convert.py").write_text("SCALE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    before = source_digest("fakeconv")
+    assert before == source_digest("fakeconv")
+    (pkg / "convert.py").write_text("SCALE = 2\n")
+    assert source_digest("fakeconv") != before
