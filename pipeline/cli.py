@@ -123,15 +123,15 @@ def analyze(spec: Path = SPEC_OPT) -> None:
     from pipeline.build import build as run_build
 
     s = load_spec(spec)
-    t = load_target("local").model_copy(update={"builds": []})
-    t.builds = []
+    t = load_target("local").model_copy(update={"builds": []})  # export + optimize only
     result = run_build(s, t, Path("build") / s.name / "analyze", log=_log)
     a = result.manifest["provenance"]["model"]["analysis"]
     opt = result.manifest["provenance"]["model"]["optimize"]
     out_console.print(f"params {format_count(a['params'])} ({a['param_bytes'] / 2**20:.2f} MB fp32), "
                       f"FLOPs {format_count(a['flops'])} per batch, activations peak "
                       f"{a['activation_bytes_peak'] / 2**20:.2f} MB / total {a['activation_bytes_total'] / 2**20:.2f} MB, "
-                      f"BN folded by edgeship: {opt['bn_folded']}")
+                      f"BatchNormalization nodes: {opt['ops_before'].get('BatchNormalization', 0)} exported, "
+                      f"{opt['bn_folded']} folded by edgeship, {opt.get('bn_left', 0)} left")
 
 
 @app.command()

@@ -339,10 +339,6 @@ def _check_spec_files(spec: PipelineSpec, path: Path) -> None:
         if value and not spec.resolve_path(value).exists():
             raise SpecError(f"{path}: field '{field}': file {value!r} not found; "
                             "paths are relative to the spec file")
-    n_batch = spec.input.shape[0]
-    if spec.input.batch == "static" and n_batch != 1 and spec.evaluation.metric == "top1":
-        # Static batch > 1 is legal; the agent pads the last batch. Nothing to refuse.
-        pass
 
 
 def project_root() -> Path:

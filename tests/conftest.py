@@ -37,13 +37,6 @@ def stage_cache(tmp_path: Path):
     return Cache(tmp_path / "cache" / "stages")
 
 
-@pytest.fixture
-def local_device_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point the ``local`` target's device folder at a temp dir via a target file override."""
-    root = tmp_path / "device"
-    return root
-
-
 @pytest.fixture(scope="session")
 def mnist_spec():
     from pipeline.spec import load_spec
