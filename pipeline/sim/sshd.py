@@ -159,6 +159,11 @@ def freeze(root: Path, running: bool = True) -> list[int]:
     # The listener first, so it cannot fork new sessions while we stop the existing ones.
     targets = [pid] + (children_of(pid) if running else [])
     signal_pids(targets, signal.SIGSTOP)
+    # kill() returns before the kernel has stopped the process; wait until /proc says so, or
+    # a caller that checks the state right away (status, tests) races the signal.
+    deadline = time.monotonic() + 5.0
+    while proc_state(pid) not in ("T", None) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return targets
 
 
