@@ -214,13 +214,7 @@ class SshExecutor:
         except CommandTimedOut:
             timed_out = True
         except _NET_ERRORS as exc:
-            self._drop()
-            if isinstance(exc, socket.timeout) or "Timeout" in str(exc):
-                raise CommandTimeout(f"{self.name}: the device did not answer within "
-                                     f"{self.target.transport.connect_timeout_s:g} s ({exc}); is it frozen or "
-                                     "overloaded?") from None
-            raise DeviceError(f"{self.name}: connection lost while running a command ({exc or type(exc).__name__}); "
-                              "check the device and retry") from None
+            raise self._network_error(exc, f"connection lost while running a command ({exc or type(exc).__name__})") from None
         if timed_out:
             self._drop()  # a frozen peer leaves the connection unusable; the next call reconnects
             raise CommandTimeout(f"{self.name}: command did not finish within {timeout:g} s (device frozen or "
@@ -234,13 +228,17 @@ class SshExecutor:
             chan = t.open_session(timeout=self.target.transport.connect_timeout_s)
             chan.exec_command(cmd)
         except _NET_ERRORS as exc:
-            self._drop()
-            if isinstance(exc, socket.timeout) or "Timeout" in str(exc):
-                raise CommandTimeout(f"{self.name}: the device did not answer within "
-                                     f"{self.target.transport.connect_timeout_s:g} s ({exc}); is it frozen or "
-                                     "overloaded?") from None
-            raise DeviceError(f"{self.name}: cannot start a remote process ({exc}); check the device and retry") from None
+            raise self._network_error(exc, f"cannot start a remote process ({exc})") from None
         return _SshProcess(chan)
+
+    def _network_error(self, exc: BaseException, what: str) -> DeviceError:
+        """Drop the broken connection and type the failure: a timeout (frozen peer) or a lost link."""
+        self._drop()
+        if isinstance(exc, socket.timeout) or "Timeout" in str(exc):
+            return CommandTimeout(f"{self.name}: the device did not answer within "
+                                  f"{self.target.transport.connect_timeout_s:g} s ({exc}); is it frozen or "
+                                  "overloaded?")
+        return DeviceError(f"{self.name}: {what}; check the device and retry")
 
     # -- files -----------------------------------------------------------------------------------
 
