@@ -63,7 +63,7 @@ def test_int8_model_written_from_calibration(convert: Callable[..., Artifact]) -
     layers = paramfile.read(art.workdir / "model.param").layers
     quantized = {q.name: q.type for q in layers if q.params.get(8) == "1"}
     assert sorted(quantized.values()) == ["Convolution", "Convolution", "ConvolutionDepthWise", "InnerProduct"]
-    info = art.info["int8"]
+    info = art.info["calibration"]
     assert info["quantized_layers"] == 4 and info["kept_float"] == []
     assert info["method"] in info["method_sqnr_db"] and set(info["method_sqnr_db"]) == {"minmax", "percentile",
                                                                                           "entropy", "mse"}
@@ -79,9 +79,9 @@ def test_int8_model_written_from_calibration(convert: Callable[..., Artifact]) -
 def test_int8_biases_carry_the_calibration_bias_correction(convert: Callable[..., Artifact]) -> None:
     """int8 layers get the bias-corrected biases of the ONNX Runtime path's plan, not the fp32 ones."""
     art = convert("int8")
-    corr = art.info["int8"]["bias_correction"]
+    corr = art.info["calibration"]["bias_correction"]
     assert corr["applied"] is True and corr["ncnn_layers"] == 4 == corr["onnx_biases_corrected"], corr
-    assert all(s["bias_corrected"] for s in art.info["int8"]["scales"].values())
+    assert all(s["bias_corrected"] for s in art.info["calibration"]["scales"].values())
     # both .bin files end with the InnerProduct 16 -> 10; int8: ..., 10 biases, 10 weight scales,
     # 1 input scale; fp32: ..., 10 biases
     int8_bin, fp32_bin = (art.workdir / "model.bin").read_bytes(), (convert("fp32").workdir / "model.bin").read_bytes()
@@ -116,9 +116,9 @@ def test_bias_correction_refuses_conversions_that_differ_beyond_biases(convert: 
 def test_float_layers_option_keeps_layers_float(tmp_path: Path) -> None:
     ctx = make_context(tmp_path, NAME, tiny_cnn, digits(32), digits(8, offset=32), {"float_layers": ["linear_5"]})
     art = get_backend(NAME).convert(ctx, "int8")
-    kept = art.info["int8"]["kept_float"]
+    kept = art.info["calibration"]["kept_float"]
     assert kept == [{"name": "linear_5", "type": "InnerProduct", "reason": "kept float on request"}]
-    assert art.info["int8"]["quantized_layers"] == 3
+    assert art.info["calibration"]["quantized_layers"] == 3
 
 
 @pytest.mark.slow
@@ -183,3 +183,40 @@ def test_efficientnet_lite0_all_precisions(tmp_path: Path) -> None:
     spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "efficientnet_lite0.yaml")
     agree = build_and_evaluate(NAME, spec, tmp_path, ["fp32", "fp16", "int8"])
     assert agree["fp32"] == 100.0 and agree["fp16"] >= 99.0 and agree["int8"] >= 85.0, agree
+
+
+def planted_cnn() -> Any:
+    """Conv+ReLU whose channel 0 is scaled by 300 (and read back by 1/300): the same function,
+    but a per-tensor int8 range on the second conv's input only resolves channel 0."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    with torch.no_grad():
+        model[0].weight[0] *= 300.0
+        model[0].bias[0] = abs(model[0].bias[0]) * 300.0
+        model[2].weight[:, 0] /= 300.0
+    return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+@pytest.mark.parametrize("fallback", [True, False])
+def test_fallback_keeps_the_planted_layer_float_to_meet_the_budget(tmp_path: Path, fallback: bool) -> None:
+    ctx = make_context(tmp_path, NAME, planted_cnn, digits(80), digits(8, offset=80))
+    ctx.spec.accuracy.max_drop_pp = 10.0
+    ctx.spec.calibration.fallback = fallback
+    cal = get_backend(NAME).convert(ctx, "int8").info["calibration"]
+    assert cal["shared_ranges"]["applied"] and cal["shared_ranges"]["observed_on_ncnn"] == []
+    if not fallback:  # the planted layer ruins the holdout: the report says so (and the gate fails it)
+        assert cal["budget_met"] is False and cal["holdout"]["drop_pp"] > 10.0, cal["holdout"]
+        assert "fallback is off" in cal["budget_reason"] and cal["fallback_layers"] == []
+        return
+    assert cal["budget_met"] is True and cal["holdout"]["drop_pp"] <= 10.0, cal
+    float_layers = [f["name"] for f in cal["fallback_layers"]]
+    # pnnx names the second Conv+ReLU (the one reading the planted channel) convrelu_1
+    assert float_layers[0] == "convrelu_1" and len(float_layers) <= 2, cal["fallback_layers"]
+    assert "convrelu_0" in cal["scales"] and "convrelu_1" not in cal["scales"]
+    assert cal["fallback_tried"][-1][1] <= 10.0

@@ -108,3 +108,12 @@ def thresholds(stats: dict[str, Any], method: str, percentile: float) -> dict[st
 
     return {b: max(abs(lo), abs(hi)) for b, (lo, hi) in
             ((b, observe(t, method, symmetric=True, percentile=percentile)) for b, t in stats.items())}
+
+
+def extract(param: Path, bin_path: Path, input_blob: str, blobs: list[str], samples: np.ndarray,
+            threads: int = 2) -> dict[str, np.ndarray]:
+    """The fp32 values of ``blobs`` on ``samples``: blob -> (N, ...) with the samples on axis 0."""
+    net = _net(param, bin_path, threads)
+    rows = [_forward(net, s, input_blob, blobs) for s in samples]
+    net.clear()
+    return {b: np.stack([r[i] for r in rows]) for i, b in enumerate(blobs)}

@@ -104,7 +104,7 @@ class NcnnBackend:
             if precision == "int8":
                 from pipeline.backends.ncnn.quantize import build_int8
 
-                info["int8"] = build_int8(ctx, model, param_path, bin_path, config, scratch)
+                info["calibration"] = build_int8(ctx, model, param_path, bin_path, config, scratch)
             else:
                 shutil.copyfile(param_path, ctx.workdir / PARAM)
                 shutil.copyfile(bin_path, ctx.workdir / BIN)

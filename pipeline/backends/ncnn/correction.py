@@ -32,25 +32,6 @@ _PLAN_METHOD = {"auto": "minmax", "minmax": "minmax", "percentile": "percentile"
                 "mse": "mse"}
 
 
-def calibration_config(ctx: "BuildContext", method: str) -> Any:
-    """The ``CalibrationConfig`` the ONNX Runtime backend builds from the spec (target onnxruntime).
-
-    Args:
-        ctx: the build context (spec, target limits).
-        method: the observer for the plan (bias correction barely depends on it: only through
-            the int32-bias floor on weight scales).
-    """
-    from calibration import CalibrationConfig
-
-    cal = ctx.spec.calibration
-    budget = ctx.spec.accuracy.max_drop_pp
-    if ctx.target.limits.max_accuracy_drop_pp is not None:
-        budget = min(budget, ctx.target.limits.max_accuracy_drop_pp)
-    return CalibrationConfig(method=method, percentile=cal.percentile, activation_mode=cal.activations,
-                             per_channel=cal.per_channel, holdout_fraction=cal.holdout_fraction,
-                             max_drop_pp=budget, fallback=cal.fallback, target="onnxruntime")
-
-
 def write_corrected_onnx(ctx: "BuildContext", dst: Path) -> int:
     """Write the bias-corrected fp32 ONNX model to ``dst``.
 
@@ -62,18 +43,15 @@ def write_corrected_onnx(ctx: "BuildContext", dst: Path) -> int:
     """
     import onnx
 
-    from calibration import CalibrationSet, build_plan
     from calibration.graph import load_model
     from calibration.plan import corrected_model
 
+    from pipeline.backends.calibrate import calibration_config, calibration_plan
+
     method = _PLAN_METHOD.get(ctx.spec.calibration.method)
-    if method is None:
+    if method is None or not calibration_config(ctx, method).bias_correction:
         return 0
-    cfg = calibration_config(ctx, method)
-    if not cfg.bias_correction:
-        return 0
-    calib = CalibrationSet(ctx.calibration.x, tuple(ctx.calibration.ids), ctx.calibration.y)
-    plan = build_plan(Path(ctx.onnx_fp32), calib, method, cfg, ctx.cache_dir / "calibration")
+    plan = calibration_plan(ctx, method, activation_mode=ctx.spec.calibration.activations)
     if not plan.bias:
         return 0
     onnx.save(corrected_model(load_model(Path(ctx.onnx_fp32)), plan), str(dst))

@@ -67,15 +67,11 @@ def quantize_int8(ctx: BuildContext, out: Path) -> dict[str, Any]:
     cal = ctx.spec.calibration
     if cal.method == "ort-default":
         return _ort_default(ctx, out)
-    from calibration import CalibrationConfig, CalibrationSet, quantize_onnx
+    from calibration import quantize_onnx
 
-    budget = ctx.spec.accuracy.max_drop_pp
-    if ctx.target.limits.max_accuracy_drop_pp is not None:
-        budget = min(budget, ctx.target.limits.max_accuracy_drop_pp)
-    cfg = CalibrationConfig(method=cal.method, percentile=cal.percentile, activation_mode=cal.activations,
-                            per_channel=cal.per_channel, holdout_fraction=cal.holdout_fraction,
-                            max_drop_pp=budget, fallback=cal.fallback, target="onnxruntime")
-    calib = CalibrationSet(ctx.calibration.x, tuple(ctx.calibration.ids), ctx.calibration.y)
+    from pipeline.backends.calibrate import calibration_config, calibration_set
+
+    cfg, calib = calibration_config(ctx), calibration_set(ctx)
     with quiet_root_logger():
         report = quantize_onnx(ctx.onnx_fp32, out, calib, cfg, ctx.cache_dir / "calibration")
     return report.to_dict()

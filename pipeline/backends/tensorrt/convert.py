@@ -48,15 +48,14 @@ class TensorRTBackend:
         onnx_path = ctx.onnx_fp32
         info: dict[str, Any] = {}
         if precision == "int8":
-            from calibration import CalibrationConfig, CalibrationSet, quantize_onnx
+            from calibration import quantize_onnx
+
+            from pipeline.backends.calibrate import calibration_config, calibration_set
 
             qdq = ctx.workdir / "model.qdq.onnx"
-            cal = ctx.spec.calibration
-            cfg = CalibrationConfig(method=cal.method if cal.method != "ort-default" else "entropy",
-                                    percentile=cal.percentile, activation_mode="symmetric", per_channel=True,
-                                    holdout_fraction=cal.holdout_fraction, fallback=cal.fallback,
-                                    max_drop_pp=ctx.spec.accuracy.max_drop_pp, target="tensorrt")
-            calib = CalibrationSet(ctx.calibration.x, tuple(ctx.calibration.ids), ctx.calibration.y)
+            method = None if ctx.spec.calibration.method != "ort-default" else "entropy"
+            cfg = calibration_config(ctx, method, activation_mode="symmetric", target="tensorrt")
+            calib = calibration_set(ctx)
             info["calibration"] = quantize_onnx(onnx_path, qdq, calib, cfg, ctx.cache_dir / "calibration").to_dict()
             onnx_path = qdq
         logger = trt.Logger(trt.Logger.WARNING)
