@@ -58,8 +58,14 @@ def test_int8_full_integer_with_float_io(convert: Callable[..., Artifact]) -> No
     assert io["inputs"][0]["dtype"] == "float32" and io["outputs"][0]["dtype"] == "float32"
     check = art.info["check"]
     assert check["sqnr_db"] >= 25.0 and check["top1_agreement"] >= 90.0
-    assert art.info["quantization"]["calibration_samples"] == 64
-    assert art.info["quantization"]["fused_conv_relu6"] == 1
+    cal = art.info["calibration"]
+    assert cal["calibration_samples"] + cal["holdout_samples"] == 64 and cal["fused_conv_relu6"] == 1
+    # every activation observer took the shared calibration plan's range (paired by value)
+    shared = cal["shared_ranges"]
+    assert shared["from_plan"] == shared["observers"] > 5 and shared["observed_by_pt2e"] == [], shared
+    assert shared["max_match_error"] < 1e-3 and cal["method"] in cal["method_scores"]
+    # the plan's bias correction reached every quantized conv / linear (3 convs + the classifier)
+    assert cal["bias_correction"]["applied"] and cal["bias_correction"]["layers"] == 4, cal["bias_correction"]
     # full integer: the only float32 tensors left are the float input and output themselves
     assert art.info["tensor_types"]["float32"] == 2 and art.info["tensor_types"]["int8"] > 10
 
@@ -81,7 +87,7 @@ def test_int8_io_option_records_quant_params(convert: Callable[..., Artifact]) -
 def test_float_layers_option_keeps_a_layer_float(tmp_path: Path) -> None:
     ctx = make_context(tmp_path, NAME, tiny_cnn, digits(16), digits(8, offset=16), {"float_layers": ["0"]})
     art = get_backend(NAME).convert(ctx, "int8")
-    assert art.info["quantization"]["kept_float"] == ["0"]  # nn.Sequential index of the first conv
+    assert art.info["calibration"]["kept_float"] == ["0"]  # nn.Sequential index of the first conv
     assert art.info["tensor_types"]["float32"] > 2  # a float conv inside the integer graph
     ctx.workdir = tmp_path / "again"
     ctx.build.options["float_layers"] = ["no_such_layer"]

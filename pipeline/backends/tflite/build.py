@@ -88,57 +88,156 @@ def cast_weights_fp16(fp32_model: bytes) -> tuple[bytes, dict[str, Any]]:
     return bytes(result.quantized_model), {"method": "ai_edge_quantizer float_casting", "ops": list(_FP16_WEIGHT_OPS)}
 
 
-def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any]]:
-    """Full-integer INT8: PT2E quantizer, calibrated on every sample of ``ctx.calibration.x``.
+def _whole_batches(x: np.ndarray, batch: int) -> np.ndarray:
+    """The first multiple of ``batch`` samples (the exported graph has a static batch)."""
+    return x[:(x.shape[0] // batch) * batch]
 
-    Weights: symmetric int8, per output channel unless the spec says ``per_channel: false``.
-    Activations: int8 per tensor; observer from ``options["observer"]`` (``minmax`` default,
-    ``histogram`` for L2-optimal clipping at ~10x the calibration time). Conv + ReLU6 is fused
-    (see quantizer.py): litert-torch's stock quantizer would not, and loses the model.
-    Layers named in ``options["float_layers"]`` and, with ``calibration.fallback``, the layers
-    sensitivity.py picks stay float (mixed model: DEQUANTIZE -> float op -> QUANTIZE).
+
+def _run(module: Any, x: np.ndarray, batch: int) -> np.ndarray:
+    """(N, -1) float32 outputs of ``module`` on ``x`` (N a multiple of ``batch``)."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch):
+            outs.append(module(torch.from_numpy(np.array(x[i:i + batch], np.float32))).numpy())  # a writable copy
+    return np.concatenate(outs).reshape(x.shape[0], -1).astype(np.float32)
+
+
+def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any]]:
+    """Full-integer INT8 from edgeship's one calibration (PT2E graph, litert-torch converter).
+
+    * Weights: symmetric int8, per output channel unless the spec says ``per_channel: false``.
+    * Activations: int8 per tensor. The observers see the calibration fit split; every observer
+      whose tensor pairs with an ONNX tensor (ranges.py) then takes the shared calibration plan's
+      range (asymmetric, as TFLite's int8 activations are). ``auto`` scores each method's ranges
+      on the calibration holdout with the PT2E fake-quant graph (the arithmetic the TFLite model
+      runs) and keeps the best. ``ort-default`` (or option ``observer: histogram``) keeps the
+      graph's own observers. Conv + ReLU6 is fused (see quantizer.py).
+    * Fallback (``calibration.fallback``): when the holdout drop exceeds the budget, Conv /
+      Linear modules are ranked by the output SQNR of quantizing their weights alone
+      (sensitivity.py) and ``calibration.sensitivity.choose_fallback`` keeps the fewest in float
+      that meet it, each candidate checked on the whole holdout. Modules named in
+      ``options["float_layers"]`` always stay float.
     """
+    import copy
+
     import litert_torch
     import torch
+    from calibration.metrics import fidelity
+    from calibration.graph import load_model
+    from calibration.sensitivity import LayerSensitivity, choose_fallback
+    from calibration.transfer import onnx_activations
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    from pipeline.backends.calibrate import budget_pp, calibration_config, calibration_plan, calibration_set
+    from pipeline.backends.tflite import ranges as shared
     from pipeline.backends.tflite.quantizer import make_quantizer
+    from pipeline.backends.tflite.sensitivity import weight_sensitivity
 
-    per_channel = bool(ctx.spec.calibration.per_channel)
+    cal = ctx.spec.calibration
+    per_channel = bool(cal.per_channel)
     observer = str(ctx.build.options.get("observer", "minmax"))
-    float_layers = [str(n) for n in ctx.build.options.get("float_layers") or ()]
-    fallback: dict[str, Any] = {"applied": False}
-    if ctx.spec.calibration.fallback:
-        from pipeline.backends.tflite.sensitivity import choose_float_layers
-
-        chosen, fallback = choose_float_layers(ctx.torch_model().eval(), np.asarray(ctx.calibration.x), per_channel)
-        fallback["applied"] = bool(chosen)
-        float_layers += [n for n in chosen if n not in float_layers]
-    quantizer = make_quantizer(per_channel, observer, float_layers)
+    user_float = [str(n) for n in ctx.build.options.get("float_layers") or ()]
+    cfg = calibration_config(ctx, "minmax", activation_mode="asymmetric")
+    fit, hold = calibration_set(ctx).split(cfg.holdout_fraction, cfg.seed)
+    fit_x = _whole_batches(to_model_layout(p, fit.samples), p.batch)
+    hold_x = _whole_batches(to_model_layout(p, hold.samples), p.batch)
+    labels = None if hold.labels is None else hold.labels[:hold_x.shape[0]]
+    if fit_x.shape[0] == 0 or hold_x.shape[0] == 0:
+        raise ValueError(f"calibration fit ({len(fit)}) and holdout ({len(hold)}) splits each need at least "
+                         f"one batch of {p.batch} samples; add calibration samples")
     t0 = time.perf_counter()
-    graph = torch.export.export(p.module, (p.sample,)).module()
-    graph = prepare_pt2e(graph, quantizer)
-    missing = sorted(set(float_layers) - set(quantizer.kept_float))
-    if missing:  # checked before the (long) calibration pass
-        raise ValueError(f"float_layers {missing} match no conv / linear module of the model")
-    calib = to_model_layout(p, np.asarray(ctx.calibration.x, dtype=np.float32))
-    usable = (calib.shape[0] // p.batch) * p.batch  # the exported graph has a static batch
-    with torch.no_grad():
-        for i in range(0, usable, p.batch):
-            graph(torch.from_numpy(np.ascontiguousarray(calib[i:i + p.batch])))
+    exported = torch.export.export(p.module, (p.sample,)).module()
+    ref = _run(p.module, hold_x, p.batch)
+    methods: tuple[str, ...] = ()
+    if cal.method != "ort-default" and observer == "minmax":
+        from calibration.observers import METHODS
+
+        methods = tuple(METHODS) if cal.method == "auto" else (cal.method,)
+    plans = {m: calibration_plan(ctx, m, activation_mode="asymmetric") for m in methods}
+    onnx_values = onnx_activations(ctx.onnx_fp32, fit.samples[:p.batch], threads=ctx.target.threads) if plans else {}
+    # bias correction barely depends on the method (only via the int32-bias floor): the first plan's
+    corrected = next(iter(plans.values())).bias if plans else {}
+    onnx_model = load_model(ctx.onnx_fp32) if corrected else None
+    n_corrected = 0
+
+    def prepared(float_layers: list[str]) -> tuple[Any, Any, shared.Pairing]:
+        quantizer = make_quantizer(per_channel, observer, float_layers)
+        graph = prepare_pt2e(copy.deepcopy(exported), quantizer)
+        missing = sorted(set(float_layers) - set(quantizer.kept_float))
+        if missing:  # checked before the (long) calibration pass
+            raise ValueError(f"float_layers {missing} match no conv / linear module of the model")
+        nonlocal n_corrected
+        # pairing and bias correction both compare values with the *uncorrected* fp32 ONNX model
+        pairing = shared.pair(graph, fit_x[:p.batch], onnx_values) if plans else shared.Pairing()
+        if corrected:
+            n_corrected = shared.correct_biases(graph, fit_x[:p.batch], onnx_values, onnx_model, corrected)
+        _run(graph, fit_x, p.batch)  # the observers see every fit sample
+        return quantizer, graph, pairing
+
+    def finish(graph: Any, pairing: shared.Pairing, method: str | None) -> tuple[Any, int]:
+        graph = copy.deepcopy(graph)
+        applied = shared.apply(graph, pairing, plans[method].ranges) if method else 0
+        return convert_pt2e(graph, fold_quantize=False), applied
+
+    def score(q: Any) -> dict[str, float]:
+        return {k: round(float(v), 4) for k, v in fidelity(ref, _run(q, hold_x, p.batch), labels).items()}
+
+    quantizer, graph, pairing = prepared(user_float)
+    scores = {m: score(finish(graph, pairing, m)[0]) for m in methods}
+    method = max(methods, key=lambda m: (scores[m]["sqnr_db"], scores[m]["top1_agreement"])) if methods else None
+    final, applied = finish(graph, pairing, method)
+    holdout = scores[method] if method else score(final)
+    budget = budget_pp(ctx)
+    result = None
+    if holdout["drop_pp"] > budget and cal.fallback:
+        solo = weight_sensitivity(ctx.torch_model().eval(), fit.samples, per_channel)
+        ranked = [LayerSensitivity(n, "conv/linear", solo[n], float("nan"), 0.0)
+                  for n in sorted(solo, key=lambda n: solo[n]) if n not in user_float]
+        built: dict[tuple[str, ...], tuple[Any, Any, int]] = {}
+
+        def evaluate(names: list[str]) -> dict[str, float]:
+            qz, g, pr = prepared(user_float + names)
+            q, n = finish(g, pr, method)
+            built[tuple(names)] = (qz, q, n)
+            return score(q)
+
+        result = choose_fallback(ranked, evaluate, holdout, budget)
+        key = tuple(f.name for f in result.layers)
+        if key in built:
+            quantizer, final, applied = built[key]
+            holdout = result.metrics
     calib_s = time.perf_counter() - t0
-    graph = convert_pt2e(graph, fold_quantize=False)
-    model = litert_torch.convert(graph, (p.sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
+    model = litert_torch.convert(final, (p.sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
+    budget_met = holdout["drop_pp"] <= budget
     info = {
-        "quantizer": "litert_torch PT2E (symmetric int8, static)",
+        "quantizer": "litert_torch PT2E (symmetric int8 weights, int8 activations, static)",
+        "method": method or f"{observer} (the graph's own observers)",
+        "method_scores": scores,
+        "reason": (f"{method}: highest holdout output SQNR ({scores[method]['sqnr_db']:.2f} dB) of the PT2E "
+                   f"fake-quant graph on {hold_x.shape[0]} held-out calibration samples"
+                   if len(methods) > 1 else f"{method or observer}: requested"),
+        "shared_ranges": {"observers": len(pairing.pairs) + len(pairing.own), "from_plan": applied,
+                          "observed_by_pt2e": pairing.own, "max_match_error": pairing.max_error},
         "weights": "per-channel" if per_channel else "per-tensor",
-        "activation_observer": observer,
         "fused_conv_relu6": int(quantizer.fused_relu6),
         "kept_float": list(quantizer.kept_float),
-        "fallback": fallback,
-        "calibration_samples": int(usable),
+        "budget_pp": budget,
+        "budget_met": budget_met,
+        "budget_reason": "" if budget_met else (result.reason if result is not None and result.reason else
+                                                f"holdout drop {holdout['drop_pp']:.2f} pp > budget {budget:.2f} pp"
+                                                + ("" if cal.fallback else " and fallback is off")),
+        "holdout": holdout,
+        "fallback_layers": [{"name": f.name, "op": f.op, "solo_weight_sqnr_db": f.sqnr_db}
+                            for f in (result.layers if result is not None else [])],
+        "fallback_tried": [list(t) for t in result.tried] if result is not None else [],
+        "bias_correction": {"applied": n_corrected > 0, "layers": n_corrected, "onnx_biases_corrected": len(corrected),
+                            "source": "calibration plan (as quantize_onnx for ONNX Runtime), paired by value"},
+        "calibration_samples": int(fit_x.shape[0]),
+        "holdout_samples": int(hold_x.shape[0]),
         "calibration_sha256": ctx.calibration.sha256,
-        "calibration_seconds": round(calib_s, 2),
+        "calibration_time_s": round(calib_s, 2),
     }
     return bytes(model.model_content()), info

@@ -11,9 +11,11 @@ Build options (``target.builds[].options``):
         added inside the model, a drop-in for the fp32 model).
     channels_last_io (bool, default false): convert an NCHW model with an NHWC input (no
         leading TRANSPOSE in the graph); the runner transposes the NCHW samples.
-    observer ("minmax" | "histogram", default "minmax"): INT8 activation observer (build.py).
+    observer ("minmax" | "histogram", default "minmax"): INT8 activation observer (build.py);
+        ``minmax`` observers take the shared calibration plan's ranges, ``histogram`` keeps
+        PT2E's own L2-optimal clipping.
     float_layers (list[str]): PyTorch module names whose conv / linear stay float at INT8
-        (added to those ``calibration.fallback`` picks, see sensitivity.py).
+        (added to those ``calibration.fallback`` picks, see build.py).
 
 After every conversion the artifact runs on the host with the device's runner class and is
 compared with the fp32 ONNX Runtime reference (pipeline.backends.checks, one set of thresholds).
@@ -83,7 +85,7 @@ class TFLiteBackend:
         try:
             prepared = build.prepare(ctx)
             if precision == "int8":
-                model, info["quantization"] = build.convert_int8(prepared, ctx)
+                model, info["calibration"] = build.convert_int8(prepared, ctx)
             else:
                 model = build.convert_fp32(prepared)
                 if precision == "fp16":
