@@ -166,10 +166,9 @@ def quantize_onnx(
             if not report.budget_met and cfg.fallback:
                 final, metrics = _fallback(src, model, work, plan, layers, hold, ref, cfg, metrics, report)
             elif not report.budget_met:
-                report.budget_reason = (
-                    f"holdout drop {metrics['drop_pp']:.2f} pp > budget {cfg.max_drop_pp:.2f} pp "
-                    "and fallback is off"
-                )
+                from calibration.sensitivity import budget_reason
+
+                report.budget_reason = budget_reason(metrics["drop_pp"], cfg.max_drop_pp, fallback=False)
         output.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(final, output)
         if cfg.target == "tensorrt":

@@ -17,7 +17,7 @@ the corrected fp32 model is not the model being approximated, only a carrier for
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 

@@ -159,6 +159,7 @@ def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_pa
                config: dict[str, Any], scratch: Path) -> dict[str, Any]:
     """Write ``model.param`` / ``model.bin`` (int8) into ``ctx.workdir``; return the calibration report."""
     from calibration.metrics import fidelity
+    from calibration.sensitivity import budget_reason
 
     from pipeline.backends.calibrate import budget_pp, calibration_config, calibration_set
     from pipeline.backends.checks import run_runner
@@ -199,11 +200,13 @@ def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_pa
                            hold.samples, 1, ctx.target.threads)
     biases, correction = _bias_correction(ctx, model, weights, scratch)
     trials = _Trials(model, weights, config, scratch / "trial", cal.per_channel, ctx.target.threads, biases)
-    scores = {m: trials.score(layers, thresholds(m), hold.samples, fp32_hold) for m in methods}
+    # one ncnn run per method over the holdout gives both its SQNR and its drop
+    fids = {m: fidelity(fp32_hold, trials.run(layers, thresholds(m), hold.samples), hold.labels) for m in methods}
+    scores = {m: round(f["sqnr_db"], 3) for m, f in fids.items()}
     method = max(scores, key=lambda m: scores[m])
     thr = thresholds(method)
     budget = budget_pp(ctx)
-    holdout = fidelity(fp32_hold, trials.run(layers, thr, hold.samples), hold.labels)
+    holdout = fids[method]
     result = None
     if holdout["drop_pp"] > budget and cal.fallback and layers:
         result = _fallback(trials, layers, thr, hold, fp32_hold, holdout, budget)
@@ -221,18 +224,13 @@ def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_pa
                         if q.name not in report and q.name not in float_names and q.type != "Input")
     reason = (f"{method}: highest holdout output SQNR vs fp32 ncnn ({scores[method]:.2f} dB) on "
               f"{len(hold)} held-out calibration samples" if len(methods) > 1 else f"{method}: requested")
-    budget_reason = ""
-    if not budget_met:
-        budget_reason = (result.reason if result is not None and result.reason else
-                         f"holdout drop {holdout['drop_pp']:.2f} pp > budget {budget:.2f} pp"
-                         + ("" if cal.fallback else " and fallback is off"))
     return {
         "method": method,
         "method_sqnr_db": scores,
         "reason": reason,
         "budget_pp": budget,
         "budget_met": budget_met,
-        "budget_reason": budget_reason,
+        "budget_reason": budget_reason(holdout["drop_pp"], budget, cal.fallback, result),
         "holdout": {k: round(float(v), 4) for k, v in holdout.items()},
         # sqnr_db (only that layer quantized) is not measured on ncnn: saved_db ranks the layers
         "fallback_layers": [{**asdict(f), "sqnr_db": None} for f in result.layers] if result is not None else [],

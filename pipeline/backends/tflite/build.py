@@ -94,14 +94,13 @@ def _whole_batches(x: np.ndarray, batch: int) -> np.ndarray:
 
 
 def _run(module: Any, x: np.ndarray, batch: int) -> np.ndarray:
-    """(N, -1) float32 outputs of ``module`` on ``x`` (N a multiple of ``batch``)."""
+    """(N, -1) float32 outputs of ``module`` on ``x`` in static batches (checks.run_batched)."""
     import torch
 
-    outs = []
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch):
-            outs.append(module(torch.from_numpy(np.array(x[i:i + batch], np.float32))).numpy())  # a writable copy
-    return np.concatenate(outs).reshape(x.shape[0], -1).astype(np.float32)
+    from pipeline.backends.checks import run_batched
+
+    with torch.no_grad():  # np.array: a writable copy (the samples may be memory-mapped)
+        return run_batched(lambda chunk: module(torch.from_numpy(np.array(chunk))).numpy(), x, batch)
 
 
 def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any]]:
@@ -126,7 +125,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
     import torch
     from calibration.metrics import fidelity
     from calibration.graph import load_model
-    from calibration.sensitivity import LayerSensitivity, choose_fallback
+    from calibration.sensitivity import LayerSensitivity, budget_reason, choose_fallback
     from calibration.transfer import onnx_activations
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -226,9 +225,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
         "kept_float": list(quantizer.kept_float),
         "budget_pp": budget,
         "budget_met": budget_met,
-        "budget_reason": "" if budget_met else (result.reason if result is not None and result.reason else
-                                                f"holdout drop {holdout['drop_pp']:.2f} pp > budget {budget:.2f} pp"
-                                                + ("" if cal.fallback else " and fallback is off")),
+        "budget_reason": budget_reason(holdout["drop_pp"], budget, cal.fallback, result),
         "holdout": holdout,
         "fallback_layers": [{"name": f.name, "op": f.op, "solo_weight_sqnr_db": f.sqnr_db}
                             for f in (result.layers if result is not None else [])],

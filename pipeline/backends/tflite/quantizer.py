@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-_CONVS = ("conv1d", "conv2d", "convolution")
+CONVS = ("conv1d", "conv2d", "convolution")
 _RELU6_BOUNDS = (0.0, 6.0)
 
 
-def _is_call(node: Any, names: tuple[str, ...]) -> bool:
+def is_call(node: Any, names: tuple[str, ...]) -> bool:
     """Whether ``node`` calls one of the aten ops ``names`` (any overload)."""
     if getattr(node, "op", None) != "call_function":
         return False
@@ -31,7 +31,7 @@ def _is_call(node: Any, names: tuple[str, ...]) -> bool:
 
 
 def _is_relu6(node: Any) -> bool:
-    if not _is_call(node, ("hardtanh",)):
+    if not is_call(node, ("hardtanh",)):
         return False
     lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
     hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
@@ -58,7 +58,7 @@ def keep_float(model: Any, layers: list[str]) -> list[str]:
 
     matched = []
     for node in model.graph.nodes:
-        if not _is_call(node, _CONVS + ("linear", "addmm")):
+        if not is_call(node, CONVS + ("linear", "addmm")):
             continue
         name = _module_name(node)
         hit = next((n for n in layers if name == n or name.endswith("." + n)), None)
@@ -92,7 +92,7 @@ def annotate_conv_relu6(model: Any, config: Any) -> int:
             continue
         conv = clamp.args[0]
         # the conv's raw output must feed nothing but the clamp, or fusing would change semantics
-        if not _is_call(conv, _CONVS) or len(conv.users) != 1:
+        if not is_call(conv, CONVS) or len(conv.users) != 1:
             continue
         if any("quantization_annotation" in n.meta for n in (conv, clamp)):
             continue

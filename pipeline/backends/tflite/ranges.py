@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.backends.tflite.quantizer import CONVS, is_call
+
 
 @dataclass
 class Pairing:
@@ -79,7 +81,7 @@ def pair(graph: Any, batch: np.ndarray, onnx_values: dict[str, np.ndarray]) -> P
         if node.op != "call_module" or str(node.target) not in observers or str(node.target) in pairs:
             continue
         src = node.args[0] if node.args else None
-        while getattr(src, "op", None) == "call_function" and _op_name(src) in _MOVES_DATA and src.args:
+        while is_call(src, _MOVES_DATA) and src.args:
             src = src.args[0]
         if getattr(src, "op", None) == "call_module" and str(src.target) in pairs:
             pairs[str(node.target)] = pairs[str(src.target)]
@@ -91,11 +93,6 @@ def pair(graph: Any, batch: np.ndarray, onnx_values: dict[str, np.ndarray]) -> P
 #: aten ops whose output values are a subset of their input's (plus padding zeros)
 _MOVES_DATA = ("pad", "constant_pad_nd", "view", "reshape", "flatten", "squeeze", "unsqueeze", "permute",
                "max_pool2d", "max_pool2d_with_indices", "clone", "contiguous")
-
-
-def _op_name(node: Any) -> str:
-    packet = getattr(node.target, "overloadpacket", None)
-    return packet.__name__.rstrip("_") if packet is not None else str(node.target)
 
 
 def apply(graph: Any, pairing: Pairing, ranges: dict[str, tuple[float, float]]) -> int:
@@ -117,9 +114,6 @@ def apply(graph: Any, pairing: Pairing, ranges: dict[str, tuple[float, float]]) 
         mod.max_val = torch.tensor(float(hi), dtype=mod.max_val.dtype)
         done += 1
     return done
-
-
-_WEIGHTED = ("conv1d", "conv2d", "convolution", "linear")
 
 
 def correct_biases(graph: Any, batch: np.ndarray, onnx_values: dict[str, np.ndarray], onnx_model: Any,
@@ -144,7 +138,7 @@ def correct_biases(graph: Any, batch: np.ndarray, onnx_values: dict[str, np.ndar
             onnx_delta[n.output[0]] = corrected[n.input[2]] - numpy_helper.to_array(inits[n.input[2]])
     targets = {}
     for node in graph.graph.nodes:
-        if node.op != "call_function" or _op_name(node) not in _WEIGHTED or len(node.args) < 3:
+        if not is_call(node, CONVS + ("linear",)) or len(node.args) < 3:
             continue
         if getattr(node.args[1], "op", None) != "call_module":  # weight not observed: kept float
             continue
@@ -152,7 +146,7 @@ def correct_biases(graph: Any, batch: np.ndarray, onnx_values: dict[str, np.ndar
         while getattr(src, "op", None) == "call_module" and src.args:
             src = src.args[0]
         if getattr(src, "op", None) == "get_attr":
-            targets[node.name] = (node, str(src.target))
+            targets[node.name] = str(src.target)
     if not targets or not onnx_delta:
         return 0
     seen: dict[str, np.ndarray] = {}
@@ -171,7 +165,7 @@ def correct_biases(graph: Any, batch: np.ndarray, onnx_values: dict[str, np.ndar
     match = match_tensors(seen, {k: onnx_values[k] for k in onnx_delta})
     done = 0
     for name, tensor in match.pairs.items():
-        bias = functools.reduce(getattr, targets[name][1].split("."), graph)  # param, buffer or constant
+        bias = functools.reduce(getattr, targets[name].split("."), graph)  # param, buffer or constant
         delta = torch.from_numpy(onnx_delta[tensor].astype(np.float32))
         if tuple(bias.shape) != tuple(delta.shape):
             continue
