@@ -41,3 +41,14 @@ def test_registered_backends_import_lightly() -> None:
         if out.stdout.strip() == "MISSING":
             continue  # the registry guard test reports missing backends
         assert out.stdout.strip() == "", f"importing backend {name} pulled in: {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize("backend", ["tflite", "ncnn"])
+def test_backend_probe_and_runner_import_lightly(backend: str) -> None:
+    """available() / version() (what `edgeship targets` calls) and the device runner stay light."""
+    code = (f"import sys, pipeline.backends.{backend}.convert as c, pipeline.agent.runners.{backend}\n"
+            "c.BACKEND.available(); c.BACKEND.version()\n"
+            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"probing backend {backend} pulled in: {out.stdout.strip()}"

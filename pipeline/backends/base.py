@@ -7,7 +7,9 @@ artifact its runtime loads, at one precision. It never edits its inputs and writ
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -82,3 +84,19 @@ class Backend(Protocol):
 
     def convert(self, ctx: BuildContext, precision: str) -> Artifact:
         """Build the artifact for ``precision`` under ``ctx.workdir``; raise ConversionError on failure."""
+
+
+def missing_packages(needed: dict[str, str]) -> list[str]:
+    """The pip names of ``needed`` (import name -> pip name) that are not installed (nothing imported)."""
+    return [pip for mod, pip in needed.items() if importlib.util.find_spec(mod) is None]
+
+
+def installed_versions(dists: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Installed version per distribution name; absent ones are left out (nothing imported)."""
+    out = {}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out

@@ -23,10 +23,10 @@ import importlib.util
 import shutil
 import subprocess
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.backends.base import installed_versions, missing_packages
 from pipeline.errors import ConversionError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,7 +54,7 @@ class NcnnBackend:
 
     def available(self) -> tuple[bool, str]:
         """Whether pnnx (with its executable), ncnn and onnx are installed."""
-        missing = [pip for mod, pip in _NEEDED.items() if importlib.util.find_spec(mod) is None]
+        missing = missing_packages(_NEEDED)
         if missing:
             return False, f"missing {', '.join(missing)}: pip install 'edgeship[ncnn]' (pnnx, ncnn)"
         if _pnnx_exe() is None:
@@ -63,13 +63,7 @@ class NcnnBackend:
 
     def version(self) -> dict[str, str]:
         """Installed versions of pnnx, ncnn and onnx."""
-        out = {}
-        for dist in ("pnnx", "ncnn", "onnx"):
-            try:
-                out[dist] = metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                continue
-        return out
+        return installed_versions(("pnnx", "ncnn", "onnx"))
 
     def convert(self, ctx: "BuildContext", precision: str) -> "Artifact":
         """Convert ``ctx.onnx_fp32`` at ``precision``; write model.param/.bin; check numerically.

@@ -23,11 +23,10 @@ compared with the fp32 ONNX Runtime reference (pipeline.backends.checks, one set
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
+from pipeline.backends.base import installed_versions, missing_packages
 from pipeline.errors import ConversionError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,7 +46,7 @@ class TFLiteBackend:
 
     def available(self) -> tuple[bool, str]:
         """Whether litert-torch, ai-edge-litert, ai-edge-quantizer and torch are installed."""
-        missing = [pip for mod, pip in _NEEDED.items() if importlib.util.find_spec(mod) is None]
+        missing = missing_packages(_NEEDED)
         if missing:
             return False, (f"missing {', '.join(missing)}: pip install 'edgeship[tflite]' "
                            "(litert-torch, ai-edge-litert; keep torch pinned with -c constraints.txt)")
@@ -55,13 +54,7 @@ class TFLiteBackend:
 
     def version(self) -> dict[str, str]:
         """Installed versions of the conversion tools (absent ones are left out)."""
-        out = {}
-        for dist in _TOOLS:
-            try:
-                out[dist] = metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                continue
-        return out
+        return installed_versions(_TOOLS)
 
     def convert(self, ctx: "BuildContext", precision: str) -> "Artifact":
         """Convert at ``precision``, write ``model.tflite`` under ``ctx.workdir``, check it numerically.

@@ -112,31 +112,26 @@ def add_float_io(model_bytes: bytes) -> bytes:
     sg = model.subgraphs[0]
     int_codes = set(_INT_TYPES.values())
     remap: dict[int, int] = {}
-    front, back = [], []
-    new_inputs = []
-    for idx in (int(i) for i in sg.inputs):
-        if sg.tensors[idx].type not in int_codes:
-            new_inputs.append(idx)
-            continue
-        f = _float_twin(model, sg, idx, "_float")
-        op = schema.OperatorT()
-        op.opcodeIndex = _opcode_index(model, schema.BuiltinOperator.QUANTIZE)
-        op.inputs, op.outputs = np.array([f], np.int32), np.array([idx], np.int32)
-        front.append(op)
-        new_inputs.append(f)
-        remap[idx] = f
-    new_outputs = []
-    for idx in (int(i) for i in sg.outputs):
-        if sg.tensors[idx].type not in int_codes:
-            new_outputs.append(idx)
-            continue
-        f = _float_twin(model, sg, idx, "_float")
-        op = schema.OperatorT()
-        op.opcodeIndex = _opcode_index(model, schema.BuiltinOperator.DEQUANTIZE)
-        op.inputs, op.outputs = np.array([idx], np.int32), np.array([f], np.int32)
-        back.append(op)
-        new_outputs.append(f)
-        remap[idx] = f
+
+    def wrap(indices: Any, opcode: int, quantize: bool) -> tuple[list[Any], list[int]]:
+        """A float twin per integer tensor, joined by QUANTIZE (input side) or DEQUANTIZE (output side)."""
+        ops, kept = [], []
+        for idx in (int(i) for i in indices):
+            if sg.tensors[idx].type not in int_codes:
+                kept.append(idx)
+                continue
+            f = _float_twin(model, sg, idx, "_float")
+            op = schema.OperatorT()
+            op.opcodeIndex = _opcode_index(model, opcode)
+            src, dst = (f, idx) if quantize else (idx, f)
+            op.inputs, op.outputs = np.array([src], np.int32), np.array([dst], np.int32)
+            ops.append(op)
+            kept.append(f)
+            remap[idx] = f
+        return ops, kept
+
+    front, new_inputs = wrap(sg.inputs, schema.BuiltinOperator.QUANTIZE, quantize=True)
+    back, new_outputs = wrap(sg.outputs, schema.BuiltinOperator.DEQUANTIZE, quantize=False)
     if not remap:
         return bytes(model_bytes)
     sg.operators = front + list(sg.operators) + back  # execution order: quantize first, dequantize last
