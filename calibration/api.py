@@ -249,19 +249,13 @@ def build_plan(
         cfg: the same config (split, activation mode, per-channel).
         cache_dir: the same statistics cache.
     """
-    from calibration.graph import ensure_node_names, load_model, weighted_layers
+    from calibration.graph import weighted_layers
     from calibration.stats import collect_statistics
 
     cfg = cfg or CalibrationConfig()
     fit, _ = calib.split(cfg.holdout_fraction, cfg.seed)
-    model = load_model(model_fp32)
     with tempfile.TemporaryDirectory(prefix="edgeship-plan-") as tmp:
-        src = Path(model_fp32)
-        if ensure_node_names(model):
-            import onnx
-
-            src = Path(tmp) / "prepared.onnx"
-            onnx.save(model, str(src))
+        src, model = _prepare(Path(model_fp32), Path(tmp))  # as quantize_onnx: same model sha, same cache entry
         stats = collect_statistics(src, fit, cache_dir, cfg.bins, cfg.batch_size, cfg.threads)
     return make_plan(
         model, stats, weighted_layers(model), method, cfg.symmetric, cfg.per_channel, cfg.percentile, cfg.bias_correction
