@@ -34,6 +34,22 @@ def tiny_cnn() -> Any:
     return model.eval()
 
 
+def planted_cnn() -> Any:
+    """Conv+ReLU whose channel 0 is scaled by 300 (and read back by 1/300): the same function,
+    but a per-tensor int8 range on the second conv's input only resolves channel 0."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    with torch.no_grad():
+        model[0].weight[0] *= 300.0
+        model[0].bias[0] = abs(model[0].bias[0]) * 300.0
+        model[2].weight[:, 0] /= 300.0
+    return model.eval()
+
+
 def make_context(tmp: Path, backend: str, factory: Callable[[], Any], calib: np.ndarray, check: np.ndarray,
                  options: dict | None = None) -> BuildContext:
     """A BuildContext by hand: dynamo ONNX export, onnxruntime reference outputs on ``check``."""

@@ -19,7 +19,7 @@ import pytest
 from pipeline.backends.base import Artifact
 from pipeline.errors import ConversionError
 from pipeline.registry import get_backend
-from tests.backends.helpers import build_and_evaluate, converter, digits, make_context, run_artifact, tiny_cnn
+from tests.backends.helpers import build_and_evaluate, converter, digits, make_context, planted_cnn, run_artifact, tiny_cnn
 
 NAME = "ncnn"
 FULL = os.environ.get("EDGESHIP_FULL_BACKEND_TESTS") == "1"
@@ -172,22 +172,6 @@ def test_efficientnet_lite0_all_precisions(tmp_path: Path) -> None:
     spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "efficientnet_lite0.yaml")
     agree = build_and_evaluate(NAME, spec, tmp_path, ["fp32", "fp16", "int8"])
     assert agree["fp32"] == 100.0 and agree["fp16"] >= 99.0 and agree["int8"] >= 85.0, agree
-
-
-def planted_cnn() -> Any:
-    """Conv+ReLU whose channel 0 is scaled by 300 (and read back by 1/300): the same function,
-    but a per-tensor int8 range on the second conv's input only resolves channel 0."""
-    import torch
-    import torch.nn as nn
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-    with torch.no_grad():
-        model[0].weight[0] *= 300.0
-        model[0].bias[0] = abs(model[0].bias[0]) * 300.0
-        model[2].weight[:, 0] /= 300.0
-    return model.eval()
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import pytest
 from pipeline.backends.base import Artifact, BuildContext
 from pipeline.errors import ConversionError
 from pipeline.registry import get_backend
-from tests.backends.helpers import build_and_evaluate, converter, digits, make_context, run_artifact, tiny_cnn
+from tests.backends.helpers import build_and_evaluate, converter, digits, make_context, planted_cnn, run_artifact, tiny_cnn
 
 NAME = "tflite"
 slow_backend = [pytest.mark.slow, pytest.mark.backend(NAME)]
@@ -78,10 +78,37 @@ def test_float_layers_option_keeps_a_layer_float(tmp_path: Path) -> None:
     art = get_backend(NAME).convert(ctx, "int8")
     assert art.info["calibration"]["kept_float"] == ["0"]  # nn.Sequential index of the first conv
     assert art.info["tensor_types"]["float32"] > 2  # a float conv inside the integer graph
+    # a float layer reads a float tensor: the conv feeding it (through ReLU and MaxPool) stays float too
+    ctx.workdir = tmp_path / "depthwise"
+    ctx.build.options["float_layers"] = ["4"]
+    cal = get_backend(NAME).convert(ctx, "int8").info["calibration"]
+    assert cal["kept_float"] == ["0", "4"] and cal["float_producers"] == ["0"], cal["kept_float"]
     ctx.workdir = tmp_path / "again"
     ctx.build.options["float_layers"] = ["no_such_layer"]
     with pytest.raises(ConversionError, match="no_such_layer"):
         get_backend(NAME).convert(ctx, "int8")
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+@pytest.mark.parametrize("fallback", [True, False])
+def test_fallback_keeps_the_planted_layer_float_to_meet_the_budget(tmp_path: Path, fallback: bool) -> None:
+    ctx = make_context(tmp_path, NAME, planted_cnn, digits(80), digits(8, offset=80))
+    ctx.spec.accuracy.max_drop_pp = 10.0
+    ctx.spec.calibration.fallback = fallback
+    if not fallback:  # the planted layer ruins the holdout (and the converter's own check)
+        with pytest.raises(ConversionError, match="top-1 agreement"):
+            get_backend(NAME).convert(ctx, "int8")
+        return
+    cal = get_backend(NAME).convert(ctx, "int8").info["calibration"]
+    assert cal["budget_met"] is True and cal["holdout"]["drop_pp"] <= 10.0, cal
+    # ranked by the gated ONNX model: the second conv (reading the x300 channel) saves the most
+    first = cal["fallback_layers"][0]
+    assert first["name"] == "2" and first["saved_db"] > 10.0 and len(cal["fallback_layers"]) == 1, cal
+    assert first["onnx_node"] and "solo_weight_sqnr_db" not in first
+    # its input is the first conv's output, so that conv stays float with it; the classifier is int8
+    assert cal["kept_float"] == ["0", "2"] and cal["float_producers"] == ["0"]
+    assert cal["method_scores"][cal["method"]]["drop_pp"] > 10.0 and cal["fallback_tried"] == [[1, cal["holdout"]["drop_pp"]]]
 
 
 @pytest.mark.slow

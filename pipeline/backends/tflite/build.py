@@ -103,6 +103,13 @@ def _run(module: Any, x: np.ndarray, batch: int) -> np.ndarray:
         return run_batched(lambda chunk: module(torch.from_numpy(np.array(chunk))).numpy(), x, batch)
 
 
+def _fallback_entry(f: Any) -> dict[str, Any]:
+    """One fallback layer for the report: the module, the ONNX node it pairs with, what it saved."""
+    if f.op.startswith("onnx "):
+        return {"name": f.name, "onnx_node": f.op[5:], "saved_db": round(f.saved_db, 3), "saved_pp": round(f.saved_pp, 3)}
+    return {"name": f.name, "solo_weight_sqnr_db": f.sqnr_db}
+
+
 def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any]]:
     """Full-integer INT8 from edgeship's one calibration (PT2E graph, litert-torch converter).
 
@@ -114,10 +121,11 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
       runs) and keeps the best. ``ort-default`` (or option ``observer: histogram``) keeps the
       graph's own observers. Conv + ReLU6 is fused (see quantizer.py).
     * Fallback (``calibration.fallback``): when the holdout drop exceeds the budget, Conv /
-      Linear modules are ranked by the output SQNR of quantizing their weights alone
-      (sensitivity.py) and ``calibration.sensitivity.choose_fallback`` keeps the fewest in float
-      that meet it, each candidate checked on the whole holdout. Modules named in
-      ``options["float_layers"]`` always stay float.
+      Linear modules are ranked by what leaving each alone in float buys in the gated ONNX model
+      under the same plan (the ranking ONNX Runtime's fallback uses, paired with the modules by
+      value; sensitivity.py) and ``calibration.sensitivity.choose_fallback`` keeps the fewest in
+      float that meet it, each candidate checked with the PT2E graph on the whole holdout.
+      Modules named in ``options["float_layers"]`` always stay float.
     """
     import copy
 
@@ -125,7 +133,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
     import torch
     from calibration.metrics import fidelity
     from calibration.graph import load_model
-    from calibration.sensitivity import LayerSensitivity, budget_reason, choose_fallback
+    from calibration.sensitivity import budget_reason, choose_fallback
     from calibration.transfer import onnx_activations
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -133,7 +141,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
     from pipeline.backends.calibrate import budget_pp, calibration_config, calibration_plan, calibration_set
     from pipeline.backends.tflite import ranges as shared
     from pipeline.backends.tflite.quantizer import make_quantizer
-    from pipeline.backends.tflite.sensitivity import weight_sensitivity
+    from pipeline.backends.tflite.sensitivity import rank_modules
 
     cal = ctx.spec.calibration
     per_channel = bool(cal.per_channel)
@@ -192,9 +200,9 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
     budget = budget_pp(ctx)
     result = None
     if holdout["drop_pp"] > budget and cal.fallback:
-        solo = weight_sensitivity(ctx.torch_model().eval(), fit.samples, per_channel)
-        ranked = [LayerSensitivity(n, "conv/linear", solo[n], float("nan"), 0.0)
-                  for n in sorted(solo, key=lambda n: solo[n]) if n not in user_float]
+        ranked = [s for s in rank_modules(ctx.torch_model().eval(), fit.samples, hold.samples, per_channel,
+                                          ctx.onnx_fp32, plans.get(method), onnx_values, ctx.target.threads)
+                  if s.name not in user_float]
         built: dict[tuple[str, ...], tuple[Any, Any, int]] = {}
 
         def evaluate(names: list[str]) -> dict[str, float]:
@@ -223,12 +231,14 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
         "weights": "per-channel" if per_channel else "per-tensor",
         "fused_conv_relu6": int(quantizer.fused_relu6),
         "kept_float": list(quantizer.kept_float),
+        # a float layer reads a float tensor, so the conv / linear producing it stays float too
+        "float_producers": sorted(set(quantizer.kept_float) - set(user_float)
+                                  - {f.name for f in (result.layers if result is not None else [])}),
         "budget_pp": budget,
         "budget_met": budget_met,
         "budget_reason": budget_reason(holdout["drop_pp"], budget, cal.fallback, result),
         "holdout": holdout,
-        "fallback_layers": [{"name": f.name, "op": f.op, "solo_weight_sqnr_db": f.sqnr_db}
-                            for f in (result.layers if result is not None else [])],
+        "fallback_layers": [_fallback_entry(f) for f in (result.layers if result is not None else [])],
         "fallback_tried": [list(t) for t in result.tried] if result is not None else [],
         "bias_correction": {"applied": n_corrected > 0, "layers": n_corrected, "onnx_biases_corrected": len(corrected),
                             "source": "calibration plan (as quantize_onnx for ONNX Runtime), paired by value"},

@@ -44,6 +44,24 @@ def _module_name(node: Any) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
+#: ops whose output PT2E quantizes with their input's parameters (the int8 tensor flows through)
+PASS_THROUGH = ("relu", "relu6", "hardtanh", "constant_pad_nd", "pad", "view", "reshape", "flatten",
+                "max_pool2d", "permute", "squeeze", "unsqueeze", "clone", "dropout")
+
+
+def _producer(node: Any) -> Any:
+    """The conv / linear node whose output reaches ``node``'s first input through pass-through
+    ops only (None if another op, or the graph input, produces it)."""
+    src = node.args[0] if node.args else None
+    while src is not None and getattr(src, "op", None) == "call_function":
+        if is_call(src, CONVS + ("linear", "addmm")):
+            return src
+        if not is_call(src, PASS_THROUGH) or not src.args:
+            return None
+        src = src.args[0]
+    return None
+
+
 def keep_float(model: Any, layers: list[str]) -> list[str]:
     """Mark the conv / linear nodes of the named modules as handled-without-quantization.
 
@@ -51,8 +69,14 @@ def keep_float(model: Any, layers: list[str]) -> list[str]:
     PT2E puts a quantize/dequantize pair at their boundaries (TFLite: DEQUANTIZE -> float op ->
     QUANTIZE). Names match the module path, also under a wrapper (``wrapped.<name>``).
 
+    A float layer should also *read* a float tensor: a layer is usually sensitive because its
+    input's int8 range is a poor fit (one channel stretching it), and DEQUANTIZE cannot restore
+    what the int8 tensor lost. That tensor is quantized as its producer's output, so a conv /
+    linear that feeds a float layer through pass-through ops (ReLU, ReLU6, padding, reshapes)
+    stays float with it; it is returned too, so reports list every float layer.
+
     Returns:
-        The module names that matched a node.
+        The module names whose nodes stay float, the named ones and the producers they pull in.
     """
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
 
@@ -62,9 +86,15 @@ def keep_float(model: Any, layers: list[str]) -> list[str]:
             continue
         name = _module_name(node)
         hit = next((n for n in layers if name == n or name.endswith("." + n)), None)
-        if hit is not None:
-            node.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
-            matched.append(hit)
+        if hit is None:
+            continue
+        matched.append(hit)
+        for float_node in (node, _producer(node)):
+            if float_node is not None:
+                float_node.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
+        producer = _producer(node)
+        if producer is not None:
+            matched.append(_module_name(producer).removeprefix("wrapped."))
     return sorted(set(matched))
 
 
