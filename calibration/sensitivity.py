@@ -9,7 +9,8 @@ layer on the holdout:
 
 Layers are ranked by ``saved_db`` (continuous, so stable on a small holdout), then the fallback
 keeps the top-ranked layers in float, fewest first, checking each candidate set with the *real*
-QDQ model until the holdout drop is within budget.
+QDQ model until the holdout drop is within budget (1..8 layers, then doubling, then bisecting the
+last gap).
 """
 
 from __future__ import annotations
@@ -130,12 +131,28 @@ def choose_fallback(
     limit = len(ranked) - 1 if max_layers is None else min(max_layers, len(ranked) - 1)
     tried: list[tuple[int, float]] = []
     metrics = base_metrics
-    k = 0
+    k = below = 0
+
+    def attempt(size: int) -> dict[str, float]:
+        m = evaluate([s.name for s in ranked[:size]])
+        tried.append((size, m["drop_pp"]))
+        return m
+
     for k in _candidate_sizes(limit):
-        metrics = evaluate([s.name for s in ranked[:k]])
-        tried.append((k, metrics["drop_pp"]))
+        metrics = attempt(k)
         if metrics["drop_pp"] <= max_drop_pp:
             break
+        below = k
+    if metrics["drop_pp"] <= max_drop_pp:
+        # the sizes double past 8: bisect the gap to the last size that missed, so a budget met
+        # at 32 is not paid with 32 float layers when 20 would do
+        while k - below > 1:
+            mid = (k + below) // 2
+            m = attempt(mid)
+            if m["drop_pp"] <= max_drop_pp:
+                k, metrics = mid, m
+            else:
+                below = mid
     chosen = [FallbackLayer(s.name, s.op, s.sqnr_db, s.saved_pp, s.saved_db) for s in ranked[:k]]
     if metrics["drop_pp"] <= max_drop_pp and k > 0:
         return FallbackResult(chosen, True, "", metrics, tried)

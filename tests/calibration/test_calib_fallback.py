@@ -1,0 +1,48 @@
+"""choose_fallback's search on its own: the ``evaluate`` callback here is a plain function of the
+float layer set (the search logic is what is under test; the backends' tests run it with real
+runtimes)."""
+
+from __future__ import annotations
+
+from calibration.sensitivity import LayerSensitivity, choose_fallback
+
+
+def ranked(n: int) -> list[LayerSensitivity]:
+    return [LayerSensitivity(f"l{i}", "Conv", float("nan"), float(n - i), 0.0) for i in range(n)]
+
+
+def drop_when(needed: int):
+    calls: list[int] = []
+
+    def evaluate(names: list[str]) -> dict[str, float]:
+        calls.append(len(names))
+        return {"drop_pp": 1.0 if len(names) >= needed else 9.0}
+
+    return evaluate, calls
+
+
+def test_budget_met_without_fallback_tries_nothing() -> None:
+    evaluate, calls = drop_when(3)
+    res = choose_fallback(ranked(10), evaluate, {"drop_pp": 0.5}, 2.0)
+    assert res.budget_met and res.layers == [] and calls == []
+
+
+def test_fewest_layers_first() -> None:
+    evaluate, calls = drop_when(3)
+    res = choose_fallback(ranked(10), evaluate, {"drop_pp": 9.0}, 2.0)
+    assert res.budget_met and [f.name for f in res.layers] == ["l0", "l1", "l2"] and calls == [1, 2, 3]
+
+
+def test_bisects_the_gap_after_doubling() -> None:
+    # 1..8 miss, 16 misses, 32 meets: bisecting 16..32 finds 20 instead of shipping 32 float layers
+    evaluate, calls = drop_when(20)
+    res = choose_fallback(ranked(60), evaluate, {"drop_pp": 9.0}, 2.0)
+    assert res.budget_met and len(res.layers) == 20, res.tried
+    assert calls[:10] == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32] and set(calls[10:]) <= set(range(17, 32))
+    assert [k for k, _ in res.tried] == calls and len(calls) <= 10 + 4  # log2(16) bisection steps
+
+
+def test_budget_out_of_reach_says_so_with_all_but_one_layer_float() -> None:
+    evaluate, calls = drop_when(100)
+    res = choose_fallback(ranked(12), evaluate, {"drop_pp": 9.0}, 2.0)
+    assert not res.budget_met and calls[-1] == 11 and "even with 11 of 12 layers in float" in res.reason
