@@ -167,3 +167,30 @@ def test_efficientnet_lite0_all_precisions(tmp_path: Path) -> None:
     spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "efficientnet_lite0.yaml")
     agree = build_and_evaluate(NAME, spec, tmp_path, ["fp32", "fp16", "int8"])
     assert agree["fp32"] == 100.0 and agree["fp16"] >= 99.0 and agree["int8"] >= 80.0, agree
+
+
+@pytest.mark.backend(NAME)
+def test_fallback_ranking_pairs_every_module_with_its_onnx_layer(tmp_path: Path) -> None:
+    from calibration.graph import ensure_node_names, load_model, weighted_layers
+    from calibration.transfer import onnx_activations
+
+    from pipeline.backends.calibrate import calibration_plan
+    from pipeline.backends.tflite.sensitivity import pair_modules, rank_modules
+
+    ctx = make_context(tmp_path, NAME, tiny_cnn, digits(40), digits(8, offset=40))
+    x = ctx.calibration.x
+    values = onnx_activations(ctx.onnx_fp32, x[:2])
+    model = load_model(ctx.onnx_fp32)
+    ensure_node_names(model)
+    # Conv+BN folded in ONNX, Linear as Gemm: paired by weight shape and input values, not names
+    pairs = pair_modules(tiny_cnn(), x[:2], model, values)
+    assert sorted(pairs) == ["0", "12", "4", "7"] and sorted(pairs.values()) == sorted(
+        layer.node for layer in weighted_layers(model))
+    plan = calibration_plan(ctx, "minmax", activation_mode="asymmetric")
+    gated = rank_modules(tiny_cnn(), x[:32], x[32:], True, ctx.onnx_fp32, plan, values)
+    assert sorted(s.name for s in gated) == ["0", "12", "4", "7"] and all(s.op.startswith("onnx ") for s in gated)
+    assert [s.saved_db for s in gated] == sorted((s.saved_db for s in gated), reverse=True)
+    # no plan (ort-default): every module ranked by the SQNR of quantizing its weights alone
+    alone = rank_modules(tiny_cnn(), x[:32], x[32:], True)
+    assert {s.op for s in alone} == {"weights only"} and len(alone) == 4
+    assert [s.sqnr_db for s in alone] == sorted(s.sqnr_db for s in alone) and alone[0].sqnr_db < 60

@@ -34,8 +34,9 @@ def _layers(module: Any) -> list[tuple[str, Any]]:
     return [(n, m) for n, m in module.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
 
-def weight_sensitivity(module: Any, x: np.ndarray, per_channel: bool) -> dict[str, float]:
-    """Output SQNR (dB) with only one layer's weights quantized, per Conv / Linear module name."""
+def weight_sensitivity(module: Any, x: np.ndarray, per_channel: bool, only: set[str] | None = None) -> dict[str, float]:
+    """Output SQNR (dB) with only one layer's weights quantized, per Conv / Linear module name
+    (those in ``only``, if given)."""
     import torch
 
     from calibration.observers import weight_qparams
@@ -45,6 +46,8 @@ def weight_sensitivity(module: Any, x: np.ndarray, per_channel: bool) -> dict[st
     with torch.no_grad():
         ref = module(xt).numpy().astype(np.float64)
         for name, layer in _layers(module):
+            if only is not None and name not in only:
+                continue
             w = layer.weight.detach().clone()
             q = weight_qparams(w.numpy(), axis=0, per_channel=per_channel)
             scale = torch.from_numpy(np.asarray(q.scale, np.float32).reshape(-1, *([1] * (w.dim() - 1))))
@@ -142,7 +145,6 @@ def rank_modules(module: Any, fit: np.ndarray, holdout: np.ndarray, per_channel:
         LayerSensitivity per module: ``saved_db`` / ``saved_pp`` from the gated ONNX model for a
         paired module (``op`` names its ONNX node), ``sqnr_db`` = weight-only SQNR for the rest.
     """
-    solo = weight_sensitivity(module, fit, per_channel)
     ranked: list[LayerSensitivity] = []
     if onnx_path is not None and plan is not None and onnx_values:
         model, gated = gated_ranking(onnx_path, plan, holdout, threads)
@@ -150,7 +152,7 @@ def rank_modules(module: Any, fit: np.ndarray, holdout: np.ndarray, per_channel:
         to_module = {node: name for name, node in pair_modules(module, fit[:n], model, onnx_values).items()}
         ranked = [LayerSensitivity(to_module[s.name], f"onnx {s.name}", float("nan"), s.saved_db, s.saved_pp)
                   for s in gated if s.name in to_module]
-    done = {s.name for s in ranked}
-    ranked += [LayerSensitivity(n, "weights only", solo[n], float("nan"), 0.0)
-               for n in sorted(solo, key=lambda n: solo[n]) if n not in done]
-    return ranked
+    rest = {name for name, _ in _layers(module)} - {s.name for s in ranked}
+    solo = weight_sensitivity(module, fit, per_channel, rest) if rest else {}
+    return ranked + [LayerSensitivity(n, "weights only", solo[n], float("nan"), 0.0)
+                     for n in sorted(solo, key=lambda n: solo[n])]
