@@ -94,6 +94,25 @@ def test_report_renders_every_run(capsys) -> None:
     assert md.count("\n") == 3 and "| d | onnxruntime | int8 | 97.50 |" in md
 
 
+def test_report_shows_where_int8_lost_accuracy(capsys) -> None:
+    from rich.console import Console
+
+    from pipeline.validate.gate import _calibration_summary
+
+    table = [{"tensor": f"t{i}", "sqnr_db": 40.0 - i} for i in range(8)]
+    conv = {"calibration": {"method": "mse", "reason": "best", "budget_met": False, "budget_reason": "drop 9 pp",
+                            "fallback_layers": [{"name": "conv2"}], "per_layer_sqnr": table}}
+    summary = _calibration_summary({"conversion": conv})
+    assert [t["tensor"] for t in summary["worst_tensors"]] == ["t7", "t6", "t5", "t4", "t3"]
+    res = _results(97.5)
+    res["devices"][0]["runs"][0]["calibration"] = summary
+    md = markdown(res)
+    assert "calibration `mse` (best)" in md and "`conv2`" in md and "budget not met: drop 9 pp" in md
+    assert "t7 33.0 dB, t6 34.0 dB" in md
+    print_report(res, Console(width=300, force_terminal=False))
+    assert "lowest SQNR: t7 33.0 dB, t6 34.0 dB, t5 35.0 dB" in capsys.readouterr().out
+
+
 def test_nightly_regression_against_last_good(tmp_path: Path) -> None:
     hist = tmp_path / "h.jsonl"
     entries = [

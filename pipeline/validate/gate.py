@@ -51,12 +51,20 @@ def run_row(raw: dict[str, Any], run_meta: dict[str, Any], reference: dict[str, 
     return row
 
 
+WORST_TENSORS = 5
+
+
 def _calibration_summary(run_meta: dict[str, Any]) -> dict[str, Any] | None:
     cal = (run_meta.get("conversion") or {}).get("calibration")
     if not cal:
         return None
-    keep = ("method", "reason", "budget_met", "fallback_layers", "calibration_time_s", "stats_cache_hit")
-    return {k: cal[k] for k in keep if k in cal}
+    keep = ("method", "reason", "budget_met", "budget_reason", "fallback_layers", "calibration_time_s",
+            "stats_cache_hit")
+    out = {k: cal[k] for k in keep if k in cal}
+    table = cal.get("per_layer_sqnr") or []
+    if table:  # where the int8 error enters: the tensors with the lowest SQNR vs fp32 (holdout)
+        out["worst_tensors"] = sorted(table, key=lambda r: float(r["sqnr_db"]))[:WORST_TENSORS]
+    return out
 
 
 def check_run(row: dict[str, Any], spec: PipelineSpec, target: TargetSpec) -> dict[str, Any]:

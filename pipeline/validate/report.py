@@ -67,9 +67,11 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
             cal = r.get("calibration") or {}
             if cal.get("method"):
                 kept = cal.get("fallback_layers") or []
+                worst = cal.get("worst_tensors") or []
                 console.print(f"[dim]{dev['device']} {r['id']}: calibration {cal['method']}"
                               f"{' (' + cal['reason'] + ')' if cal.get('reason') else ''}"
                               f"{', kept in float: ' + ', '.join(str(k.get('name', k)) for k in kept) if kept else ''}"
+                              f"{', lowest SQNR: ' + _worst(worst[:3]) if worst else ''}"
                               "[/dim]")
     gate = results["gate"]
     if gate["passed"]:
@@ -80,7 +82,26 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
             console.print(f"  [red]- {reason}[/red]")
 
 
+def _worst(tensors: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{t['tensor']} {float(t['sqnr_db']):.1f} dB" for t in tensors)
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
+    for dev in results["devices"]:
+        for r in dev.get("runs", []):
+            cal = r.get("calibration") or {}
+            if not cal.get("method"):
+                continue
+            lines += ["", f"**{dev['device']} {r['id']}**: calibration `{cal['method']}`"
+                      + (f" ({cal['reason']})" if cal.get("reason") else "")]
+            kept = cal.get("fallback_layers") or []
+            if kept:
+                lines.append("kept in float: " + ", ".join(f"`{k.get('name', k)}`" for k in kept))
+            if cal.get("budget_met") is False:
+                lines.append(f"budget not met: {cal.get('budget_reason') or 'see the calibration report'}")
+            if cal.get("worst_tensors"):
+                lines.append("lowest per-tensor SQNR vs fp32 (holdout; where the int8 error enters): "
+                             + _worst(cal["worst_tensors"]))
     return "\n".join(lines) + "\n"
