@@ -162,13 +162,13 @@ def quantize_onnx(
             bias_corrected=sorted(plan.bias),
         )
         if cfg.max_drop_pp is not None:
-            from calibration.sensitivity import budget_reason, within_budget
-
-            report.budget_met = within_budget(metrics, cfg.max_drop_pp)
+            report.budget_met = metrics["drop_pp"] <= cfg.max_drop_pp
             if not report.budget_met and cfg.fallback:
                 final, metrics = _fallback(src, model, work, plan, layers, hold, ref, cfg, metrics, report)
             elif not report.budget_met:
-                report.budget_reason = budget_reason(metrics, cfg.max_drop_pp, fallback=False)
+                from calibration.sensitivity import budget_reason
+
+                report.budget_reason = budget_reason(metrics["drop_pp"], cfg.max_drop_pp, fallback=False)
         output.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(final, output)
         if cfg.target == "tensorrt":

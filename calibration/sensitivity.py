@@ -74,32 +74,6 @@ def only_layer_sqnr(gated: GatedModel, samples: np.ndarray, ref: np.ndarray, nam
     return sqnr_db(ref, gated.run(samples, on, batch_size))
 
 
-#: standard errors added to the holdout drop before it is compared with the budget
-BUDGET_Z = 1.0
-
-
-def drop_bound(metrics: dict[str, float], z: float = BUDGET_Z) -> float:
-    """The holdout drop (pp) plus ``z`` binomial standard errors of it.
-
-    The holdout is a sample: 3 disagreements in 77 (3.9 pp) is as likely to be 6 in 128 on the
-    evaluation set (4.7 pp) as 8 (6.3 pp). Judging the budget on the drop plus one standard error
-    keeps a result at the edge of the budget from being left to chance on the evaluation set.
-    A drop of 0 has no spread (the bound is 0), so a tight budget stays reachable. Without a
-    sample count (``n``) the drop is returned as it is.
-    """
-    drop = float(metrics["drop_pp"])
-    n = float(metrics.get("n") or 0.0)
-    if n <= 0:
-        return drop
-    p = min(max(drop / 100.0, 0.0), 1.0)
-    return drop + z * 100.0 * float(np.sqrt(p * (1.0 - p) / n))
-
-
-def within_budget(metrics: dict[str, float], budget: float) -> bool:
-    """Whether the holdout drop, plus one standard error (:func:`drop_bound`), is within ``budget``."""
-    return drop_bound(metrics) <= budget
-
-
 def _candidate_sizes(limit: int) -> list[int]:
     """1, 2, ..., 8, then doubling: fewest layers first, bounded number of real evaluations."""
     sizes = list(range(1, min(limit, 8) + 1))
@@ -152,7 +126,7 @@ def choose_fallback(
     Returns:
         The chosen layers, or ``budget_met=False`` with the reason.
     """
-    if within_budget(base_metrics, max_drop_pp):
+    if base_metrics["drop_pp"] <= max_drop_pp:
         return FallbackResult([], True, "", base_metrics)
     limit = len(ranked) - 1 if max_layers is None else min(max_layers, len(ranked) - 1)
     tried: list[tuple[int, float]] = []
@@ -166,43 +140,37 @@ def choose_fallback(
 
     for k in _candidate_sizes(limit):
         metrics = attempt(k)
-        if within_budget(metrics, max_drop_pp):
+        if metrics["drop_pp"] <= max_drop_pp:
             break
         below = k
-    if within_budget(metrics, max_drop_pp):
+    if metrics["drop_pp"] <= max_drop_pp:
         # the sizes double past 8: bisect the gap to the last size that missed, so a budget met
         # at 32 is not paid with 32 float layers when 20 would do
         while k - below > 1:
             mid = (k + below) // 2
             m = attempt(mid)
-            if within_budget(m, max_drop_pp):
+            if m["drop_pp"] <= max_drop_pp:
                 k, metrics = mid, m
             else:
                 below = mid
     chosen = [FallbackLayer(s.name, s.op, s.sqnr_db, s.saved_pp, s.saved_db) for s in ranked[:k]]
-    if within_budget(metrics, max_drop_pp) and k > 0:
+    if metrics["drop_pp"] <= max_drop_pp and k > 0:
         return FallbackResult(chosen, True, "", metrics, tried)
     reason = (
-        f"{_over(metrics, max_drop_pp)} even with {k} of {len(ranked)} layers in float"
+        f"holdout drop {metrics['drop_pp']:.2f} pp > budget {max_drop_pp:.2f} pp even with "
+        f"{k} of {len(ranked)} layers in float"
         if limit > 0
-        else f"{_over(base_metrics, max_drop_pp)} and the model has {len(ranked)} quantizable layer(s): "
-        "nothing to fall back"
+        else f"holdout drop {base_metrics['drop_pp']:.2f} pp > budget {max_drop_pp:.2f} pp and the "
+        f"model has {len(ranked)} quantizable layer(s): nothing to fall back"
     )
     return FallbackResult(chosen, False, reason, metrics, tried)
 
 
-def _over(metrics: dict[str, float], budget: float) -> str:
-    bound = drop_bound(metrics)
-    spread = f" (+1 s.e.: {bound:.2f} pp)" if bound != float(metrics["drop_pp"]) else ""
-    return f"holdout drop {float(metrics['drop_pp']):.2f} pp{spread} > budget {budget:.2f} pp"
-
-
-def budget_reason(metrics: dict[str, float], budget: float, fallback: bool, result: FallbackResult | None = None) -> str:
-    """Why the holdout misses the budget ('' when it does not, see :func:`within_budget`): the
-    fallback's reason if it ran and gave one, else the drop against the budget (and that
-    fallback is off, if it is)."""
-    if within_budget(metrics, budget):
+def budget_reason(drop_pp: float, budget: float, fallback: bool, result: FallbackResult | None = None) -> str:
+    """Why the holdout drop misses the budget ('' when it does not): the fallback's reason if it
+    ran and gave one, else the drop against the budget (and that fallback is off, if it is)."""
+    if drop_pp <= budget:
         return ""
     if result is not None and result.reason:
         return result.reason
-    return _over(metrics, budget) + ("" if fallback else " and fallback is off")
+    return f"holdout drop {drop_pp:.2f} pp > budget {budget:.2f} pp" + ("" if fallback else " and fallback is off")

@@ -159,7 +159,7 @@ def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_pa
                config: dict[str, Any], scratch: Path) -> dict[str, Any]:
     """Write ``model.param`` / ``model.bin`` (int8) into ``ctx.workdir``; return the calibration report."""
     from calibration.metrics import fidelity
-    from calibration.sensitivity import budget_reason, within_budget
+    from calibration.sensitivity import budget_reason
 
     from pipeline.backends.calibrate import budget_pp, calibration_config, calibration_set
     from pipeline.backends.checks import run_runner
@@ -208,7 +208,7 @@ def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_pa
     budget = budget_pp(ctx)
     holdout = fids[method]
     result = None
-    if not within_budget(holdout, budget) and cal.fallback and layers:
+    if holdout["drop_pp"] > budget and cal.fallback and layers:
         result = _fallback(trials, layers, thr, hold, fp32_hold, holdout, budget)
         holdout = result.metrics
         kept = {f.name for f in result.layers}
@@ -217,7 +217,7 @@ def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_pa
                 layout.kept_float.append({"name": layer.name, "type": layer.type,
                                           "reason": "sensitivity fallback (calibration.fallback)"})
         layers = [q for q in layers if q.name not in kept]
-    budget_met = within_budget(holdout, budget)
+    budget_met = holdout["drop_pp"] <= budget
     report = trials.write(layers, thr, ctx.workdir)
     float_names = {k["name"] for k in layout.kept_float}
     float_ops = Counter(q.type for q in model.layers
@@ -230,7 +230,7 @@ def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_pa
         "reason": reason,
         "budget_pp": budget,
         "budget_met": budget_met,
-        "budget_reason": budget_reason(holdout, budget, cal.fallback, result),
+        "budget_reason": budget_reason(holdout["drop_pp"], budget, cal.fallback, result),
         "holdout": {k: round(float(v), 4) for k, v in holdout.items()},
         # sqnr_db (only that layer quantized) is not measured on ncnn: saved_db ranks the layers
         "fallback_layers": [{**asdict(f), "sqnr_db": None} for f in result.layers] if result is not None else [],

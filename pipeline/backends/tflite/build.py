@@ -133,7 +133,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
     import torch
     from calibration.metrics import fidelity
     from calibration.graph import load_model
-    from calibration.sensitivity import budget_reason, choose_fallback, within_budget
+    from calibration.sensitivity import budget_reason, choose_fallback
     from calibration.transfer import onnx_activations
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -199,7 +199,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
     holdout = scores[method] if method else score(final)
     budget = budget_pp(ctx)
     result = None
-    if not within_budget(holdout, budget) and cal.fallback:
+    if holdout["drop_pp"] > budget and cal.fallback:
         ranked = [s for s in rank_modules(ctx.torch_model().eval(), fit.samples, hold.samples, per_channel,
                                           ctx.onnx_fp32, plans.get(method), onnx_values, ctx.target.threads)
                   if s.name not in user_float]
@@ -218,7 +218,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
             holdout = result.metrics
     calib_s = time.perf_counter() - t0
     model = litert_torch.convert(final, (p.sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
-    budget_met = within_budget(holdout, budget)
+    budget_met = holdout["drop_pp"] <= budget
     info = {
         "quantizer": "litert_torch PT2E (symmetric int8 weights, int8 activations, static)",
         "method": method or f"{observer} (the graph's own observers)",
@@ -236,7 +236,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
                                   - {f.name for f in (result.layers if result is not None else [])}),
         "budget_pp": budget,
         "budget_met": budget_met,
-        "budget_reason": budget_reason(holdout, budget, cal.fallback, result),
+        "budget_reason": budget_reason(holdout["drop_pp"], budget, cal.fallback, result),
         "holdout": holdout,
         "fallback_layers": [_fallback_entry(f) for f in (result.layers if result is not None else [])],
         "fallback_tried": [list(t) for t in result.tried] if result is not None else [],
