@@ -89,11 +89,10 @@ def keep_float(model: Any, layers: list[str]) -> list[str]:
         if hit is None:
             continue
         matched.append(hit)
-        for float_node in (node, _producer(node)):
-            if float_node is not None:
-                float_node.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
+        node.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
         producer = _producer(node)
         if producer is not None:
+            producer.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
             matched.append(_module_name(producer).removeprefix("wrapped."))
     return sorted(set(matched))
 
