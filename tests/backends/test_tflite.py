@@ -194,3 +194,47 @@ def test_fallback_ranking_pairs_every_module_with_its_onnx_layer(tmp_path: Path)
     alone = rank_modules(tiny_cnn(), x[:32], x[32:], True)
     assert {s.op for s in alone} == {"weights only"} and len(alone) == 4
     assert [s.sqnr_db for s in alone] == sorted(s.sqnr_db for s in alone) and alone[0].sqnr_db < 60
+
+
+def padded_cnn() -> Any:
+    """TF-style "same" padding as explicit pads: an even one (foldable) and a stride-2 uneven one."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(1, 8, 3), nn.ReLU(), nn.ZeroPad2d((0, 1, 0, 1)),
+                         nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 10)).eval()
+
+
+@pytest.mark.backend(NAME)
+def test_even_zero_pads_fold_into_the_conv_exactly() -> None:
+    import torch
+
+    from pipeline.backends.tflite.quantizer import fold_zero_pads
+
+    x = torch.from_numpy(digits(4))
+    graph = torch.export.export(padded_cnn(), (x,)).module()
+    before = graph(x)
+    assert fold_zero_pads(graph) == 1  # the uneven stride-2 pad is not a conv padding
+    pads = [n for n in graph.graph.nodes if "pad" in str(n.target)]
+    assert len(pads) == 1 and list(pads[0].args[1]) == [0, 1, 0, 1]
+    torch.testing.assert_close(graph(x), before, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+def test_int8_keeps_no_pad_op_a_conv_can_absorb(tmp_path: Path) -> None:
+    import collections
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    ctx = make_context(tmp_path, NAME, padded_cnn, digits(40), digits(8, offset=40))
+    art = get_backend(NAME).convert(ctx, "int8")
+    assert art.info["calibration"]["pads_folded_into_conv"] == 1
+    ops = collections.Counter(d["op_name"] for d in Interpreter(
+        model_path=str(art.workdir / "model.tflite"))._get_ops_details())
+    # without the fold the even pad stays a PAD op between quantize pairs, with its own TRANSPOSEs
+    # (a one-input-channel conv lowers to DEPTHWISE_CONV_2D)
+    assert ops["PAD"] == 1 and ops["CONV_2D"] + ops["DEPTHWISE_CONV_2D"] == 2, ops
+    assert art.info["check"]["top1_agreement"] >= 87.5

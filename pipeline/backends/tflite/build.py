@@ -140,7 +140,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
 
     from pipeline.backends.calibrate import budget_pp, calibration_config, calibration_plan, calibration_set
     from pipeline.backends.tflite import ranges as shared
-    from pipeline.backends.tflite.quantizer import make_quantizer
+    from pipeline.backends.tflite.quantizer import fold_zero_pads, make_quantizer
     from pipeline.backends.tflite.sensitivity import rank_modules
 
     cal = ctx.spec.calibration
@@ -157,6 +157,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
                          f"one batch of {p.batch} samples; add calibration samples")
     t0 = time.perf_counter()
     exported = torch.export.export(p.module, (p.sample,)).module()
+    pads_folded = fold_zero_pads(exported)
     ref = _run(p.module, hold_x, p.batch)
     methods: tuple[str, ...] = ()
     if cal.method != "ort-default" and observer == "minmax":
@@ -230,6 +231,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
                           "observed_by_pt2e": pairing.own, "max_match_error": pairing.max_error},
         "weights": "per-channel" if per_channel else "per-tensor",
         "fused_conv_relu6": int(quantizer.fused_relu6),
+        "pads_folded_into_conv": pads_folded,
         "kept_float": list(quantizer.kept_float),
         # a float layer reads a float tensor, so the conv / linear producing it stays float too
         "float_producers": sorted(set(quantizer.kept_float) - set(user_float)
