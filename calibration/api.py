@@ -83,7 +83,7 @@ def _score(path: Path, hold: CalibrationSet, ref: np.ndarray, cfg: CalibrationCo
     from calibration.runtime import make_session, predict
 
     out = predict(make_session(path, threads=cfg.threads), hold.samples, cfg.batch_size)
-    return {k: round(v, 4) for k, v in fidelity(ref, out, hold.labels).items()}
+    return {k: round(v, 4) for k, v in fidelity(ref, out, hold.labels, cfg.tie_margin).items()}
 
 
 def quantize_onnx(
@@ -204,7 +204,8 @@ def _fallback(
     gated = build_gated_model(model, layers, plan.acts, plan.weights, cfg.threads, plan.bias)
     # sensitivity ranks layers; a bounded subset of the holdout keeps it fast on big models
     k = min(len(hold), SENSITIVITY_SAMPLES)
-    ranked = layer_sensitivity(gated, hold.samples[:k], ref[:k], None if hold.labels is None else hold.labels[:k])
+    ranked = layer_sensitivity(gated, hold.samples[:k], ref[:k], None if hold.labels is None else hold.labels[:k],
+                              tie_margin=cfg.tie_margin)
     paths: dict[tuple[str, ...], Path] = {}
 
     def evaluate(names: list[str]) -> dict[str, float]:

@@ -34,6 +34,9 @@ class CalibrationConfig:
         batch_size: samples per inference call during statistics and scoring.
         threads: onnxruntime intra-op threads (None: its default).
         max_fallback_layers: most layers fallback may keep in float (None: all but one).
+        tie_margin: with no labels, a top-1 swap between classes fp32 itself ranks within this
+            probability of each other counts as agreement on the holdout (0: strict; see
+            :func:`calibration.metrics.top1_agreement`).
         bias_correction: fold the mean output shift of weight rounding into Conv/Gemm biases
             (the written QDQ model carries the corrected biases; see
             :func:`calibration.plan.bias_correction`).
@@ -52,6 +55,7 @@ class CalibrationConfig:
     batch_size: int = 16
     threads: int | None = None
     max_fallback_layers: int | None = None
+    tie_margin: float = 0.0
     bias_correction: bool = True
 
     def __post_init__(self) -> None:

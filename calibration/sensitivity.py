@@ -42,6 +42,7 @@ def layer_sensitivity(
     ref: np.ndarray,
     labels: np.ndarray | None = None,
     batch_size: int = 32,
+    tie_margin: float = 0.0,
 ) -> list[LayerSensitivity]:
     """Leave-one-out sensitivity of every gated layer, most sensitive (largest saved_db) first.
 
@@ -49,12 +50,12 @@ def layer_sensitivity(
     for the layers that matter, which halves the number of runs.
     """
     n = len(gated.layers)
-    base = fidelity(ref, gated.run(samples, np.ones(n, bool), batch_size), labels)
+    base = fidelity(ref, gated.run(samples, np.ones(n, bool), batch_size), labels, tie_margin)
     result = []
     for i, layer in enumerate(gated.layers):
         leave = np.ones(n, bool)
         leave[i] = False
-        f_leave = fidelity(ref, gated.run(samples, leave, batch_size), labels)
+        f_leave = fidelity(ref, gated.run(samples, leave, batch_size), labels, tie_margin)
         result.append(
             LayerSensitivity(
                 name=layer.node,

@@ -168,6 +168,8 @@ def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | 
                 "versions": backend.version(), "options": build_spec.options,
                 "calibration": spec.calibration.model_dump(exclude={"source", "limit"}) | {"sha256": calib.sha256},
                 "budget": [spec.accuracy.max_drop_pp, target.limits.max_accuracy_drop_pp],
+                # the holdout's drop (method choice, fallback) counts ties within this margin
+                **({"tie_margin": spec.evaluation.tie_margin} if spec.evaluation.tie_margin else {}),
                 "input": spec.input.model_dump(), "edgeship": __version__,
                 "code": source_digest(type(backend).__module__.rpartition(".")[0], "pipeline.backends.checks",
                                       "calibration", f"pipeline.agent.runners.{backend.name}"),
@@ -243,8 +245,11 @@ def _reference_metric(spec: PipelineSpec, reference: np.ndarray, evals: Samples)
         assert evals.y is not None
         return {"metric": "top1", "accuracy": round(float((pred == evals.y).mean()) * 100.0, 4),
                 "samples": len(pred), "source": "fp32 ONNX Runtime on the host"}
-    return {"metric": "fidelity", "accuracy": 100.0, "samples": len(pred),
-            "source": "fp32 ONNX Runtime on the host (fidelity: agreement with itself)"}
+    out = {"metric": "fidelity", "accuracy": 100.0, "samples": len(pred),
+           "source": "fp32 ONNX Runtime on the host (fidelity: agreement with itself)"}
+    if spec.evaluation.tie_margin > 0.0:
+        out["tie_margin"] = spec.evaluation.tie_margin  # runs are gated on agreement within ties
+    return out
 
 
 def _fmt_metric(m: dict[str, Any]) -> str:

@@ -133,6 +133,18 @@ class EvaluationSpec(_Strict):
     metric: Literal["top1", "fidelity"] = Field(
         "top1", description="top1: accuracy vs labels; fidelity: top-1 agreement and SQNR vs fp32"
     )
+    tie_margin: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="fidelity only: a top-1 swap between two classes whose fp32 probabilities (softmax of "
+                    "the outputs) are within this margin counts as agreement; 0 is strict. Strict "
+                    "agreement is always reported beside it",
+    )
+
+    @model_validator(mode="after")
+    def _tie_margin_needs_fidelity(self) -> "EvaluationSpec":
+        if self.tie_margin > 0.0 and self.metric != "fidelity":
+            raise ValueError("tie_margin applies to metric 'fidelity' only; remove it or set metric: fidelity")
+        return self
 
 
 class AccuracySpec(_Strict):

@@ -64,6 +64,19 @@ def test_gate_passes_within_limits() -> None:
     assert gate == {"passed": True, "reasons": []}
 
 
+def test_fidelity_with_a_tie_margin_is_gated_on_agreement_within_ties() -> None:
+    meta = {"id": "tflite-int8", "backend": "tflite", "precision": "int8", "conversion": {}}
+    raw = {"top1_agreement": 93.0, "agreement_within_ties": 98.5, "sqnr_db": 25.0, "latency_ms": {}}
+    row = run_row(raw, meta, {"accuracy": 100.0, "tie_margin": 0.02}, "fidelity", None)
+    assert row["accuracy"] == 98.5 and row["accuracy_drop_pp"] == pytest.approx(1.5)
+    assert row["top1_agreement"] == 93.0  # the strict number stays in the results
+    strict = run_row({k: v for k, v in raw.items() if k != "agreement_within_ties"}, meta, {"accuracy": 100.0},
+                     "fidelity", None)
+    assert strict["accuracy_drop_pp"] == pytest.approx(7.0)
+    assert check_run(strict, _spec(5.0), _target())["passed"] is False
+    assert check_run(row, _spec(5.0), _target())["passed"] is True
+
+
 def test_calibration_that_missed_its_budget_fails_the_gate() -> None:
     row = _row(97.9)
     row["calibration"] = {"method": "auto", "budget_met": False}

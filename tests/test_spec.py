@@ -49,6 +49,8 @@ SPEC_CASES = [
     ("missing npz file", "evaluation.source", {"kind": "npz", "path": "nope.npz"}, "evaluation.source.path", "not found"),
     ("bad metric", "evaluation.metric", "f1", "evaluation.metric", "top1"),
     ("negative budget", "accuracy.max_drop_pp", -1, "accuracy.max_drop_pp", "greater than or equal"),
+    ("tie margin on a labelled metric", "evaluation.tie_margin", 0.02, "evaluation", "metric: fidelity"),
+    ("tie margin of 1 or more", "evaluation.tie_margin", 1.5, "evaluation.tie_margin", "less than 1"),
 ]
 
 

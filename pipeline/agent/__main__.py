@@ -63,7 +63,7 @@ def run_one(release: Path, run_id: str) -> dict:
         # the memory-mapped samples (their pages are file-backed and reclaimable).
         latency = time_runs(runner, first, int(agent_cfg["warmup"]), int(agent_cfg["runs"]))
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        metrics = evaluate(runner, x, labels, reference, batch)
+        metrics = evaluate(runner, x, labels, reference, batch, float(agent_cfg.get("tie_margin", 0.0)))
     finally:
         runner.deactivate()
     return {

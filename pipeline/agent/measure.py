@@ -22,12 +22,24 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     return 10.0 * math.log10(p_signal / p_noise)
 
 
+def agreement_within_ties(reference: np.ndarray, pred: np.ndarray, tie_margin: float) -> float:
+    """Top-1 agreement (%) counting a swap between classes fp32 ranks within ``tie_margin`` of
+    each other (in its softmax probabilities, or the outputs themselves if they already are
+    probabilities) as agreement."""
+    ref = reference.astype(np.float64)
+    if not (np.all(ref >= 0.0) and np.allclose(ref.sum(axis=1), 1.0, atol=1e-3)):
+        ref = np.exp(ref - ref.max(axis=1, keepdims=True))
+        ref /= ref.sum(axis=1, keepdims=True)
+    picked = ref[np.arange(ref.shape[0]), pred]
+    return float(np.mean(picked >= ref.max(axis=1) - tie_margin)) * 100.0
+
+
 def evaluate(runner: Any, x: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None,
-             batch: int) -> dict[str, Any]:
+             batch: int, tie_margin: float = 0.0) -> dict[str, Any]:
     """Run every sample once; accuracy vs labels and fidelity vs the fp32 reference outputs.
 
     With a static batch > 1 the last partial batch is padded by repeating its last sample and the
-    padding is dropped from the outputs.
+    padding is dropped from the outputs. ``tie_margin`` > 0 adds ``agreement_within_ties``.
     """
     outs = []
     n = x.shape[0]
@@ -46,6 +58,8 @@ def evaluate(runner: Any, x: np.ndarray, labels: np.ndarray | None, reference: n
     if reference is not None:
         ref = np.asarray(reference, dtype=np.float32).reshape(n, -1)
         result["top1_agreement"] = round(float((pred == ref.argmax(axis=1)).mean()) * 100.0, 4)
+        if tie_margin > 0.0:
+            result["agreement_within_ties"] = round(agreement_within_ties(ref, pred, tie_margin), 4)
         result["sqnr_db"] = round(sqnr_db(ref, logits), 3)
         result["max_abs_diff"] = float(np.max(np.abs(ref - logits)))
     return result

@@ -38,7 +38,7 @@ def calibration_config(ctx: "BuildContext", method: str | None = None, activatio
     return CalibrationConfig(method=method or cal.method, percentile=cal.percentile,
                              activation_mode=activation_mode or cal.activations, per_channel=cal.per_channel,
                              holdout_fraction=cal.holdout_fraction, max_drop_pp=budget_pp(ctx),
-                             fallback=cal.fallback, target=target)
+                             fallback=cal.fallback, target=target, tie_margin=ctx.spec.evaluation.tie_margin)
 
 
 def calibration_set(ctx: "BuildContext") -> Any:

@@ -67,6 +67,8 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
         validation = spec.validation or target.validation
         agent = {"eval_dir": "data", "threads": target.threads, "warmup": validation.warmup,
                  "runs": validation.runs, "batch": spec.input.shape[0], "metric": spec.evaluation.metric}
+        if spec.evaluation.tie_margin > 0.0:
+            agent["tie_margin"] = spec.evaluation.tie_margin
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         release_id = hashlib.sha256(canonical_json({"files": files, "agent": agent, "runs": [
             {k: r[k] for k in ("id", "runner", "dir", "config")} for r in runs]}).encode()).hexdigest()

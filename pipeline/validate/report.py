@@ -45,8 +45,9 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
 def print_report(results: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     ref = results.get("reference", {})
+    ties = f", agreement within fp32 ties of {ref['tie_margin']}" if ref.get("tie_margin") else ""
     title = (f"{results['spec']} on {results['target']} - fp32 reference {ref.get('metric')} "
-             f"{_f(ref.get('accuracy'))}% ({ref.get('samples')} samples), budget {results.get('budget_pp')} pp")
+             f"{_f(ref.get('accuracy'))}% ({ref.get('samples')} samples{ties}), budget {results.get('budget_pp')} pp")
     table = Table(title=title, title_justify="left")
     for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("device", "backend", "precision", "gate") else "right")

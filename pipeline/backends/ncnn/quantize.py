@@ -136,7 +136,7 @@ def _bias_correction(ctx: "BuildContext", model: "ParamFile", weights: dict[str,
 
 
 def _fallback(trials: _Trials, layers: list["Layer"], thr: dict[str, float], hold: Any, ref: np.ndarray,
-              base: dict[str, float], budget: float) -> Any:
+              base: dict[str, float], budget: float, tie_margin: float) -> Any:
     """Rank layers on a few holdout samples, then ``choose_fallback`` on the whole holdout."""
     from calibration.metrics import fidelity
     from calibration.sensitivity import LayerSensitivity, choose_fallback
@@ -150,7 +150,8 @@ def _fallback(trials: _Trials, layers: list["Layer"], thr: dict[str, float], hol
 
     def evaluate(names: list[str]) -> dict[str, float]:
         keep = set(names)
-        return fidelity(ref, trials.run([q for q in layers if q.name not in keep], thr, hold.samples), hold.labels)
+        return fidelity(ref, trials.run([q for q in layers if q.name not in keep], thr, hold.samples), hold.labels,
+                        tie_margin)
 
     return choose_fallback(ranked, evaluate, base, budget)
 
@@ -201,7 +202,8 @@ def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_pa
     biases, correction = _bias_correction(ctx, model, weights, scratch)
     trials = _Trials(model, weights, config, scratch / "trial", cal.per_channel, ctx.target.threads, biases)
     # one ncnn run per method over the holdout gives both its SQNR and its drop
-    fids = {m: fidelity(fp32_hold, trials.run(layers, thresholds(m), hold.samples), hold.labels) for m in methods}
+    fids = {m: fidelity(fp32_hold, trials.run(layers, thresholds(m), hold.samples), hold.labels, cfg.tie_margin)
+            for m in methods}
     scores = {m: round(f["sqnr_db"], 3) for m, f in fids.items()}
     method = max(scores, key=lambda m: scores[m])
     thr = thresholds(method)
@@ -209,7 +211,7 @@ def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_pa
     holdout = fids[method]
     result = None
     if holdout["drop_pp"] > budget and cal.fallback and layers:
-        result = _fallback(trials, layers, thr, hold, fp32_hold, holdout, budget)
+        result = _fallback(trials, layers, thr, hold, fp32_hold, holdout, budget, cfg.tie_margin)
         holdout = result.metrics
         kept = {f.name for f in result.layers}
         for layer in layers:

@@ -191,7 +191,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
         return convert_pt2e(graph, fold_quantize=False), applied
 
     def score(q: Any) -> dict[str, float]:
-        return {k: round(float(v), 4) for k, v in fidelity(ref, _run(q, hold_x, p.batch), labels).items()}
+        return {k: round(float(v), 4) for k, v in fidelity(ref, _run(q, hold_x, p.batch), labels, cfg.tie_margin).items()}
 
     quantizer, graph, pairing = prepared(user_float)
     scores = {m: score(finish(graph, pairing, m)[0]) for m in methods}
