@@ -97,16 +97,20 @@ def markdown(report: dict) -> str:
         lines.append(f"- `{b}` not measured here: {why}")
     for name, w in report["workloads"].items():
         m = w["model"] or {}
-        metric = "top-1 accuracy %" if w["metric"] == "top1" else "top-1 agreement with fp32 %"
+        ties = w["reference"].get("tie_margin")
+        metric = ("top-1 accuracy %" if w["metric"] == "top1" else "top-1 agreement with fp32 %"
+                  + (f", a swap of classes within {ties} in fp32 probability counted as agreement" if ties else ""))
         lines += ["", f"### {name} ({metric}; fp32 reference {w['reference']['accuracy']:.2f}%, "
+                      f"{w['reference'].get('samples')} samples, "
                       f"{m.get('params', 0) / 1e6:.2f} M params, {m.get('flops', 0) / 1e6:.1f} MFLOPs)", "",
-                  "| backend | precision | accuracy | drop pp | SQNR dB | p50 ms | p90 ms | speed-up vs fp32 | peak RSS MB | size kB | gate |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| backend | precision | accuracy | drop pp | strict top-1 agree % | SQNR dB | p50 ms | p90 ms | "
+                  "speed-up vs fp32 | peak RSS MB | size kB | gate |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in w["rows"]:
             def f(v, fmt="{:.2f}"):
                 return "-" if v is None else fmt.format(v)
             lines.append(f"| {r['backend']} | {r['precision']} | {f(r['accuracy'])} | {f(r['accuracy_drop_pp'], '{:+.2f}')} | "
-                         f"{f(r['sqnr_db'], '{:.1f}')} | {f(r['p50_ms'], '{:.3f}')} | {f(r['p90_ms'], '{:.3f}')} | "
+                         f"{f(r['top1_agreement'])} | {f(r['sqnr_db'], '{:.1f}')} | {f(r['p50_ms'], '{:.3f}')} | {f(r['p90_ms'], '{:.3f}')} | "
                          f"{f(r['speedup_vs_fp32'], '{:.2f}x')} | {f(r['peak_rss_mb'], '{:.0f}')} | "
                          f"{f((r['artifact_bytes'] or 0) / 1024, '{:.0f}')} | {'pass' if r['gate'] else 'FAIL'} |")
     return "\n".join(lines) + "\n"
