@@ -85,6 +85,14 @@ def digits(n: int, offset: int = 0) -> np.ndarray:
     return mnist.calibration_split()[0][offset:offset + n]
 
 
+def planted_context(tmp: Path, backend: str, fallback: bool) -> BuildContext:
+    """``planted_cnn`` calibrated on 80 digits, a 10 pp budget, the fallback on or off."""
+    ctx = make_context(tmp, backend, planted_cnn, digits(80), digits(8, offset=80))
+    ctx.spec.accuracy.max_drop_pp = 10.0
+    ctx.spec.calibration.fallback = fallback
+    return ctx
+
+
 def build_and_evaluate(backend: str, spec: Any, tmp: Path, precisions: list[str]) -> dict[str, float]:
     """Whole build pipeline for ``backend`` on the ``local`` target; top-1 per precision on the
     release's evaluation set (accuracy vs labels, else agreement with the fp32 reference), run

@@ -19,7 +19,7 @@ import pytest
 from pipeline.backends.base import Artifact
 from pipeline.errors import ConversionError
 from pipeline.registry import get_backend
-from tests.backends.helpers import build_and_evaluate, converter, digits, make_context, planted_cnn, run_artifact, tiny_cnn
+from tests.backends.helpers import build_and_evaluate, converter, digits, make_context, planted_context, run_artifact, tiny_cnn
 
 NAME = "ncnn"
 FULL = os.environ.get("EDGESHIP_FULL_BACKEND_TESTS") == "1"
@@ -178,9 +178,7 @@ def test_efficientnet_lite0_all_precisions(tmp_path: Path) -> None:
 @pytest.mark.backend(NAME)
 @pytest.mark.parametrize("fallback", [True, False])
 def test_fallback_keeps_the_planted_layer_float_to_meet_the_budget(tmp_path: Path, fallback: bool) -> None:
-    ctx = make_context(tmp_path, NAME, planted_cnn, digits(80), digits(8, offset=80))
-    ctx.spec.accuracy.max_drop_pp = 10.0
-    ctx.spec.calibration.fallback = fallback
+    ctx = planted_context(tmp_path, NAME, fallback)
     cal = get_backend(NAME).convert(ctx, "int8").info["calibration"]
     assert cal["shared_ranges"]["applied"] and cal["shared_ranges"]["observed_on_ncnn"] == []
     if not fallback:  # the planted layer ruins the holdout: the report says so (and the gate fails it)

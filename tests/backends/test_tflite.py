@@ -18,7 +18,7 @@ import pytest
 from pipeline.backends.base import Artifact, BuildContext
 from pipeline.errors import ConversionError
 from pipeline.registry import get_backend
-from tests.backends.helpers import build_and_evaluate, converter, digits, make_context, planted_cnn, run_artifact, tiny_cnn
+from tests.backends.helpers import build_and_evaluate, converter, digits, make_context, planted_context, run_artifact, tiny_cnn
 
 NAME = "tflite"
 slow_backend = [pytest.mark.slow, pytest.mark.backend(NAME)]
@@ -93,9 +93,7 @@ def test_float_layers_option_keeps_a_layer_float(tmp_path: Path) -> None:
 @pytest.mark.backend(NAME)
 @pytest.mark.parametrize("fallback", [True, False])
 def test_fallback_keeps_the_planted_layer_float_to_meet_the_budget(tmp_path: Path, fallback: bool) -> None:
-    ctx = make_context(tmp_path, NAME, planted_cnn, digits(80), digits(8, offset=80))
-    ctx.spec.accuracy.max_drop_pp = 10.0
-    ctx.spec.calibration.fallback = fallback
+    ctx = planted_context(tmp_path, NAME, fallback)
     if not fallback:  # the planted layer ruins the holdout (and the converter's own check)
         with pytest.raises(ConversionError, match="top-1 agreement"):
             get_backend(NAME).convert(ctx, "int8")

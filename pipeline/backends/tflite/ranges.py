@@ -45,6 +45,27 @@ def activation_observers(graph: Any) -> dict[str, Any]:
     return out
 
 
+def module_inputs(root: Any, modules: dict[str, Any], x: np.ndarray) -> dict[str, np.ndarray]:
+    """The first tensor each of ``modules`` (name -> submodule of ``root``) receives when ``root``
+    runs once on ``x`` (fp32 numpy copies; a module that never runs is left out)."""
+    import torch
+
+    seen: dict[str, np.ndarray] = {}
+    hooks = []
+    for name, mod in modules.items():
+        def hook(_m: Any, args: tuple, name: str = name) -> None:
+            if name not in seen and isinstance(args[0], torch.Tensor):
+                seen[name] = args[0].detach().float().numpy().copy()
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            root(torch.from_numpy(np.array(x, np.float32)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def pair(graph: Any, batch: np.ndarray, onnx_values: dict[str, np.ndarray]) -> Pairing:
     """Pair the activation observers of ``graph`` with ONNX tensors by the values they see on ``batch``.
 
@@ -54,24 +75,10 @@ def pair(graph: Any, batch: np.ndarray, onnx_values: dict[str, np.ndarray]) -> P
         batch: one batch in the module's input layout.
         onnx_values: ``calibration.transfer.onnx_activations`` on the same samples.
     """
-    import torch
-
     from calibration.transfer import match_tensors
 
     observers = activation_observers(graph)
-    seen: dict[str, np.ndarray] = {}
-    hooks = []
-    for name, mod in observers.items():
-        def hook(_m: Any, args: tuple, name: str = name) -> None:
-            if name not in seen and isinstance(args[0], torch.Tensor):
-                seen[name] = args[0].detach().float().numpy().copy()
-        hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            graph(torch.from_numpy(np.array(batch, np.float32)))
-    finally:
-        for h in hooks:
-            h.remove()
+    seen = module_inputs(graph, observers, batch)
     match = match_tensors({**seen, "": np.asarray(batch, np.float32)}, onnx_values)
     pairs = dict(match.pairs)
     model_input = pairs.pop("", None)

@@ -72,25 +72,15 @@ def pair_modules(module: Any, x: np.ndarray, model: Any, onnx_values: dict[str, 
         model: the fp32 ONNX model (node names as ``calibration.graph.ensure_node_names`` gives).
         onnx_values: ``calibration.transfer.onnx_activations(model, x)``.
     """
-    import torch
     from onnx import numpy_helper
 
     from calibration.graph import weighted_layers
     from calibration.transfer import MATCH_TOL
 
+    from pipeline.backends.tflite.ranges import module_inputs
+
     tol = MATCH_TOL if tol is None else tol
-    seen: dict[str, np.ndarray] = {}
-    hooks = []
-    for name, layer in _layers(module):
-        def hook(_m: Any, args: tuple, name: str = name) -> None:
-            seen.setdefault(name, args[0].detach().float().numpy().copy())
-        hooks.append(layer.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            module(torch.from_numpy(np.array(x, np.float32)))
-    finally:
-        for h in hooks:
-            h.remove()
+    seen = module_inputs(module, dict(_layers(module)), x)
     shapes = {i.name: tuple(sorted(numpy_helper.to_array(i).shape)) for i in model.graph.initializer}
     free = list(weighted_layers(model))
     out: dict[str, str] = {}
