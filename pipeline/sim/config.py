@@ -18,7 +18,9 @@ RECIPE_VERSION = 1
 
 DEBIAN_SUITE = "bookworm"
 DEBOOTSTRAP_VARIANT = "minbase"
-DEBOOTSTRAP_INCLUDE = ("python3", "python3-venv", "python3-pip", "openssh-server")
+#: ``faketime`` (libfaketime) lets tests run the device agent with a clock a year off, to show
+#: that no release decision depends on the device's time.
+DEBOOTSTRAP_INCLUDE = ("python3", "python3-venv", "python3-pip", "openssh-server", "faketime")
 
 #: The device agent's runtimes. All four have cp311 manylinux aarch64 and x86_64 wheels
 #: (bookworm ships Python 3.11, glibc 2.36); ai-edge-litert 2.3.0's is tagged manylinux_2_27.
