@@ -205,15 +205,47 @@ def _staging_root(root):
 
 
 def _link_index(root, skip):
-    """sha256 -> path of a verified file in some existing release (for hard-linking, not uploading)."""
+    """sha256 -> [paths of files other releases list with that hash] (link candidates, unverified).
+
+    A listed hash is what the file held when its release was verified, not what it holds now: the
+    caller re-hashes a candidate before linking to it (see ``_linkable``).
+    """
     index = {}
     for rid in _releases(root):
         if rid == skip:
             continue
         folder = os.path.join(root, "releases", rid)
-        for rel, sha in (_read_sums(folder) or {}).items():
-            index.setdefault(sha, os.path.join(folder, rel))
+        for rel, sha in sorted((_read_sums(folder) or {}).items()):
+            index.setdefault(sha, []).append(os.path.join(folder, rel))
     return index
+
+
+def _linkable(releases, candidates, sha, size, seen, damaged):
+    """The first candidate whose bytes hash to ``sha`` now, or None.
+
+    Releases hard-link identical files, so one damaged inode shows up in several releases: it is
+    hashed once (``seen``: inode -> ok) and every path holding it goes to ``damaged`` (rel to
+    releases/, sha) so that finalize can repair them from the fresh upload.
+    """
+    found = None
+    for src in candidates:
+        try:
+            st = os.lstat(src)
+        except OSError:
+            continue  # pruned or lost since it was listed: not a candidate
+        if not os.path.isfile(src) or os.path.islink(src):
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key not in seen:
+            try:
+                seen[key] = st.st_size == size and _sha256(src) == sha
+            except OSError:
+                seen[key] = False
+        if not seen[key]:
+            damaged.append([os.path.relpath(src, releases), sha])
+        elif found is None:
+            found = src
+    return found
 
 
 def op_list(a):
@@ -273,7 +305,8 @@ def op_prepare(a):
                 os.remove(os.path.join(dirpath, n))
 
     index = _link_index(root, broken)
-    need, linked, resumed = {}, 0, 0
+    releases = os.path.join(root, "releases")
+    need, linked, resumed, seen, damaged = {}, 0, 0, {}, []
     for rel, (sha, size) in sorted(files.items()):
         path = os.path.join(stage, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -286,8 +319,8 @@ def op_prepare(a):
                 resumed += 1
                 continue
             os.remove(path)
-        src = index.get(sha)
-        if src is not None and os.path.getsize(src) == size:
+        src = _linkable(releases, index.get(sha, []), sha, size, seen, damaged)
+        if src is not None:
             # Releases are immutable, so an identical file is shared, not copied again.
             try:
                 os.link(src, path)
@@ -297,9 +330,37 @@ def op_prepare(a):
             continue
         need[rel] = 0
     out = _state(root)
-    out.update(state="staged", staging=stage, need=need, linked=linked, resumed=resumed,
-               free_bytes=_free_bytes(os.path.join(root, "releases")))
+    out.update(state="staged", staging=stage, need=need, linked=linked, resumed=resumed, damaged=damaged,
+               free_bytes=_free_bytes(releases))
     return out
+
+
+def _repair(root, rid, damaged, expected):
+    """Replace other releases' damaged files (prepare's ``damaged``) by links to release ``rid``'s.
+
+    ``rid`` was just verified, so its file with the same sha256 holds the right bytes; a damaged
+    copy elsewhere is swapped for it atomically (link, then rename(2) over the bad one), which
+    keeps those releases whole for a rollback. Returns the paths repaired (relative to releases/).
+    """
+    releases = os.path.join(root, "releases")
+    good = dict((sha, os.path.join(releases, rid, rel)) for rel, sha in expected.items())
+    repaired = []
+    for rel, sha in damaged:
+        path = os.path.normpath(os.path.join(releases, rel))
+        if sha not in good or not path.startswith(releases + os.sep) or not os.path.isfile(path):
+            continue  # not ours to touch, or pruned meanwhile
+        try:
+            if _sha256(path) == sha:
+                continue  # an earlier entry (another link to the same inode) fixed it already
+            tmp = path + ".edgeship-repair"
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            os.link(good[sha], tmp)
+            os.replace(tmp, path)
+            repaired.append(rel)
+        except OSError:
+            pass  # left damaged: a rollback to that release says so and names the file
+    return repaired
 
 
 def op_finalize(a):
@@ -339,8 +400,9 @@ def op_finalize(a):
     _fsync_dir(os.path.join(root, "releases"))
     _switch(root, rid)
     pruned = _prune(root, int(a["keep"]))
+    repaired = _repair(root, rid, a.get("repair") or [], expected)
     out = _state(root)
-    out.update(ok=True, pruned=pruned)
+    out.update(ok=True, pruned=pruned, repaired=repaired)
     return out
 
 
@@ -362,7 +424,8 @@ def op_switch(a):
     sums = _read_sums(folder)
     bad = ["(no %s)" % SUMS] if sums is None else _verify(folder, sums)
     if bad:
-        st.update(ok=False, error="release %s is damaged (%s); deploy it again" % (to, ", ".join(bad[:3])))
+        st.update(ok=False, error="release %s is damaged: %s %s its recorded sha256; deploy release %s again "
+                  "to repair it" % (to, ", ".join(bad[:3]), "does not match" if len(bad) == 1 else "do not match", to))
         return st
     _switch(root, to)
     out = _state(root)

@@ -2,9 +2,10 @@
 
 A deploy is: read the release's file list (manifest.json ``files``) -> ``prepare`` on the device
 (reuse a verified copy, resume an interrupted staging folder, hard-link files other releases
-already hold, report free space) -> free-space check -> upload what is missing, file by file, each
+already hold once their bytes are re-hashed, report free space and damaged copies) -> free-space check -> upload what is missing, file by file, each
 under the transfer deadline -> [fault hook] -> ``finalize`` on the device (sha256 of every file
-against the manifest, atomic move into releases/, atomic ``current`` switch, prune). The device
+against the manifest, atomic move into releases/, atomic ``current`` switch, prune, repair other releases' damaged
+copies from the fresh one). The device
 half lives in ``device_ops.py``; both transports run it unchanged.
 """
 
@@ -178,7 +179,8 @@ class ReleaseStore:
         if self.hooks.before_verify is not None:
             self.hooks.before_verify(plan["staging"])
         ensure_locked()
-        fin = self.op("finalize", {"id": release_id, "staging": plan["staging"], "files": spec, "keep": keep})
+        fin = self.op("finalize", {"id": release_id, "staging": plan["staging"], "files": spec, "keep": keep,
+                                   "repair": plan.get("damaged", [])})
         if not fin["ok"]:
             bad = fin["bad"]
             raise DeviceError(
@@ -187,7 +189,7 @@ class ReleaseStore:
                 "rerun the deploy, and check the device's storage if it repeats")
         return {**base, "bytes_moved": moved, "uploaded_files": len(need), "linked_files": plan["linked"],
                 "resumed_files": plan["resumed"], "changed": True, "previous": fin["previous"],
-                "pruned": fin["pruned"]}
+                "pruned": fin["pruned"], "repaired_files": fin.get("repaired", [])}
 
     def _switch(self, to: str | None) -> dict[str, Any]:
         st = self.op("switch", {"to": to})
