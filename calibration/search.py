@@ -1,0 +1,309 @@
+"""The one INT8 search every backend runs: method choice, fallback, budget, one report.
+
+A backend's INT8 support is a *candidate builder* (:class:`CandidateBuilder`): given a range
+method and a set of layers to keep in float, it builds a :class:`Candidate` in its own format
+(a QDQ ONNX model, an ncnn param/bin, a PT2E graph) that can run samples, write itself, and say
+what it did. Everything else is here, once:
+
+1. every method is built and run on the calibration holdout and scored against the fp32
+   reference with the metric the caller passes (:class:`Metric`);
+2. the best method wins by holdout output SQNR (continuous, so meaningful on a small holdout),
+   then by the metric;
+3. with a budget the holdout drop misses, the builder ranks its layers and
+   :func:`calibration.sensitivity.choose_fallback` keeps the fewest most sensitive ones in
+   float that meet it, each set checked by running the real candidate;
+4. one typed :class:`SearchReport` says what was chosen and why (``to_dict`` is the
+   ``calibration`` block of the conversion report; :func:`summary` the results.json one).
+
+The metric is a value: anything with ``name``, ``higher_is_better`` and
+``score(outputs, reference_or_labels) -> float``. The holdout's labels are passed when it has
+them, else the fp32 outputs. ``drop_pp`` is in the metric's points (the increase for a
+lower-is-better metric), the quantity the budget is checked against.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Protocol, Sequence
+
+import numpy as np
+
+from calibration.config import FallbackLayer
+from calibration.metrics import accuracy, sqnr_db, top1_agreement
+from calibration.sensitivity import LayerSensitivity, choose_fallback
+
+#: name -> array, samples on axis 0 (model inputs or outputs)
+Arrays = dict[str, np.ndarray]
+
+#: the report keys results.json keeps per run (README, results schema: ``calibration``)
+SUMMARY_KEYS = ("method", "reason", "budget_met", "budget_reason", "fallback_layers", "calibration_time_s",
+                "stats_cache_hit")
+
+
+class Metric(Protocol):
+    """What the search optimises and the budget is written in."""
+
+    name: str
+    higher_is_better: bool
+
+    def score(self, outputs: Arrays, target: Any) -> float:
+        """The metric of ``outputs`` against labels or the fp32 outputs (an ``Arrays``)."""
+
+
+def first(outputs: Arrays) -> np.ndarray:
+    """The first output (the classifier's logits for the built-in metrics)."""
+    return next(iter(outputs.values()))
+
+
+@dataclass(frozen=True)
+class Top1:
+    """Top-1 accuracy (%) against integer labels."""
+
+    name: ClassVar[str] = "accuracy"
+    higher_is_better: ClassVar[bool] = True
+
+    def score(self, outputs: Arrays, target: Any) -> float:
+        return accuracy(first(outputs), np.asarray(target))
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Top-1 agreement (%) with the fp32 outputs; a swap between classes fp32 ranks within
+    ``tie_margin`` of each other counts as agreement (:func:`calibration.metrics.top1_agreement`)."""
+
+    tie_margin: float = 0.0
+    higher_is_better: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:
+        return "agreement_within_ties" if self.tie_margin > 0.0 else "top1_agreement"
+
+    def score(self, outputs: Arrays, target: Any) -> float:
+        return top1_agreement(first(target), first(outputs), self.tie_margin)
+
+
+def default_metric(labelled: bool, tie_margin: float = 0.0) -> Metric:
+    """Accuracy when the calibration holdout has labels, else agreement with fp32."""
+    return Top1() if labelled else Agreement(tie_margin)
+
+
+class Candidate(Protocol):
+    """One INT8 model in a backend's format: a method's ranges with some layers kept float."""
+
+    method: str
+    float_layers: tuple[str, ...]
+
+    def run(self, x: Arrays) -> Arrays:
+        """Outputs on the samples ``x`` (input name -> array)."""
+
+    def write(self, workdir: Path) -> list[str]:
+        """Write the artifact's files under ``workdir``; return their names."""
+
+    def notes(self) -> dict[str, Any]:
+        """Format-specific facts for the report (kept float, scales, pairing), JSON-able."""
+
+
+@dataclass
+class Ranking:
+    """Layers for the fallback, most sensitive first; ``solo_sqnr(name)``, where the builder can
+    measure it, is the output SQNR with only that layer quantized (for the report)."""
+
+    layers: list[LayerSensitivity]
+    solo_sqnr: Callable[[str], float] | None = None
+
+
+class CandidateBuilder(Protocol):
+    """A backend's INT8 support."""
+
+    def candidate(self, method: str, float_layers: Sequence[str]) -> Candidate:
+        """The candidate for ``method`` with ``float_layers`` kept in float."""
+
+    def rank(self, method: str, holdout: "Holdout", reference: Arrays) -> Ranking:
+        """The layers ``float_layers`` may name, most sensitive first, under ``method``."""
+
+
+@dataclass
+class Holdout:
+    """The calibration holdout: inputs and, when the calibration set has them, labels."""
+
+    x: Arrays
+    labels: Any = None
+
+    def __len__(self) -> int:
+        return int(first(self.x).shape[0])
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Methods to try (one: requested), the budget (None: none), the fallback switch."""
+
+    methods: tuple[str, ...]
+    budget_pp: float | None = None
+    fallback: bool = True
+    max_fallback_layers: int | None = None
+
+
+@dataclass
+class SearchReport:
+    """What one INT8 search chose and measured; every holdout figure is against fp32.
+
+    Attributes:
+        metric: the metric's name (its points are the budget's).
+        method: the range method of the shipped candidate.
+        reason: one sentence on why.
+        method_scores: holdout figures per method tried (``sqnr_db``, ``top1_agreement``,
+            the metric, ``fp32_<metric>``, ``drop_pp``, ``n``).
+        budget_pp, budget_met, budget_reason: the budget, whether the holdout drop is within it
+            (None without a budget) and why not.
+        holdout: figures of the shipped candidate.
+        fallback_layers: layers kept in float by the fallback, most sensitive first.
+        fallback_tried: (float layers, holdout drop) per fallback candidate run.
+        calibration_samples, holdout_samples: sizes of the fit and holdout splits.
+        calibration_time_s: wall time of the whole INT8 build's calibration.
+        stats_cache_hit: the activation statistics came from the cache.
+        per_layer_sqnr: per-tensor SQNR of the shipped model (where the builder measures it).
+        notes: the builder's format-specific facts (:meth:`Candidate.notes`).
+    """
+
+    metric: str
+    method: str
+    reason: str
+    method_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    budget_pp: float | None = None
+    budget_met: bool | None = None
+    budget_reason: str = ""
+    holdout: dict[str, float] = field(default_factory=dict)
+    fallback_layers: list[FallbackLayer] = field(default_factory=list)
+    fallback_tried: list[tuple[int, float]] = field(default_factory=list)
+    calibration_samples: int = 0
+    holdout_samples: int = 0
+    calibration_time_s: float = 0.0
+    stats_cache_hit: bool = False
+    per_layer_sqnr: list[dict[str, Any]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (NaN as null, tuples as lists)."""
+        return _jsonable(asdict(self))
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The results.json ``calibration`` block of one run from a :meth:`SearchReport.to_dict`."""
+    return {k: report[k] for k in SUMMARY_KEYS if k in report}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def score(outputs: Arrays, reference: Arrays, holdout: Holdout, metric: Metric) -> dict[str, float]:
+    """Holdout figures of ``outputs``: worst-output SQNR, strict top-1 agreement (first output),
+    the metric, fp32's value of it, and the drop in the metric's points."""
+    target = holdout.labels if holdout.labels is not None else reference
+    value, base = metric.score(outputs, target), metric.score(reference, target)
+    figures = {
+        "sqnr_db": min(sqnr_db(reference[k], np.asarray(outputs[k]).reshape(reference[k].shape)) for k in reference),
+        "top1_agreement": top1_agreement(first(reference), first(outputs)),
+        "n": float(len(holdout)),
+        metric.name: value,
+        f"fp32_{metric.name}": base,
+        "drop_pp": base - value if metric.higher_is_better else value - base,
+    }
+    return {k: round(float(v), 4) for k, v in figures.items()}
+
+
+def _oriented(metric: Metric, value: float) -> float:
+    return value if metric.higher_is_better else -value
+
+
+def _choose(scores: dict[str, dict[str, float]], metric: Metric, n: int) -> tuple[str, str]:
+    """The best method (SQNR, then the metric) and the sentence saying why."""
+    best = max(scores, key=lambda m: (scores[m]["sqnr_db"], _oriented(metric, scores[m][metric.name])))
+    if len(scores) == 1:
+        return best, f"{best}: requested explicitly"
+    others = ", ".join(f"{m} {s['sqnr_db']:.2f}" for m, s in scores.items() if m != best)
+    return best, (f"{best}: highest holdout output SQNR ({scores[best]['sqnr_db']:.2f} dB vs {others}) on {n} "
+                  f"held-out calibration samples; {metric.name} {scores[best][metric.name]:.2f}")
+
+
+def budget_reason(drop_pp: float, budget: float, fallback: bool) -> str:
+    """Why the holdout drop misses the budget ('' when it does not)."""
+    if drop_pp <= budget:
+        return ""
+    return f"holdout drop {drop_pp:.2f} pp > budget {budget:.2f} pp" + ("" if fallback else " and fallback is off")
+
+
+@dataclass
+class SearchResult:
+    """The candidate to ship and the report."""
+
+    candidate: Candidate
+    report: SearchReport
+
+
+def search(builder: CandidateBuilder, holdout: Holdout, reference: Arrays, options: SearchOptions,
+           metric: Metric) -> SearchResult:
+    """Choose the method, fall back where the budget needs it, report (see the module docstring).
+
+    Args:
+        builder: the backend's candidate builder.
+        holdout: calibration holdout (never the evaluation set).
+        reference: the fp32 outputs on ``holdout.x``, from the backend's own fp32 model.
+        options: methods, budget, fallback.
+        metric: what is scored and budgeted.
+    """
+    t0 = time.perf_counter()
+    candidates = {m: builder.candidate(m, ()) for m in options.methods}
+    scores = {m: score(c.run(holdout.x), reference, holdout, metric) for m, c in candidates.items()}
+    method, reason = _choose(scores, metric, len(holdout))
+    report = SearchReport(metric=metric.name, method=method, reason=reason, method_scores=scores,
+                          budget_pp=options.budget_pp, holdout=scores[method], holdout_samples=len(holdout))
+    final = candidates[method]
+    budget = options.budget_pp
+    if budget is not None and report.holdout["drop_pp"] > budget and options.fallback:
+        final = _fallback(builder, final, holdout, reference, options, metric, report)
+    elif budget is not None:
+        report.budget_met = report.holdout["drop_pp"] <= budget
+        report.budget_reason = budget_reason(report.holdout["drop_pp"], budget, options.fallback)
+    report.calibration_time_s = round(time.perf_counter() - t0, 3)
+    return SearchResult(final, report)
+
+
+def _fallback(builder: CandidateBuilder, base: Candidate, holdout: Holdout, reference: Arrays,
+              options: SearchOptions, metric: Metric, report: SearchReport) -> Candidate:
+    """Rank, then ``choose_fallback`` with real candidates; fill the report; the one to ship."""
+    ranking = builder.rank(base.method, holdout, reference)
+    built: dict[tuple[str, ...], Candidate] = {}
+
+    def evaluate(names: list[str]) -> dict[str, float]:
+        built[tuple(names)] = cand = builder.candidate(base.method, tuple(names))
+        return score(cand.run(holdout.x), reference, holdout, metric)
+
+    budget = float(options.budget_pp or 0.0)
+    result = choose_fallback(ranking.layers, evaluate, report.holdout, budget, options.max_fallback_layers)
+    if ranking.solo_sqnr is not None:
+        for layer in result.layers:
+            layer.sqnr_db = round(ranking.solo_sqnr(layer.name), 3)
+    report.fallback_layers, report.fallback_tried = result.layers, result.tried
+    report.budget_met, report.budget_reason = result.budget_met, result.reason
+    if not result.budget_met and result.tried:
+        report.budget_reason += "; tried " + ", ".join(f"{k} layer(s): {d:.2f} pp" for k, d in result.tried)
+    # the shipped candidate is the last one checked, so the listed layers are the ones in it
+    key = tuple(layer.name for layer in result.layers)
+    if key in built:
+        report.holdout = result.metrics
+        return built[key]
+    return base

@@ -1,0 +1,132 @@
+"""calibration.search on its own, with a numpy builder: a two-layer model whose hidden channel 0
+is planted x300 (read back by 1/300), so a per-tensor int8 range on fc2's input only resolves
+that channel. The search logic (method choice, fallback, budget, report, the metric as a value)
+is what is under test; the backends' tests run it with real runtimes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from calibration.search import (Agreement, Holdout, Ranking, SearchOptions, score, search, summary)
+from calibration.sensitivity import LayerSensitivity
+
+RNG = np.random.default_rng(0)
+W1 = RNG.normal(0, 1, (16, 12)).astype(np.float32)
+W2 = RNG.normal(0, 1, (12, 10)).astype(np.float32)
+W1[:, 0] *= 300.0
+W2[0, :] /= 300.0
+X = np.abs(RNG.normal(0, 1, (200, 16))).astype(np.float32)
+LEVELS = {"minmax": 127, "coarse": 15}  # int8 levels per side: "coarse" is worse
+
+
+def fq(x: np.ndarray, levels: int) -> np.ndarray:
+    s = float(np.abs(x).max()) / levels
+    return np.clip(np.round(x / s), -levels, levels) * s
+
+
+def forward(x: np.ndarray, levels: int | None, float_layers: Sequence[str]) -> np.ndarray:
+    q = (lambda a, name: a if levels is None or name in float_layers else fq(a, levels))
+    h = np.maximum(q(x, "fc1") @ W1, 0.0)
+    return q(h, "fc2") @ W2
+
+
+@dataclass
+class ToyCandidate:
+    method: str
+    float_layers: tuple[str, ...]
+
+    def run(self, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"logits": forward(x["x"], LEVELS[self.method], self.float_layers)}
+
+    def write(self, workdir: Path) -> list[str]:
+        return []
+
+    def notes(self) -> dict[str, Any]:
+        return {"float": list(self.float_layers)}
+
+
+class ToyBuilder:
+    def __init__(self) -> None:
+        self.built: list[tuple[str, tuple[str, ...]]] = []
+
+    def candidate(self, method: str, float_layers: Sequence[str]) -> ToyCandidate:
+        self.built.append((method, tuple(float_layers)))
+        return ToyCandidate(method, tuple(float_layers))
+
+    def rank(self, method: str, holdout: Holdout, reference: dict[str, np.ndarray]) -> Ranking:
+        from calibration.metrics import sqnr_db
+
+        base = sqnr_db(reference["logits"], ToyCandidate(method, ()).run(holdout.x)["logits"])
+        saved = {n: sqnr_db(reference["logits"], ToyCandidate(method, (n,)).run(holdout.x)["logits"]) - base
+                 for n in ("fc1", "fc2")}
+        return Ranking([LayerSensitivity(n, "MatMul", float("nan"), saved[n], 0.0)
+                        for n in sorted(saved, key=lambda n: -saved[n])], solo_sqnr=lambda n: 1.0)
+
+
+def holdout() -> tuple[Holdout, dict[str, np.ndarray]]:
+    return Holdout({"x": X}), {"logits": forward(X, None, ())}
+
+
+def test_method_choice_fallback_and_one_report() -> None:
+    hold, ref = holdout()
+    builder = ToyBuilder()
+    res = search(builder, hold, ref, SearchOptions(("minmax", "coarse"), budget_pp=2.0), Agreement())
+    rep = res.report
+    assert rep.method == "minmax" and set(rep.method_scores) == {"minmax", "coarse"}
+    assert rep.method_scores["minmax"]["sqnr_db"] > rep.method_scores["coarse"]["sqnr_db"]
+    assert rep.method_scores["minmax"]["drop_pp"] > 2.0  # the planted channel ruins it
+    assert [f.name for f in rep.fallback_layers] == ["fc2"] and rep.fallback_layers[0].sqnr_db == 1.0
+    assert rep.budget_met is True and rep.holdout["drop_pp"] <= 2.0 and rep.fallback_tried == [(1, rep.holdout["drop_pp"])]
+    assert res.candidate.float_layers == ("fc2",) and res.candidate.method == "minmax"
+    d = json.loads(json.dumps(rep.to_dict(), allow_nan=False))  # strict JSON: no NaN left
+    assert set(summary(d)) == {"method", "reason", "budget_met", "budget_reason", "fallback_layers",
+                               "calibration_time_s", "stats_cache_hit"}
+    assert d["fallback_layers"][0]["name"] == "fc2" and d["metric"] == "top1_agreement"
+
+
+def test_fallback_off_or_no_budget() -> None:
+    hold, ref = holdout()
+    rep = search(ToyBuilder(), hold, ref, SearchOptions(("minmax",), budget_pp=2.0, fallback=False), Agreement()).report
+    assert rep.budget_met is False and "fallback is off" in rep.budget_reason and rep.fallback_layers == []
+    assert rep.reason == "minmax: requested explicitly"
+    builder = ToyBuilder()
+    rep = search(builder, hold, ref, SearchOptions(("minmax",)), Agreement()).report
+    assert rep.budget_met is None and builder.built == [("minmax", ())]
+
+
+@dataclass(frozen=True)
+class MeanAbsError:
+    """A lower-is-better user metric: its drop is the increase."""
+
+    name: str = "mae"
+    higher_is_better: bool = False
+
+    def score(self, outputs: dict[str, np.ndarray], target: Any) -> float:
+        return float(np.abs(outputs["logits"] - target["logits"]).mean())
+
+
+def test_the_metric_is_a_value_and_lower_is_better_counts_the_increase() -> None:
+    hold, ref = holdout()
+    out = ToyCandidate("minmax", ()).run(hold.x)
+    fig = score(out, ref, hold, MeanAbsError())
+    assert fig["fp32_mae"] == 0.0 and fig["mae"] > 0 and fig["drop_pp"] == fig["mae"]
+    # a budget in the metric's units: the planted layer's error is over it, fc2 float is under
+    budget = fig["mae"] / 4
+    rep = search(ToyBuilder(), hold, ref, SearchOptions(("minmax",), budget_pp=budget), MeanAbsError()).report
+    assert rep.metric == "mae" and rep.budget_met is True and [f.name for f in rep.fallback_layers] == ["fc2"]
+    assert rep.holdout["mae"] <= budget
+
+
+def test_labels_are_scored_when_the_holdout_has_them() -> None:
+    from calibration.search import Top1
+
+    hold, ref = holdout()
+    labels = ref["logits"].argmax(1)
+    labels[:20] = (labels[:20] + 1) % 10  # fp32 itself is 90 % right
+    fig = score(ref, ref, Holdout(hold.x, labels), Top1())
+    assert fig["accuracy"] == fig["fp32_accuracy"] == 90.0 and fig["drop_pp"] == 0.0
