@@ -1,12 +1,17 @@
 """The ``edgeship`` command line. The only place errors become exit codes and one line of text.
 
-Exit codes: 0 success / gate passed, 2 bad spec or target, 3 gate failed, 1 anything else.
+Exit codes (pipeline/errors.py): 0 every run passed; 3 a gate failed; 2 bad input (a spec, target,
+model or data file that is wrong or hostile) and usage errors; 1 an environment failure (disk
+full, network, a device that does not answer, user code that raises); 130 interrupted (Ctrl-C or
+SIGTERM).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,7 +19,7 @@ import typer
 from rich.console import Console
 
 from pipeline import __version__
-from pipeline.errors import AccuracyRegression, DeviceError, EdgeshipError
+from pipeline.errors import AccuracyRegression, DeviceError, EdgeshipError, Interrupted
 
 app = typer.Typer(help="edgeship: PyTorch -> ONNX -> edge artifacts, calibrated INT8, deployed and measured.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -198,31 +203,74 @@ def _mount_optional() -> None:
     app.command("rollback")(rollback)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: run the app, map typed errors to exit codes and one line."""
-    _mount_optional()
-    if console.is_terminal:
-        from pipeline.build import set_status
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
-        set_status(lambda stage: console.status(f"[bold]{stage}[/bold] ..."))
+
+def _usage_line(exc: typer.TyperException) -> str:
+    """One line for a usage error: what is wrong, the command's usage and where help is.
+
+    Built from the usage pieces, not ``ctx.get_usage()``: with rich installed typer prints the
+    whole help page from there instead of returning the line.
+    """
+    from typer._click.exceptions import NoArgsIsHelpError  # the pinned typer's vendored click
+
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return " ".join(exc.format_message().split())
+    # A command group called with nothing to do carries the whole help page as its message.
+    message = "a command is required" if isinstance(exc, NoArgsIsHelpError) else " ".join(exc.format_message().split())
+    usage = " ".join([ctx.command_path, *ctx.command.collect_usage_pieces(ctx)])
+    return f"{message} (usage: {usage}; see '{ctx.command_path} --help')"
+
+
+def run(typer_app: typer.Typer, argv: list[str] | None = None, prog_name: str | None = None) -> int:
+    """Run ``typer_app`` and map what it raises to an exit code and one line on stderr.
+
+    0 success; 2 bad input and usage errors; 3 a gate failed; 1 an environment failure; 130
+    interrupted (Ctrl-C, or SIGTERM, which is turned into KeyboardInterrupt here so every
+    ``finally`` and rollback on the way out runs exactly as for Ctrl-C).
+    """
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        restore = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False: typer returns the code of typer.Exit (and 130 for a
+        # KeyboardInterrupt raised inside a command) instead of calling sys.exit itself.
+        code = typer_app(args=argv, prog_name=prog_name, standalone_mode=False)
+        code = int(code) if isinstance(code, int) else 0
+    except Interrupted as exc:
+        code = exc.exit_code
+        console.print(f"edgeship: interrupted{': ' + str(exc) if str(exc) else ''}", highlight=False, soft_wrap=True)
+        return code
     except EdgeshipError as exc:
         console.print(f"[bold red]edgeship: error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
-    except typer.Exit as exc:
-        return int(exc.exit_code or 0)
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("edgeship: interrupted")
-        return 130
-    except Exception as exc:  # click usage errors and the like
-        import click
+    except (typer.Abort, KeyboardInterrupt):  # Abort: EOF at a prompt; KeyboardInterrupt: outside a command
+        code = 130
+    except typer.TyperException as exc:  # typer's vendored click: usage errors (exit 2), file errors
+        console.print(f"edgeship: error: {_usage_line(exc)}", highlight=False, markup=False, soft_wrap=True)
+        return exc.exit_code
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
+    if code == 130:
+        console.print("edgeship: interrupted", highlight=False)
+    return code
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return 2
-        raise
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: ``edgeship ...``; see :func:`run` for the exit codes."""
+    try:
+        _mount_optional()
+        if console.is_terminal:
+            from pipeline.build import set_status
+
+            set_status(lambda stage: console.status(f"[bold]{stage}[/bold] ..."))
+    except KeyboardInterrupt:
+        console.print("edgeship: interrupted", highlight=False)
+        return 130
+    return run(app, argv)
 
 
 if __name__ == "__main__":

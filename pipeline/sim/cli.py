@@ -1,10 +1,13 @@
-"""``edgeship sim``: up / down / status of the emulated devices (typer sub-app)."""
+"""``edgeship sim``: up / down / status of the emulated devices (typer sub-app).
+
+Errors propagate as edgeship's typed errors: pipeline.cli.run maps them to the exit code and one
+line, for ``edgeship sim`` and ``python -m pipeline.sim`` alike.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-import signal
 import time
 from typing import Annotated
 
@@ -31,15 +34,6 @@ def parse_size_mb(text: str) -> int:
     return value * 1024 if match.group(2).lower() == "g" else value
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _fail(err: Exception) -> typer.Exit:
-    typer.echo(f"error: {err}", err=True)
-    return typer.Exit(code=getattr(err, "exit_code", 1))
-
-
 @app.command()
 def up(
     names: Annotated[list[str], typer.Argument(help="Devices to start, e.g. sim-arm64 sim-x86.")],
@@ -51,18 +45,13 @@ def up(
 ) -> None:
     """Build (once, cached) and start devices; print where each one listens."""
     from pipeline import sim
-    from pipeline.errors import EdgeshipError
 
     quota = parse_size_mb(releases_size) if releases_size else None
-    # SIGTERM (CI timeouts, `kill`) must unwind like Ctrl-C so a half build is cleaned up and
-    # its debootstrap/pip children are killed, instead of the process just vanishing.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM (CI timeouts, `kill`) unwinds like Ctrl-C (pipeline.cli.run turns it into
+    # KeyboardInterrupt), so a half build is cleaned up and its debootstrap/pip children killed.
     for name in names:
         started = time.monotonic()
-        try:
-            info = sim.up(name, install_deps=install_deps, rebuild=rebuild, releases_mb=quota)
-        except EdgeshipError as err:
-            raise _fail(err) from err
+        info = sim.up(name, install_deps=install_deps, rebuild=rebuild, releases_mb=quota)
         typer.echo(f"{info.name}: up at {info.user}@{info.host}:{info.port} ({info.arch}) "
                    f"host key {info.host_key_fingerprint} [{time.monotonic() - started:.1f}s] "
                    f"-> {sim.device_file(name)}")
@@ -72,13 +61,9 @@ def up(
 def down(names: Annotated[list[str], typer.Argument(help="Devices to stop.")]) -> None:
     """Stop devices: sshd and everything running in them, then unmount."""
     from pipeline import sim
-    from pipeline.errors import EdgeshipError
 
     for name in names:
-        try:
-            sim.down(name)
-        except EdgeshipError as err:
-            raise _fail(err) from err
+        sim.down(name)
         typer.echo(f"{name}: down")
 
 
@@ -89,12 +74,8 @@ def status(
 ) -> None:
     """Show state, address, arch (via ssh uname -m), rootfs and host-key fingerprint."""
     from pipeline import sim
-    from pipeline.errors import EdgeshipError
 
-    try:
-        rows = [sim.status(name) for name in (names or sim.known_devices())]
-    except EdgeshipError as err:
-        raise _fail(err) from err
+    rows = [sim.status(name) for name in (names or sim.known_devices())]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -1,0 +1,197 @@
+"""Every documented exit code (0, 1, 2, 3, 130), through the real console script in a subprocess.
+
+The exit code and the one line on stderr are the interface scripts and CI rely on, so these run
+``.venv/bin/edgeship`` exactly as a user does: no in-process ``main()``, no mocks. Deploys use the
+``local`` transport with one cheap build (ONNX Runtime fp32 of the MNIST example).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+MNIST = ROOT / "examples" / "mnist.yaml"
+EDGESHIP = Path(sys.executable).with_name("edgeship")  # the console script of this environment
+
+# A data callable and a model that stop (after leaving a mark) where the test wants the interrupt.
+SLOW_MODULE = '''
+import os, pathlib, time
+import torch
+from pipeline.workloads import mnist
+
+MARK = pathlib.Path(os.environ["SLOW_MARK"])
+
+
+def calibration(limit=None):
+    MARK.write_text("calibration")
+    time.sleep(300)
+
+
+class SlowNet(torch.nn.Module):
+    """The MNIST network whose first forward call (the ONNX export traces it) blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = mnist.build_model()
+
+    def forward(self, x):
+        if not MARK.exists():
+            MARK.write_text("forward")
+            time.sleep(300)
+        return self.inner(x)
+
+
+def model():
+    return SlowNet()
+'''
+
+
+def edgeship(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(EDGESHIP), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.strip()]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The user's environment with an isolated stage cache and the test's own modules importable."""
+    (tmp_path / "slowmod.py").write_text(SLOW_MODULE)
+    return {**os.environ, "EDGESHIP_STAGE_CACHE": str(tmp_path / "stages"), "PYTHONPATH": str(tmp_path),
+            "SLOW_MARK": str(tmp_path / "mark"), "COLUMNS": "200"}
+
+
+def cheap_target(tmp_path: Path, name: str = "cheapdev", **extra: object) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "extends": "local", "name": name, "transport": {"kind": "local", "root": str(tmp_path / "device")},
+        "builds": [{"backend": "onnxruntime", "precisions": ["fp32"]}],
+        "validation": {"warmup": 1, "runs": 5}, **extra}))
+    return path
+
+
+def spec_with(tmp_path: Path, name: str, **changes: object) -> Path:
+    """The MNIST example with ``a__b=value`` fields replaced, written next to the test's files."""
+    data = yaml.safe_load(MNIST.read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_console_script_is_this_environments() -> None:
+    assert EDGESHIP.is_file(), f"{EDGESHIP} missing: install the project (make venv)"
+
+
+@pytest.mark.parametrize("args, says", [
+    ([], "a command is required"),
+    (["build"], "Missing option '--spec'"),
+    (["deploy", "--target", "local"], "Missing option '--spec'"),
+    (["build", "--spec", "x.yaml", "--bogus"], "No such option: --bogus"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["targets"], "a command is required"),
+    (["sim", "up", "sim-arm64", "--releases-size", "lots"], "size like 64M or 1G expected"),
+])
+def test_usage_errors_exit_2_with_one_line(args: list[str], says: str, env: dict[str, str]) -> None:
+    proc = edgeship(args, env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = lines(proc.stderr)
+    assert len(err) == 1, proc.stderr  # one line, no traceback
+    assert err[0].startswith("edgeship: error: ") and says in err[0], err[0]
+    assert "usage: edgeship" in err[0] and "--help" in err[0]
+
+
+def test_bad_spec_exits_2(tmp_path: Path, env: dict[str, str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {factory: a:b}\n")
+    proc = edgeship(["build", "--spec", str(bad), "--target", "local"], env, timeout=120)
+    assert proc.returncode == 2 and "bad.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_version_and_help_exit_0(env: dict[str, str]) -> None:
+    assert edgeship(["--version"], env, timeout=60).returncode == 0
+    proc = edgeship(["build", "--help"], env, timeout=60)
+    assert proc.returncode == 0 and "--spec" in proc.stdout
+
+
+def test_unreachable_device_exits_1(tmp_path: Path, env: dict[str, str]) -> None:
+    """An environment failure (nothing listens on the device's port): exit 1, one line naming it."""
+    target = tmp_path / "nowhere.yaml"
+    target.write_text(yaml.safe_dump({
+        "extends": "local", "name": "nowhere",
+        "transport": {"kind": "ssh", "root": "/tmp/edgeship-nowhere",
+                      "hosts": [{"name": "nowhere", "host": "127.0.0.1", "port": 1, "user": "root"}]}}))
+    proc = edgeship(["validate", "--spec", str(MNIST), "--target", str(target), "--out", str(tmp_path / "b")], env,
+                    timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    err = lines(proc.stderr)
+    assert len(err) == 1 and err[0].startswith("edgeship: error: nowhere") and "refused" in err[0], proc.stderr
+
+
+def test_sim_failure_exits_1(env: dict[str, str]) -> None:
+    """`edgeship sim` errors used to exit 0 (the sub-app's exit code was dropped)."""
+    proc = edgeship(["sim", "status", "no-such-device"], env, timeout=60)
+    assert proc.returncode == 1
+    assert lines(proc.stderr) == ["edgeship: error: unknown sim device 'no-such-device'; known: sim-arm64, sim-x86"]
+
+
+@pytest.mark.slow
+@pytest.mark.backend("onnxruntime")
+def test_deploy_passing_exits_0_and_failing_gate_exits_3(tmp_path: Path, env: dict[str, str]) -> None:
+    out = tmp_path / "build"
+    ok = edgeship(["deploy", "--spec", str(MNIST), "--target", str(cheap_target(tmp_path)), "--out", str(out)], env)
+    assert ok.returncode == 0, ok.stderr
+    assert "gate: PASSED" in ok.stdout
+    # The same build against a latency limit no device can meet: the gate fails, exit 3.
+    strict = cheap_target(tmp_path, "strictdev", limits={"max_latency_p90_ms": 1e-6})
+    bad = edgeship(["deploy", "--spec", str(MNIST), "--target", str(strict), "--out", str(tmp_path / "b3")], env)
+    assert bad.returncode == 3, bad.stderr
+    assert "gate: FAILED" in bad.stdout
+    assert lines(bad.stderr)[-1].startswith("edgeship: error: onnxruntime-fp32: latency p90")
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, sig, where", [
+    ("build", signal.SIGINT, "calibration"),
+    ("deploy", signal.SIGINT, "calibration"),
+    ("deploy", signal.SIGTERM, "calibration"),
+    ("build", signal.SIGINT, "forward"),  # inside the ONNX export: not an "export failed" (issue 11, #18)
+])
+def test_interrupt_exits_130_with_one_line(command: str, sig: signal.Signals, where: str, tmp_path: Path,
+                                           env: dict[str, str]) -> None:
+    changes: dict[str, object] = {"calibration__source": {"kind": "python", "callable": "slowmod:calibration"}}
+    if where == "forward":
+        changes = {"model": {"factory": "slowmod:model"}}
+    spec = spec_with(tmp_path, f"slow-{where}", **changes)
+    proc = subprocess.Popen([str(EDGESHIP), command, "--spec", str(spec), "--target", str(cheap_target(tmp_path)),
+                             "--out", str(tmp_path / "build")], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    mark = Path(env["SLOW_MARK"])
+    deadline = time.monotonic() + 300
+    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert mark.exists() and mark.read_text() == where, proc.communicate(timeout=10)
+    time.sleep(0.3)  # inside the sleep, not at the write
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert lines(stderr)[-1] == "edgeship: interrupted", stderr
+    assert "Traceback" not in stderr and "error" not in stderr and "failed" not in stderr, stderr
+    # Nothing half-made is left in the stage cache.
+    stages = Path(env["EDGESHIP_STAGE_CACHE"])
+    assert [p for p in stages.rglob(".*") if p.is_dir()] == []
