@@ -433,7 +433,42 @@ def op_switch(a):
     return out
 
 
-OPS = {"list": op_list, "prepare": op_prepare, "finalize": op_finalize, "switch": op_switch}
+def _manifest_files(folder):
+    """{rel: sha256} the release's manifest.json lists (packaging's ``files``), {} when it lists none."""
+    try:
+        with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as fh:
+            listed = json.load(fh).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return {"manifest.json": "unreadable"}  # never matches: reported as the damaged file
+    if isinstance(listed, list):
+        listed = dict((e.get("path"), e) for e in listed if isinstance(e, dict))
+    out = {}
+    for rel, v in listed.items():
+        out[rel] = v if isinstance(v, str) else (v or {}).get("sha256", "")
+    return out
+
+
+def op_verify(a):
+    """Re-hash the current release's files against its verified list and its manifest's ``files``.
+
+    Returns ``ok``, ``release`` and ``bad`` (files missing or with other bytes). Measuring a
+    release whose bytes changed since it was verified would gate something that was never built.
+    """
+    root = a["root"]
+    rid = _current(root)
+    if rid is None:
+        return {"ok": False, "release": None, "bad": [], "error": "nothing is deployed"}
+    folder = os.path.join(root, "releases", rid)
+    expected = _read_sums(folder)
+    if expected is None:
+        return {"ok": False, "release": rid, "bad": [SUMS]}
+    listed = _manifest_files(folder)
+    # A file the manifest names with another hash than the verified list is damaged as well.
+    bad = set(_verify(folder, expected)) | set(r for r, sha in listed.items() if expected.get(r) != sha)
+    return {"ok": not bad, "release": rid, "bad": sorted(bad)}
+
+
+OPS = {"verify": op_verify, "list": op_list, "prepare": op_prepare, "finalize": op_finalize, "switch": op_switch}
 
 
 def main(argv):

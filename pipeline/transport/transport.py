@@ -156,6 +156,18 @@ class Transport:
     def releases(self) -> list[str]:
         return list(self.store.state()["releases"])
 
+    def verify_current(self) -> str:
+        """Re-hash the current release's files on the device; its id, or DeviceError naming a bad file."""
+        res = self.store.op("verify", {})
+        if res.get("release") is None:
+            raise DeviceError(f"{self.executor.name}: no release deployed under {self.root}; run `edgeship deploy` first")
+        if not res["ok"]:
+            bad = res["bad"]
+            raise DeviceError(f"{self.executor.name}: release {res['release']} is damaged: {', '.join(bad[:3])}"
+                              f"{' ...' if len(bad) > 3 else ''} {'does' if len(bad) == 1 else 'do'} not match the "
+                              "manifest's sha256; nothing was measured, run `edgeship deploy` to repair it")
+        return str(res["release"])
+
     def read_current_manifest(self) -> str:
         """Text of the current release's manifest.json (DeviceError when nothing is deployed)."""
         if self.current() is None:
