@@ -1,0 +1,254 @@
+"""``report.html``: one self-contained file (inline CSS, plots as base64 PNG) from a results document.
+
+Sections: title, spec, target, date, versions, release, fp32 reference, budget and limits, the
+verdict, each device's probe, the runs table (the same rows as report.md), where INT8 lost accuracy
+(the calibration block) and three plots: latency distribution per run (raw timings when given,
+else the agent's percentiles), accuracy vs p90 latency with the budget line, artifact size per run.
+matplotlib (the ``report`` extra) draws the plots with the Agg backend and is imported only here;
+without it the report says so and keeps everything else.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from html import escape
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.validate.report import COLUMNS, rows
+
+# Raw timings (ms) per run, keyed "<device>/<run id>" (the results' ``timings_file``).
+Timings = Mapping[str, Sequence[float]]
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+td:nth-child(-n+3),th{text-align:left}tr.fail td{background:#fde8e8}.pass{color:#176d2c}.fail{color:#b3261e}
+dl{display:grid;grid-template-columns:max-content auto;gap:2px 1em}dt{font-weight:600}
+img{max-width:100%;border:1px solid #eee;margin:.5em 0}code{background:#f4f4f4;padding:0 3px}"""
+
+
+def load_timings(results: dict[str, Any], folder: Path) -> dict[str, np.ndarray]:
+    """The raw timings named by ``results["timings_file"]`` (an .npz beside results.json), or none."""
+    name = results.get("timings_file")
+    if not name or not (folder / name).is_file():
+        return {}
+    with np.load(folder / name, allow_pickle=False) as data:
+        return {key: np.asarray(data[key], dtype=np.float64) for key in data.files}
+
+
+def _label(results: dict[str, Any], device: str, row: dict[str, Any]) -> str:
+    several = len(results.get("devices", [])) > 1
+    return f"{device} {row['backend']} {row['precision']}" if several else f"{row['backend']} {row['precision']}"
+
+
+def _runs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(str(d["device"]), r) for d in results.get("devices", []) for r in d.get("runs", [])]
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _latency_plot(results: dict[str, Any], timings: Timings) -> str | None:
+    import matplotlib.pyplot as plt
+
+    stats, labels = [], []
+    for device, row in _runs(results):
+        raw = timings.get(f"{device}/{row['id']}")
+        lat = row.get("latency_ms") or {}
+        if raw is not None and len(raw):
+            t = np.asarray(raw, dtype=np.float64)
+            q1, med, q3, p99 = np.percentile(t, [25, 50, 75, 99])
+            stats.append({"med": med, "q1": q1, "q3": q3, "whislo": float(t.min()), "whishi": p99, "fliers": []})
+            labels.append(_label(results, device, row))
+        elif lat.get("p50") is not None:  # no raw timings: the box is p50..p90, whiskers min..p99
+            stats.append({"med": lat["p50"], "q1": lat["p50"], "q3": lat.get("p90", lat["p50"]),
+                          "whislo": lat.get("min", lat["p50"]), "whishi": lat.get("p99", lat["p50"]), "fliers": []})
+            labels.append(_label(results, device, row) + " (percentiles)")
+    if not stats:
+        return None
+    for s, label in zip(stats, labels):
+        s["label"] = label
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(stats) + 1.2))
+    ax.bxp(stats, orientation="horizontal", showfliers=False)
+    ax.invert_yaxis()  # runs top to bottom in the table's order
+    highs, lows = [s["whishi"] for s in stats], [s["whislo"] for s in stats]
+    if min(lows) > 0 and max(highs) / min(lows) > 20:  # fp32 next to int8 on a slow board: keep both readable
+        ax.set_xscale("log")
+    ax.set_xlabel("latency per batch, ms (box: quartiles, or p50..p90; whiskers: min..p99)")
+    ax.set_title("latency distribution per run")
+    return _png(fig)
+
+
+def _accuracy_plot(results: dict[str, Any]) -> str | None:
+    import matplotlib.pyplot as plt
+
+    ref = results.get("reference") or {}
+    points = [(device, r) for device, r in _runs(results)
+              if r.get("accuracy") is not None and (r.get("latency_ms") or {}).get("p90") is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for device, r in points:
+        x, y = r["latency_ms"]["p90"], r["accuracy"]
+        iv = r.get("accuracy_drop_interval")
+        yerr = None
+        if iv and ref.get("accuracy") is not None:  # accuracy range = reference - drop interval
+            yerr = [[max(0.0, y - (ref["accuracy"] - iv["high_pp"]))], [max(0.0, ref["accuracy"] - iv["low_pp"] - y)]]
+        passed = (r.get("gate") or {}).get("passed")
+        ax.errorbar([x], [y], yerr=yerr, fmt="o", color="#176d2c" if passed else "#b3261e", capsize=3)
+        ax.annotate(_label(results, device, r), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if ref.get("accuracy") is not None and results.get("budget_pp") is not None:
+        floor = ref["accuracy"] - float(results["budget_pp"])
+        ax.axhline(floor, color="#b3261e", linestyle="--", label=f"budget: fp32 {ref['accuracy']:.2f} - "
+                   f"{results['budget_pp']} pp")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("p90 latency, ms")
+    ax.set_ylabel(f"{ref.get('metric', 'accuracy')} %")
+    ax.set_title("accuracy vs p90 latency (bars: 95 % interval of the drop)")
+    return _png(fig)
+
+
+def _size_plot(results: dict[str, Any]) -> str | None:
+    import matplotlib.pyplot as plt
+
+    bars = [(_label(results, d, r), float(r["artifact_bytes"])) for d, r in _runs(results) if r.get("artifact_bytes")]
+    if not bars:
+        return None
+    unit, scale = ("MB", 2**20) if max(b[1] for b in bars) >= 2**20 else ("kB", 1024)
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(bars) + 1.2))
+    ax.barh([b[0] for b in bars], [b[1] / scale for b in bars], color="#4a6fa5")
+    ax.invert_yaxis()
+    ax.set_xlabel(f"artifact size, {unit}")
+    ax.set_title("size per run")
+    return _png(fig)
+
+
+def plots(results: dict[str, Any], timings: Timings | None = None) -> dict[str, str | None] | str:
+    """Base64 PNGs by plot name, or the reason there are none (matplotlib missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError:
+        return "plots need matplotlib: pip install 'edgeship[report]'"
+    return {"latency": _latency_plot(results, timings or {}), "accuracy": _accuracy_plot(results),
+            "size": _size_plot(results)}
+
+
+# ---- sections ------------------------------------------------------------------------------------
+
+def _dl(items: Sequence[tuple[str, Any]]) -> str:
+    return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in items if v is not None) + "</dl>"
+
+
+def _header(results: dict[str, Any]) -> str:
+    ref = results.get("reference") or {}
+    runtimes = sorted({f"{r['backend']} {r['runtime_version']}" for _, r in _runs(results) if r.get("runtime_version")})
+    versions = {"edgeship": __version__, **(results.get("versions") or {})}
+    limits = results.get("limits") or {}
+    return _dl([
+        ("spec", results.get("spec")), ("target", results.get("target")),
+        ("date", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
+        ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) + (", " + ", ".join(runtimes) if runtimes else "")),
+        ("release", results.get("release_id") or "as deployed"),
+        ("fp32 reference", f"{ref.get('metric')} {ref.get('accuracy')} % on {ref.get('samples')} samples"
+                           + (f" ({ref['source']})" if ref.get("source") else "")),
+        ("budget", f"{results.get('budget_pp')} pp accuracy drop"),
+        ("limits", ", ".join(f"{k} {v}" for k, v in limits.items() if v is not None) or None),
+    ])
+
+
+def _verdict(results: dict[str, Any]) -> str:
+    gate = results.get("gate") or {}
+    if gate.get("passed"):
+        return '<h2 class="pass">gate: PASSED</h2>'
+    items = "".join(f"<li>{escape(str(r))}</li>" for r in gate.get("reasons") or [])
+    return f'<h2 class="fail">gate: FAILED</h2><ul>{items}</ul>'
+
+
+def _devices(results: dict[str, Any]) -> str:
+    out = ["<h2>devices</h2>"]
+    for dev in results.get("devices", []):
+        probe = dev.get("probe") or dev.get("device_info") or {}
+        dep = dev.get("deploy") or {}
+        out.append(f"<h3>{escape(str(dev['device']))}</h3>")
+        out.append(_dl([(k, v) for k, v in probe.items() if not isinstance(v, (dict, list))]
+                       + [("release", dep.get("release_id")), ("bytes moved", dep.get("bytes_moved")),
+                          ("rolled back to", dev.get("rolled_back_to") if dev.get("rolled_back") else None),
+                          ("error", dev.get("error"))]))
+    return "".join(out)
+
+
+def _interval(row: dict[str, Any]) -> str:
+    iv = row.get("accuracy_drop_interval")
+    return f"[{iv['low_pp']:+.2f}, {iv['high_pp']:+.2f}] n={iv['n']}" if iv else "-"
+
+
+def _table(results: dict[str, Any]) -> str:
+    head = "".join(f"<th>{escape(c)}</th>" for c in (*COLUMNS[:5], "drop 95 % interval", *COLUMNS[5:]))
+    body = []
+    runs = [r for _, r in _runs(results)]
+    for cells in rows(results):
+        row = runs.pop(0) if cells[-1] != "ERROR" and runs else {}
+        cells = [*cells[:5], _interval(row), *cells[5:]]
+        cls = "" if cells[-1] == "pass" else ' class="fail"'
+        body.append(f"<tr{cls}>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>")
+    return f"<h2>runs</h2><table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _calibration(results: dict[str, Any]) -> str:
+    out = []
+    for device, r in _runs(results):
+        cal = r.get("calibration") or {}
+        if not cal.get("method"):
+            continue
+        lines = [f"calibration <code>{escape(str(cal['method']))}</code>"
+                 + (f" ({escape(str(cal['reason']))})" if cal.get("reason") else "")]
+        kept = cal.get("fallback_layers") or []
+        if kept:
+            lines.append("kept in float: " + ", ".join(f"<code>{escape(str(k.get('name', k)))}</code>" for k in kept))
+        if cal.get("budget_met") is False:
+            lines.append("budget not met: " + escape(str(cal.get("budget_reason") or "see the calibration report")))
+        worst = cal.get("worst_tensors") or []
+        if worst:
+            cells = "".join(f"<tr><td>{escape(str(t['tensor']))}</td><td>{float(t['sqnr_db']):.1f}</td></tr>" for t in worst)
+            lines.append("lowest per-tensor SQNR vs fp32 (holdout; where the int8 error enters):"
+                         f"<table><tr><th>tensor</th><th>SQNR dB</th></tr>{cells}</table>")
+        out.append(f"<h3>{escape(device)} {escape(str(r['id']))}</h3><p>" + "<br>".join(lines) + "</p>")
+    return "<h2>where INT8 lost accuracy</h2>" + "".join(out) if out else ""
+
+
+def _plots(results: dict[str, Any], timings: Timings | None) -> str:
+    images = plots(results, timings)
+    if isinstance(images, str):
+        return f"<h2>plots</h2><p>{escape(images)}</p>"
+    return "<h2>plots</h2>" + "".join(f'<img id="plot-{name}" alt="{name} plot" src="data:image/png;base64,{b64}">'
+                                      for name, b64 in images.items() if b64)
+
+
+def report_html(results: dict[str, Any], timings: Timings | None = None) -> str:
+    """The whole report as one HTML document."""
+    title = f"edgeship: {results.get('spec')} on {results.get('target')}"
+    body = "".join([f"<h1>{escape(title)}</h1>", _header(results), _verdict(results), _devices(results),
+                    _table(results), _calibration(results), _plots(results, timings)])
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+
+
+def write_html(path: Path, results: dict[str, Any], timings: Timings | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report_html(results, timings), encoding="utf-8")
+    return path
