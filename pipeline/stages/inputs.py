@@ -39,8 +39,10 @@ def model_loader(spec: PipelineSpec) -> Callable[[], Any]:
         import torch
 
         if src.exported:
-            path = spec.resolve_path(src.exported)
-            program = torch.export.load(str(path))
+            from pipeline.stages.pt2_guard import load_exported_program
+
+            # An untrusted file: checked and loaded without unpickling arbitrary objects.
+            program = load_exported_program(spec.resolve_path(src.exported), "model.exported")
             return program.module()
         factory = import_callable(src.factory or "", f"{where}.factory")
         model = factory(**src.kwargs)

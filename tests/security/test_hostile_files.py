@@ -1,0 +1,220 @@
+"""Untrusted model and data files (issue 11): each hostile file is built here, and a canary file
+proves that nothing in it ran. Key cases also go through the real console script."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pipeline.errors import InputFileError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+EDGESHIP = Path(sys.executable).parent / "edgeship"
+SHAPE = (2, 1, 28, 28)
+
+
+class Payload:
+    """Unpickling this writes the canary file: what a hostile pickle would do instead."""
+
+    def __init__(self, canary: Path) -> None:
+        self.canary = str(canary)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (exec, (f"open({self.canary!r}, 'w').write('ran')",))
+
+
+def _canary_code(canary: Path) -> str:
+    return f"open({str(canary)!r}, 'w').write('ran')"
+
+
+def _cnn() -> "torch.nn.Module":
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 26 * 26, 10)).eval()
+
+
+def _save_program(path: Path, dynamic: bool = False) -> "torch.nn.Module":
+    model = _cnn()
+    kw = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=64)},)} if dynamic else {}
+    torch.export.save(torch.export.export(model, (torch.randn(*SHAPE),), **kw), str(path))
+    return model
+
+
+@pytest.fixture(scope="module")
+def real_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pt2") / "real.pt2"
+    _save_program(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dynamic_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pt2") / "dynamic.pt2"
+    _save_program(path, dynamic=True)
+    return path
+
+
+def _rewrite(src: Path, dst: Path, edit: Callable[[dict[str, bytes]], None]) -> Path:
+    """Copy a real torch.export.save archive, letting ``edit`` change its members (root-relative)."""
+    with zipfile.ZipFile(src) as zf:
+        root = zf.namelist()[0].split("/")[0] + "/"
+        members = {n[len(root):]: zf.read(n) for n in zf.namelist()}
+    edit(members)
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zf:
+        for rel, data in members.items():
+            zf.writestr(root + rel, data)
+    return dst
+
+
+def _torch_saved(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _edit_json(members: dict[str, bytes], rel: str, edit: Callable[[dict], None]) -> None:
+    obj = json.loads(members[rel])
+    edit(obj)
+    members[rel] = json.dumps(obj).encode()
+
+
+# Each doctor turns a real archive into a hostile one whose code writes ``canary``.
+def pickled_weight(m: dict[str, bytes], canary: Path) -> None:
+    def edit(cfg: dict) -> None:
+        first = next(iter(cfg["config"].values()))
+        first["use_pickle"] = True
+        m["data/weights/" + first["path_name"]] = _torch_saved(Payload(canary))
+
+    _edit_json(m, "data/weights/model_weights_config.json", edit)
+
+
+def pickled_sample_inputs(m: dict[str, bytes], canary: Path) -> None:
+    m["data/sample_inputs/model.pt"] = _torch_saved(((Payload(canary),), {}))
+
+
+def opaque_constant(m: dict[str, bytes], canary: Path) -> None:
+    m["data/constants/model_constants_config.json"] = json.dumps({"config": {"c": {
+        "path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}}}).encode()
+    m["data/constants/opaque_obj_0"] = pickle.dumps(Payload(canary))
+
+
+def guards_code(m: dict[str, bytes], canary: Path) -> None:
+    _edit_json(m, "models/model.json", lambda p: p.update(guards_code=[f"{_canary_code(canary)} > 0"]))
+
+
+def sympy_expr(m: dict[str, bytes], canary: Path) -> None:
+    def edit(p: dict) -> None:  # the dynamic batch's symbol, in the graph's sym_int_values
+        for value in p["graph_module"]["graph"]["tensor_values"].values():
+            for size in value["sizes"]:
+                if "as_expr" in size:
+                    size["as_expr"]["expr_str"] += f" + 0*len(str(exec({_canary_code(canary)!r})))"
+
+    _edit_json(m, "models/model.json", edit)
+
+
+LIVE = [pickled_weight, pickled_sample_inputs, opaque_constant, guards_code]
+
+
+def _run_unguarded(path: Path) -> None:
+    """What edgeship did before: torch.export.load, then build and call the module."""
+    code = ("import sys, torch\nep = torch.export.load(sys.argv[1])\n"
+            f"ep.module()(torch.randn{SHAPE})\n")
+    subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=300)
+
+
+@pytest.mark.parametrize("doctor", LIVE + [sympy_expr], ids=lambda d: d.__name__)
+def test_hostile_pt2_refused_and_nothing_runs(doctor, real_pt2: Path, dynamic_pt2: Path,
+                                              tmp_path: Path) -> None:
+    from pipeline.stages.pt2_guard import load_exported_program
+
+    canary = tmp_path / "canary"
+    src = dynamic_pt2 if doctor is sympy_expr else real_pt2
+    evil = _rewrite(src, tmp_path / "evil.pt2", lambda m: doctor(m, canary))
+    with pytest.raises(InputFileError) as err:
+        load_exported_program(evil)
+    assert str(evil) in str(err.value) and "\n" not in str(err.value)
+    assert not canary.exists(), "the hostile .pt2 ran code"
+    # The payload is live: loading it the way edgeship used to does write the canary.
+    _run_unguarded(evil)
+    assert canary.exists(), "the doctored file is inert; the test would prove nothing"
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m.update({"data/aotinductor/model/model.so": b"\x7fELF"}), "data/aotinductor/model/model.so"),
+    (lambda m: m.update({"serialized_state_dict.pt": b""}), "serialized_state_dict.pt"),
+    (lambda m: _edit_json(m, "models/model.json", lambda p: p["graph_module"]["graph"]["nodes"][1].update(
+        target="torch.os.system")), "not a registered operator"),
+], ids=["aoti-library", "legacy-pickle-member", "python-call-target"])
+def test_pt2_members_outside_a_plain_program_refused(edit, words: str, real_pt2: Path, tmp_path: Path) -> None:
+    from pipeline.stages.pt2_guard import load_exported_program
+
+    evil = _rewrite(real_pt2, tmp_path / "evil.pt2", edit)
+    with pytest.raises(InputFileError, match="refused") as err:
+        load_exported_program(evil)
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-batch"])
+def test_legitimate_pt2_loads_and_matches(dynamic: bool, tmp_path: Path) -> None:
+    from pipeline.stages.pt2_guard import load_exported_program
+
+    path = tmp_path / "model.pt2"
+    model = _save_program(path, dynamic)
+    x = torch.randn(*SHAPE)
+    got = load_exported_program(path).module()(x)
+    torch.testing.assert_close(got, model(x))
+    assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None  # restored after the load
+
+
+# ---------------------------------------------------------------- through the console script
+def _write_spec(folder: Path, model: dict, **overrides: object) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(folder / "calib.npz", x=rng.normal(size=(8, *SHAPE[1:])).astype(np.float32))
+    np.savez(folder / "eval.npz", x=rng.normal(size=(8, *SHAPE[1:])).astype(np.float32),
+             y=np.arange(8) % 10)
+    spec = {"name": "hostile", "model": model, "input": {"name": "x", "shape": list(SHAPE)},
+            "calibration": {"source": {"kind": "npz", "path": "calib.npz"}},
+            "evaluation": {"source": {"kind": "npz", "path": "eval.npz"}, "metric": "top1"}}
+    spec.update(overrides)
+    path = folder / "spec.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    return path
+
+
+def _edgeship_build(spec: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EDGESHIP_HOME": str(spec.parent / "home"), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([str(EDGESHIP), "build", "--spec", str(spec), "--target", "local"], cwd=spec.parent,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, *names: str) -> str:
+    """Exit ``code``, no traceback, exactly one error line, naming every one of ``names``."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("edgeship: error:")]
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for name in names:
+        assert name in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doctor", [pickled_weight, guards_code], ids=lambda d: d.__name__)
+def test_cli_refuses_hostile_pt2(doctor, real_pt2: Path, tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    _rewrite(real_pt2, tmp_path / "evil.pt2", lambda m: doctor(m, canary))
+    proc = _edgeship_build(_write_spec(tmp_path, {"exported": "evil.pt2"}))
+    assert_one_error_line(proc, 2, "evil.pt2", "model.exported")
+    assert not canary.exists()
