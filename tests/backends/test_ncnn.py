@@ -170,8 +170,8 @@ def test_efficientnet_lite0_all_precisions(tmp_path: Path) -> None:
     from pipeline.spec import load_spec
 
     spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "efficientnet_lite0.yaml")
-    agree = build_and_evaluate(NAME, spec, tmp_path, ["fp32", "fp16", "int8"])
-    assert agree["fp32"] == 100.0 and agree["fp16"] >= 99.0 and agree["int8"] >= 85.0, agree
+    acc = build_and_evaluate(NAME, spec, tmp_path, ["fp32", "fp16", "int8"])  # ImageNet top-1, 400 images
+    assert acc["fp32"] >= 85.0 and acc["fp32"] - acc["fp16"] <= 0.5 and acc["fp32"] - acc["int8"] <= 1.0, acc
 
 
 @pytest.mark.slow
