@@ -68,8 +68,8 @@ class CalibrationSet:
             labels = np.asarray(labels)
             if labels.shape != (samples.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
                 raise CalibrationDataError(
-                    f"labels must be integers of shape ({samples.shape[0]},), got "
-                    f"{labels.dtype} {tuple(labels.shape)}"
+                    f"labels must be integer class indices of shape ({samples.shape[0]},), got "
+                    f"{labels.dtype} {tuple(labels.shape)}; store them as integers (e.g. int64)"
                 )
             labels = labels.astype(np.int64)
         samples.setflags(write=False)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from pipeline.backends.base import Samples
-from pipeline.errors import SpecError
+from pipeline.errors import InputFileError, SpecError
 from pipeline.spec import DataSource, ImageFolderSource, NpzSource, PipelineSpec, PythonSource
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,13 +93,42 @@ def load_samples(spec: PipelineSpec, section: str) -> Samples:
     try:
         data = _read_source(spec, cfg.source, where, expected, cfg.limit)
     except CalibrationDataError as exc:
-        raise SpecError(f"{where}: {exc}") from None
+        raise InputFileError(f"{where} ({source_name(spec, cfg.source)}): {exc}") from None
     if tuple(data.samples.shape[1:]) != expected:
         raise SpecError(f"{where}: samples have shape {tuple(data.samples.shape[1:])}, the model input "
                         f"expects {expected} (input.shape without the batch dim)")
     if cfg.limit:
         data = data.subset(range(min(cfg.limit, len(data))))
     return to_samples(data)
+
+
+def source_name(spec: PipelineSpec, src: DataSource) -> str:
+    """The data source as a user recognises it: the file or folder, or the callable."""
+    if isinstance(src, PythonSource):
+        return f"callable {src.callable}"
+    return str(spec.resolve_path(src.path))
+
+
+def check_labels(spec: PipelineSpec, reference: np.ndarray, sets: dict[str, Samples]) -> None:
+    """Labels of a top-1 metric must be class indices of the model's output (N, C): 0 <= y < C.
+
+    Called once the fp32 reference exists, so C is what the model really outputs. A label outside
+    the range can never match, so the gate would compare 0 % with 0 % and pass.
+    """
+    if spec.evaluation.metric != "top1" or reference.ndim < 2:
+        return
+    classes = int(np.prod(reference.shape[1:]))
+    for section, samples in sets.items():
+        if samples.y is None:
+            continue
+        bad = np.flatnonzero((samples.y < 0) | (samples.y >= classes))
+        if bad.size:
+            i = int(bad[0])
+            src = source_name(spec, getattr(spec, section).source)
+            raise InputFileError(
+                f"{spec.source_path}: field '{section}.source' ({src}): label {int(samples.y[i])} of sample "
+                f"{samples.ids[i]!r} ({bad.size} of {len(samples.y)} labels) is outside the model's "
+                f"{classes} classes; labels must be class indices 0..{classes - 1}: fix the labels or the model")
 
 
 def to_samples(data: "CalibrationSet") -> Samples:

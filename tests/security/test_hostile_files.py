@@ -218,3 +218,55 @@ def test_cli_refuses_hostile_pt2(doctor, real_pt2: Path, tmp_path: Path) -> None
     proc = _edgeship_build(_write_spec(tmp_path, {"exported": "evil.pt2"}))
     assert_one_error_line(proc, 2, "evil.pt2", "model.exported")
     assert not canary.exists()
+
+
+# ---------------------------------------------------------------- labels outside the classes (#9)
+def _onnx_classifier(path: Path, classes: int = 10) -> Path:
+    """A real ONNX model: flatten (N, 1, 28, 28) and project to ``classes`` logits."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    w = np.random.default_rng(1).normal(size=(28 * 28, classes)).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "W"], ["y"])]
+    graph = helper.make_graph(nodes, "clf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(SHAPE))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [SHAPE[0], classes])],
+                              [numpy_helper.from_array(w, "W")])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def _samples(y: np.ndarray | None):
+    from pipeline.backends.base import Samples
+
+    return Samples(np.zeros((len(y), 1), np.float32), y, [f"eval.npz:{i}" for i in range(len(y))], "")
+
+
+@pytest.mark.parametrize("bad", [-1, 10, 1000])
+def test_labels_outside_the_model_classes_refused(bad: int, tmp_path: Path) -> None:
+    from pipeline.spec import load_spec
+    from pipeline.stages.inputs import check_labels
+
+    _onnx_classifier(tmp_path / "m.onnx")
+    spec = load_spec(_write_spec(tmp_path, {"onnx": "m.onnx"}))
+    y = np.arange(8) % 10
+    check_labels(spec, np.zeros((8, 10), np.float32), {"evaluation": _samples(y)})  # in range: passes
+    y[3] = bad
+    with pytest.raises(InputFileError) as err:
+        check_labels(spec, np.zeros((8, 10), np.float32), {"evaluation": _samples(y)})
+    msg = str(err.value)
+    assert f"label {bad} of sample 'eval.npz:3'" in msg and "eval.npz" in msg and "0..9" in msg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("labels, words", [
+    (np.array([0, 1, 2, -1, 4, 5, 6, 7]), "label -1"),
+    (np.array([0, 1, 2, 10, 4, 5, 6, 7]), "label 10"),
+    (np.array([0, 1, 2, 0.5, 4, 5, 6, 7]), "integer class indices"),
+], ids=["negative", "too-large", "non-integer"])
+def test_cli_refuses_labels_outside_the_classes(labels: np.ndarray, words: str, tmp_path: Path) -> None:
+    _onnx_classifier(tmp_path / "m.onnx")
+    spec = _write_spec(tmp_path, {"onnx": "m.onnx"})
+    np.savez(tmp_path / "eval.npz", x=np.random.default_rng(2).normal(size=(8, *SHAPE[1:])).astype(np.float32),
+             y=labels)
+    proc = _edgeship_build(spec)
+    assert_one_error_line(proc, 2, "eval.npz", "evaluation.source", words)
+    assert not (tmp_path / "build" / "hostile" / "local" / "release").exists()
