@@ -76,7 +76,8 @@ def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | 
           log: Callable[[str], None] = print) -> BuildResult:
     """Run every build stage for ``target`` and write ``out_dir/release``."""
     from pipeline.stages.export import export_onnx, run_onnx
-    from pipeline.stages.inputs import check_disjoint, load_samples, model_identity, model_loader, state_hash
+    from pipeline.stages.inputs import (check_disjoint, check_labels, load_samples, model_identity, model_loader,
+                                         state_hash)
     from pipeline.stages.optimize import optimize_onnx
 
     cache = cache or Cache()
@@ -156,6 +157,7 @@ def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | 
     analysis = analyze_onnx(onnx_opt)
     reference_eval = run_onnx(onnx_opt, evals.x, batch, spec.input.name)
     reference_check = run_onnx(onnx_opt, check_x, batch, spec.input.name)
+    check_labels(spec, reference_eval, {"calibration": calib, "evaluation": evals})  # classes known now
     ref_metric = _reference_metric(spec, reference_eval, evals)
     log(f"{'fp32 reference':<24} {_fmt_metric(ref_metric)}")
 
