@@ -12,6 +12,7 @@ and SSH transports run the very same program, so the layout and its invariants l
     <root>/current -> releases/<id>          switched atomically (symlink + rename)
     <root>/history                           one line per switch: "<unix time> <id>"
     <root>/.lock, .lock.owner                the per-device deploy lock (see lock.py)
+    <root>/.edgeship-root                    the marker: this folder is edgeship's (``_claim``)
 
 Nothing here may import anything outside the standard library, and the code must stay compatible
 with the oldest device Python we support (3.9): no ``match``, no ``X | Y`` at runtime.
@@ -20,12 +21,21 @@ with the oldest device Python we support (3.9): no ``match``, no ``X | Y`` at ru
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
 
 SUMS = ".edgeship-sha256sums"
+MARKER = ".edgeship-root"
 _CHUNK = 1 << 20
+_RELEASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: An upload in progress: ``<release id>.<nonce>`` (``.damaged`` while a bad copy is replaced).
+_STAGING_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.[0-9a-f]{8}(\.damaged)?$")
+#: What edgeship itself writes at the top of a root (an unmarked root holding only these is an
+#: older edgeship's, claimed as is; anything else there is someone's data).
+_ROOT_ENTRIES = ("releases", "staging", "current", "current.tmp", "history", "history.tmp", ".lock",
+                 ".lock.owner", "venv", MARKER)
 
 
 def _sha256(path, sync=False):
@@ -64,11 +74,53 @@ def _history(root):
     return out
 
 
+def _is_release(releases, name):
+    """Only folders edgeship finalized are releases: a release id holding its verified list."""
+    return bool(_RELEASE_ID.match(name)) and os.path.isfile(os.path.join(releases, name, SUMS))
+
+
 def _releases(root):
     rel = os.path.join(root, "releases")
     if not os.path.isdir(rel):
         return []
-    return sorted(d for d in os.listdir(rel) if not d.startswith(".") and os.path.isdir(os.path.join(rel, d)))
+    return sorted(d for d in os.listdir(rel) if _is_release(rel, d))
+
+
+def _foreign(root):
+    """Entries of an unmarked ``root`` that edgeship did not write (sorted)."""
+    bad = [e for e in os.listdir(root) if e not in _ROOT_ENTRIES]
+    rel, stage, venv = (os.path.join(root, d) for d in ("releases", "staging", "venv"))
+    if os.path.isdir(rel):
+        bad += ["releases/" + d for d in os.listdir(rel) if d != ".staging" and not _is_release(rel, d)]
+    if os.path.isdir(stage):
+        bad += ["staging/" + d for d in os.listdir(stage) if not _STAGING_NAME.match(d)]
+    if os.path.lexists(venv) and not os.path.isfile(os.path.join(venv, "pyvenv.cfg")):
+        bad.append("venv")
+    return sorted(bad)
+
+
+def _claim(root):
+    """Make sure ``root`` is edgeship's before anything is written or deleted there.
+
+    A root carrying the marker is ours. A missing or empty one, or one holding only what an older
+    edgeship wrote, is claimed by writing the marker. Anything else is someone's folder (a
+    ``transport.root`` pointed at the wrong place): refused, so that no cleanup ever deletes a
+    file edgeship did not create. Returns None, or the reason for refusing.
+    """
+    if os.path.isfile(os.path.join(root, MARKER)):
+        return None
+    os.makedirs(root, exist_ok=True)
+    foreign = _foreign(root)
+    if foreign:
+        return "%s already holds files edgeship did not write (%s%s) and no %s marker" % (
+            root, ", ".join(foreign[:3]), " ..." if len(foreign) > 3 else "", MARKER)
+    path = os.path.join(root, MARKER)
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        fh.write("This folder is an edgeship release store; edgeship may delete anything in it.\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(path + ".tmp", path)
+    return None
 
 
 def _current(root):
@@ -200,7 +252,8 @@ def _staging_root(root):
         os.makedirs(chosen, exist_ok=True)
     if os.path.isdir(unused):
         for d in os.listdir(unused):
-            shutil.rmtree(os.path.join(unused, d), ignore_errors=True)
+            if _STAGING_NAME.match(d):
+                shutil.rmtree(os.path.join(unused, d), ignore_errors=True)
     return chosen
 
 
@@ -288,9 +341,10 @@ def op_prepare(a):
 
     # Only the newest staging folder of this release survives (it is resumed); staging folders of
     # other releases belong to abandoned deploys (we hold the lock) and only take space.
-    mine = [d for d in os.listdir(staging_root) if d.rsplit(".", 1)[0] == rid and "." in d]
+    names = [d for d in os.listdir(staging_root) if _STAGING_NAME.match(d)]
+    mine = [d for d in names if d.rsplit(".", 1)[0] == rid]
     mine.sort(key=lambda d: os.path.getmtime(os.path.join(staging_root, d)), reverse=True)
-    for d in os.listdir(staging_root):
+    for d in names:
         if not mine or d != mine[0]:
             shutil.rmtree(os.path.join(staging_root, d), ignore_errors=True)
     stage = os.path.join(staging_root, mine[0] if mine else "%s.%s" % (rid, a["nonce"]))
@@ -468,12 +522,22 @@ def op_verify(a):
     return {"ok": not bad, "release": rid, "bad": sorted(bad)}
 
 
-OPS = {"verify": op_verify, "list": op_list, "prepare": op_prepare, "finalize": op_finalize, "switch": op_switch}
+def op_claim(a):
+    """Claim the root (see ``_claim``); mutating ops do this themselves first."""
+    return {"ok": True}
+
+
+#: Operations that write or delete under the root: each claims it first.
+_MUTATING = ("claim", "prepare", "finalize", "switch")
+
+OPS = {"claim": op_claim, "verify": op_verify, "list": op_list, "prepare": op_prepare, "finalize": op_finalize, "switch": op_switch}
 
 
 def main(argv):
     op, args = argv[1], json.loads(argv[2])
-    sys.stdout.write(json.dumps(OPS[op](args)) + "\n")
+    refused = _claim(args["root"]) if op in _MUTATING else None
+    out = {"ok": False, "not_ours": refused} if refused else OPS[op](args)
+    sys.stdout.write(json.dumps(out) + "\n")
     return 0
 
 

@@ -132,9 +132,13 @@ class ReleaseStore:
         if r.rc != 0 or not lines:
             raise DeviceError(f"{self.ex.name}: release store '{name}' failed under {self.root}: {r.tail()}")
         try:
-            return json.loads(lines[-1])
+            out: dict[str, Any] = json.loads(lines[-1])
         except ValueError:
             raise DeviceError(f"{self.ex.name}: release store '{name}' printed no JSON: {lines[-1][:120]}") from None
+        if out.get("not_ours"):
+            raise DeviceError(f"{self.ex.name}: transport.root {out['not_ours']}; nothing was changed; point "
+                              "transport.root at an empty or new folder (edgeship claims it on first use)")
+        return out
 
     def state(self) -> dict[str, Any]:
         """``{"current", "previous", "releases", "details"}``."""

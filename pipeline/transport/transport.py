@@ -84,6 +84,7 @@ class Transport:
             yield self._lock  # re-entrant within one transport
             return
         ts = self.target.transport
+        self.store.op("claim", {})  # refuse someone else's folder before even the lock file lands there
         lk = DeviceLock(self.executor, self.root, self._helper_python, wait_s, ts.keepalive_s,
                         startup_s=ts.connect_timeout_s + 10.0)
         with lk:
