@@ -4,6 +4,7 @@ Each run's result is appended to ``<history>/<spec>/<target>.jsonl``. Besides ea
 a run regresses when its accuracy falls more than ``tolerance_pp`` below the last run of the same
 (device, backend, precision) that passed its gate ("last good"). A newer toolchain that quietly
 costs accuracy after quantization is therefore caught even while it stays inside the budget.
+Each pair leaves results.json, report.md and report.html in its folder; ``--junit`` one file over all.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def last_good(path: Path) -> dict[str, dict[str, Any]]:
     return good
 
 
-def regressions(results: dict[str, Any], good: dict[str, dict[str, Any]], tolerance_pp: float) -> list[str]:
-    found = []
+def regressions_by_run(results: dict[str, Any], good: dict[str, dict[str, Any]],
+                       tolerance_pp: float) -> dict[str, list[str]]:
+    """(device/run id) -> why that run regressed against its last good run (runs that did not: absent)."""
+    found: dict[str, list[str]] = {}
     for dev in results.get("devices", []):
         for row in dev.get("runs", []):
             key = f"{dev['device']}/{row['id']}"
@@ -48,17 +51,35 @@ def regressions(results: dict[str, Any], good: dict[str, dict[str, Any]], tolera
                 continue
             fall = prev["accuracy"] - row["accuracy"]
             if fall > tolerance_pp:
-                found.append(f"{key}: accuracy {row['accuracy']:.2f}% is {fall:.2f} pp below the last good "
-                             f"run ({prev['accuracy']:.2f}% on {prev.get('when')}), tolerance {tolerance_pp} pp")
+                found.setdefault(key, []).append(
+                    f"{key}: accuracy {row['accuracy']:.2f}% is {fall:.2f} pp below the last good "
+                    f"run ({prev['accuracy']:.2f}% on {prev.get('when')}), tolerance {tolerance_pp} pp")
     return found
 
 
-def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: Path, tolerance_pp: float,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Deploy each spec to each target; returns a summary with ``passed`` and per-pair outcomes."""
-    from pipeline.deploy import deploy
+def regressions(results: dict[str, Any], good: dict[str, dict[str, Any]], tolerance_pp: float) -> list[str]:
+    return [r for found in regressions_by_run(results, good, tolerance_pp).values() for r in found]
 
-    pairs = []
+
+def _mark_regressions(results: dict[str, Any], found: dict[str, list[str]]) -> None:
+    """Each run row carries its own regressions (the reports and the JUnit case show them)."""
+    for dev in results.get("devices", []):
+        for row in dev.get("runs", []):
+            row["regressions"] = found.get(f"{dev['device']}/{row['id']}", [])
+
+
+def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: Path, tolerance_pp: float,
+                log: Callable[[str], None] = print, junit: Path | None = None) -> dict[str, Any]:
+    """Deploy each spec to each target; returns a summary with ``passed`` and per-pair outcomes.
+
+    Each pair's folder (``out_root/<spec>/<target>``) gets results.json, report.md and
+    report.html; ``junit`` gets one JUnit file over every pair.
+    """
+    from pipeline.deploy import deploy
+    from pipeline.validate.junit import write_junit
+    from pipeline.validate.write import write_reports
+
+    pairs, documents = [], []
     for spec_path in specs:
         spec = load_spec(spec_path)
         for target_name in targets:
@@ -66,8 +87,9 @@ def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: 
             hist = history_file(history, spec.name, target.name)
             good = last_good(hist)
             log(f"nightly: {spec.name} on {target.name}")
+            out_dir = out_root / spec.name / target.name
             try:
-                results = deploy(spec, target, out_root / spec.name / target.name, log=log)
+                results = deploy(spec, target, out_dir, log=log)
                 error = None
             except EdgeshipError as exc:
                 results, error = None, str(exc)
@@ -77,7 +99,10 @@ def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: 
                 entry.update({"error": error, "devices": [], "gate": {"passed": False, "reasons": [error]}})
                 regress: list[str] = []
             else:
-                regress = regressions(results, good, tolerance_pp)
+                found = regressions_by_run(results, good, tolerance_pp)
+                regress = [r for rs in found.values() for r in rs]
+                _mark_regressions(results, found)
+                write_reports(results, out_dir)
                 entry.update({"release_id": results["release_id"], "reference": results["reference"],
                               "devices": [{"device": d["device"], "runs": d["runs"], "gate": d["gate"],
                                            "error": d.get("error")} for d in results["devices"]],
@@ -87,6 +112,9 @@ def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: 
             hist.parent.mkdir(parents=True, exist_ok=True)
             with open(hist, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(entry, default=str) + "\n")
+            documents.append(results if results is not None else entry)
             pairs.append({"spec": spec.name, "target": target.name, "passed": entry["passed"],
                           "reasons": entry["gate"]["reasons"] + regress, "history": str(hist)})
+    if junit is not None:
+        write_junit(junit, documents)
     return {"passed": all(p["passed"] for p in pairs) and bool(pairs), "pairs": pairs}

@@ -173,10 +173,13 @@ def _header(results: dict[str, Any]) -> str:
 
 def _verdict(results: dict[str, Any]) -> str:
     gate = results.get("gate") or {}
+    regressed = [str(r) for _, row in _runs(results) for r in row.get("regressions") or []]
+    extra = ("<h3 class=\"fail\">regressions</h3><ul>" + "".join(f"<li>{escape(r)}</li>" for r in regressed)
+             + "</ul>") if regressed else ""
     if gate.get("passed"):
-        return '<h2 class="pass">gate: PASSED</h2>'
+        return '<h2 class="pass">gate: PASSED</h2>' + extra
     items = "".join(f"<li>{escape(str(r))}</li>" for r in gate.get("reasons") or [])
-    return f'<h2 class="fail">gate: FAILED</h2><ul>{items}</ul>'
+    return f'<h2 class="fail">gate: FAILED</h2><ul>{items}</ul>' + extra
 
 
 def _devices(results: dict[str, Any]) -> str:

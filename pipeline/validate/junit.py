@@ -2,18 +2,16 @@
 
 One ``<testsuite>`` per results document (a spec on a target), one ``<testcase>`` per device x
 backend x precision. A run that fails its gate is a ``<failure>`` carrying the gate's reasons
-(a failure on the device included: decisions.md counts it as a failed gate); a device that could
-not be measured at all is one ``<error>`` case, as it is an environment failure, not a verdict.
+(a failure on the device included: decisions.md counts it as a failed gate) and the run's
+``regressions`` (the nightly's, against the last good run); a device that could not be measured at
+all is one ``<error>`` case, as it is an environment failure, not a verdict.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Mapping, Sequence
-
-# Extra reasons per run, keyed "<device>/<run id>" (e.g. the nightly's regressions).
-Extra = Mapping[str, Sequence[str]]
+from typing import Any, Sequence
 
 
 def _summary(row: dict[str, Any]) -> str:
@@ -27,12 +25,12 @@ def _summary(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _run_case(suite: ET.Element, classname: str, device: str, row: dict[str, Any], extra: Extra) -> bool:
+def _run_case(suite: ET.Element, classname: str, row: dict[str, Any]) -> bool:
     """Append one run's test case; True when it failed."""
     case = ET.SubElement(suite, "testcase", classname=classname, name=f"{row['backend']} {row['precision']}")
     reasons = list((row.get("gate") or {}).get("reasons") or [])
     passed = bool((row.get("gate") or {}).get("passed"))
-    reasons += list(extra.get(f"{device}/{row['id']}", ()))
+    reasons += list(row.get("regressions") or [])
     if not passed and not reasons:
         reasons = [f"{row['id']}: gate failed"]
     if reasons:
@@ -42,7 +40,7 @@ def _run_case(suite: ET.Element, classname: str, device: str, row: dict[str, Any
     return bool(reasons)
 
 
-def _suite(root: ET.Element, results: dict[str, Any], extra: Extra) -> None:
+def _suite(root: ET.Element, results: dict[str, Any]) -> None:
     spec, target = results.get("spec", "?"), results.get("target", "?")
     suite = ET.SubElement(root, "testsuite", name=f"{spec} on {target}")
     tests = failures = errors = 0
@@ -56,7 +54,7 @@ def _suite(root: ET.Element, results: dict[str, Any], extra: Extra) -> None:
             continue
         for row in dev.get("runs", []):
             tests += 1
-            failures += _run_case(suite, classname, device, row, extra)
+            failures += _run_case(suite, classname, row)
     if results.get("error") and not results.get("devices"):  # nothing reached a device (build error)
         case = ET.SubElement(suite, "testcase", classname=f"edgeship.{spec}.{target}", name="build")
         ET.SubElement(case, "error", message=str(results["error"]), type="build").text = str(results["error"])
@@ -68,18 +66,18 @@ def _suite(root: ET.Element, results: dict[str, Any], extra: Extra) -> None:
         suite.set("time", str(results["deploy_seconds"]))
 
 
-def junit_xml(documents: Sequence[dict[str, Any]], extra: Extra | None = None) -> str:
+def junit_xml(documents: Sequence[dict[str, Any]]) -> str:
     """The JUnit XML text for one or more results documents."""
     root = ET.Element("testsuites", name="edgeship")
     for results in documents:
-        _suite(root, results, extra or {})
+        _suite(root, results)
     for key in ("tests", "failures", "errors"):
         root.set(key, str(sum(int(s.get(key, "0")) for s in root)))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
 
-def write_junit(path: Path, documents: Sequence[dict[str, Any]], extra: Extra | None = None) -> Path:
+def write_junit(path: Path, documents: Sequence[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(junit_xml(documents, extra), encoding="utf-8")
+    path.write_text(junit_xml(documents), encoding="utf-8")
     return path

@@ -39,12 +39,21 @@ def test_junit_counts_and_gate_reasons(tmp_path: Path) -> None:
     assert "accuracy 96.5" in out and "drop 1.5 pp" in out
 
 
-def test_junit_extra_reasons_and_several_documents() -> None:
+def test_junit_regressions_and_several_documents() -> None:
     ok = results([("local", [row("ncnn", "int8", 97.9)])])
+    assert ET.fromstring(junit_xml([ok]).split("\n", 1)[1]).get("failures") == "0"
     # the nightly's regression of a run that passed its own gate still fails its case
-    extra = {"local/ncnn-int8": ["local/ncnn-int8: p50 30.2 % slower than the baseline"]}
-    root = ET.fromstring(junit_xml([ok, ok], extra).split("\n", 1)[1])
+    ok["devices"][0]["runs"][0]["regressions"] = ["local/ncnn-int8: p50 30.2 % slower than the baseline"]
+    root = ET.fromstring(junit_xml([ok, ok]).split("\n", 1)[1])
     assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("2", "2", "0")
     messages = [f.get("message") for f in root.iter("failure")]
     assert messages == ["local/ncnn-int8: p50 30.2 % slower than the baseline"] * 2
-    assert ET.fromstring(junit_xml([ok]).split("\n", 1)[1]).get("failures") == "0"
+
+
+def test_junit_build_error_is_an_error_case() -> None:
+    # a nightly pair whose deploy raised before any device was measured
+    entry = {"spec": "mnist-cnn", "target": "lab", "error": "model.onnx: not an ONNX file", "devices": []}
+    root = ET.fromstring(junit_xml([entry]).split("\n", 1)[1])
+    assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("1", "0", "1")
+    err = root.find("testsuite/testcase[@name='build']/error")
+    assert err is not None and err.get("message") == "model.onnx: not an ONNX file"

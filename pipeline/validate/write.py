@@ -1,0 +1,24 @@
+"""The files every deploy, validate and nightly pair leaves in its output folder.
+
+``results.json`` (machine-readable), ``report.md`` and ``report.html`` (people), written the same
+way by the CLI and the nightly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_reports(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write results.json, report.md and report.html into ``out_dir``; returns their paths."""
+    from pipeline.validate.html import load_timings, write_html
+    from pipeline.validate.report import markdown
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "results.json", out_dir / "report.md"]
+    written[0].write_text(json.dumps(results, indent=1, default=str) + "\n")
+    written[1].write_text(markdown(results))
+    written.append(write_html(out_dir / "report.html", results, load_timings(results, out_dir)))
+    return written
