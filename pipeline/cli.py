@@ -32,6 +32,8 @@ out_console = Console() if Console().is_terminal else Console(width=200)
 SPEC_OPT = typer.Option(..., "--spec", "-s", help="pipeline spec (YAML)")
 TARGET_OPT = typer.Option("local", "--target", "-t", help="target name (targets/NAME.yaml) or file")
 OUT_OPT = typer.Option(None, "--out", "-o", help="output folder (default build/<spec>/<target>)")
+JUNIT_OPT = typer.Option(None, "--junit", help="write JUnit XML here: one test case per device x backend x "
+                         "precision, failures carrying the gate's reasons")
 
 
 def _version(value: bool) -> None:
@@ -74,12 +76,14 @@ def build(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] =
     out_console.print(f"release {result.release_id[:12]} -> {result.release_dir}")
 
 
-def _finish(results: dict[str, Any], json_out: Optional[Path], out_dir: Path) -> None:
-    from pipeline.validate.report import markdown, print_report
+def _finish(results: dict[str, Any], json_out: Optional[Path], out_dir: Path, junit: Optional[Path] = None) -> None:
+    from pipeline.validate.junit import write_junit
+    from pipeline.validate.report import print_report
+    from pipeline.validate.write import write_reports
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    (out_dir / "report.md").write_text(markdown(results))
+    write_reports(results, out_dir)  # results.json, report.md, report.html
+    if junit:
+        write_junit(junit, [results])
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=1, default=str) + "\n")
@@ -98,26 +102,28 @@ def _finish(results: dict[str, Any], json_out: Optional[Path], out_dir: Path) ->
 def deploy(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] = OUT_OPT,
            json_out: Optional[Path] = typer.Option(None, "--json", help="write machine-readable results here"),
            host: Optional[list[str]] = typer.Option(None, "--host", help="only these hosts of the target"),
-           no_rollback: bool = typer.Option(False, "--no-rollback", help="keep a release that fails the gate")) -> None:
+           no_rollback: bool = typer.Option(False, "--no-rollback", help="keep a release that fails the gate"),
+           junit: Optional[Path] = JUNIT_OPT) -> None:
     """Build, ship to the target's devices, measure there, gate (exit 3 when the gate fails)."""
     from pipeline.deploy import deploy as run_deploy
 
     s, t = _load(spec, target)
     out_dir = _out(out, s, t)
     results = run_deploy(s, t, out_dir, hosts=host, rollback_on_fail=not no_rollback, log=_log)
-    _finish(results, json_out, out_dir)
+    _finish(results, json_out, out_dir, junit)
 
 
 @app.command()
 def validate(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] = OUT_OPT,
              json_out: Optional[Path] = typer.Option(None, "--json", help="write machine-readable results here"),
-             host: Optional[list[str]] = typer.Option(None, "--host")) -> None:
+             host: Optional[list[str]] = typer.Option(None, "--host"),
+             junit: Optional[Path] = JUNIT_OPT) -> None:
     """Re-measure the release deployed on the target's devices now and gate it (no build, no upload)."""
     from pipeline.deploy import validate_current
 
     s, t = _load(spec, target)
     out_dir = _out(out, s, t)
-    _finish(validate_current(s, t, out_dir, hosts=host, log=_log), json_out, out_dir)
+    _finish(validate_current(s, t, out_dir, hosts=host, log=_log), json_out, out_dir, junit)
 
 
 @app.command()
@@ -145,13 +151,14 @@ def nightly(spec: Optional[list[Path]] = typer.Option(None, "--spec", "-s", help
             out: Path = typer.Option(Path("build/nightly"), "--out", "-o"),
             history: Path = typer.Option(Path("build/history"), "--history", help="where the history is kept"),
             tolerance_pp: float = typer.Option(0.5, "--tolerance-pp",
-                                               help="allowed fall below the last good run, pp")) -> None:
+                                               help="allowed fall below the last good run, pp"),
+            junit: Optional[Path] = JUNIT_OPT) -> None:
     """Deploy every spec to every target, append to the history, fail on gate failures or regressions."""
     from pipeline.nightly import run_nightly
     from pipeline.spec import project_root
 
     specs = spec or [project_root() / "examples" / "mnist.yaml", project_root() / "examples" / "efficientnet_lite0.yaml"]
-    summary = run_nightly(specs, target or ["local"], out, history, tolerance_pp, log=_log)
+    summary = run_nightly(specs, target or ["local"], out, history, tolerance_pp, log=_log, junit=junit)
     for pair in summary["pairs"]:
         mark = "[green]pass[/green]" if pair["passed"] else "[red]FAIL[/red]"
         out_console.print(f"{pair['spec']:<20} {pair['target']:<12} {mark}")
