@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibration import CalibrationConfig, CalibrationSet, check_overlap, quantize_onnx  # noqa: E402
+from calibration.config import METHODS  # noqa: E402
 from calibration.metrics import fidelity  # noqa: E402
 from calibration.runtime import make_session, predict  # noqa: E402
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
 #: holdout budget for auto+fallback: MNIST accuracy drop; EfficientNet top-1 disagreement on
 #: the 20 % holdout of its (small) calibration set
 BUDGETS = {"mnist": 0.3, "effnet": 5.0}

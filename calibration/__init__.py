@@ -18,10 +18,11 @@ from calibration.errors import CalibrationConfigError, CalibrationDataError, Cal
 
 if TYPE_CHECKING:
     from calibration.api import build_plan, quantize_onnx
-    from calibration.config import CalibrationConfig, CalibrationReport
+    from calibration.config import CalibrationConfig
     from calibration.data import CalibrationSet, ImagePreprocess, check_overlap
     from calibration.debug import per_layer_sqnr
     from calibration.observers import compute_ranges, qparams, weight_qparams
+    from calibration.search import SearchReport, search
     from calibration.stats import Statistics, collect_statistics
 
 # name -> module; resolved on first attribute access (PEP 562) so nothing heavy loads early
@@ -30,7 +31,8 @@ _LAZY = {
     "ImagePreprocess": "calibration.data",
     "check_overlap": "calibration.data",
     "CalibrationConfig": "calibration.config",
-    "CalibrationReport": "calibration.config",
+    "SearchReport": "calibration.search",
+    "search": "calibration.search",
     "collect_statistics": "calibration.stats",
     "Statistics": "calibration.stats",
     "compute_ranges": "calibration.observers",

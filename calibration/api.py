@@ -1,16 +1,14 @@
-"""``quantize_onnx``: calibrate once, pick the method on a holdout, fall back where needed.
+"""``quantize_onnx``: the QDQ candidate builder and the library entry point around the one search.
 
 Flow (every step after the statistics works from the cached statistics, never re-running the
 calibration pass):
 
 1. split the calibration set into fit / holdout (seeded); the evaluation set is never seen;
 2. collect activation statistics on the fit part (cached by model, data and options);
-3. for each candidate method, build the plan, write the real QDQ model and score it on the
-   holdout against fp32 (output SQNR, top-1 agreement, accuracy with labels);
-4. keep the best by holdout SQNR (continuous, so meaningful on a small holdout);
-5. with a ``max_drop_pp`` budget that is not met, rank layers by sensitivity and keep the
-   fewest most-sensitive layers in float that meet it, each candidate checked for real;
-6. write the final model, verify its scales, and measure the per-tensor SQNR table.
+3. :func:`calibration.search.search` over :class:`QdqBuilder`: each method's plan is written as
+   a real QDQ model and scored on the holdout against fp32 ONNX Runtime; the fallback ranks
+   layers with the gated fake-quant model and checks each float set with the real QDQ model;
+4. write the chosen model, verify its scales, and measure the per-tensor SQNR table.
 """
 
 from __future__ import annotations
@@ -18,17 +16,18 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from calibration.config import CalibrationConfig, CalibrationReport
+from calibration.config import CalibrationConfig, resolve_methods
 from calibration.data import CalibrationSet
 from calibration.errors import CalibrationError
-from calibration.observers import METHODS
 from calibration.plan import QuantPlan, make_plan
-
+from calibration.search import Arrays, Holdout, Metric, Ranking, SearchOptions, SearchReport, default_metric, first, search
+from calibration.stats import Statistics
 
 #: holdout samples used to rank layer sensitivity (the fallback itself is checked on all)
 SENSITIVITY_SAMPLES = 16
@@ -48,10 +47,100 @@ def _prepare(model_fp32: Path, work: Path) -> tuple[Path, Any]:
     return Path(model_fp32), model
 
 
-def _write(
-    src: Path, model: Any, out: Path, plan: QuantPlan, cfg: CalibrationConfig, exclude: list[str]
-) -> tuple[Path, list[str]]:
-    """Write the QDQ model; return it and the tensors whose written scale is not the plan's."""
+def run_onnx(path: Path | bytes, x: Arrays, cfg: CalibrationConfig) -> Arrays:
+    """Every output of an ONNX model on ``x``, batched (``cfg.batch_size``, padded for a fixed batch)."""
+    from calibration.runtime import make_session, run_batches
+
+    session = make_session(path, threads=cfg.threads)
+    names = [o.name for o in session.get_outputs()]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for _, outs in run_batches(session, first(x), cfg.batch_size, names):
+        for n, o in zip(names, outs):
+            parts[n].append(o)
+    return {n: np.concatenate(p).astype(np.float32, copy=False) for n, p in parts.items()}
+
+
+@dataclass
+class QdqCandidate:
+    """A written QDQ model: the plan of ``method`` with ``float_layers`` left in float."""
+
+    method: str
+    float_layers: tuple[str, ...]
+    path: Path
+    plan: QuantPlan
+    cfg: CalibrationConfig
+    mismatches: list[str] = field(default_factory=list)
+
+    def run(self, x: Arrays) -> Arrays:
+        return run_onnx(self.path, x, self.cfg)
+
+    def save(self, output: Path) -> None:
+        """Copy the model to ``output`` (checked against TensorRT's rules for that target)."""
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.path, output)
+        if self.cfg.target == "tensorrt":
+            from calibration.writers.tensorrt import check_tensorrt_rules
+
+            check_tensorrt_rules(output)  # symmetric int8, zero point 0, output-axis channels
+
+    def write(self, workdir: Path) -> list[str]:
+        self.save(Path(workdir) / "model.onnx")
+        return ["model.onnx"]
+
+    def notes(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"format": "QDQ ONNX", "target": cfg.target, "per_channel": cfg.per_channel,
+                "activation_mode": "symmetric" if self.plan.symmetric else "asymmetric",
+                "scale_mismatches": self.mismatches, "bias_corrected": sorted(self.plan.bias),
+                "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in self.plan.ranges.items()}}
+
+
+class QdqBuilder:
+    """QDQ candidates (ONNX Runtime, TensorRT) from one set of statistics: a plan per method,
+    computed once; each candidate is a real QDQ model written by ``writers.qdq``."""
+
+    def __init__(self, src: Path, model: Any, stats: Statistics, cfg: CalibrationConfig, work: Path) -> None:
+        from calibration.graph import weighted_layers
+
+        self.src, self.model, self.stats, self.cfg, self.work = src, model, stats, cfg, work
+        self.layers = weighted_layers(model)
+        self.plans: dict[str, QuantPlan] = {}
+        self.count = 0
+
+    def plan(self, method: str) -> QuantPlan:
+        if method not in self.plans:
+            c = self.cfg
+            self.plans[method] = make_plan(self.model, self.stats, self.layers, method, c.symmetric, c.per_channel,
+                                           c.percentile, c.bias_correction)
+        return self.plans[method]
+
+    def candidate(self, method: str, float_layers: Sequence[str]) -> QdqCandidate:
+        self.count += 1
+        path = self.work / f"{method}_{self.count}.onnx"
+        plan = self.plan(method)
+        mismatches = write_qdq_model(self.src, self.model, path, plan, self.cfg, list(float_layers))
+        return QdqCandidate(method, tuple(float_layers), path, plan, self.cfg, mismatches)
+
+    def rank(self, method: str, holdout: Holdout, reference: Arrays) -> Ranking:
+        """Leave-one-out on the gated fake-quant model (one session for every layer set)."""
+        from calibration.sensitivity import layer_sensitivity, only_layer_sqnr
+        from calibration.simulate import build_gated_model
+
+        if not self.layers:
+            raise CalibrationError("the model has no quantizable weighted layers; nothing to fall back")
+        plan = self.plan(method)
+        gated = build_gated_model(self.model, self.layers, plan.acts, plan.weights, self.cfg.threads, plan.bias)
+        # a bounded subset of the holdout keeps the ranking fast on big models
+        k = min(len(holdout), SENSITIVITY_SAMPLES)
+        x, ref = first(holdout.x)[:k], first(reference)[:k]
+        labels = None if holdout.labels is None else holdout.labels[:k]
+        ranked = layer_sensitivity(gated, x, ref, labels, tie_margin=self.cfg.tie_margin)
+        return Ranking(ranked, solo_sqnr=lambda name: only_layer_sqnr(gated, x, ref, name))
+
+
+def write_qdq_model(src: Path, model: Any, out: Path, plan: QuantPlan, cfg: CalibrationConfig,
+                    exclude: list[str]) -> list[str]:
+    """Write the QDQ model; return the tensors whose written scale is not the plan's."""
     import onnx
 
     from calibration.plan import corrected_model, float_tensors_for
@@ -63,27 +152,10 @@ def _write(
         qsrc = out.with_name(out.stem + "_fp32_corrected.onnx")
         onnx.save(corrected_model(model, plan, exclude), str(qsrc))
     drop = float_tensors_for(model, exclude) if exclude else set()
-    res = write_qdq(
-        qsrc,
-        out,
-        plan.ranges,
-        plan.acts,
-        plan.weights,
-        symmetric=plan.symmetric,
-        per_channel=cfg.per_channel,
-        nodes_to_exclude=exclude,
-        quantize_bias=cfg.target != "tensorrt",
-        float_tensors=drop,
-    )
-    return res.path, res.mismatches
-
-
-def _score(path: Path, hold: CalibrationSet, ref: np.ndarray, cfg: CalibrationConfig) -> dict[str, float]:
-    from calibration.metrics import fidelity
-    from calibration.runtime import make_session, predict
-
-    out = predict(make_session(path, threads=cfg.threads), hold.samples, cfg.batch_size)
-    return {k: round(v, 4) for k, v in fidelity(ref, out, hold.labels, cfg.tie_margin).items()}
+    res = write_qdq(qsrc, out, plan.ranges, plan.acts, plan.weights, symmetric=plan.symmetric,
+                    per_channel=cfg.per_channel, nodes_to_exclude=exclude, quantize_bias=cfg.target != "tensorrt",
+                    float_tensors=drop)
+    return res.mismatches
 
 
 def quantize_onnx(
@@ -92,7 +164,8 @@ def quantize_onnx(
     calib: CalibrationSet,
     cfg: CalibrationConfig | None = None,
     cache_dir: Path | None = None,
-) -> CalibrationReport:
+    metric: Metric | None = None,
+) -> SearchReport:
     """Calibrate ``model_fp32`` on ``calib`` and write an INT8 QDQ model to ``output``.
 
     Args:
@@ -102,132 +175,47 @@ def quantize_onnx(
         calib: the calibration set (never the evaluation set).
         cfg: options; defaults to ``CalibrationConfig()`` (auto method, per-channel weights).
         cache_dir: statistics cache; None disables caching.
+        metric: what the search scores and budgets (default: accuracy with labels, else top-1
+            agreement with fp32 within ``cfg.tie_margin``).
 
     Returns:
-        The report: chosen method and why, per-method holdout scores, fallback layers, budget
-        verdict, holdout metrics, per-tensor SQNR, ranges.
+        The search report; ``notes`` holds the QDQ facts (ranges, scale mismatches, corrected
+        biases, activation mode).
 
     Raises:
         CalibrationDataError: unusable calibration data.
         CalibrationError: the model cannot be calibrated or quantized.
     """
     from calibration.debug import per_layer_sqnr
-    from calibration.graph import weighted_layers
-    from calibration.runtime import make_session, predict
-    from calibration.stats import collect_statistics
 
     cfg = cfg or CalibrationConfig()
     t0 = time.perf_counter()
-    output = Path(output)
     fit, hold = calib.split(cfg.holdout_fraction, cfg.seed)
     with tempfile.TemporaryDirectory(prefix="edgeship-calib-") as tmp_name:
-        work = Path(tmp_name)
-        src, model = _prepare(Path(model_fp32), work)
-        stats = collect_statistics(src, fit, cache_dir, cfg.bins, cfg.batch_size, cfg.threads)
-        layers = weighted_layers(model)
-        ref = predict(make_session(src, threads=cfg.threads), hold.samples, cfg.batch_size)
-        sym = cfg.symmetric
-
-        methods = list(METHODS) if cfg.method == "auto" else [cfg.method]
-        plans: dict[str, QuantPlan] = {}
-        scores: dict[str, dict[str, float]] = {}
-        mismatches: dict[str, list[str]] = {}
-        for m in methods:
-            plans[m] = make_plan(model, stats, layers, m, sym, cfg.per_channel, cfg.percentile, cfg.bias_correction)
-            path, mismatches[m] = _write(src, model, work / f"{m}.onnx", plans[m], cfg, [])
-            scores[m] = _score(path, hold, ref, cfg)
-        best = max(methods, key=lambda m: (scores[m]["sqnr_db"], scores[m]["top1_agreement"]))
-        if len(methods) > 1:
-            others = ", ".join(f"{m} {scores[m]['sqnr_db']:.2f}" for m in methods if m != best)
-            reason = (
-                f"{best}: highest holdout output SQNR ({scores[best]['sqnr_db']:.2f} dB vs {others}) "
-                f"on {len(hold)} held-out calibration samples; top-1 agreement "
-                f"{scores[best]['top1_agreement']:.2f}%"
-            )
-        else:
-            reason = f"{best}: requested explicitly"
-        plan = plans[best]
-        final = work / f"{best}.onnx"
-        metrics = scores[best]
-
-        report = CalibrationReport(
-            method=best,
-            method_scores=scores,
-            reason=reason,
-            activation_mode="symmetric" if sym else "asymmetric",
-            per_channel=cfg.per_channel,
-            target=cfg.target,
-            stats_cache_hit=stats.cache_hit,
-            scale_mismatches=mismatches[best],
-            bias_corrected=sorted(plan.bias),
-        )
-        if cfg.max_drop_pp is not None:
-            report.budget_met = metrics["drop_pp"] <= cfg.max_drop_pp
-            if not report.budget_met and cfg.fallback:
-                final, metrics = _fallback(src, model, work, plan, layers, hold, ref, cfg, metrics, report)
-            elif not report.budget_met:
-                from calibration.sensitivity import budget_reason
-
-                report.budget_reason = budget_reason(metrics["drop_pp"], cfg.max_drop_pp, fallback=False)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(final, output)
-        if cfg.target == "tensorrt":
-            from calibration.writers.tensorrt import check_tensorrt_rules
-
-            check_tensorrt_rules(output)  # symmetric int8, zero point 0, output-axis channels
-        report.holdout = metrics
-        report.per_layer_sqnr = per_layer_sqnr(src, output, hold.samples, cfg.batch_size, cfg.threads)
-        report.ranges = plan.ranges
-        report.output = str(output)
+        builder = qdq_builder(Path(model_fp32), fit, cfg, cache_dir, Path(tmp_name))
+        holdout = Holdout({"input": hold.samples}, hold.labels)
+        reference = run_onnx(builder.src, holdout.x, cfg)
+        options = SearchOptions(resolve_methods(cfg.method), cfg.max_drop_pp, cfg.fallback, cfg.max_fallback_layers)
+        found = search(builder, holdout, reference, options, metric or default_metric(hold.labels is not None,
+                                                                                     cfg.tie_margin))
+        found.candidate.save(Path(output))
+        report = found.report
+        report.notes = {**found.candidate.notes(), "output": str(output)}
+        report.per_layer_sqnr = per_layer_sqnr(builder.src, Path(output), hold.samples, cfg.batch_size, cfg.threads)
+    report.stats_cache_hit = builder.stats.cache_hit
+    report.calibration_samples = len(fit)
     report.calibration_time_s = round(time.perf_counter() - t0, 3)
     return report
 
 
-def _fallback(
-    src: Path,
-    model: Any,
-    work: Path,
-    plan: QuantPlan,
-    layers: list,
-    hold: CalibrationSet,
-    ref: np.ndarray,
-    cfg: CalibrationConfig,
-    metrics: dict[str, float],
-    report: CalibrationReport,
-) -> tuple[Path, dict[str, float]]:
-    """Run sensitivity + fallback; fill the report; return the final model and its metrics."""
-    from calibration.sensitivity import choose_fallback, layer_sensitivity, only_layer_sqnr
-    from calibration.simulate import build_gated_model
+def qdq_builder(model_fp32: Path, fit: CalibrationSet, cfg: CalibrationConfig, cache_dir: Path | None,
+                work: Path) -> QdqBuilder:
+    """The QDQ builder on ``fit``'s statistics (collected once, cached by model and data)."""
+    from calibration.stats import collect_statistics
 
-    if not layers:
-        raise CalibrationError("the model has no quantizable weighted layers; nothing to fall back")
-    gated = build_gated_model(model, layers, plan.acts, plan.weights, cfg.threads, plan.bias)
-    # sensitivity ranks layers; a bounded subset of the holdout keeps it fast on big models
-    k = min(len(hold), SENSITIVITY_SAMPLES)
-    ranked = layer_sensitivity(gated, hold.samples[:k], ref[:k], None if hold.labels is None else hold.labels[:k],
-                              tie_margin=cfg.tie_margin)
-    paths: dict[tuple[str, ...], Path] = {}
-
-    def evaluate(names: list[str]) -> dict[str, float]:
-        path = work / f"fallback_{len(paths)}.onnx"
-        _write(src, model, path, plan, cfg, names)  # mismatches: same plan, already reported
-        paths[tuple(names)] = path
-        return _score(path, hold, ref, cfg)
-
-    budget = float(cfg.max_drop_pp if cfg.max_drop_pp is not None else 0.0)
-    result = choose_fallback(ranked, evaluate, metrics, budget, cfg.max_fallback_layers)
-    for layer in result.layers:
-        layer.sqnr_db = round(only_layer_sqnr(gated, hold.samples[:k], ref[:k], layer.name), 3)
-    report.fallback_layers = result.layers
-    report.budget_met = result.budget_met
-    report.budget_reason = result.reason
-    if not result.budget_met and result.tried:
-        report.budget_reason += "; tried " + ", ".join(f"{k} layer(s): {d:.2f} pp" for k, d in result.tried)
-    # the shipped model is the last candidate checked, so the listed layers are the ones in it
-    key = tuple(layer.name for layer in result.layers)
-    if key in paths:
-        return paths[key], result.metrics
-    return work / f"{plan.method}.onnx", metrics
+    src, model = _prepare(model_fp32, work)
+    stats = collect_statistics(src, fit, cache_dir, cfg.bins, cfg.batch_size, cfg.threads)
+    return QdqBuilder(src, model, stats, cfg, work)
 
 
 def build_plan(
@@ -250,14 +238,8 @@ def build_plan(
         cfg: the same config (split, activation mode, per-channel).
         cache_dir: the same statistics cache.
     """
-    from calibration.graph import weighted_layers
-    from calibration.stats import collect_statistics
-
     cfg = cfg or CalibrationConfig()
     fit, _ = calib.split(cfg.holdout_fraction, cfg.seed)
     with tempfile.TemporaryDirectory(prefix="edgeship-plan-") as tmp:
-        src, model = _prepare(Path(model_fp32), Path(tmp))  # as quantize_onnx: same model sha, same cache entry
-        stats = collect_statistics(src, fit, cache_dir, cfg.bins, cfg.batch_size, cfg.threads)
-    return make_plan(
-        model, stats, weighted_layers(model), method, cfg.symmetric, cfg.per_channel, cfg.percentile, cfg.bias_correction
-    )
+        # as quantize_onnx: same prepared model, same model sha, same cache entry
+        return qdq_builder(Path(model_fp32), fit, cfg, cache_dir, Path(tmp)).plan(method)

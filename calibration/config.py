@@ -1,4 +1,4 @@
-"""Calibration options and the report every calibration run returns."""
+"""Calibration options, the method names, and one fallback layer of the report (calibration.search)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Any
 
 from calibration.errors import CalibrationConfigError
 
-METHOD_CHOICES = ("auto", "minmax", "percentile", "entropy", "mse")
+#: the range observers (calibration.observers); "auto" tries every one on the holdout
+METHODS = ("minmax", "percentile", "entropy", "mse")
+METHOD_CHOICES = ("auto", *METHODS)
 TARGETS = ("onnxruntime", "tensorrt")
 
 
@@ -93,6 +95,15 @@ class CalibrationConfig:
         return asdict(self)
 
 
+def resolve_methods(method: str) -> tuple[str, ...]:
+    """The methods a search tries: every observer for "auto", else the one named."""
+    if method == "auto":
+        return METHODS
+    if method not in METHODS:
+        raise CalibrationConfigError(f"method {method!r} unknown; choose one of {', '.join(METHOD_CHOICES)}")
+    return (method,)
+
+
 @dataclass
 class FallbackLayer:
     """One layer kept in float by the accuracy-aware fallback.
@@ -112,55 +123,3 @@ class FallbackLayer:
     sqnr_db: float
     saved_pp: float
     saved_db: float
-
-
-@dataclass
-class CalibrationReport:
-    """What one calibration run chose and measured (all holdout metrics are vs fp32).
-
-    Attributes:
-        method: the observer used for the written model.
-        method_scores: per method tried: holdout sqnr_db, top1_agreement (%), accuracy (%).
-        reason: one sentence on why ``method`` was chosen.
-        activation_mode: "symmetric" or "asymmetric".
-        per_channel: weights per output channel.
-        target: "onnxruntime" or "tensorrt".
-        fallback_layers: layers kept in float, most sensitive first.
-        budget_met: True/False against ``max_drop_pp``; None if there was no budget.
-        budget_reason: why the budget could not be met (empty if met).
-        holdout: final model on the holdout: top1_agreement, sqnr_db, drop_pp (and
-            accuracy, fp32_accuracy with labels), n.
-        calibration_time_s: wall time of the whole run.
-        stats_cache_hit: the activation statistics came from the cache (no model run).
-        per_layer_sqnr: per tensor SQNR of the final quantized model vs fp32 on the holdout.
-        ranges: tensor -> (lo, hi) of the chosen method.
-        output: path of the written model.
-        scale_mismatches: activations whose scale in the written model differs from the
-            computed one (ONNX Runtime rules the plan did not foresee); empty when every
-            backend gets exactly the same scales.
-        bias_corrected: bias initializers whose values the written model corrects.
-    """
-
-    method: str
-    method_scores: dict[str, dict[str, float]]
-    reason: str
-    activation_mode: str
-    per_channel: bool
-    target: str
-    fallback_layers: list[FallbackLayer] = field(default_factory=list)
-    budget_met: bool | None = None
-    budget_reason: str = ""
-    holdout: dict[str, float] = field(default_factory=dict)
-    calibration_time_s: float = 0.0
-    stats_cache_hit: bool = False
-    per_layer_sqnr: list[dict[str, Any]] = field(default_factory=list)
-    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    output: str = ""
-    scale_mismatches: list[str] = field(default_factory=list)
-    bias_corrected: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (floats rounded for reading; ranges as [lo, hi] lists)."""
-        d = asdict(self)
-        d["ranges"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.ranges.items()}
-        return d

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from calibration.config import METHODS
 from calibration.errors import CalibrationConfigError
 from calibration.stats import Statistics, TensorStats
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
 INT8_SYM_MAX = 127  # symmetric int8 uses [-127, 127] so that zero point 0 is exact (TensorRT)
 UINT8_MAX = 255
 SPIKE_SHARE = 0.05  # a histogram bin with more than this share of the mass is a "spike"

@@ -3,6 +3,15 @@
 A backend turns the optimized fp32 ONNX model (or, for TFLite, the PyTorch model) into the
 artifact its runtime loads, at one precision. It never edits its inputs and writes only under
 ``ctx.workdir``. The device-side half of a backend is its runner in ``pipeline/agent/runners``.
+
+INT8: a backend brings only a *candidate builder* (``CandidateBuilder``), never a search of its
+own. ``candidate(method, float_layers) -> Candidate`` builds the INT8 model of one range method
+with some layers kept float, in the backend's format (``run(x)`` on dicts name -> array,
+``write(workdir)``, ``notes()``); ``rank(method, holdout, reference)`` orders the layers for the
+fallback. ``pipeline.backends.calibrate.run_search`` then runs ``calibration.search``: method
+choice, fallback, budget and the one report (``SearchReport``, the ``calibration`` block of
+``Artifact.info``). The QDQ builder (ONNX Runtime, TensorRT) is ``calibration.api.QdqBuilder``,
+ncnn's ``ncnn/quantize.NcnnBuilder``, TFLite's ``tflite/build.Pt2eBuilder``.
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from calibration.search import Candidate, CandidateBuilder, Holdout, Ranking, SearchReport
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
@@ -84,6 +95,10 @@ class Backend(Protocol):
 
     def convert(self, ctx: BuildContext, precision: str) -> Artifact:
         """Build the artifact for ``precision`` under ``ctx.workdir``; raise ConversionError on failure."""
+
+
+__all__ = ["Artifact", "Backend", "BuildContext", "Candidate", "CandidateBuilder", "Holdout", "Ranking", "Samples",
+           "SearchReport", "installed_versions", "missing_packages"]
 
 
 def missing_packages(needed: dict[str, str]) -> list[str]:

@@ -1,25 +1,41 @@
-"""The one calibration every backend's INT8 build starts from.
+"""The one calibration every backend's INT8 build starts from, and the one search it runs.
 
-Each backend used to turn the spec into calibration options on its own; they all go through
-here now, so ONNX Runtime, TensorRT, ncnn and TFLite share the calibration set, the fit/holdout
-split, the statistics cache, the accuracy budget and the observers (calibration/ does the work;
-this module only maps the spec and the target onto it).
+ONNX Runtime, TensorRT, ncnn and TFLite share the calibration set, the fit/holdout split, the
+statistics cache, the accuracy budget, the observers, the metric and the search
+(``calibration.search``): a backend brings only its candidate builder (see
+``pipeline.backends.base``). This module maps the spec and the target onto those.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
+
+from calibration.config import resolve_methods
+from calibration.search import Arrays, CandidateBuilder, Holdout, Metric, SearchOptions, SearchResult, default_metric, search
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.backends.base import BuildContext
 
 
 def budget_pp(ctx: "BuildContext") -> float:
-    """The accuracy-drop budget: the spec's, tightened by the target's limit if it has one."""
-    budget = ctx.spec.accuracy.max_drop_pp
-    if ctx.target.limits.max_accuracy_drop_pp is not None:
-        budget = min(budget, ctx.target.limits.max_accuracy_drop_pp)
-    return float(budget)
+    """The accuracy-drop budget of this build (the gate's: one rule for search and gate)."""
+    from pipeline.validate.gate import budget_pp as gate_budget
+
+    return float(gate_budget(ctx.spec, ctx.target))
+
+
+def search_metric(ctx: "BuildContext") -> Metric:
+    """What the INT8 search scores: accuracy when the calibration set has labels, else top-1
+    agreement with fp32 (swaps within ``evaluation.tie_margin`` count as agreement)."""
+    return default_metric(ctx.calibration.y is not None, ctx.spec.evaluation.tie_margin)
+
+
+def spec_methods(ctx: "BuildContext", ort_default: tuple[str, ...]) -> tuple[str, ...]:
+    """The methods the search tries: the spec's (``auto``: every observer); ``ort-default``
+    (ONNX Runtime's own quantizer) means ``ort_default`` on a backend that has no such thing."""
+    method = ctx.spec.calibration.method
+    return ort_default if method == "ort-default" else resolve_methods(method)
 
 
 def calibration_config(ctx: "BuildContext", method: str | None = None, activation_mode: str | None = None,
@@ -48,6 +64,12 @@ def calibration_set(ctx: "BuildContext") -> Any:
     return CalibrationSet(ctx.calibration.x, tuple(ctx.calibration.ids), ctx.calibration.y)
 
 
+def split(ctx: "BuildContext") -> tuple[Any, Any]:
+    """(fit, holdout) of the calibration set: the split every backend and the plan use."""
+    cfg = calibration_config(ctx, "minmax")
+    return calibration_set(ctx).split(cfg.holdout_fraction, cfg.seed)
+
+
 def calibration_plan(ctx: "BuildContext", method: str, activation_mode: str = "symmetric") -> Any:
     """The calibration plan for ``method`` (from the cached statistics: no model run after the first).
 
@@ -57,3 +79,17 @@ def calibration_plan(ctx: "BuildContext", method: str, activation_mode: str = "s
 
     cfg = calibration_config(ctx, method, activation_mode)
     return build_plan(ctx.onnx_fp32, calibration_set(ctx), method, cfg, ctx.cache_dir / "calibration")
+
+
+def run_search(ctx: "BuildContext", builder: CandidateBuilder, holdout: Holdout, reference: Arrays,
+               methods: tuple[str, ...], fit_samples: int, started: float) -> SearchResult:
+    """``calibration.search.search`` with this build's budget, fallback switch and metric.
+
+    ``started`` (a ``time.perf_counter()``) dates the report's ``calibration_time_s`` from the
+    start of the backend's INT8 work (statistics, pairing), not only the search.
+    """
+    options = SearchOptions(methods, budget_pp(ctx), bool(ctx.spec.calibration.fallback))
+    found = search(builder, holdout, reference, options, search_metric(ctx))
+    found.report.calibration_samples = fit_samples
+    found.report.calibration_time_s = round(time.perf_counter() - started, 3)
+    return found

@@ -53,9 +53,9 @@ def test_int8_model_written_from_calibration(convert: Callable[..., Artifact]) -
     quantized = {q.name: q.type for q in layers if q.params.get(8) == "1"}
     assert sorted(quantized.values()) == ["Convolution", "Convolution", "ConvolutionDepthWise", "InnerProduct"]
     info = art.info["calibration"]
-    assert info["quantized_layers"] == 4 and info["kept_float"] == []
-    assert info["method"] in info["method_sqnr_db"] and set(info["method_sqnr_db"]) == {"minmax", "percentile",
-                                                                                          "entropy", "mse"}
+    assert info["notes"]["quantized_layers"] == 4 and info["notes"]["kept_float"] == []
+    assert info["method"] in info["method_scores"] and set(info["method_scores"]) == {"minmax", "percentile",
+                                                                                        "entropy", "mse"}
     check = art.info["check"]
     assert check["sqnr_db"] >= 25.0 and check["top1_agreement"] >= 90.0
     assert art.runner_config["int8"] is True
@@ -68,9 +68,9 @@ def test_int8_model_written_from_calibration(convert: Callable[..., Artifact]) -
 def test_int8_biases_carry_the_calibration_bias_correction(convert: Callable[..., Artifact]) -> None:
     """int8 layers get the bias-corrected biases of the ONNX Runtime path's plan, not the fp32 ones."""
     art = convert("int8")
-    corr = art.info["calibration"]["bias_correction"]
+    corr = art.info["calibration"]["notes"]["bias_correction"]
     assert corr["applied"] is True and corr["ncnn_layers"] == 4 == corr["onnx_biases_corrected"], corr
-    assert all(s["bias_corrected"] for s in art.info["calibration"]["scales"].values())
+    assert all(s["bias_corrected"] for s in art.info["calibration"]["notes"]["scales"].values())
     # both .bin files end with the InnerProduct 16 -> 10; int8: ..., 10 biases, 10 weight scales,
     # 1 input scale; fp32: ..., 10 biases
     int8_bin, fp32_bin = (art.workdir / "model.bin").read_bytes(), (convert("fp32").workdir / "model.bin").read_bytes()
@@ -105,9 +105,9 @@ def test_bias_correction_refuses_conversions_that_differ_beyond_biases(convert: 
 def test_float_layers_option_keeps_layers_float(tmp_path: Path) -> None:
     ctx = make_context(tmp_path, NAME, tiny_cnn, digits(32), digits(8, offset=32), {"float_layers": ["linear_5"]})
     art = get_backend(NAME).convert(ctx, "int8")
-    kept = art.info["calibration"]["kept_float"]
+    kept = art.info["calibration"]["notes"]["kept_float"]
     assert kept == [{"name": "linear_5", "type": "InnerProduct", "reason": "kept float on request"}]
-    assert art.info["calibration"]["quantized_layers"] == 3
+    assert art.info["calibration"]["notes"]["quantized_layers"] == 3
 
 
 @pytest.mark.slow
@@ -180,7 +180,8 @@ def test_efficientnet_lite0_all_precisions(tmp_path: Path) -> None:
 def test_fallback_keeps_the_planted_layer_float_to_meet_the_budget(tmp_path: Path, fallback: bool) -> None:
     ctx = planted_context(tmp_path, NAME, fallback)
     cal = get_backend(NAME).convert(ctx, "int8").info["calibration"]
-    assert cal["shared_ranges"]["applied"] and cal["shared_ranges"]["observed_on_ncnn"] == []
+    shared = cal["notes"]["shared_ranges"]
+    assert shared["applied"] and shared["observed_on_ncnn"] == []
     if not fallback:  # the planted layer ruins the holdout: the report says so (and the gate fails it)
         assert cal["budget_met"] is False and cal["holdout"]["drop_pp"] > 10.0, cal["holdout"]
         assert "fallback is off" in cal["budget_reason"] and cal["fallback_layers"] == []
@@ -189,5 +190,5 @@ def test_fallback_keeps_the_planted_layer_float_to_meet_the_budget(tmp_path: Pat
     float_layers = [f["name"] for f in cal["fallback_layers"]]
     # pnnx names the second Conv+ReLU (the one reading the planted channel) convrelu_1
     assert float_layers[0] == "convrelu_1" and len(float_layers) <= 2, cal["fallback_layers"]
-    assert "convrelu_0" in cal["scales"] and "convrelu_1" not in cal["scales"]
+    assert "convrelu_0" in cal["notes"]["scales"] and "convrelu_1" not in cal["notes"]["scales"]
     assert cal["fallback_tried"][-1][1] <= 10.0

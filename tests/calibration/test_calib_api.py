@@ -27,7 +27,7 @@ def test_auto_scores_every_method_on_holdout(tiny_cnn: Path, calib_samples: np.n
     assert rep.holdout["sqnr_db"] > 20 and (tmp_path / "q.onnx").is_file()
     assert rep.per_layer_sqnr and all("tensor" in r and "sqnr_db" in r for r in rep.per_layer_sqnr)
     assert not rep.stats_cache_hit
-    assert rep.scale_mismatches == []  # the written scales are exactly the computed ones
+    assert rep.notes["scale_mismatches"] == []  # the written scales are exactly the computed ones
     json.dumps(rep.to_dict())  # JSON-able
 
     # choosing another method reuses the statistics: no calibration run
@@ -40,7 +40,7 @@ def test_tensorrt_target_is_symmetric(tiny_cnn: Path, calib_samples: np.ndarray,
 
     cfg = CalibrationConfig(method="minmax", target="tensorrt")
     rep = quantize_onnx(tiny_cnn, tmp_path / "t.onnx", CalibrationSet.from_arrays(calib_samples), cfg)
-    assert rep.activation_mode == "symmetric"
+    assert rep.notes["activation_mode"] == "symmetric"
     check_tensorrt_rules(tmp_path / "t.onnx")
     with pytest.raises(CalibrationConfigError, match="symmetric"):
         CalibrationConfig(target="tensorrt", activation_mode="asymmetric")
@@ -113,7 +113,7 @@ def test_build_plan_reuses_statistics_and_feeds_other_writers(
     cfg = CalibrationConfig(method="auto", target="tensorrt")
     rep = quantize_onnx(tiny_cnn, tmp_path / "q.onnx", calib, cfg, tmp_path / "cache")
     plan = build_plan(tiny_cnn, calib, rep.method, cfg, tmp_path / "cache")
-    assert plan.ranges == {k: tuple(v) for k, v in rep.ranges.items()}  # same ranges everywhere
+    assert plan.ranges == {k: tuple(v) for k, v in rep.notes["ranges"].items()}  # same ranges everywhere
     write_calibration_cache(tmp_path / "c.cache", plan.ranges)
     _, scales = read_calibration_cache(tmp_path / "c.cache")
     assert scales["x"] == pytest.approx(max(abs(v) for v in plan.ranges["x"]) / 127, rel=1e-6)
@@ -139,7 +139,7 @@ def test_bias_correction_removes_weight_rounding_shift(tiny_cnn: Path, tmp_path:
     calib = CalibrationSet.from_arrays(x)
     off = quantize_onnx(tiny_cnn, tmp_path / "off.onnx", calib, CalibrationConfig(method="minmax", bias_correction=False))
     on = quantize_onnx(tiny_cnn, tmp_path / "on.onnx", calib, CalibrationConfig(method="minmax"))
-    assert off.bias_corrected == [] and on.bias_corrected == ["b1", "b2", "b3"]
+    assert off.notes["bias_corrected"] == [] and on.notes["bias_corrected"] == ["b1", "b2", "b3"]
     assert on.holdout["sqnr_db"] > off.holdout["sqnr_db"] + 2.0
     # the written model carries the corrected bias (int32, scale = input scale * weight scale)
     m = onnx.load(str(tmp_path / "on.onnx"))

@@ -1,4 +1,4 @@
-"""ncnn INT8 build from edgeship's one calibration: shared ranges, method choice, budget fallback.
+"""ncnn INT8 candidates from edgeship's one calibration: shared ranges, bias correction, int8 param/bin.
 
 * Ranges: the calibration plan (``calibration.build_plan`` on the ONNX Runtime path's fit split,
   statistics cache and budget; symmetric activations, as ncnn's int8 is) gives one range per
@@ -7,16 +7,12 @@
   on a few fit samples). Paired blobs take the plan's range; a blob with no twin (only the fused
   ncnn graph has it) is observed on the fp32 ncnn model with the same observer and statistics
   binning. The report counts both.
-* Method: the spec's ``calibration.method``; ``auto`` scores every observer's ranges with the real
-  ncnn int8 model on the calibration holdout (output SQNR vs fp32 ncnn) and keeps the best.
-  ``ort-default`` means ONNX Runtime's own quantizer elsewhere; here it is plain min-max.
 * Bias correction: the same plan's corrected biases (correction.py).
-* Fallback (``calibration.fallback``): when the holdout drop (accuracy with labels, else top-1
-  disagreement with fp32 ncnn) exceeds the budget (spec ``accuracy.max_drop_pp``, tightened by
-  the target), layers are ranked by the SQNR that keeping each alone in float buys, and
-  ``calibration.sensitivity.choose_fallback`` keeps the fewest most sensitive ones in float that
-  meet the budget, each candidate checked with the real ncnn model on the whole holdout. If no
-  candidate does, ``budget_met`` is false and the gate fails the run.
+* Method choice, fallback, budget and report: ``calibration.search`` over :class:`NcnnBuilder`
+  (pipeline.backends.calibrate.run_search). Each candidate is a real ncnn int8 model scored on
+  the calibration holdout against fp32 ncnn; ``ort-default`` (ONNX Runtime's own quantizer
+  elsewhere) is plain min-max here. The fallback ranks layers by the SQNR that keeping each
+  alone in float buys on the real ncnn model.
 """
 
 from __future__ import annotations
@@ -24,29 +20,22 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from calibration.search import Arrays, Holdout, Ranking, first
+from calibration.sensitivity import LayerSensitivity
 from pipeline.errors import ConversionError
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.backends.base import BuildContext
     from pipeline.backends.ncnn.paramfile import Layer, ParamFile
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
 RANK_SAMPLES = 8  # holdout samples used to rank layer sensitivity (one ncnn run per layer each)
 MATCH_SAMPLES = 2  # fit samples run through both fp32 models to pair blobs with ONNX tensors
-
-
-def _methods(method: str) -> tuple[str, ...]:
-    if method == "auto":
-        return METHODS
-    if method == "ort-default":
-        return ("minmax",)  # ONNX Runtime's default calibrator is min-max
-    return (method,)
 
 
 @dataclass
@@ -135,118 +124,124 @@ def _bias_correction(ctx: "BuildContext", model: "ParamFile", weights: dict[str,
                     "source": "calibration.build_plan + corrected_model (as quantize_onnx for ONNX Runtime)"}
 
 
-def _fallback(trials: _Trials, layers: list["Layer"], thr: dict[str, float], hold: Any, ref: np.ndarray,
-              base: dict[str, float], budget: float, tie_margin: float) -> Any:
-    """Rank layers on a few holdout samples, then ``choose_fallback`` on the whole holdout."""
-    from calibration.metrics import fidelity
-    from calibration.sensitivity import LayerSensitivity, choose_fallback
+@dataclass
+class NcnnCandidate:
+    """One ncnn int8 model: ``thr`` (one method's thresholds) on ``layers``, the rest float."""
 
-    xr, rr = hold.samples[:RANK_SAMPLES], ref[:RANK_SAMPLES]
-    base_r = trials.score(layers, thr, xr, rr)
-    ranked = [LayerSensitivity(q.name, q.type, float("nan"),
-                               trials.score([o for o in layers if o is not q], thr, xr, rr) - base_r, 0.0)
-              for q in layers]
-    ranked.sort(key=lambda s: -s.saved_db)
+    method: str
+    float_layers: tuple[str, ...]
+    trials: _Trials
+    layers: list["Layer"]
+    thr: dict[str, float]
+    kept_float: list[dict[str, str]]
+    facts: dict[str, Any]
+    scales: dict[str, Any] | None = None
 
-    def evaluate(names: list[str]) -> dict[str, float]:
-        keep = set(names)
-        return fidelity(ref, trials.run([q for q in layers if q.name not in keep], thr, hold.samples), hold.labels,
-                        tie_margin)
+    def run(self, x: Arrays) -> Arrays:
+        return {self.trials.config["output"]: self.trials.run(self.layers, self.thr, first(x))}
 
-    return choose_fallback(ranked, evaluate, base, budget)
+    def write(self, workdir: Path) -> list[str]:
+        self.scales = self.trials.write(self.layers, self.thr, workdir)
+        return [self.trials.config["param"], self.trials.config["bin"]]
+
+    def notes(self) -> dict[str, Any]:
+        from pipeline.backends.ncnn import int8
+
+        t = self.trials
+        scales = self.scales if self.scales is not None else int8.write(
+            t.model, t.weights, self.layers, self.thr, per_channel=t.per_channel, biases=t.biases)[2]
+        float_names = {k["name"] for k in self.kept_float}
+        float_ops = Counter(q.type for q in t.model.layers
+                            if q.name not in scales and q.name not in float_names and q.type != "Input")
+        return {**self.facts, "format": "ncnn int8 param/bin", "quantized_layers": len(scales),
+                "kept_float": self.kept_float, "float_ops": dict(float_ops), "scales": scales}
 
 
-def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_path: Path,
-               config: dict[str, Any], scratch: Path) -> dict[str, Any]:
-    """Write ``model.param`` / ``model.bin`` (int8) into ``ctx.workdir``; return the calibration report."""
-    from calibration.metrics import fidelity
-    from calibration.sensitivity import budget_reason
+@dataclass
+class NcnnBuilder:
+    """ncnn candidates: per-method thresholds (the shared plan's, paired by value) on the layers
+    ncnn can run in int8; each candidate runs on the real ncnn."""
 
-    from pipeline.backends.calibrate import budget_pp, calibration_config, calibration_set
-    from pipeline.backends.checks import run_runner
+    trials: _Trials
+    layers: list["Layer"]
+    thresholds: dict[str, dict[str, float]]
+    kept_float: list[dict[str, str]]
+    facts: dict[str, Any]
+
+    def candidate(self, method: str, float_layers: Sequence[str]) -> NcnnCandidate:
+        keep = set(float_layers)
+        kept = self.kept_float + [{"name": q.name, "type": q.type, "reason": "sensitivity fallback (calibration.fallback)"}
+                                  for q in self.layers if q.name in keep]
+        return NcnnCandidate(method, tuple(float_layers), self.trials, [q for q in self.layers if q.name not in keep],
+                             self.thresholds[method], kept, self.facts)
+
+    def rank(self, method: str, holdout: Holdout, reference: Arrays) -> Ranking:
+        """Output SQNR that leaving each layer alone in float buys, on a few holdout samples (the
+        solo SQNR is not measured on ncnn: ``saved_db`` ranks)."""
+        t, thr, layers = self.trials, self.thresholds[method], self.layers
+        xr, rr = first(holdout.x)[:RANK_SAMPLES], first(reference)[:RANK_SAMPLES]
+        base = t.score(layers, thr, xr, rr)
+        ranked = [LayerSensitivity(q.name, q.type, float("nan"), t.score([o for o in layers if o is not q], thr, xr, rr)
+                                   - base, 0.0) for q in layers]
+        return Ranking(sorted(ranked, key=lambda s: -s.saved_db))
+
+
+def _int8_layers(layout: Any, stats: Any) -> tuple[list["Layer"], list[dict[str, str]]]:
+    """The layers to quantize and those kept float with the reason (ncnn limits, user option,
+    an input that is all zeros on real data: it has no scale, and float costs nothing)."""
+    dead = [q for q in layout.quantize if stats.stats[q.bottoms[0]].absmax == 0.0]
+    kept = layout.kept_float + [{"name": q.name, "type": q.type, "reason": "input is zero on calibration data"}
+                                for q in dead]
+    return [q for q in layout.quantize if q not in dead], kept
+
+
+def ncnn_builder(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_path: Path, config: dict[str, Any],
+                 scratch: Path, fit: Any, methods: tuple[str, ...]) -> NcnnBuilder:
+    """Statistics on the fp32 ncnn model, the plan's ranges paired onto its blobs, the plan's
+    bias correction: everything the candidates share, computed once."""
     from pipeline.backends.ncnn import activations, int8
     from pipeline.backends.ncnn.weights import read_weights
 
-    if importlib.util.find_spec("calibration") is None:
-        raise ConversionError("ncnn int8: edgeship's calibration package is not importable; install edgeship")
-    t0 = time.perf_counter()
     try:
         weights = read_weights(model, bin_path.read_bytes())
     except ValueError as err:
         raise ConversionError(f"ncnn int8: cannot rewrite this model's weights: {err}") from err
     cal = ctx.spec.calibration
-    cfg = calibration_config(ctx, "minmax", activation_mode="symmetric")
-    fit, hold = calibration_set(ctx).split(cfg.holdout_fraction, cfg.seed)
     layout = int8.plan(model, frozenset(ctx.build.options.get("float_layers") or ()))
-    blobs = list(dict.fromkeys(layer.bottoms[0] for layer in layout.quantize))
+    blobs = list(dict.fromkeys(q.bottoms[0] for q in layout.quantize))
     stats = activations.collect(param_path, bin_path, config["input"], config["output"], blobs, fit.samples,
                                 threads=ctx.target.threads)
-    dead = [layer for layer in layout.quantize if stats.stats[layer.bottoms[0]].absmax == 0.0]
-    for layer in dead:  # an input that is all zeros on real data has no scale; float costs nothing
-        layout.kept_float.append({"name": layer.name, "type": layer.type, "reason": "input is zero on calibration data"})
-    layers = [layer for layer in layout.quantize if layer not in dead]
-
-    methods = _methods(cal.method)
+    layers, kept = _int8_layers(layout, stats)
     shared: dict[str, dict[str, float]] = {}
     sharing: dict[str, Any] = {"applied": False, "reason": "method 'ort-default' observes on ncnn itself"}
     if cal.method != "ort-default" and blobs:
         shared, sharing = _shared_ranges(ctx, param_path, bin_path, config["input"], blobs, fit.samples, methods)
         sharing["applied"] = True
-
-    def thresholds(m: str) -> dict[str, float]:
-        return {**activations.thresholds(stats.stats, m, cal.percentile), **shared.get(m, {})}
-
-    fp32_hold = run_runner("ncnn", bin_path.parent,
-                           {**config, "param": param_path.name, "bin": bin_path.name, "int8": False},
-                           hold.samples, 1, ctx.target.threads)
+    thresholds = {m: {**activations.thresholds(stats.stats, m, cal.percentile), **shared.get(m, {})} for m in methods}
     biases, correction = _bias_correction(ctx, model, weights, scratch)
     trials = _Trials(model, weights, config, scratch / "trial", cal.per_channel, ctx.target.threads, biases)
-    # one ncnn run per method over the holdout gives both its SQNR and its drop
-    fids = {m: fidelity(fp32_hold, trials.run(layers, thresholds(m), hold.samples), hold.labels, cfg.tie_margin)
-            for m in methods}
-    scores = {m: round(f["sqnr_db"], 3) for m, f in fids.items()}
-    method = max(scores, key=lambda m: scores[m])
-    thr = thresholds(method)
-    budget = budget_pp(ctx)
-    holdout = fids[method]
-    result = None
-    if holdout["drop_pp"] > budget and cal.fallback and layers:
-        result = _fallback(trials, layers, thr, hold, fp32_hold, holdout, budget, cfg.tie_margin)
-        holdout = result.metrics
-        kept = {f.name for f in result.layers}
-        for layer in layers:
-            if layer.name in kept:
-                layout.kept_float.append({"name": layer.name, "type": layer.type,
-                                          "reason": "sensitivity fallback (calibration.fallback)"})
-        layers = [q for q in layers if q.name not in kept]
-    budget_met = holdout["drop_pp"] <= budget
-    report = trials.write(layers, thr, ctx.workdir)
-    float_names = {k["name"] for k in layout.kept_float}
-    float_ops = Counter(q.type for q in model.layers
-                        if q.name not in report and q.name not in float_names and q.type != "Input")
-    reason = (f"{method}: highest holdout output SQNR vs fp32 ncnn ({scores[method]:.2f} dB) on "
-              f"{len(hold)} held-out calibration samples" if len(methods) > 1 else f"{method}: requested")
-    return {
-        "method": method,
-        "method_sqnr_db": scores,
-        "reason": reason,
-        "budget_pp": budget,
-        "budget_met": budget_met,
-        "budget_reason": budget_reason(holdout["drop_pp"], budget, cal.fallback, result),
-        "holdout": {k: round(float(v), 4) for k, v in holdout.items()},
-        # sqnr_db (only that layer quantized) is not measured on ncnn: saved_db ranks the layers
-        "fallback_layers": [{**asdict(f), "sqnr_db": None} for f in result.layers] if result is not None else [],
-        "fallback_tried": [list(t) for t in result.tried] if result is not None else [],
-        "shared_ranges": sharing,
-        "bias_correction": correction,
-        "calibration_samples": len(fit),
-        "holdout_samples": len(hold),
-        "calibration_sha256": ctx.calibration.sha256,
-        "calibration_time_s": round(time.perf_counter() - t0, 3),
-        "weights": "per-channel" if cal.per_channel else "per-tensor",
-        "activations": "symmetric int8 per tensor (ncnn)",
-        "quantized_layers": len(report),
-        "kept_float": layout.kept_float,
-        "float_ops": dict(float_ops),
-        "scales": report,
-    }
+    facts = {"shared_ranges": sharing, "bias_correction": correction,
+             "weights": "per-channel" if cal.per_channel else "per-tensor",
+             "activations": "symmetric int8 per tensor (ncnn)"}
+    return NcnnBuilder(trials, layers, thresholds, kept, facts)
+
+
+def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_path: Path,
+               config: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """Write ``model.param`` / ``model.bin`` (int8) into ``ctx.workdir``; return the calibration report."""
+    from pipeline.backends.calibrate import run_search, spec_methods, split
+    from pipeline.backends.checks import run_runner
+
+    if importlib.util.find_spec("calibration") is None:
+        raise ConversionError("ncnn int8: edgeship's calibration package is not importable; install edgeship")
+    t0 = time.perf_counter()
+    fit, hold = split(ctx)
+    methods = spec_methods(ctx, ort_default=("minmax",))  # ONNX Runtime's default calibrator is min-max
+    builder = ncnn_builder(ctx, model, param_path, bin_path, config, scratch, fit, methods)
+    fp32 = {**config, "param": param_path.name, "bin": bin_path.name, "int8": False}
+    reference = {config["output"]: run_runner("ncnn", bin_path.parent, fp32, hold.samples, 1, ctx.target.threads)}
+    found = run_search(ctx, builder, Holdout({config["input"]: hold.samples}, hold.labels), reference, methods,
+                       len(fit), t0)
+    found.candidate.write(ctx.workdir)
+    found.report.notes = found.candidate.notes()
+    return found.report.to_dict()

@@ -69,11 +69,11 @@ def quantize_int8(ctx: BuildContext, out: Path) -> dict[str, Any]:
         return _ort_default(ctx, out)
     from calibration import quantize_onnx
 
-    from pipeline.backends.calibrate import calibration_config, calibration_set
+    from pipeline.backends.calibrate import calibration_config, calibration_set, search_metric
 
     cfg, calib = calibration_config(ctx), calibration_set(ctx)
     with quiet_root_logger():
-        report = quantize_onnx(ctx.onnx_fp32, out, calib, cfg, ctx.cache_dir / "calibration")
+        report = quantize_onnx(ctx.onnx_fp32, out, calib, cfg, ctx.cache_dir / "calibration", search_metric(ctx))
     return report.to_dict()
 
 
@@ -109,10 +109,16 @@ def _ort_default(ctx: BuildContext, out: Path) -> dict[str, Any]:
             self.i += batch
             return {ctx.input_name: chunk}
 
+    from calibration.search import SearchReport
+
+    from pipeline.backends.calibrate import search_metric
+
     t0 = time.perf_counter()
     with quiet_root_logger():
         quantize_static(str(ctx.onnx_fp32), str(out), Reader())
-    return {"method": "ort-default", "calibration_time_s": round(time.perf_counter() - t0, 3)}
+    return SearchReport(metric=search_metric(ctx).name, method="ort-default",
+                        reason="ort-default: onnxruntime.quantization.quantize_static with its defaults (no search)",
+                        calibration_time_s=round(time.perf_counter() - t0, 3)).to_dict()
 
 
 BACKEND = OnnxRuntimeBackend()

@@ -50,13 +50,14 @@ class TensorRTBackend:
         if precision == "int8":
             from calibration import quantize_onnx
 
-            from pipeline.backends.calibrate import calibration_config, calibration_set
+            from pipeline.backends.calibrate import calibration_config, calibration_set, search_metric
 
             qdq = ctx.workdir / "model.qdq.onnx"
             method = None if ctx.spec.calibration.method != "ort-default" else "entropy"
             cfg = calibration_config(ctx, method, activation_mode="symmetric", target="tensorrt")
             calib = calibration_set(ctx)
-            info["calibration"] = quantize_onnx(onnx_path, qdq, calib, cfg, ctx.cache_dir / "calibration").to_dict()
+            info["calibration"] = quantize_onnx(onnx_path, qdq, calib, cfg, ctx.cache_dir / "calibration",
+                                                search_metric(ctx)).to_dict()
             onnx_path = qdq
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
