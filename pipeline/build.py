@@ -8,7 +8,9 @@ failed build leaves the previous release and the cache intact.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import platform
 import shutil
 import sys
@@ -16,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -29,6 +31,7 @@ from pipeline.spec import PipelineSpec, TargetSpec
 
 OPTIMIZE_PASSES = ("fold_conv_bn", "onnxslim", "infer_shapes")
 CHECK_SAMPLES = 32
+LOCK_WAIT_S = 3.0  # a second run on the same output folder waits this long, then says who holds it
 
 
 # How a long stage shows progress (the CLI installs a spinner); a no-op by default.
@@ -38,6 +41,59 @@ _STATUS: list[Callable[[str], Any]] = [lambda stage: contextlib.nullcontext()]
 def set_status(factory: Callable[[str], Any]) -> None:
     """Install ``factory(stage) -> context manager`` shown while each stage runs."""
     _STATUS[0] = factory
+
+
+# Output folders this process holds (resolved path -> depth): the CLI holds a deploy's folder for
+# the whole command, and the build inside it takes the same lock again without blocking itself.
+_HELD: dict[Path, int] = {}
+
+
+@contextlib.contextmanager
+def locked_out_dir(out_dir: Path, what: str = "build", wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold ``out_dir`` (``build/<spec>/<target>``) for one build or deploy, or fail naming the holder.
+
+    Two runs on one folder would replace each other's release while the other uploads it (seen
+    as "damaged" files on the device). ``flock(2)`` on ``out_dir/.lock``: the kernel drops it when
+    the holder dies, so a killed run never leaves a stale lock. The holder's pid and command are
+    written into the lock file for the one who waits. (pipeline.transport.lock is the device-side
+    lock: a process on the device, for a lock that lives on another machine.)
+    """
+    key = out_dir.resolve()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _flock_or_fail(fd, out_dir, wait_s)
+        with contextlib.suppress(OSError):  # who holds it is for the message only (a full disk is said later)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"edgeship {what} (pid {os.getpid()}, since {time.strftime('%H:%M:%S')})".encode(), 0)
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _flock_or_fail(fd: int, out_dir: Path, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another edgeship run"
+                raise EdgeshipError(f"{out_dir} is in use by {holder}; wait for it to finish, "
+                                    "or give this run another --out") from None
+            time.sleep(0.2)
 
 
 @dataclass
@@ -74,13 +130,18 @@ def _timed(events: list[StageEvent], log: Callable[[str], None], stage: str, fn:
 
 def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | None = None,
           log: Callable[[str], None] = print) -> BuildResult:
-    """Run every build stage for ``target`` and write ``out_dir/release``."""
+    """Run every build stage for ``target`` and write ``out_dir/release`` (holding ``out_dir``)."""
+    with locked_out_dir(out_dir, "build"):
+        return _build(spec, target, out_dir, cache or Cache(), log)
+
+
+def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
+           log: Callable[[str], None]) -> BuildResult:
     from pipeline.stages.export import export_onnx, run_onnx
     from pipeline.stages.inputs import (check_disjoint, check_labels, load_samples, model_identity, model_loader,
                                          state_hash)
     from pipeline.stages.optimize import optimize_onnx
 
-    cache = cache or Cache()
     events: list[StageEvent] = []
     require_available(sorted({b.backend for b in target.builds}))
     for b in target.builds:

@@ -55,7 +55,13 @@ def _load(spec_path: Path, target_name: str) -> tuple[Any, Any]:
 
 
 def _out(out: Optional[Path], spec: Any, target: Any) -> Path:
-    return out or Path("build") / spec.name / target.name
+    """``--out``, or build/<spec>/<target> checked to stay inside build/ (names are folder names)."""
+    from pipeline.paths import contained
+
+    if out:
+        return out
+    root = Path("build")
+    return contained(root / spec.name / target.name, root, f"{spec.source_path}, {target.source_path}: field 'name'")
 
 
 def _log(msg: str) -> None:
@@ -68,7 +74,7 @@ def build(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] =
     from pipeline.build import build as run_build
 
     s, t = _load(spec, target)
-    result = run_build(s, t, _out(out, s, t), log=_log)
+    result = run_build(s, t, _out(out, s, t), log=_log)  # holds the output folder while it runs
     for art in result.artifacts:
         check = art.info.get("check", {})
         out_console.print(f"{art.backend:<12} {art.precision:<5} SQNR {check.get('sqnr_db', '-'):>6} dB  "
@@ -105,12 +111,15 @@ def deploy(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] 
            no_rollback: bool = typer.Option(False, "--no-rollback", help="keep a release that fails the gate"),
            junit: Optional[Path] = JUNIT_OPT) -> None:
     """Build, ship to the target's devices, measure there, gate (exit 3 when the gate fails)."""
+    from pipeline.build import locked_out_dir
     from pipeline.deploy import deploy as run_deploy
 
     s, t = _load(spec, target)
     out_dir = _out(out, s, t)
-    results = run_deploy(s, t, out_dir, hosts=host, rollback_on_fail=not no_rollback, log=_log)
-    _finish(results, json_out, out_dir, junit)
+    # The whole deploy, not just its build: a second run must not replace the release being uploaded.
+    with locked_out_dir(out_dir, "deploy"):
+        results = run_deploy(s, t, out_dir, hosts=host, rollback_on_fail=not no_rollback, log=_log)
+        _finish(results, json_out, out_dir, junit)
 
 
 @app.command()
@@ -119,11 +128,13 @@ def validate(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path
              host: Optional[list[str]] = typer.Option(None, "--host"),
              junit: Optional[Path] = JUNIT_OPT) -> None:
     """Re-measure the release deployed on the target's devices now and gate it (no build, no upload)."""
+    from pipeline.build import locked_out_dir
     from pipeline.deploy import validate_current
 
     s, t = _load(spec, target)
     out_dir = _out(out, s, t)
-    _finish(validate_current(s, t, out_dir, hosts=host, log=_log), json_out, out_dir, junit)
+    with locked_out_dir(out_dir, "validate"):
+        _finish(validate_current(s, t, out_dir, hosts=host, log=_log), json_out, out_dir, junit)
 
 
 @app.command()
@@ -135,7 +146,7 @@ def analyze(spec: Path = SPEC_OPT) -> None:
 
     s = load_spec(spec)
     t = load_target("local").model_copy(update={"builds": []})  # export + optimize only
-    result = run_build(s, t, Path("build") / s.name / "analyze", log=_log)
+    result = run_build(s, t, _out(None, s, t.model_copy(update={"name": "analyze"})), log=_log)
     a = result.manifest["provenance"]["model"]["analysis"]
     opt = result.manifest["provenance"]["model"]["optimize"]
     out_console.print(f"params {format_count(a['params'])} ({a['param_bytes'] / 2**20:.2f} MB fp32), "
