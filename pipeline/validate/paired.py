@@ -1,0 +1,62 @@
+"""Per-sample paired outcomes on the host, and each run's ``accuracy_drop_interval`` from them.
+
+The agent returns each run's per-sample ``predictions`` (top-1 class); the release's evaluation
+data (``data/y.npy`` labels, ``data/reference.npy`` fp32 outputs) is on the host beside it. The same
+samples went through fp32 and the candidate, so the drop gets a paired, exact interval:
+
+* ``top1``: fp32 right vs the candidate right, per sample (Clopper-Pearson on the discordant pairs);
+* ``fidelity``: agreement with fp32 (within ties when the spec sets ``tie_margin``), a plain
+  binomial proportion of disagreements, since fp32 agrees with itself on every sample.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.agent.measure import agreement_within_ties
+from pipeline.validate.stats import Interval, discordant, disagreement_interval, paired_drop_interval
+
+
+def _load(data_dir: Path, name: str) -> np.ndarray | None:
+    path = data_dir / f"{name}.npy"
+    return np.load(path, allow_pickle=False) if path.is_file() else None
+
+
+def candidate_agrees(reference: np.ndarray, pred: np.ndarray, tie_margin: float) -> np.ndarray:
+    """Per sample: does the candidate's top-1 agree with fp32 (a swap within fp32's ties counting)?"""
+    if tie_margin <= 0.0:
+        return pred == reference.argmax(axis=1)
+    # The agent's own rule, one sample at a time, so host and device can never disagree on it.
+    return np.array([agreement_within_ties(reference[i:i + 1], pred[i:i + 1], tie_margin) > 0.0
+                     for i in range(pred.size)], dtype=bool)
+
+
+def drop_interval(predictions: Sequence[int], data_dir: Path, metric: str, tie_margin: float = 0.0) -> Interval | None:
+    """The run's paired drop interval in pp, or None when the outcomes cannot be paired here
+    (no predictions, the evaluation data missing, or a different number of samples)."""
+    reference = _load(data_dir, "reference")
+    pred = np.asarray(predictions, dtype=np.int64).reshape(-1)
+    if reference is None or pred.size == 0 or len(reference) != pred.size:
+        return None
+    reference = reference.reshape(pred.size, -1)
+    if metric == "top1":
+        labels = _load(data_dir, "y")
+        if labels is None or labels.size != pred.size:
+            return None
+        labels = labels.reshape(-1)
+        return paired_drop_interval(*discordant(reference.argmax(axis=1) == labels, pred == labels))
+    agrees = candidate_agrees(reference, pred, tie_margin)
+    return disagreement_interval(int(pred.size - agrees.sum()), int(pred.size))
+
+
+def attach_drop_intervals(rows: list[dict[str, Any]], raw: dict[str, Any], data_dir: Path, metric: str,
+                          tie_margin: float = 0.0) -> None:
+    """Set ``accuracy_drop_interval`` on each row whose agent result carries per-sample predictions."""
+    by_id = {r.get("id"): r for r in raw.get("results", [])}
+    for row in rows:
+        predictions = (by_id.get(row["id"]) or {}).get("predictions")
+        if predictions is not None and not row.get("error"):
+            row["accuracy_drop_interval"] = drop_interval(predictions, data_dir, metric, tie_margin)
