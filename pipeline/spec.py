@@ -10,23 +10,49 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from pipeline.errors import SpecError
+from pipeline.registry import BACKENDS as _REGISTERED
 
 Precision = Literal["fp32", "fp16", "int8"]
 Arch = Literal["x86_64", "aarch64", "armv7l"]
-BACKENDS = ("onnxruntime", "tflite", "ncnn", "tensorrt")
+BACKENDS = tuple(_REGISTERED)  # the registry is the one list of backends
 CALIBRATION_METHODS = ("auto", "minmax", "percentile", "entropy", "mse", "ort-default")
-_SECRET_KEYS = re.compile(r"pass(word|phrase)?|secret|token|private_key", re.IGNORECASE)
+_SECRET_KEYS = re.compile(r"pass(word|phrase)?|secret|token|private_key|credential|api_?key", re.IGNORECASE)
+# Limits on what a timeout may be: a day for a command or a transfer (a TensorRT engine build on a
+# small board takes minutes, not days), five minutes to connect or between keepalives.
+MAX_COMMAND_TIMEOUT_S = 86_400.0
+MAX_CONNECT_TIMEOUT_S = 300.0
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    # No .inf / .nan anywhere: an infinite timeout or budget is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
+
+
+# Names become folder names (build/<spec>/<target>, <root>/<spec>/ on a device): one path
+# component, no leading '.' or '-' (so never '.', '..', a hidden file or an option).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _safe_name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise PydanticCustomError(
+            "unsafe_name", "a name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "(it names folders under build/ and on the device); e.g. 'my-board'")
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name), Field(json_schema_extra={"pattern": f"^{_NAME.pattern}$"})]
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +185,7 @@ class ValidationSpec(_Strict):
 
 
 class PipelineSpec(_Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9._-]+$")
+    name: SafeName
     description: str = ""
     model: ModelSource
     input: InputSpec
@@ -186,9 +212,18 @@ class PipelineSpec(_Strict):
 # --------------------------------------------------------------------------------------------
 
 
+def _plain_host(value: str) -> str:
+    # ssh reads a leading '-' as an option and 'user:password@' would be a secret in the manifest.
+    if not re.fullmatch(r"[A-Za-z0-9_.:\[\]%-]+", value) or value.startswith("-"):
+        raise PydanticCustomError(
+            "bad_host", "give a host name or IP address only (no user@, no spaces, not starting with '-'); "
+            "the user goes in 'user', the key in 'key_file'")
+    return value
+
+
 class Host(_Strict):
-    name: str
-    host: str
+    name: SafeName
+    host: Annotated[str, AfterValidator(_plain_host)]
     port: int = Field(22, gt=0, lt=65536)
     user: str = "root"
     key_file: str | None = Field(None, description="path to the private key; never the key itself")
@@ -202,10 +237,11 @@ class TransportSpec(_Strict):
     root: str = Field("/opt/edgeship", description="folder on the device holding releases/ and current")
     python: str = Field("python3", description="interpreter of the device's runtime environment")
     known_hosts: str | None = Field(None, description="edgeship-owned known_hosts (default ~/.edgeship/known_hosts)")
-    connect_timeout_s: float = Field(15.0, gt=0)
-    command_timeout_s: float = Field(900.0, gt=0)
-    transfer_timeout_s: float = Field(300.0, gt=0)
-    keepalive_s: float = Field(10.0, gt=0)
+    # Bounded so that a typo cannot make a run wait forever (finite: see _Strict).
+    connect_timeout_s: float = Field(15.0, gt=0, le=MAX_CONNECT_TIMEOUT_S)
+    command_timeout_s: float = Field(900.0, gt=0, le=MAX_COMMAND_TIMEOUT_S)
+    transfer_timeout_s: float = Field(300.0, gt=0, le=MAX_COMMAND_TIMEOUT_S)
+    keepalive_s: float = Field(10.0, gt=0, le=MAX_CONNECT_TIMEOUT_S)
     keep_releases: int = Field(3, ge=1)
     parallel: int = Field(4, ge=1, description="devices deployed at once in a fleet")
 
@@ -216,18 +252,124 @@ class TransportSpec(_Strict):
         return self
 
 
+# PEP 508 distribution names and PEP 440 public versions (with an optional local part): neither
+# can start with '-', so no pin is ever read by pip as an option.
+_PACKAGE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
+_VERSION = re.compile(r"v?(\d+!)?\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[a-z0-9]+(\.[a-z0-9]+)*)?",
+                      re.IGNORECASE)
+
+
+def _package_name(value: str) -> str:
+    if not _PACKAGE.fullmatch(value):
+        raise PydanticCustomError("bad_package", "a package name is letters, digits, '.', '_' or '-' (PEP 508), "
+                                  "starting and ending with a letter or digit; e.g. 'onnxruntime'")
+    return value
+
+
+def _package_version(value: str) -> str:
+    if not _VERSION.fullmatch(value):
+        raise PydanticCustomError("bad_version", "give one exact version (PEP 440), e.g. '1.26.4'; "
+                                  "no specifiers, spaces or pip options")
+    return value
+
+
+def _no_credentials(value: str) -> str:
+    """A URL field: http(s) or file, and never 'user:password@' (it would be copied into every manifest)."""
+    parts = urlsplit(value)
+    if "@" in parts.netloc:
+        raise PydanticCustomError(
+            "url_credentials", "credentials in a URL are copied into every release's manifest; remove "
+            "'user:password@' and put them in a netrc file on the device (~/.netrc: machine HOST login USER "
+            "password ...) or its keyring")
+    if parts.scheme not in ("http", "https", "file") or not (parts.netloc or parts.scheme == "file"):
+        raise PydanticCustomError("bad_url", "give an http(s):// or file:// URL")
+    return value
+
+
+Url = Annotated[str, AfterValidator(_no_credentials)]
+
+
 class RuntimeSpec(_Strict):
     """The device's runtime environment, used by provisioning and checked before a deploy."""
 
     python: str = Field(">=3.9", description="version specifier for the device's python")
-    packages: dict[str, str] = Field(default_factory=dict, description="pip name -> exact version")
-    index_url: str | None = None
+    packages: dict[Annotated[str, AfterValidator(_package_name)], Annotated[str, AfterValidator(_package_version)]] = \
+        Field(default_factory=dict, description="pip name -> exact version")
+    index_url: Url | None = Field(None, description="package index for provisioning; no credentials "
+                                                    "(use ~/.netrc or a keyring on the device)")
+
+
+# Backend options: one schema per registered backend (tests check the keys equal the registry's).
+# Everything here is copied into the release manifest, on the host and on every device, so the
+# schemas are closed: an unknown key (a password, say) is refused, never shipped.
+def _layer_name(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # [4] means module "4"
+
+
+LayerNames = list[Annotated[str, BeforeValidator(_layer_name)]]
+
+
+class OnnxRuntimeOptions(_Strict):
+    optimize_on_device: StrictBool = Field(False, description="save the session's fully optimised model on the "
+                                                              "device for its CPU, and load it from there")
+
+
+class TfliteOptions(_Strict):
+    int8_io: StrictBool = Field(False, description="int8: keep the model's native int8 input/output tensors")
+    channels_last_io: StrictBool = Field(False, description="an NHWC input for an NCHW model (no leading TRANSPOSE)")
+    observer: Literal["minmax", "histogram"] = Field("minmax", description="int8 activation observer")
+    float_layers: LayerNames = Field(default_factory=list, description="PyTorch module names kept float at int8")
+
+
+class NcnnOptions(_Strict):
+    float_layers: LayerNames = Field(default_factory=list, description="ncnn layer names kept float at int8")
+
+
+class BatchProfile(_Strict):
+    """TensorRT optimisation profile of the batch dimension."""
+
+    min: int = Field(..., ge=1)
+    opt: int = Field(..., ge=1)
+    max: int = Field(..., ge=1, le=65_536)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "BatchProfile":
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"needs min <= opt <= max (got {self.min}, {self.opt}, {self.max})")
+        return self
+
+
+class TensorRTOptions(_Strict):
+    workspace_mb: int | None = Field(None, gt=0, le=1 << 20, description="builder workspace memory pool, MiB")
+    dla_core: int | None = Field(None, ge=0, le=15, description="run on this DLA core (Jetson), GPU fallback on")
+    profile: BatchProfile | None = Field(None, description="dynamic batch: {min, opt, max}")
+
+
+BACKEND_OPTIONS: dict[str, type[_Strict]] = {
+    "onnxruntime": OnnxRuntimeOptions, "tflite": TfliteOptions, "ncnn": NcnnOptions, "tensorrt": TensorRTOptions,
+}
+
+
+def _option_problem(backend: str, schema: type[_Strict], err: dict[str, Any]) -> PydanticCustomError:
+    """A typed error whose context names the option, so _describe_error can put it in the field."""
+    option = ".".join(str(p) for p in err.get("loc", ()))
+    if err.get("type") == "extra_forbidden":
+        if _SECRET_KEYS.search(option):
+            text = ("secrets do not belong in target files (options are copied into every release's manifest); "
+                    "read them on the device from a file or keyring instead")
+        else:
+            allowed = ", ".join(schema.model_fields) or "none"
+            text = f"unknown option for {backend}; allowed: {allowed}"
+    else:
+        text = _error_text(err)
+    return PydanticCustomError("backend_option", "{text}", {"option": option, "text": text})
 
 
 class BuildSpec(_Strict):
     backend: str
     precisions: list[Precision] = Field(default_factory=lambda: ["fp32", "int8"], min_length=1)
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict, description="per backend: see BACKEND_OPTIONS "
+                                                                      "(tensorrt: workspace_mb, dla_core, profile)")
 
     @field_validator("backend")
     @classmethod
@@ -235,6 +377,19 @@ class BuildSpec(_Strict):
         if v not in BACKENDS:
             raise ValueError(f"unknown backend {v!r}; choose one of {', '.join(BACKENDS)}")
         return v
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Checked against the backend's schema; stays a plain dict (backends read it with .get)."""
+        backend = info.data.get("backend")
+        schema = BACKEND_OPTIONS.get(backend) if isinstance(backend, str) else None
+        if schema is None:
+            return v  # the backend's own error is the one reported
+        try:
+            return schema.model_validate(v).model_dump(exclude_unset=True)
+        except ValidationError as exc:
+            raise _option_problem(backend, schema, exc.errors()[0]) from None
 
 
 class Limits(_Strict):
@@ -256,7 +411,7 @@ class Hardware(_Strict):
 
 
 class TargetSpec(_Strict):
-    name: str
+    name: SafeName
     extends: str | None = None
     description: str = ""
     arch: Arch
@@ -281,25 +436,42 @@ class TargetSpec(_Strict):
 # --------------------------------------------------------------------------------------------
 
 
-def _describe_error(err: dict[str, Any]) -> str:
+def _error_loc(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err.get("loc", ()) if not isinstance(p, str) or not p.startswith("function-"))
+    if err.get("type") == "backend_option":  # the option's own place inside builds[].options
+        loc = f"{loc}.{err['ctx']['option']}" if err["ctx"]["option"] else loc
+    return loc.replace(".[key]", "")
+
+
+# Errors whose input is never echoed: it may be the secret the error is about.
+_SILENT_INPUT = ("url_credentials", "backend_option")
+
+
+def _error_text(err: dict[str, Any]) -> str:
+    """What is wrong and how to fix it, without the field's name."""
     kind = err.get("type", "")
     msg = err.get("msg", "invalid")
     got = err.get("input")
     if kind == "extra_forbidden":
-        field = str(err["loc"][-1])
-        if _SECRET_KEYS.search(field):
-            return (f"field '{loc}': secrets do not belong in target files; "
-                    "use an SSH key (key_file) or ssh-agent instead")
-        return f"field '{loc}': unknown field; remove it or check its spelling"
+        if _SECRET_KEYS.search(str(err["loc"][-1])):
+            return "secrets do not belong in target files; use an SSH key (key_file) or ssh-agent instead"
+        return "unknown field; remove it or check its spelling"
     if kind == "missing":
-        return f"field '{loc}': required field is missing; add it"
-    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
-        return f"field '{loc}': {msg}"
-    text = f"field '{loc}': {msg}" if loc else msg
+        return "required field is missing; add it"
+    if kind.startswith("union_tag") or kind in _SILENT_INPUT:
+        return msg
+    if kind == "finite_number":
+        msg = "give a finite number (.inf and .nan are not settings)"
+    msg = msg.removeprefix("Value error, ")
     if got is not None and not isinstance(got, (dict, list)):
-        text += f" (got {got!r})"
-    return text
+        msg += f" (got {got!r})"
+    return msg
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    loc = _error_loc(err)
+    text = _error_text(err)
+    return f"field '{loc}': {text}" if loc else text
 
 
 def _validation_message(path: Path, exc: ValidationError) -> str:

@@ -1,0 +1,27 @@
+"""Output paths that must stay inside a folder edgeship owns.
+
+Names from specs and targets become folder names (``build/<spec>/<target>``). The names are
+validated when the files load (pipeline.spec.SafeName); :func:`contained` is the second line:
+every place that joins a name onto an output root checks the result with it, so a name that
+slipped past validation (or a future field that forgot it) still cannot write elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.errors import SpecError
+
+
+def contained(path: Path, root: Path, what: str, fix: str = "use a plain name (letters, digits, '.', '_', '-')") -> Path:
+    """``path`` unchanged if it lies strictly inside ``root``; otherwise a SpecError naming ``what``.
+
+    The check is lexical (``..`` and absolute components are resolved, symlinks are not), so a
+    build folder that is itself a symlink the user made keeps working.
+    """
+    full = Path(os.path.normpath(os.path.abspath(path)))
+    base = Path(os.path.normpath(os.path.abspath(root)))
+    if full == base or not full.is_relative_to(base):
+        raise SpecError(f"{what}: output folder {path} lies outside {root}; {fix}")
+    return path

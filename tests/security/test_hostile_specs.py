@@ -1,0 +1,246 @@
+"""Hostile and careless spec / target files (issue 11: items 2, 7, 11, 12, 13, 14, 15, 16).
+
+Every case builds its file inside the test. The loader must refuse it with one line naming the
+file, the field and the fix (SpecError, exit 2 through the console script) before anything is
+written; canary files prove that nothing outside the build folder was touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import SpecError
+from pipeline.spec import load_spec, load_target
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD_SPEC = yaml.safe_load((ROOT / "examples" / "mnist.yaml").read_text())
+GOOD_TARGET = yaml.safe_load((ROOT / "targets" / "local.yaml").read_text())
+EDGESHIP = Path(sys.executable).parent / "edgeship"
+
+
+def _spec(tmp_path: Path, **over) -> Path:
+    """The mnist example with some top-level fields replaced, written where its paths still resolve."""
+    data = json.loads(json.dumps(GOOD_SPEC)) | over
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _target(tmp_path: Path, file: str = "t.yaml", **over) -> Path:
+    data = json.loads(json.dumps(GOOD_TARGET)) | over
+    p = tmp_path / file
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _refused(fn, *args) -> str:
+    with pytest.raises(SpecError) as err:
+        fn(*args)
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "EDGESHIP_TARGETS_PATH"}
+    return subprocess.run([str(EDGESHIP), *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line]
+    assert len(errors) == 1, proc.stderr
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    return errors[0]
+
+
+# --------------------------------------------------------------------------------------------
+# #2: names are folder names, never paths; output paths stay under the build folder
+# --------------------------------------------------------------------------------------------
+
+BAD_NAMES = ["/tmp/victim", "..", ".", "a/b", "-rf", "x" * 65, "", "a b", "../../etc"]
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_target_name_must_be_a_safe_folder_name(tmp_path, bad) -> None:
+    msg = _refused(load_target, str(_target(tmp_path, name=bad)))
+    assert "t.yaml" in msg and "field 'name'" in msg and "letters, digits" in msg
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_spec_name_must_be_a_safe_folder_name(tmp_path, bad) -> None:
+    msg = _refused(load_spec, _spec(tmp_path, name=bad))
+    assert "spec.yaml" in msg and "field 'name'" in msg and "letters, digits" in msg
+
+
+def test_host_name_must_be_a_safe_folder_name(tmp_path) -> None:
+    transport = {"kind": "ssh", "hosts": [{"name": "../evil", "host": "127.0.0.1"}]}
+    msg = _refused(load_target, str(_target(tmp_path, transport=transport)))
+    assert "transport.hosts.0.name" in msg
+
+
+def test_contained_refuses_paths_that_leave_the_root(tmp_path) -> None:
+    from pipeline.paths import contained
+
+    root = tmp_path / "build"
+    assert contained(root / "mnist" / "local", root, "x") == root / "mnist" / "local"
+    for escape in (root / ".." / "elsewhere", root / "a" / ".." / ".." / "b", Path("/etc/passwd"), root):
+        with pytest.raises(SpecError, match="outside"):
+            contained(escape, root, "spec x.yaml")
+
+
+def test_cli_out_folder_is_contained_even_for_unvalidated_names() -> None:
+    """`_out` checks its result, so a name that bypassed validation cannot pick the folder."""
+    from pipeline.cli import _out
+    from pipeline.spec import PipelineSpec, TargetSpec
+
+    spec = PipelineSpec.model_construct(name="mnist", source_path=Path("s.yaml"))
+    for bad in ("/tmp/victim", "..", "../.."):
+        target = TargetSpec.model_construct(name=bad, source_path=Path("t.yaml"))
+        with pytest.raises(SpecError, match="outside"):
+            _out(None, spec, target)
+    good = TargetSpec.model_construct(name="local", source_path=Path("t.yaml"))
+    assert _out(None, spec, good) == Path("build") / "mnist" / "local"
+
+
+def test_cli_build_with_absolute_target_name_touches_nothing(tmp_path) -> None:
+    victim = tmp_path / "victim"
+    (victim / "release").mkdir(parents=True)
+    canary = victim / "release" / "keep.txt"
+    canary.write_text("precious")
+    (victim / "results.json").write_text("{}")
+    target = _target(tmp_path, name=str(victim))
+    proc = _cli("build", "--spec", str(ROOT / "examples" / "mnist.yaml"), "--target", str(target), cwd=tmp_path)
+    _one_error_line(proc, "t.yaml", "field 'name'", "letters, digits")
+    assert canary.read_text() == "precious" and (victim / "results.json").read_text() == "{}"
+    assert sorted(p.name for p in victim.iterdir()) == ["release", "results.json"]
+    assert not (tmp_path / "build").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# #11: backend options have a schema; no credentials in URLs; nothing secret reaches a manifest
+# --------------------------------------------------------------------------------------------
+
+def _with_build(tmp_path: Path, backend: str, options: dict) -> Path:
+    return _target(tmp_path, builds=[{"backend": backend, "precisions": ["fp32"], "options": options}])
+
+
+def test_secret_in_build_options_is_refused(tmp_path) -> None:
+    msg = _refused(load_target, str(_with_build(tmp_path, "onnxruntime", {"password": "s3cr3t"})))
+    assert "builds.0.options.password" in msg and "secrets do not belong" in msg
+    assert "s3cr3t" not in msg
+
+
+def test_unknown_build_option_lists_the_allowed_ones(tmp_path) -> None:
+    msg = _refused(load_target, str(_with_build(tmp_path, "tensorrt", {"workspce_mb": 512})))
+    assert "builds.0.options.workspce_mb" in msg
+    assert "workspace_mb, dla_core, profile" in msg
+
+
+@pytest.mark.parametrize("backend,options", [
+    ("tensorrt", {"workspace_mb": 1024, "dla_core": 0, "profile": {"min": 1, "opt": 4, "max": 8}}),
+    ("onnxruntime", {"optimize_on_device": True}),
+    ("tflite", {"int8_io": True, "channels_last_io": False, "observer": "histogram", "float_layers": ["4"]}),
+    ("ncnn", {"float_layers": ["conv_1"]}),
+])
+def test_the_options_backends_read_are_accepted(tmp_path, backend, options) -> None:
+    t = load_target(str(_with_build(tmp_path, backend, options)))
+    assert t.builds[0].options == options
+
+
+@pytest.mark.parametrize("backend,options,named", [
+    ("tensorrt", {"workspace_mb": -1}, "builds.0.options.workspace_mb"),
+    ("tensorrt", {"profile": {"min": 8, "opt": 4, "max": 16}}, "builds.0.options.profile"),
+    ("tensorrt", {"profile": {"min": 1, "opt": 2}}, "builds.0.options.profile.max"),
+    ("onnxruntime", {"optimize_on_device": "sometimes"}, "builds.0.options.optimize_on_device"),
+    ("tflite", {"observer": "magic"}, "builds.0.options.observer"),
+    ("ncnn", {"float_layers": "conv_1"}, "builds.0.options.float_layers"),
+])
+def test_bad_option_values_name_the_option(tmp_path, backend, options, named) -> None:
+    msg = _refused(load_target, str(_with_build(tmp_path, backend, options)))
+    assert named in msg and "t.yaml" in msg
+
+
+@pytest.mark.parametrize("url", ["https://user:s3cr3t@pypi.example/simple", "https://s3cr3t@pypi.example/simple",
+                                 "http://user:s3cr3t@10.0.0.1:8080/"])
+def test_credentials_in_index_url_are_refused(tmp_path, url) -> None:
+    msg = _refused(load_target, str(_target(tmp_path, runtime={"index_url": url})))
+    assert "runtime.index_url" in msg and "netrc" in msg and "s3cr3t" not in msg
+
+
+def test_a_plain_index_url_is_accepted(tmp_path) -> None:
+    url = "https://pypi.example/simple"
+    assert load_target(str(_target(tmp_path, runtime={"index_url": url}))).runtime.index_url == url
+
+
+def test_cli_secrets_never_reach_a_manifest(tmp_path) -> None:
+    """Refused before the build starts: the previous release's manifest stays, and nothing holds the secret."""
+    out = tmp_path / "out"
+    (out / "release").mkdir(parents=True)
+    manifest = out / "release" / "manifest.json"
+    manifest.write_text('{"release_id": "previous"}\n')
+    spec = str(ROOT / "examples" / "mnist.yaml")
+    for over in ({"runtime": {"index_url": "https://user:s3cr3t@pypi.example/simple"}},
+                 {"builds": [{"backend": "onnxruntime", "options": {"token": "s3cr3t"}}]}):
+        target = _target(tmp_path, **over)
+        proc = _cli("build", "--spec", spec, "--target", str(target), "--out", str(out), cwd=tmp_path)
+        line = _one_error_line(proc, "t.yaml")
+        assert "s3cr3t" not in line
+    assert manifest.read_text() == '{"release_id": "previous"}\n'
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".yaml"
+                and "s3cr3t" in p.read_text(errors="replace")]
+
+
+# --------------------------------------------------------------------------------------------
+# #13: package names and versions cannot become pip options
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,version,named", [
+    ("-e", "1.0", "runtime.packages"),
+    ("--index-url=http://evil", "1.0", "runtime.packages"),
+    ("-r", "/etc/passwd", "runtime.packages"),
+    ("numpy", "1.26.4 --pre", "runtime.packages.numpy"),
+    ("numpy", "-e", "runtime.packages.numpy"),
+    ("numpy;os_name=='nt'", "1.0", "runtime.packages"),
+])
+def test_package_names_and_versions_are_validated(tmp_path, name, version, named) -> None:
+    msg = _refused(load_target, str(_target(tmp_path, runtime={"packages": {name: version}})))
+    assert named in msg and "t.yaml" in msg
+
+
+def test_pip_command_ends_options_before_the_pins() -> None:
+    """provision() puts `--` before the pins, so no name can be read as an option (recorded command only)."""
+    from types import SimpleNamespace
+
+    from pipeline.errors import DeviceError
+    from pipeline.spec import TargetSpec
+    from pipeline.transport import device
+
+    target = TargetSpec.model_validate({**GOOD_TARGET, "transport": {"kind": "local", "python": "/opt/v/bin/python"},
+                                        "runtime": {"packages": {"numpy": "1.26.4"}}})
+    commands: list[str] = []
+
+    def run(cmd: str, timeout: float) -> SimpleNamespace:
+        commands.append(cmd)
+        return SimpleNamespace(rc=0, tail=lambda: "")
+
+    fake = SimpleNamespace(probe=lambda: {"arch": "x86_64", "python": "3.11.0", "packages": {}},
+                           executor=SimpleNamespace(name="rec", run=run), host=None)
+    with pytest.raises(DeviceError):  # the second probe still shows nothing installed
+        device.provision(fake, target)
+    pip = [c for c in commands if "pip install" in c]
+    assert pip and " -- numpy==1.26.4" in pip[0], commands
+
+
+# --------------------------------------------------------------------------------------------
