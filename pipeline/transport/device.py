@@ -112,7 +112,8 @@ def provision(t: "Transport", target: TargetSpec) -> dict[str, Any]:
         raise DeviceError(f"{t.executor.name}: cannot create venv {venv}: {mk.tail()}; "
                           "install python3-venv on the device")
     if pins:
-        pip = with_deadline(f"{q(py)} -m pip install --disable-pip-version-check --no-input {index}{pins}", timeout)
+        # "--" ends pip's options: whatever a pin holds, pip reads it as a requirement, never as an option.
+        pip = with_deadline(f"{q(py)} -m pip install --disable-pip-version-check --no-input {index}-- {pins}", timeout)
         r = t.executor.run(pip, timeout + 15)
         if r.rc != 0:
             raise DeviceError(f"{t.executor.name}: pip install into {venv} failed: {r.tail()}; "
