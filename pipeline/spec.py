@@ -481,16 +481,139 @@ def _validation_message(path: Path, exc: ValidationError) -> str:
     return f"{path}: {first}{more}"
 
 
+# --------------------------------------------------------------------------------------------
+# YAML with limits: specs and targets are small, hand-written files
+# --------------------------------------------------------------------------------------------
+
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 50
+MAX_YAML_VALUES = 100_000
+"""Caps on a spec or target file: its size, how deep it nests, and how many values it holds once
+aliases are expanded (a "billion laughs" file is a few hundred bytes of aliases)."""
+
+
+class _YamlRefused(yaml.MarkedYAMLError):
+    """A YAML document edgeship will not read; ``fix`` says what to do instead."""
+
+    def __init__(self, problem: str, mark: Any, fix: str) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+        self.fix = fix
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and documents nested deeper than MAX_YAML_DEPTH."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        # The composer recurses once per level: refuse before Python's recursion limit does.
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _YamlRefused(f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark,
+                                   "flatten the structure")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<' merges may be overridden: that is what they are for
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)) or key is None:
+                    continue  # complex keys are refused by validation, not here
+                if key in first:
+                    raise _YamlRefused(f"duplicate key {key!r} (first at line {first[key].line + 1})",
+                                       key_node.start_mark, "remove one of them")
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expansion(root: Any) -> None:
+    """Refuse a document whose aliases expand past MAX_YAML_VALUES values or MAX_YAML_DEPTH levels.
+
+    PyYAML shares an aliased node instead of copying it, so loading is cheap; whatever walks the
+    result later (validation, the manifest's JSON) pays for every expansion. Sizes are counted per
+    node once (iteratively: an alias chain may be deeper than Python's recursion limit), which also
+    finds an alias that refers to its own node.
+    """
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            open_nodes.discard(key)
+            kids = _children(node)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            if size[key] > MAX_YAML_VALUES or depth[key] > MAX_YAML_DEPTH:
+                limit = (f"more than {MAX_YAML_VALUES:,} values" if size[key] > MAX_YAML_VALUES
+                         else f"more than {MAX_YAML_DEPTH} levels")
+                raise _YamlRefused(f"aliases expand to {limit}", node.start_mark,
+                                   "write the values out or use fewer aliases")
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise _YamlRefused("an alias refers to the node that contains it", node.start_mark, "remove the alias")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in _children(node) if id(k) not in size)
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    if len(raw) > MAX_YAML_BYTES:
+        raise SpecError(f"{path}: {len(raw) / 2**20:.1f} MiB is more than the {MAX_YAML_BYTES >> 20} MiB a spec "
+                        "or target may have; keep data in data files and name them in the spec")
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a BOM some editors write
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise SpecError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                        "save the file as UTF-8") from None
+
+
+def _parse_yaml(text: str) -> Any:
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise SpecError(f"{path}: {what} file not found; check the path")
+    text = _decode(path, path.read_bytes())
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise SpecError(f"{path}:{where}: {problem}; fix the YAML syntax") from None
+        fix = getattr(exc, "fix", "fix the YAML syntax")
+        raise SpecError(f"{path}:{where}: {problem}; {fix}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
     return data

@@ -244,3 +244,139 @@ def test_pip_command_ends_options_before_the_pins() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# #12: timeouts are finite and bounded
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field", ["connect_timeout_s", "command_timeout_s", "transfer_timeout_s", "keepalive_s"])
+@pytest.mark.parametrize("value", [".inf", "1e300", ".nan"])
+def test_timeouts_are_finite_and_bounded(tmp_path, field, value) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(GOOD_TARGET).replace("kind: local", f"kind: local\n  {field}: {value}"))
+    msg = _refused(load_target, str(path))
+    assert f"transport.{field}" in msg
+
+
+def test_cli_infinite_timeout_is_one_line(tmp_path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(GOOD_TARGET).replace("kind: local", "kind: local\n  command_timeout_s: .inf"))
+    _one_error_line(_cli("targets", "show", str(path), cwd=tmp_path), "t.yaml", "transport.command_timeout_s")
+
+
+# --------------------------------------------------------------------------------------------
+# #7 and #12: alias bombs, nesting, size, non-UTF-8
+# --------------------------------------------------------------------------------------------
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    lines = ['a0: &a0 ["lol"]']
+    for i in range(1, levels + 1):
+        refs = ", ".join(f"*a{i - 1}" for _ in range(width))
+        lines.append(f"a{i}: &a{i} [{refs}]")
+    return "\n".join(lines) + "\n"
+
+
+def _bomb_in(field: str) -> str:
+    """A valid target or spec text whose free-form field holds a billion-laughs bomb."""
+    bomb = _alias_bomb()
+    body = "\n".join("  " + line for line in bomb.splitlines())
+    return f"{field}:\n{body}\n"
+
+
+def test_alias_bomb_in_build_options_is_refused_quickly(tmp_path) -> None:
+    text = yaml.safe_dump({k: v for k, v in GOOD_TARGET.items() if k != "builds"})
+    text += "builds:\n  - backend: onnxruntime\n    precisions: [fp32]\n    options:\n"
+    text += "\n".join("      " + line for line in _alias_bomb().splitlines()) + "\n"
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    t0 = time.perf_counter()
+    msg = _refused(load_target, str(path))
+    assert time.perf_counter() - t0 < 5
+    assert "t.yaml" in msg and "alias" in msg and "line" in msg
+
+
+@pytest.mark.parametrize("field", ["export", "model"])
+def test_alias_bomb_in_spec_free_form_fields_is_refused(tmp_path, field) -> None:
+    data = {k: v for k, v in GOOD_SPEC.items() if k != field}
+    text = yaml.safe_dump(data)
+    if field == "model":
+        text += ("model:\n  factory: pipeline.workloads.mnist:pretrained_model\n  kwargs:\n"
+                 + "\n".join("    " + line for line in _alias_bomb().splitlines()) + "\n")
+    else:
+        text += _bomb_in(field)
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    msg = _refused(load_spec, path)
+    assert "spec.yaml" in msg and "alias" in msg
+
+
+def test_a_few_aliases_still_work(tmp_path) -> None:
+    text = ("name: t\narch: x86_64\nvalidation: &v {warmup: 1, runs: 5}\n"
+            "builds:\n  - &b {backend: onnxruntime, precisions: [fp32]}\n  - *b\n")
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    t = load_target(str(path))
+    assert len(t.builds) == 2 and t.validation.runs == 5
+
+
+def test_deep_nesting_is_one_line(tmp_path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\narch: x86_64\nbuilds: [{backend: onnxruntime}]\nhardware: "
+                    + "[" * 5000 + "]" * 5000 + "\n")
+    msg = _refused(load_target, str(path))
+    assert "t.yaml" in msg and "nest" in msg and "line 4" in msg
+
+
+def test_oversized_file_is_one_line(tmp_path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(GOOD_TARGET) + ("# padding\n" * 200_000))
+    msg = _refused(load_target, str(path))
+    assert "t.yaml" in msg and "MiB" in msg
+
+
+def test_cli_non_utf8_spec_is_one_line(tmp_path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes(b"name: caf\xe9\n")
+    msg = _refused(load_spec, spec)
+    assert "UTF-8" in msg and "spec.yaml" in msg
+    _one_error_line(_cli("build", "--spec", str(spec), cwd=tmp_path), "spec.yaml", "UTF-8")
+
+
+def test_cli_non_utf8_target_is_one_line(tmp_path) -> None:
+    target = tmp_path / "t.yaml"
+    target.write_bytes(yaml.safe_dump(GOOD_TARGET).encode() + b"description: \xff\xfe\n")
+    _one_error_line(_cli("targets", "show", str(target), cwd=tmp_path), "t.yaml", "UTF-8", "line")
+
+
+# --------------------------------------------------------------------------------------------
+# #14: duplicate keys
+# --------------------------------------------------------------------------------------------
+
+def test_duplicate_top_level_key_names_key_and_line(tmp_path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\narch: x86_64\nthreads: 2\nbuilds: [{backend: onnxruntime}]\nthreads: 8\n")
+    msg = _refused(load_target, str(path))
+    assert "t.yaml" in msg and "duplicate key 'threads'" in msg and "line 5" in msg and "line 3" in msg
+
+
+def test_duplicate_nested_key_in_spec(tmp_path) -> None:
+    text = yaml.safe_dump(GOOD_SPEC).replace("accuracy:\n", "accuracy:\n  max_drop_pp: 9\n", 1)
+    assert "max_drop_pp: 9" in text and text.count("max_drop_pp") == 2
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    msg = _refused(load_spec, path)
+    assert "duplicate key 'max_drop_pp'" in msg
+
+
+def test_cli_duplicate_key_is_one_line(tmp_path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\narch: x86_64\narch: aarch64\nbuilds: [{backend: onnxruntime}]\n")
+    _one_error_line(_cli("targets", "show", str(path), cwd=tmp_path), "t.yaml", "duplicate key 'arch'", "line 3")
+
+
+def test_yaml_merge_keys_may_override(tmp_path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\narch: x86_64\nbuilds: [{backend: onnxruntime}]\n"
+                    "validation: {<<: {warmup: 1, runs: 5}, runs: 7}\n")
+    assert load_target(str(path)).validation.runs == 7
+
+
+# --------------------------------------------------------------------------------------------
