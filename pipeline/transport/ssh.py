@@ -42,6 +42,28 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 _NET_ERRORS = (OSError, EOFError, paramiko.SSHException)
 
 
+def _failure_kind(exc: BaseException, elapsed: float, limit: float) -> str:
+    """``"timeout"`` (the peer said nothing in time), ``"closed"`` (it hung up) or ``"other"``.
+
+    paramiko wraps both in the same SSHException ("Error reading SSH protocol banner"); the cause
+    it was raised from tells them apart: a timeout, or an EOF/reset when the peer closed the
+    connection (sshd's MaxStartups, a tcp wrapper, a service restarting). Without a cause, only
+    the clock can: a failure well before the deadline was not a timeout.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # the chain is short; a cycle must not loop forever
+        if seen is None:
+            break
+        if isinstance(seen, (socket.timeout, TimeoutError)):
+            return "timeout"
+        if isinstance(seen, (EOFError, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return "closed"
+        seen = seen.__cause__ or seen.__context__
+    if any(m in str(exc) for m in ("banner", "Timeout", "No existing session")):
+        return "timeout" if elapsed >= 0.9 * limit else "closed"
+    return "other"
+
+
 class _UnknownHostKey(paramiko.SSHException):
     pass
 
@@ -135,6 +157,7 @@ class SshExecutor:
         conn.client.set_missing_host_key_policy(_RejectUnknown())
         if known.is_file():
             conn.client.load_host_keys(str(known))
+        t0 = time.monotonic()
         try:
             conn.open()
         except _UnknownHostKey:
@@ -152,24 +175,21 @@ class SshExecutor:
             conn.close()
             raise DeviceError(f"{self.name}: {h.user} was refused ({exc}); check key_file and the device's "
                               "authorized_keys") from None
-        except (socket.timeout, TimeoutError):
-            conn.close()
-            raise DeviceError(f"{self.name}: no SSH answer within {ts.connect_timeout_s:g} s; is the device up "
-                              "(and not frozen)?") from None
-        except paramiko.SSHException as exc:
-            conn.close()
-            # paramiko's start_client returns silently when ``timeout`` passes mid-handshake; the
-            # next step then says "No existing session". Both mean: no SSH answer in time.
-            if any(m in str(exc) for m in ("banner", "Timeout", "No existing session")):
-                raise DeviceError(f"{self.name}: no SSH answer within {ts.connect_timeout_s:g} s ({exc}); is the "
-                                  "device up (and not frozen)?") from None
-            raise DeviceError(f"{self.name}: SSH connection failed: {exc}; check the device and the network") from None
         except NoValidConnectionsError:
             conn.close()
             raise DeviceError(f"{self.name}: connection refused; is sshd running on port {h.port}?") from None
         except _NET_ERRORS as exc:
             conn.close()
-            raise DeviceError(f"{self.name}: SSH connection failed: {exc}; check the device and the network") from None
+            kind = _failure_kind(exc, time.monotonic() - t0, ts.connect_timeout_s)
+            if kind == "timeout":
+                raise DeviceError(f"{self.name}: no SSH answer within {ts.connect_timeout_s:g} s; is the device up "
+                                  "(and not frozen)?") from None
+            if kind == "closed":
+                raise DeviceError(f"{self.name}: the device closed the connection during the SSH handshake (after "
+                                  f"{time.monotonic() - t0:.1f} s); is sshd overloaded (MaxStartups) or restarting, "
+                                  "or does a firewall/tcp wrapper refuse this host?") from None
+            raise DeviceError(f"{self.name}: SSH connection failed: {exc or type(exc).__name__}; check the device "
+                              "and the network") from None
         assert conn.transport is not None
         conn.transport.set_keepalive(max(1, int(ts.keepalive_s)))
         self._conn = conn
@@ -234,7 +254,7 @@ class SshExecutor:
     def _network_error(self, exc: BaseException, what: str) -> DeviceError:
         """Drop the broken connection and type the failure: a timeout (frozen peer) or a lost link."""
         self._drop()
-        if isinstance(exc, socket.timeout) or "Timeout" in str(exc):
+        if _failure_kind(exc, 0.0, 0.0) == "timeout":
             return CommandTimeout(f"{self.name}: the device did not answer within "
                                   f"{self.target.transport.connect_timeout_s:g} s ({exc}); is it frozen or "
                                   "overloaded?")
