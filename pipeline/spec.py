@@ -668,10 +668,14 @@ def target_dirs() -> list[Path]:
     return seen
 
 
+def _is_path(ref: str) -> bool:
+    return Path(ref).suffix in (".yaml", ".yml") or "/" in ref or os.sep in ref
+
+
 def find_target_file(name_or_path: str) -> Path:
-    """A target by file path, or by name in :func:`target_dirs`."""
-    candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+    """A target by file path, or by name in :func:`target_dirs` (announced when not built in)."""
+    if _is_path(name_or_path):
+        candidate = Path(os.path.expanduser(name_or_path))
         if candidate.is_file():
             return candidate
         raise SpecError(f"{candidate}: target file not found; check the path")
@@ -679,10 +683,29 @@ def find_target_file(name_or_path: str) -> Path:
         for ext in (".yaml", ".yml"):
             p = d / f"{name_or_path}{ext}"
             if p.is_file():
+                _announce(name_or_path, p)
                 return p
     known = ", ".join(sorted(list_target_names())) or "none"
     raise SpecError(f"target {name_or_path!r} not found in {', '.join(str(d) for d in target_dirs())}; "
                     f"known targets: {known}")
+
+
+_ANNOUNCED: set[Path] = set()
+
+
+def _announce(name: str, path: Path) -> None:
+    """Say on stderr which file a target name found when it is not the built-in one (once per file).
+
+    A targets/ folder in the working directory comes before the built-in targets; without this
+    line a stray ./targets/rpi4.yaml would silently change what every build for rpi4 does.
+    """
+    builtin_dir = project_root() / "targets"
+    if path.resolve().parent == builtin_dir.resolve() or path.resolve() in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(path.resolve())
+    shadowed = [builtin_dir / f"{name}{ext}" for ext in (".yaml", ".yml") if (builtin_dir / f"{name}{ext}").is_file()]
+    also = f" (shadows the built-in {shadowed[0]})" if shadowed else ""
+    print(f"edgeship: target {name}: using {path}{also}", file=sys.stderr)
 
 
 def list_target_names() -> list[str]:
@@ -704,29 +727,60 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_target_data(name_or_path: str, _chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path]:
-    """Read a target and everything it ``extends:``, merged child-over-parent (unvalidated)."""
+MAX_EXTENDS = 16
+"""Longest ``extends:`` chain (a board extends a family extends a base: three is typical)."""
+
+
+def _parent_file(ref: str, child: Path) -> Path:
+    """``extends: ref`` of ``child``: a path is relative to ``child``'s folder, a name uses the search path."""
+    if not _is_path(ref):
+        return find_target_file(ref)
+    parent = Path(os.path.expanduser(ref))
+    if not parent.is_absolute():
+        parent = child.parent / parent
+    if not parent.is_file():
+        raise SpecError(f"{parent}: target file not found; a path in 'extends' is relative to {child.parent}")
+    return parent
+
+
+def _extends_chain(name_or_path: str) -> list[tuple[Path, dict[str, Any]]]:
+    """The target file and every file it extends, child first (iterative: chains are capped, not recursed)."""
     path = find_target_file(name_or_path)
-    data = _read_yaml(path, "target")
-    key = str(path.resolve())
-    if key in _chain:
-        cycle = " -> ".join(Path(c).stem for c in (*_chain, key))
-        raise SpecError(f"{path}: field 'extends': cycle {cycle}; remove one of the links")
-    parent = data.get("extends")
-    if parent is None:
-        return data, path
-    if not isinstance(parent, str):
-        raise SpecError(f"{path}: field 'extends': expected a target name, got {parent!r}")
-    try:
-        base, _ = resolve_target_data(parent, (*_chain, key))
-    except SpecError as exc:
-        if "cycle" in str(exc):
-            raise
-        raise SpecError(f"{path}: field 'extends': {exc}") from None
-    merged = _deep_merge(base, {k: v for k, v in data.items() if k != "extends"})
-    merged["extends"] = parent
+    chain = [(path, _read_yaml(path, "target"))]
+    seen = [path.resolve()]
+    while (ref := chain[-1][1].get("extends")) is not None:
+        child = chain[-1][0]
+        if not isinstance(ref, str):
+            raise SpecError(f"{child}: field 'extends': expected a target name or file, got {ref!r}")
+        if len(chain) >= MAX_EXTENDS:
+            links = " -> ".join(p.stem for p, _ in chain[:4])
+            raise SpecError(f"{path}: field 'extends': a chain of more than {MAX_EXTENDS} targets ({links} -> ...); "
+                            "extend a target that holds the shared fields directly")
+        try:
+            parent = _parent_file(ref, child)
+            if parent.resolve() in seen:
+                cycle = " -> ".join(p.stem for p in (*seen, parent.resolve()))
+                raise SpecError(f"{child}: field 'extends': cycle {cycle}; remove one of the links")
+            chain.append((parent, _read_yaml(parent, "target")))
+        except SpecError as exc:
+            if str(exc).startswith(f"{child}: field 'extends'"):
+                raise
+            raise SpecError(f"{child}: field 'extends': {exc}") from None
+        seen.append(parent.resolve())
+    return chain
+
+
+def resolve_target_data(name_or_path: str) -> tuple[dict[str, Any], Path]:
+    """Read a target and everything it ``extends:``, merged child-over-parent (unvalidated)."""
+    chain = _extends_chain(name_or_path)
+    merged: dict[str, Any] = {}
+    for _, data in reversed(chain):
+        merged = _deep_merge(merged, {k: v for k, v in data.items() if k != "extends"})
+    path, own = chain[0]
+    if "extends" in own:
+        merged["extends"] = own["extends"]
     # A child never inherits its parent's name.
-    merged["name"] = data.get("name", path.stem)
+    merged["name"] = own.get("name", path.stem)
     return merged, path
 
 

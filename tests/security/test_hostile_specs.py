@@ -380,3 +380,87 @@ def test_yaml_merge_keys_may_override(tmp_path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# #12: extends chains are capped
+# --------------------------------------------------------------------------------------------
+
+def test_long_extends_chain_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EDGESHIP_TARGETS_PATH", str(tmp_path))
+    (tmp_path / "t0.yaml").write_text(yaml.safe_dump({"arch": "x86_64", "builds": [{"backend": "onnxruntime"}]}))
+    for i in range(1, 3000):
+        (tmp_path / f"t{i}.yaml").write_text(f"extends: t{i - 1}\n")
+    msg = _refused(load_target, "t2999")
+    assert "t2999.yaml" in msg and "extends" in msg and "chain" in msg
+
+
+def test_a_short_extends_chain_still_works(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EDGESHIP_TARGETS_PATH", str(tmp_path))
+    (tmp_path / "t0.yaml").write_text(yaml.safe_dump({"arch": "x86_64", "builds": [{"backend": "onnxruntime"}]}))
+    for i in range(1, 8):
+        (tmp_path / f"t{i}.yaml").write_text(f"extends: t{i - 1}\nthreads: {i}\n")
+    t = load_target("t7")
+    assert t.name == "t7" and t.threads == 7 and t.extends == "t6"
+
+
+# --------------------------------------------------------------------------------------------
+# #15: relative extends resolve from the file that says them
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ref", ["../base/base.yaml", "./../base/base.yaml", "sibling.yaml"])
+def test_relative_extends_resolves_from_the_target_file(tmp_path, monkeypatch, ref) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "boards").mkdir()
+    (tmp_path / "elsewhere" / "deeper").mkdir(parents=True)  # ../base from here is not tmp_path/base
+    base = {"arch": "aarch64", "threads": 3, "builds": [{"backend": "onnxruntime"}]}
+    (tmp_path / "base" / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "boards" / "sibling.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "boards" / "child.yaml").write_text(f"extends: {ref}\nthreads: 5\n")
+    monkeypatch.chdir(tmp_path / "elsewhere" / "deeper")
+    t = load_target(str(tmp_path / "boards" / "child.yaml"))
+    assert t.arch == "aarch64" and t.threads == 5 and t.name == "child"
+
+
+def test_extends_by_name_still_uses_the_search_path(tmp_path, monkeypatch) -> None:
+    (tmp_path / "boards").mkdir()
+    (tmp_path / "boards" / "child.yaml").write_text("extends: rpi4\nthreads: 1\n")
+    monkeypatch.chdir(tmp_path)
+    t = load_target(str(tmp_path / "boards" / "child.yaml"))
+    assert t.arch == "aarch64" and t.threads == 1 and t.extends == "rpi4"
+
+
+def test_missing_relative_parent_names_the_child(tmp_path) -> None:
+    (tmp_path / "child.yaml").write_text("extends: ../nope.yaml\n")
+    msg = _refused(load_target, str(tmp_path / "child.yaml"))
+    assert "child.yaml: field 'extends'" in msg and "nope.yaml" in msg
+
+
+# --------------------------------------------------------------------------------------------
+# #16: a targets/ folder in the working directory says that it is used
+# --------------------------------------------------------------------------------------------
+
+def test_shadowing_target_is_announced(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("EDGESHIP_TARGETS_PATH", raising=False)
+    (tmp_path / "targets").mkdir()
+    mine = tmp_path / "targets" / "local.yaml"
+    mine.write_text(yaml.safe_dump({**GOOD_TARGET, "threads": 1}))
+    monkeypatch.chdir(tmp_path)
+    t = load_target("local")
+    assert t.threads == 1
+    err = capsys.readouterr().err
+    assert str(mine) in err and "shadows" in err and str(ROOT / "targets" / "local.yaml") in err
+
+
+def test_builtin_target_is_quiet(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("EDGESHIP_TARGETS_PATH", raising=False)
+    monkeypatch.chdir(tmp_path)
+    load_target("rpi5")
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_targets_show_names_the_shadowing_file(tmp_path) -> None:
+    (tmp_path / "targets").mkdir()
+    mine = tmp_path / "targets" / "rpi4.yaml"
+    mine.write_text(yaml.safe_dump({**yaml.safe_load((ROOT / "targets" / "rpi4.yaml").read_text()), "threads": 1}))
+    proc = _cli("targets", "show", "rpi5", cwd=tmp_path)  # rpi5 extends the shadowed rpi4
+    assert proc.returncode == 0, proc.stderr
+    assert str(mine) in proc.stderr and "shadows" in proc.stderr
+    assert "threads: 1" in proc.stdout
