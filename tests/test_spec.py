@@ -157,3 +157,10 @@ def test_schema_validates_shipped_targets() -> None:
         jsonschema.validate(data, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"arch": "x86_64", "builds": [], "bogus": 1}, schema)
+
+
+def test_every_registered_backend_has_an_options_schema() -> None:
+    from pipeline.registry import BACKENDS as REGISTERED
+    from pipeline.spec import BACKEND_OPTIONS, BACKENDS
+
+    assert set(BACKEND_OPTIONS) == set(REGISTERED) == set(BACKENDS)
