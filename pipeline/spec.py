@@ -244,6 +244,9 @@ class TransportSpec(_Strict):
     keepalive_s: float = Field(10.0, gt=0, le=MAX_CONNECT_TIMEOUT_S)
     keep_releases: int = Field(3, ge=1)
     parallel: int = Field(4, ge=1, description="devices deployed at once in a fleet")
+    max_failures: Union[Annotated[int, Field(ge=1)], Annotated[str, Field(pattern=r"^([1-9][0-9]?|100)%$")],
+                        None] = Field(None, description="stop a fleet rollout once this many hosts (e.g. 3) or this "
+                                                        "share of them (e.g. '30%') failed: unreachable or gate failed")
 
     @model_validator(mode="after")
     def _hosts(self) -> "TransportSpec":
