@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.errors import EdgeshipError
+from pipeline.paths import contained
 from pipeline.spec import load_spec, load_target
 
 
 def history_file(history: Path, spec_name: str, target_name: str) -> Path:
-    return history / spec_name / f"{target_name}.jsonl"
+    return contained(history / spec_name / f"{target_name}.jsonl", history, f"history of {spec_name} on {target_name}")
 
 
 def last_good(path: Path) -> dict[str, dict[str, Any]]:
@@ -87,7 +88,8 @@ def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: 
             hist = history_file(history, spec.name, target.name)
             good = last_good(hist)
             log(f"nightly: {spec.name} on {target.name}")
-            out_dir = out_root / spec.name / target.name
+            out_dir = contained(out_root / spec.name / target.name, out_root,
+                                f"{spec.source_path}, {target.source_path}: field 'name'")
             try:
                 results = deploy(spec, target, out_dir, log=log)
                 error = None
