@@ -114,6 +114,15 @@ def test_cli_out_folder_is_contained_even_for_unvalidated_names() -> None:
     assert _out(None, spec, good) == Path("build") / "mnist" / "local"
 
 
+def test_nightly_paths_are_contained(tmp_path) -> None:
+    from pipeline.nightly import history_file
+
+    assert history_file(tmp_path, "mnist", "local") == tmp_path / "mnist" / "local.jsonl"
+    for spec_name, target_name in (("..", "x"), ("/tmp", "x"), ("m", "../../x")):
+        with pytest.raises(SpecError, match="outside"):
+            history_file(tmp_path, spec_name, target_name)
+
+
 def test_cli_build_with_absolute_target_name_touches_nothing(tmp_path) -> None:
     victim = tmp_path / "victim"
     (victim / "release").mkdir(parents=True)
