@@ -48,13 +48,14 @@ def test_int8_full_integer_with_float_io(convert: Callable[..., Artifact]) -> No
     check = art.info["check"]
     assert check["sqnr_db"] >= 25.0 and check["top1_agreement"] >= 90.0
     cal = art.info["calibration"]
-    assert cal["calibration_samples"] + cal["holdout_samples"] == 64 and cal["fused_conv_relu6"] == 1
+    notes = cal["notes"]
+    assert cal["calibration_samples"] + cal["holdout_samples"] == 64 and notes["fused_conv_relu6"] == 1
     # every activation observer took the shared calibration plan's range (paired by value)
-    shared = cal["shared_ranges"]
+    shared = notes["shared_ranges"]
     assert shared["from_plan"] == shared["observers"] > 5 and shared["observed_by_pt2e"] == [], shared
     assert shared["max_match_error"] < 1e-3 and cal["method"] in cal["method_scores"]
     # the plan's bias correction reached every quantized conv / linear (3 convs + the classifier)
-    assert cal["bias_correction"]["applied"] and cal["bias_correction"]["layers"] == 4, cal["bias_correction"]
+    assert notes["bias_correction"]["applied"] and notes["bias_correction"]["layers"] == 4, notes["bias_correction"]
     # full integer: the only float32 tensors left are the float input and output themselves
     assert art.info["tensor_types"]["float32"] == 2 and art.info["tensor_types"]["int8"] > 10
 
@@ -76,13 +77,13 @@ def test_int8_io_option_records_quant_params(convert: Callable[..., Artifact]) -
 def test_float_layers_option_keeps_a_layer_float(tmp_path: Path) -> None:
     ctx = make_context(tmp_path, NAME, tiny_cnn, digits(16), digits(8, offset=16), {"float_layers": ["0"]})
     art = get_backend(NAME).convert(ctx, "int8")
-    assert art.info["calibration"]["kept_float"] == ["0"]  # nn.Sequential index of the first conv
+    assert art.info["calibration"]["notes"]["kept_float"] == ["0"]  # nn.Sequential index of the first conv
     assert art.info["tensor_types"]["float32"] > 2  # a float conv inside the integer graph
     # a float layer reads a float tensor: the conv feeding it (through ReLU and MaxPool) stays float too
     ctx.workdir = tmp_path / "depthwise"
     ctx.build.options["float_layers"] = ["4"]
-    cal = get_backend(NAME).convert(ctx, "int8").info["calibration"]
-    assert cal["kept_float"] == ["0", "4"] and cal["float_producers"] == ["0"], cal["kept_float"]
+    notes = get_backend(NAME).convert(ctx, "int8").info["calibration"]["notes"]
+    assert notes["kept_float"] == ["0", "4"] and notes["float_producers"] == ["0"], notes["kept_float"]
     ctx.workdir = tmp_path / "again"
     ctx.build.options["float_layers"] = ["no_such_layer"]
     with pytest.raises(ConversionError, match="no_such_layer"):
@@ -103,9 +104,9 @@ def test_fallback_keeps_the_planted_layer_float_to_meet_the_budget(tmp_path: Pat
     # ranked by the gated ONNX model: the second conv (reading the x300 channel) saves the most
     first = cal["fallback_layers"][0]
     assert first["name"] == "2" and first["saved_db"] > 10.0 and len(cal["fallback_layers"]) == 1, cal
-    assert first["onnx_node"] and "solo_weight_sqnr_db" not in first
+    assert first["op"].startswith("onnx ") and first["sqnr_db"] is None  # paired with its ONNX node
     # its input is the first conv's output, so that conv stays float with it; the classifier is int8
-    assert cal["kept_float"] == ["0", "2"] and cal["float_producers"] == ["0"]
+    assert cal["notes"]["kept_float"] == ["0", "2"] and cal["notes"]["float_producers"] == ["0"]
     assert cal["method_scores"][cal["method"]]["drop_pp"] > 10.0 and cal["fallback_tried"] == [[1, cal["holdout"]["drop_pp"]]]
 
 
@@ -229,7 +230,7 @@ def test_int8_keeps_no_pad_op_a_conv_can_absorb(tmp_path: Path) -> None:
 
     ctx = make_context(tmp_path, NAME, padded_cnn, digits(40), digits(8, offset=40))
     art = get_backend(NAME).convert(ctx, "int8")
-    assert art.info["calibration"]["pads_folded_into_conv"] == 1
+    assert art.info["calibration"]["notes"]["pads_folded_into_conv"] == 1
     ops = collections.Counter(d["op_name"] for d in Interpreter(
         model_path=str(art.workdir / "model.tflite"))._get_ops_details())
     # without the fold the even pad stays a PAD op between quantize pairs, with its own TRANSPOSEs

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+from calibration.search import Arrays, Holdout, Ranking, first
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.backends.base import BuildContext
 
 # Ops whose weights ai-edge-quantizer's float_casting can store as fp16 (DEQUANTIZE in front).
+INT8_FILE = "model.tflite"
 _FP16_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "CONV_2D_TRANSPOSE", "EMBEDDING_LOOKUP")
 
 
@@ -103,11 +107,124 @@ def _run(module: Any, x: np.ndarray, batch: int) -> np.ndarray:
         return run_batched(lambda chunk: module(torch.from_numpy(np.array(chunk))).numpy(), x, batch)
 
 
-def _fallback_entry(f: Any) -> dict[str, Any]:
-    """One fallback layer for the report: the module, the ONNX node it pairs with, what it saved."""
-    if f.op.startswith("onnx "):
-        return {"name": f.name, "onnx_node": f.op[5:], "saved_db": round(f.saved_db, 3), "saved_pp": round(f.saved_pp, 3)}
-    return {"name": f.name, "solo_weight_sqnr_db": f.sqnr_db}
+@dataclass
+class Pt2eCandidate:
+    """A converted PT2E fake-quant graph: the arithmetic the TFLite int8 model runs."""
+
+    method: str
+    float_layers: tuple[str, ...]
+    graph: Any
+    quantizer: Any
+    applied: int
+    prepared: Prepared
+    facts: dict[str, Any]
+
+    def run(self, x: Arrays) -> Arrays:
+        return {self.facts["output"]: _run(self.graph, to_model_layout(self.prepared, first(x)), self.prepared.batch)}
+
+    def tflite(self) -> bytes:
+        """The full-integer .tflite model (litert-torch with the candidate's quantizer)."""
+        import litert_torch
+        from litert_torch.quantize.quant_config import QuantConfig
+
+        model = litert_torch.convert(self.graph, (self.prepared.sample,),
+                                     quant_config=QuantConfig(pt2e_quantizer=self.quantizer))
+        return bytes(model.model_content())
+
+    def write(self, workdir: Path) -> list[str]:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        (Path(workdir) / INT8_FILE).write_bytes(self.tflite())
+        return [INT8_FILE]
+
+    def notes(self) -> dict[str, Any]:
+        f = self.facts
+        kept = list(self.quantizer.kept_float)
+        return {"format": "TFLite full integer (litert-torch PT2E)", "quantizer": f["quantizer"],
+                "shared_ranges": {**f["pairing"], "from_plan": self.applied}, "weights": f["weights"],
+                "fused_conv_relu6": int(self.quantizer.fused_relu6), "pads_folded_into_conv": f["pads_folded"],
+                "kept_float": kept, "bias_correction": f["bias_correction"],
+                # a float layer reads a float tensor, so the conv / linear producing it stays float too
+                "float_producers": sorted(set(kept) - set(f["user_float"]) - set(self.float_layers))}
+
+
+class Pt2eBuilder:
+    """PT2E candidates: one exported graph, calibrated once per float-layer set (observers see
+    every fit sample), each method's plan ranges applied to a copy of the calibrated graph."""
+
+    def __init__(self, p: Prepared, ctx: "BuildContext", fit: Any, plans: dict[str, Any], observer: str) -> None:
+        import torch
+
+        from calibration.graph import load_model
+        from calibration.transfer import onnx_activations
+
+        from pipeline.backends.tflite.quantizer import fold_zero_pads
+
+        self.p, self.ctx, self.fit, self.plans, self.observer = p, ctx, fit, plans, observer
+        self.per_channel = bool(ctx.spec.calibration.per_channel)
+        self.user_float = [str(n) for n in ctx.build.options.get("float_layers") or ()]
+        self.fit_x = _whole_batches(to_model_layout(p, fit.samples), p.batch)
+        self.exported = torch.export.export(p.module, (p.sample,)).module()
+        self.pads_folded = fold_zero_pads(self.exported)
+        self.onnx_values = (onnx_activations(ctx.onnx_fp32, fit.samples[:p.batch], threads=ctx.target.threads)
+                            if plans else {})
+        # bias correction barely depends on the method (only via the int32-bias floor): the first plan's
+        self.corrected = next(iter(plans.values())).bias if plans else {}
+        self.onnx_model = load_model(ctx.onnx_fp32) if self.corrected else None
+        self.calibrated: dict[tuple[str, ...], tuple[Any, Any, Any, int]] = {}
+
+    def _calibrated(self, float_layers: tuple[str, ...]) -> tuple[Any, Any, Any, int]:
+        """(quantizer, calibrated graph, pairing, corrected biases) for one float-layer set."""
+        import copy
+
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+        from pipeline.backends.tflite import ranges as shared
+        from pipeline.backends.tflite.quantizer import make_quantizer
+
+        if float_layers not in self.calibrated:
+            quantizer = make_quantizer(self.per_channel, self.observer, list(float_layers))
+            graph = prepare_pt2e(copy.deepcopy(self.exported), quantizer)
+            missing = sorted(set(float_layers) - set(quantizer.kept_float))
+            if missing:  # checked before the (long) calibration pass
+                raise ValueError(f"float_layers {missing} match no conv / linear module of the model")
+            # pairing and bias correction both compare values with the *uncorrected* fp32 ONNX model
+            batch = self.fit_x[:self.p.batch]
+            pairing = shared.pair(graph, batch, self.onnx_values) if self.plans else shared.Pairing()
+            n = shared.correct_biases(graph, batch, self.onnx_values, self.onnx_model, self.corrected) \
+                if self.corrected else 0
+            _run(graph, self.fit_x, self.p.batch)  # the observers see every fit sample
+            self.calibrated[float_layers] = (quantizer, graph, pairing, n)
+        return self.calibrated[float_layers]
+
+    def candidate(self, method: str, float_layers: Sequence[str]) -> Pt2eCandidate:
+        import copy
+
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        from pipeline.backends.tflite import ranges as shared
+
+        quantizer, graph, pairing, n_corrected = self._calibrated(tuple(self.user_float) + tuple(float_layers))
+        graph = copy.deepcopy(graph)
+        applied = shared.apply(graph, pairing, self.plans[method].ranges) if method in self.plans else 0
+        facts = {"output": self.ctx.output_name, "user_float": self.user_float, "pads_folded": self.pads_folded,
+                 "quantizer": "litert_torch PT2E (symmetric int8 weights, int8 activations, static)",
+                 "weights": "per-channel" if self.per_channel else "per-tensor",
+                 "pairing": {"observers": len(pairing.pairs) + len(pairing.own), "observed_by_pt2e": pairing.own,
+                             "max_match_error": pairing.max_error},
+                 "bias_correction": {"applied": n_corrected > 0, "layers": n_corrected,
+                                     "onnx_biases_corrected": len(self.corrected),
+                                     "source": "calibration plan (as quantize_onnx for ONNX Runtime), paired by value"}}
+        return Pt2eCandidate(method, tuple(float_layers), convert_pt2e(graph, fold_quantize=False), quantizer,
+                             applied, self.p, facts)
+
+    def rank(self, method: str, holdout: Holdout, reference: Arrays) -> Ranking:
+        """Gated ONNX ranking under the same plan, paired with the modules (sensitivity.py)."""
+        from pipeline.backends.tflite.sensitivity import rank_modules
+
+        ctx = self.ctx
+        ranked = rank_modules(ctx.torch_model().eval(), self.fit.samples, first(holdout.x), self.per_channel,
+                              ctx.onnx_fp32, self.plans.get(method), self.onnx_values, ctx.target.threads)
+        return Ranking([s for s in ranked if s.name not in self.user_float])
 
 
 def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any]]:
@@ -116,137 +233,31 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
     * Weights: symmetric int8, per output channel unless the spec says ``per_channel: false``.
     * Activations: int8 per tensor. The observers see the calibration fit split; every observer
       whose tensor pairs with an ONNX tensor (ranges.py) then takes the shared calibration plan's
-      range (asymmetric, as TFLite's int8 activations are). ``auto`` scores each method's ranges
-      on the calibration holdout with the PT2E fake-quant graph (the arithmetic the TFLite model
-      runs) and keeps the best. ``ort-default`` (or option ``observer: histogram``) keeps the
-      graph's own observers. Conv + ReLU6 is fused (see quantizer.py).
-    * Fallback (``calibration.fallback``): when the holdout drop exceeds the budget, Conv /
-      Linear modules are ranked by what leaving each alone in float buys in the gated ONNX model
-      under the same plan (the ranking ONNX Runtime's fallback uses, paired with the modules by
-      value; sensitivity.py) and ``calibration.sensitivity.choose_fallback`` keeps the fewest in
-      float that meet it, each candidate checked with the PT2E graph on the whole holdout.
-      Modules named in ``options["float_layers"]`` always stay float.
+      range (asymmetric, as TFLite's int8 activations are). ``ort-default`` (or option
+      ``observer: histogram``) keeps the graph's own observers. Conv + ReLU6 is fused (see
+      quantizer.py).
+    * Method choice, fallback, budget and report: ``calibration.search`` over
+      :class:`Pt2eBuilder`, each candidate scored with its PT2E fake-quant graph on the
+      calibration holdout against the fp32 module. Modules named in ``options["float_layers"]``
+      always stay float.
     """
-    import copy
+    from pipeline.backends.calibrate import calibration_plan, run_search, spec_methods, split
 
-    import litert_torch
-    import torch
-    from calibration.metrics import fidelity
-    from calibration.graph import load_model
-    from calibration.sensitivity import budget_reason, choose_fallback
-    from calibration.transfer import onnx_activations
-    from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    from pipeline.backends.calibrate import budget_pp, calibration_config, calibration_plan, calibration_set
-    from pipeline.backends.tflite import ranges as shared
-    from pipeline.backends.tflite.quantizer import fold_zero_pads, make_quantizer
-    from pipeline.backends.tflite.sensitivity import rank_modules
-
-    cal = ctx.spec.calibration
-    per_channel = bool(cal.per_channel)
+    t0 = time.perf_counter()
     observer = str(ctx.build.options.get("observer", "minmax"))
-    user_float = [str(n) for n in ctx.build.options.get("float_layers") or ()]
-    cfg = calibration_config(ctx, "minmax", activation_mode="asymmetric")
-    fit, hold = calibration_set(ctx).split(cfg.holdout_fraction, cfg.seed)
-    fit_x = _whole_batches(to_model_layout(p, fit.samples), p.batch)
-    hold_x = _whole_batches(to_model_layout(p, hold.samples), p.batch)
-    labels = None if hold.labels is None else hold.labels[:hold_x.shape[0]]
-    if fit_x.shape[0] == 0 or hold_x.shape[0] == 0:
+    own = (f"{observer} (the graph's own observers)",)
+    methods = own if observer != "minmax" else spec_methods(ctx, ort_default=own)
+    plans = {m: calibration_plan(ctx, m, activation_mode="asymmetric") for m in methods if m not in own}
+    fit, hold = split(ctx)
+    hold_x = _whole_batches(hold.samples, p.batch)
+    if _whole_batches(fit.samples, p.batch).shape[0] == 0 or hold_x.shape[0] == 0:
         raise ValueError(f"calibration fit ({len(fit)}) and holdout ({len(hold)}) splits each need at least "
                          f"one batch of {p.batch} samples; add calibration samples")
-    t0 = time.perf_counter()
-    exported = torch.export.export(p.module, (p.sample,)).module()
-    pads_folded = fold_zero_pads(exported)
-    ref = _run(p.module, hold_x, p.batch)
-    methods: tuple[str, ...] = ()
-    if cal.method != "ort-default" and observer == "minmax":
-        from calibration.observers import METHODS
-
-        methods = tuple(METHODS) if cal.method == "auto" else (cal.method,)
-    plans = {m: calibration_plan(ctx, m, activation_mode="asymmetric") for m in methods}
-    onnx_values = onnx_activations(ctx.onnx_fp32, fit.samples[:p.batch], threads=ctx.target.threads) if plans else {}
-    # bias correction barely depends on the method (only via the int32-bias floor): the first plan's
-    corrected = next(iter(plans.values())).bias if plans else {}
-    onnx_model = load_model(ctx.onnx_fp32) if corrected else None
-    n_corrected = 0
-
-    def prepared(float_layers: list[str]) -> tuple[Any, Any, shared.Pairing]:
-        quantizer = make_quantizer(per_channel, observer, float_layers)
-        graph = prepare_pt2e(copy.deepcopy(exported), quantizer)
-        missing = sorted(set(float_layers) - set(quantizer.kept_float))
-        if missing:  # checked before the (long) calibration pass
-            raise ValueError(f"float_layers {missing} match no conv / linear module of the model")
-        nonlocal n_corrected
-        # pairing and bias correction both compare values with the *uncorrected* fp32 ONNX model
-        pairing = shared.pair(graph, fit_x[:p.batch], onnx_values) if plans else shared.Pairing()
-        if corrected:
-            n_corrected = shared.correct_biases(graph, fit_x[:p.batch], onnx_values, onnx_model, corrected)
-        _run(graph, fit_x, p.batch)  # the observers see every fit sample
-        return quantizer, graph, pairing
-
-    def finish(graph: Any, pairing: shared.Pairing, method: str | None) -> tuple[Any, int]:
-        graph = copy.deepcopy(graph)
-        applied = shared.apply(graph, pairing, plans[method].ranges) if method else 0
-        return convert_pt2e(graph, fold_quantize=False), applied
-
-    def score(q: Any) -> dict[str, float]:
-        return {k: round(float(v), 4) for k, v in fidelity(ref, _run(q, hold_x, p.batch), labels, cfg.tie_margin).items()}
-
-    quantizer, graph, pairing = prepared(user_float)
-    scores = {m: score(finish(graph, pairing, m)[0]) for m in methods}
-    method = max(methods, key=lambda m: (scores[m]["sqnr_db"], scores[m]["top1_agreement"])) if methods else None
-    final, applied = finish(graph, pairing, method)
-    holdout = scores[method] if method else score(final)
-    budget = budget_pp(ctx)
-    result = None
-    if holdout["drop_pp"] > budget and cal.fallback:
-        ranked = [s for s in rank_modules(ctx.torch_model().eval(), fit.samples, hold.samples, per_channel,
-                                          ctx.onnx_fp32, plans.get(method), onnx_values, ctx.target.threads)
-                  if s.name not in user_float]
-        built: dict[tuple[str, ...], tuple[Any, Any, int]] = {}
-
-        def evaluate(names: list[str]) -> dict[str, float]:
-            qz, g, pr = prepared(user_float + names)
-            q, n = finish(g, pr, method)
-            built[tuple(names)] = (qz, q, n)
-            return score(q)
-
-        result = choose_fallback(ranked, evaluate, holdout, budget)
-        key = tuple(f.name for f in result.layers)
-        if key in built:
-            quantizer, final, applied = built[key]
-            holdout = result.metrics
-    calib_s = time.perf_counter() - t0
-    model = litert_torch.convert(final, (p.sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
-    budget_met = holdout["drop_pp"] <= budget
-    info = {
-        "quantizer": "litert_torch PT2E (symmetric int8 weights, int8 activations, static)",
-        "method": method or f"{observer} (the graph's own observers)",
-        "method_scores": scores,
-        "reason": (f"{method}: highest holdout output SQNR ({scores[method]['sqnr_db']:.2f} dB) of the PT2E "
-                   f"fake-quant graph on {hold_x.shape[0]} held-out calibration samples"
-                   if len(methods) > 1 else f"{method or observer}: requested"),
-        "shared_ranges": {"observers": len(pairing.pairs) + len(pairing.own), "from_plan": applied,
-                          "observed_by_pt2e": pairing.own, "max_match_error": pairing.max_error},
-        "weights": "per-channel" if per_channel else "per-tensor",
-        "fused_conv_relu6": int(quantizer.fused_relu6),
-        "pads_folded_into_conv": pads_folded,
-        "kept_float": list(quantizer.kept_float),
-        # a float layer reads a float tensor, so the conv / linear producing it stays float too
-        "float_producers": sorted(set(quantizer.kept_float) - set(user_float)
-                                  - {f.name for f in (result.layers if result is not None else [])}),
-        "budget_pp": budget,
-        "budget_met": budget_met,
-        "budget_reason": budget_reason(holdout["drop_pp"], budget, cal.fallback, result),
-        "holdout": holdout,
-        "fallback_layers": [_fallback_entry(f) for f in (result.layers if result is not None else [])],
-        "fallback_tried": [list(t) for t in result.tried] if result is not None else [],
-        "bias_correction": {"applied": n_corrected > 0, "layers": n_corrected, "onnx_biases_corrected": len(corrected),
-                            "source": "calibration plan (as quantize_onnx for ONNX Runtime), paired by value"},
-        "calibration_samples": int(fit_x.shape[0]),
-        "holdout_samples": int(hold_x.shape[0]),
-        "calibration_sha256": ctx.calibration.sha256,
-        "calibration_time_s": round(calib_s, 2),
-    }
-    return bytes(model.model_content()), info
+    builder = Pt2eBuilder(p, ctx, fit, plans, observer)
+    labels = None if hold.labels is None else hold.labels[:hold_x.shape[0]]
+    reference = {ctx.output_name: _run(p.module, to_model_layout(p, hold_x), p.batch)}
+    found = run_search(ctx, builder, Holdout({ctx.input_name: hold_x}, labels), reference, methods,
+                       int(builder.fit_x.shape[0]), t0)
+    files = found.candidate.write(ctx.workdir)
+    found.report.notes = found.candidate.notes()
+    return (ctx.workdir / files[0]).read_bytes(), found.report.to_dict()
