@@ -473,3 +473,32 @@ def test_cli_targets_show_names_the_shadowing_file(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert str(mine) in proc.stderr and "shadows" in proc.stderr
     assert "threads: 1" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# The same refusals through the console script: exit 2, one line, no traceback
+# --------------------------------------------------------------------------------------------
+
+def _hostile_target(tmp_path: Path, kind: str) -> Path:
+    head = "name: t\narch: x86_64\nbuilds: [{backend: onnxruntime}]\n"
+    path = tmp_path / "t.yaml"
+    if kind == "alias bomb":
+        path.write_text(head + "hardware:\n" + "\n".join("  " + line for line in _alias_bomb().splitlines()) + "\n")
+    elif kind == "deep nesting":
+        path.write_text(head + "hardware: " + "[" * 5000 + "]" * 5000 + "\n")
+    elif kind == "extends chain":
+        (tmp_path / "t0.yaml").write_text(head)
+        for i in range(1, 3000):
+            (tmp_path / f"t{i}.yaml").write_text(f"extends: t{i - 1}.yaml\n")
+        path.write_text("extends: t2999.yaml\n")
+    return path
+
+
+@pytest.mark.parametrize("kind,words", [("alias bomb", ("alias",)), ("deep nesting", ("nested", "line 4")),
+                                        ("extends chain", ("extends", "chain"))])
+def test_cli_hostile_yaml_is_one_line(tmp_path, kind, words) -> None:
+    path = _hostile_target(tmp_path, kind)
+    t0 = time.perf_counter()
+    proc = _cli("targets", "show", str(path), cwd=tmp_path)
+    assert time.perf_counter() - t0 < 30
+    _one_error_line(proc, "t.yaml", *words)
