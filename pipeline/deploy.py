@@ -18,6 +18,7 @@ from pipeline.cache import Cache
 from pipeline.errors import DeviceError, EdgeshipError
 from pipeline.spec import Host, PipelineSpec, TargetSpec
 from pipeline.validate.gate import budget_pp, check_run, combine, run_row
+from pipeline.validate.paired import attach_drop_intervals
 from pipeline.validate.report import RESULTS_SCHEMA
 
 LOCK_WAIT_S = 600.0
@@ -121,6 +122,9 @@ def _deploy_one(built: BuildResult, host: Host | None, rollback_on_fail: bool,
             raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s)
             result = _device_result(spec, target, name, built.manifest, raw, dep)
             result["probe"] = probe
+            # Paired with fp32 on the same samples: the drop's exact interval (the host has the data).
+            attach_drop_intervals(result["runs"], raw, built.release_dir / built.manifest["agent"]["eval_dir"],
+                                  spec.evaluation.metric, spec.evaluation.tie_margin)
             if not result["gate"]["passed"] and rollback_on_fail:
                 previous = dep.get("previous")
                 if previous and previous != built.release_id:
