@@ -62,10 +62,14 @@ def test_deploy_local_passes_and_writes_results(workspace: Path) -> None:
         assert 0 < run["peak_rss_mb"] < 4096
         assert len(run["artifact_sha256"]) == 64
         assert run["accuracy_drop_pp"] <= res["budget_pp"]
+        iv = run["accuracy_drop_interval"]  # paired with fp32 on the same samples, from the agent's predictions
+        assert iv["n"] == 1500 and iv["drop_pp"] == pytest.approx(run["accuracy_drop_pp"], abs=1e-3)
+        assert iv["low_pp"] <= iv["drop_pp"] <= iv["high_pp"]
     fp32 = next(r for r in res["runs"] if r["precision"] == "fp32")
     int8 = next(r for r in res["runs"] if r["precision"] == "int8")
     assert fp32["accuracy"] == pytest.approx(res["reference"]["accuracy"], abs=1e-6)
     assert int8["artifact_bytes"] < fp32["artifact_bytes"]  # int8 weights are smaller
+    assert "<img" in (workspace / "build" / "report.html").read_text()  # beside report.md
     # The release is on the "device": a separate folder, switched atomically.
     current = workspace / "device" / "current"
     assert current.is_symlink() and json.loads((current / "manifest.json").read_text())["release_id"] == res["release_id"]
