@@ -154,9 +154,14 @@ def _dl(items: Sequence[tuple[str, Any]]) -> str:
     return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in items if v is not None) + "</dl>"
 
 
+def _runtime(row: dict[str, Any]) -> str:
+    version = str(row["runtime_version"])
+    return version if version.startswith(row["backend"]) else f"{row['backend']} {version}"
+
+
 def _header(results: dict[str, Any]) -> str:
     ref = results.get("reference") or {}
-    runtimes = sorted({f"{r['backend']} {r['runtime_version']}" for _, r in _runs(results) if r.get("runtime_version")})
+    runtimes = sorted({_runtime(r) for _, r in _runs(results) if r.get("runtime_version")})
     versions = {"edgeship": __version__, **(results.get("versions") or {})}
     limits = results.get("limits") or {}
     return _dl([
