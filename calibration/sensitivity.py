@@ -165,13 +165,3 @@ def choose_fallback(
         f"model has {len(ranked)} quantizable layer(s): nothing to fall back"
     )
     return FallbackResult(chosen, False, reason, metrics, tried)
-
-
-def budget_reason(drop_pp: float, budget: float, fallback: bool, result: FallbackResult | None = None) -> str:
-    """Why the holdout drop misses the budget ('' when it does not): the fallback's reason if it
-    ran and gave one, else the drop against the budget (and that fallback is off, if it is)."""
-    if drop_pp <= budget:
-        return ""
-    if result is not None and result.reason:
-        return result.reason
-    return f"holdout drop {drop_pp:.2f} pp > budget {budget:.2f} pp" + ("" if fallback else " and fallback is off")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from calibration.search import summary
 from pipeline.spec import PipelineSpec, TargetSpec
 
 
 def budget_pp(spec: PipelineSpec, target: TargetSpec) -> float:
+    """The one budget rule: the INT8 search (pipeline.backends.calibrate) and the gate use it."""
     budget = spec.accuracy.max_drop_pp
     if target.limits.max_accuracy_drop_pp is not None:
         budget = min(budget, target.limits.max_accuracy_drop_pp)
@@ -57,12 +59,11 @@ WORST_TENSORS = 5
 
 
 def _calibration_summary(run_meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The results.json block of the build's one INT8 report (``calibration.search.SearchReport``)."""
     cal = (run_meta.get("conversion") or {}).get("calibration")
     if not cal:
         return None
-    keep = ("method", "reason", "budget_met", "budget_reason", "fallback_layers", "calibration_time_s",
-            "stats_cache_hit")
-    out = {k: cal[k] for k in keep if k in cal}
+    out = summary(cal)
     table = cal.get("per_layer_sqnr") or []
     if table:  # where the int8 error enters: the tensors with the lowest SQNR vs fp32 (holdout)
         out["worst_tensors"] = sorted(table, key=lambda r: float(r["sqnr_db"]))[:WORST_TENSORS]
