@@ -116,6 +116,10 @@ class BuildResult:
     events: list[StageEvent] = field(default_factory=list)
 
 
+def _cache_detail(result: Any) -> str:
+    return f"key {result.key[:12]}" + (f"  ({result.note})" if result.note else "")
+
+
 def _timed(events: list[StageEvent], log: Callable[[str], None], stage: str, fn: Callable[[], Any],
            detail: Callable[[Any], str] = lambda r: "") -> Any:
     t0 = time.perf_counter()
@@ -180,10 +184,10 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
 
     batch = spec.input.shape[0]
     if spec.model.onnx:
-        from pipeline.stages.onnx_guard import check_external_data
+        from pipeline.stages.onnx_guard import check_onnx_file
 
         user_onnx = spec.resolve_path(spec.model.onnx)
-        external = check_external_data(user_onnx)
+        external = check_onnx_file(user_onnx)  # parses, external data inside, checker
         weights = sha256_file(user_onnx) + "".join(sha256_file(user_onnx.parent / e) for e in external)
         stage_name, export_fn = "import onnx", lambda d: _write_json(d / "info.json", _import_onnx(user_onnx, d))
     else:
@@ -194,7 +198,7 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
                     "export": spec.export, "torch": torch.__version__, "edgeship": __version__,
                     "code": source_digest("pipeline.stages.export")}
     exported = _timed(events, log, stage_name, lambda: cache.get_or_build("export", export_parts, export_fn),
-                      lambda r: f"key {r.key[:12]}")
+                      _cache_detail)
     onnx_raw = exported.path / "model.onnx"
     export_info = json.loads((exported.path / "info.json").read_text())
 
@@ -204,7 +208,7 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
     optimized = _timed(events, log, "optimize (fold, slim)", lambda: cache.get_or_build(
         "optimize", opt_parts, lambda d: _write_json(d / "info.json", optimize_onnx(onnx_raw, d / "model.onnx",
                                                                                     check_x, batch))),
-        lambda r: f"key {r.key[:12]}")
+        _cache_detail)
     onnx_opt = optimized.path / "model.onnx"
     opt_info = json.loads((optimized.path / "info.json").read_text())
     onnx_sha = sha256_file(onnx_opt)
@@ -256,7 +260,7 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
                                                    "runner_config": art.runner_config, "info": art.info})
 
             entry = _timed(events, log, f"{backend.name} {precision}", lambda convert=convert, ctx_parts=ctx_parts:
-                           cache.get_or_build("convert", ctx_parts, convert), lambda r: f"key {r.key[:12]}")
+                           cache.get_or_build("convert", ctx_parts, convert), _cache_detail)
             meta = json.loads((entry.path / "artifact.json").read_text())
             artifacts.append(Artifact(meta["backend"], meta["precision"], entry.path, meta["files"],
                                       meta["runner"], meta["runner_config"], meta["info"]))

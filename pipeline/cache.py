@@ -4,6 +4,11 @@ A key is the sha256 of the canonical JSON of everything that decides a stage's o
 file hashes, options and tool versions. An entry is a folder, written under a temporary name and
 renamed into place, so a failed or interrupted stage never leaves a half entry that looks done
 and never touches the entries already there.
+
+An entry's ``.complete`` records the sha256 of its content; every use re-hashes the entry and
+rebuilds it when the bytes changed since (a corrupted artifact must never be packaged with the
+numbers measured on the good one). A temporary folder carries its builder's pid in its name, so
+the folders of a killed build are recognised and removed by the next run.
 """
 
 from __future__ import annotations
@@ -11,13 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.workloads import cache_home
+
+COMPLETE = ".complete"
+_TMP = re.compile(r"^\.tmp-(\d+)-")  # .tmp-<pid>-<key prefix>-<random>: a build in progress
+_OLD_TMP_AGE_S = 24 * 3600  # temp folders of older versions carry no pid: removed after a day
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -63,11 +74,30 @@ def key_of(parts: dict[str, Any]) -> str:
     return sha256_bytes(canonical_json(parts).encode())
 
 
+def tree_digest(folder: Path, skip: tuple[str, ...] = (COMPLETE,)) -> str:
+    """sha256 over every file under ``folder`` (relative names and contents), in a stable order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in skip):
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 @dataclass
 class CacheResult:
     path: Path
     hit: bool
     key: str
+    note: str = ""  # why a cached entry was rebuilt (shown in the build log)
 
 
 class Cache:
@@ -76,27 +106,63 @@ class Cache:
     def __init__(self, root: Path | None = None) -> None:
         env = os.environ.get("EDGESHIP_STAGE_CACHE")
         self.root = Path(root) if root else (Path(env) if env else cache_home() / "stages")
+        self._swept = False
 
     def entry(self, stage: str, key: str) -> Path:
         return self.root / stage / key[:2] / key
 
     def get_or_build(self, stage: str, parts: dict[str, Any], build: Callable[[Path], None]) -> CacheResult:
-        """Return the entry for ``parts``; on a miss, ``build(tmpdir)`` fills it atomically."""
+        """Return the entry for ``parts``; on a miss (or a damaged entry), ``build(tmpdir)`` fills it atomically."""
+        if not self._swept:
+            self._swept = True
+            self.sweep()
         key = key_of({"stage": stage, **parts})
         final = self.entry(stage, key)
-        if (final / ".complete").is_file():
+        note = self._check(final)
+        if (final / COMPLETE).is_file() and not note:
             return CacheResult(final, True, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{key[:12]}-", dir=final.parent))
         try:
             build(tmp)
             (tmp / "key.json").write_text(canonical_json({"stage": stage, **parts}))
-            (tmp / ".complete").write_text(key)
+            (tmp / COMPLETE).write_text(json.dumps({"key": key, "sha256": tree_digest(tmp)}))
             tmp.chmod(0o755)  # mkdtemp makes 0700; cache entries are plain build outputs
-            if final.exists():  # a stale, incomplete entry from an older crash
+            if final.exists():  # a stale, incomplete or damaged entry
                 shutil.rmtree(final)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return CacheResult(final, False, key)
+        return CacheResult(final, False, key, note)
+
+    def _check(self, final: Path) -> str:
+        """'' when ``final`` is a complete entry whose content still has its recorded digest."""
+        try:
+            recorded = json.loads((final / COMPLETE).read_text())["sha256"]
+        except FileNotFoundError:
+            return ""  # a plain miss
+        except (OSError, ValueError, KeyError, TypeError):
+            return "cached entry has no content digest (older edgeship): rebuilt"
+        if tree_digest(final) != recorded:
+            return "cached entry was modified or corrupted since it was built: rebuilt"
+        return ""
+
+    def sweep(self) -> list[Path]:
+        """Remove temporary folders whose builder is gone (killed builds); returns what was removed."""
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        for tmp in self.root.glob("*/*/.*"):
+            if not tmp.is_dir():
+                continue
+            match = _TMP.match(tmp.name)
+            try:
+                stale = (not _pid_alive(int(match.group(1))) if match
+                         else time.time() - tmp.stat().st_mtime > _OLD_TMP_AGE_S)
+            except OSError:
+                continue
+            if stale:
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        return removed

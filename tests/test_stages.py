@@ -233,3 +233,54 @@ def test_source_digest_changes_with_the_code(tmp_path: Path, monkeypatch: pytest
     assert before == source_digest("fakeconv")
     (pkg / "convert.py").write_text("SCALE = 2\n")
     assert source_digest("fakeconv") != before
+
+
+def test_cache_rebuilds_a_damaged_entry_and_says_so(tmp_path: Path) -> None:
+    """Issue 11 #17: a cached entry is re-hashed on use; changed bytes are rebuilt, never served."""
+    from pipeline.cache import COMPLETE, Cache
+
+    cache = Cache(tmp_path)
+    calls = []
+
+    def build(d: Path) -> None:
+        calls.append(1)
+        (d / "out.txt").write_text("x")
+
+    first = cache.get_or_build("s", {"a": 1}, build)
+    (first.path / "out.txt").write_text("y")  # damaged after it was built
+    second = cache.get_or_build("s", {"a": 1}, build)
+    assert not second.hit and "corrupted" in second.note and len(calls) == 2
+    assert second.path == first.path and (second.path / "out.txt").read_text() == "x"
+    third = cache.get_or_build("s", {"a": 1}, build)
+    assert third.hit and third.note == "" and len(calls) == 2
+    # An entry written before entries carried a digest is rebuilt once, not trusted.
+    (first.path / COMPLETE).write_text(third.key)
+    fourth = cache.get_or_build("s", {"a": 1}, build)
+    assert not fourth.hit and "no content digest" in fourth.note and len(calls) == 3
+
+
+def test_cache_removes_temp_folders_of_builds_that_died(tmp_path: Path) -> None:
+    """Issue 11 #17: a killed build's temp folder goes on the next run; a live builder's stays."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.cache import Cache
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    folder = tmp_path / "s" / "ab"
+    folder.mkdir(parents=True)
+    dead = folder / f".tmp-{gone}-abcdef012345-x"
+    live = folder / f".tmp-{os.getpid()}-abcdef012345-y"
+    old_style = folder / ".abcdef012345-z"  # an older edgeship's temp name: no pid, judged by age
+    young_old_style = folder / ".abcdef012345-w"
+    for d in (dead, live, old_style, young_old_style):
+        d.mkdir()
+        (d / "half.bin").write_bytes(b"half")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old_style, (two_days_ago, two_days_ago))
+    Cache(tmp_path).get_or_build("s", {"a": 1}, lambda d: (d / "out.txt").write_text("x"))
+    assert not dead.exists() and not old_style.exists()
+    assert live.exists() and young_old_style.exists()
