@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-RESULTS_SCHEMA = "edgeship.results/1"
+RESULTS_SCHEMA = "edgeship.results/2"  # /2: accuracy_drop_interval, regressions (README)
 
 
 def _f(v: Any, fmt: str = "{:.2f}", none: str = "-") -> str:
