@@ -13,6 +13,7 @@ the folders of a killed build are recognised and removed by the next run.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.errors import EdgeshipError
 from pipeline.workloads import cache_home
 
 COMPLETE = ".complete"
@@ -82,6 +84,34 @@ def tree_digest(folder: Path, skip: tuple[str, ...] = (COMPLETE,)) -> str:
     return h.hexdigest()
 
 
+def disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError behind ``exc`` (converters wrap what they raise), if there is one."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def disk_full_error(folder: Path, what: str, need_bytes: int) -> EdgeshipError:
+    """One line for a full disk: where, how much is free, how much to free, what was kept."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    more_mb = max(1, -(-(need_bytes - free) // 2**20))
+    return EdgeshipError(f"no space left on the disk of {folder} while writing {what} "
+                         f"({free / 2**20:.1f} MB free, needs at least {need_bytes / 2**20:.1f} MB): free "
+                         f"{more_mb} MB there or use a bigger disk; what was there before is kept")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -131,8 +161,11 @@ class Cache:
             if final.exists():  # a stale, incomplete or damaged entry
                 shutil.rmtree(final)
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as exc:
+            written = _folder_bytes(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
+            if disk_full(exc) is not None:
+                raise disk_full_error(self.root, f"the {stage} stage cache entry", written + 2**16) from exc
             raise
         return CacheResult(final, False, key, note)
 

@@ -269,6 +269,15 @@ def run(typer_app: typer.Typer, argv: list[str] | None = None, prog_name: str | 
     except typer.TyperException as exc:  # typer's vendored click: usage errors (exit 2), file errors
         console.print(f"edgeship: error: {_usage_line(exc)}", highlight=False, markup=False, soft_wrap=True)
         return exc.exit_code
+    except OSError as exc:
+        from pipeline.cache import disk_full
+
+        if disk_full(exc) is None:
+            raise
+        # Where no stage said it more precisely (results, reports, the lock file): still one line.
+        console.print(f"edgeship: error: no space left on the disk of {exc.filename or 'an output file'}; "
+                      "free some space there", highlight=False, markup=False, soft_wrap=True)
+        return 1
     finally:
         if restore is not None:
             signal.signal(signal.SIGTERM, restore)

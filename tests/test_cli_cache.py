@@ -1,19 +1,23 @@
-"""The stage cache under damage (issue 11, #17), through the console script: a corrupted cache
-entry is rebuilt, not packaged; a killed build's temp folders go on the next run."""
+"""The stage cache and the release folder under damage (issue 11, #12 and #17), through the console
+script: a corrupted cache entry is rebuilt, not packaged; a killed build's temp folders go on the
+next run; a full disk is one line (exit 1) and leaves the previous cache and release intact."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from pipeline.cache import sha256_file
-from tests.cli_helpers import EDGESHIP, MNIST, cheap_target, edgeship, make_env, spec_with
+from tests.cli_helpers import EDGESHIP, MNIST, cheap_target, edgeship, lines, make_env, spec_with
 
 pytestmark = [pytest.mark.slow, pytest.mark.backend("onnxruntime")]
 
@@ -36,6 +40,33 @@ def release_intact(release: Path) -> dict:
 
 def temp_folders(stages: Path) -> list[Path]:
     return [p for p in stages.glob("*/*/.*") if p.is_dir()]
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A small real filesystem (root only), unmounted afterwards whatever happens."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir(parents=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill(mount: Path, leave_bytes: int) -> Path:
+    """Fill ``mount`` until the disk is full, then give back about ``leave_bytes``."""
+    filler = mount / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 4096)
+    os.truncate(filler, max(0, filler.stat().st_size - leave_bytes))
+    return filler
 
 
 def test_a_corrupted_cache_entry_is_rebuilt_not_packaged(tmp_path: Path, env: dict[str, str]) -> None:
@@ -81,3 +112,44 @@ def test_temp_folders_of_a_killed_build_are_removed_by_the_next_run(tmp_path: Pa
     assert again.returncode == 0, again.stderr
     assert not left.exists()
     assert temp_folders(stages) == [live]
+
+
+def test_disk_full_while_packaging_keeps_the_previous_release(tmp_path: Path, env: dict[str, str]) -> None:
+    with tmpfs(tmp_path / "small", "8m") as mount:
+        out = mount / "build"
+        assert edgeship(build_args(tmp_path, out), env).returncode == 0  # a 4.9 MB release fits once
+        before = release_intact(out / "release")
+        # The next release is written beside the old one and does not fit as well.
+        changed = cheap_target(tmp_path, "cheapdev2")
+        proc = edgeship(build_args(tmp_path, out, target=changed), env)
+        assert proc.returncode == 1, proc.stderr
+        err = lines(proc.stderr)[-1]
+        assert err.startswith(f"edgeship: error: no space left on the disk of {out} while writing the release ("), err
+        assert "MB free, needs at least 4." in err and "free 2 MB there" in err, err
+        assert "Traceback" not in proc.stderr
+        assert release_intact(out / "release")["release_id"] == before["release_id"]
+        assert not list(out.glob(".release-*"))
+
+
+def test_disk_full_in_the_stage_cache_keeps_its_entries(tmp_path: Path, env: dict[str, str]) -> None:
+    with tmpfs(tmp_path / "small", "2m") as mount:
+        env = {**env, "EDGESHIP_STAGE_CACHE": str(mount / "stages")}
+        out = tmp_path / "build"
+        assert edgeship(build_args(tmp_path, out), env).returncode == 0
+        entries = {p: sha256_file(p) for p in (mount / "stages").rglob("*") if p.is_file()}
+        filler = fill(mount, 8 * 1024)
+        more = cheap_target(tmp_path, "cheapdev-fp16", builds=[{"backend": "onnxruntime",
+                                                                "precisions": ["fp32", "fp16"]}])
+        proc = edgeship(build_args(tmp_path, tmp_path / "build-fp16", target=more), env)
+        assert proc.returncode == 1, proc.stderr
+        err = lines(proc.stderr)[-1]
+        assert err.startswith(f"edgeship: error: no space left on the disk of {mount / 'stages'} while writing "
+                              "the convert stage cache entry ("), err
+        assert "Traceback" not in proc.stderr
+        assert {p: sha256_file(p) for p in entries} == entries  # every old entry, byte for byte
+        assert temp_folders(mount / "stages") == []
+        filler.unlink()
+        again = edgeship(build_args(tmp_path, out), env)
+        assert again.returncode == 0
+        assert all(" cached " in ln for ln in again.stderr.splitlines()
+                   if ln.startswith(("export onnx", "optimize", "onnxruntime fp32")))

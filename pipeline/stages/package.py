@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.backends.base import Artifact, Samples
-from pipeline.cache import canonical_json, sha256_file
+from pipeline.cache import canonical_json, disk_full, disk_full_error, sha256_file
 from pipeline.spec import PipelineSpec, TargetSpec
 
 AGENT_SOURCE = Path(__file__).resolve().parent.parent / "agent"
@@ -35,10 +35,23 @@ def run_id(backend: str, precision: str) -> str:
 
 def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artifacts: list[Artifact],
                     evals: Samples, reference: np.ndarray, provenance: dict[str, Any]) -> tuple[Path, str, dict]:
-    """Write ``out_dir/release`` atomically; returns (path, release id, manifest)."""
+    """Write ``out_dir/release`` atomically; returns (path, release id, manifest).
+
+    The caller holds ``out_dir`` (pipeline.build.locked_out_dir), so any ``.release-*`` folder
+    found there was left by a run that was killed, and goes. The new release is written beside
+    the old one, so it needs its full size free; a full disk is one line and the old release stays.
+    """
     from pipeline.build import replace_dir
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".release-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    arrays: dict[str, np.ndarray] = {"x": evals.x.astype(np.float32), "reference": reference.astype(np.float32)}
+    if evals.y is not None:
+        arrays["y"] = evals.y.astype(np.int64)
+    need = _release_bytes(artifacts, arrays)
+    if shutil.disk_usage(out_dir).free < need:
+        raise disk_full_error(out_dir, "the release", need)
     tmp = Path(tempfile.mkdtemp(prefix=".release-", dir=out_dir))
     try:
         shutil.copytree(AGENT_SOURCE, tmp / "edgeship_agent",
@@ -59,9 +72,6 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
                          "artifact_sha256": _files_digest(dest, art.files),
                          "conversion": art.info})
         (tmp / "data").mkdir()
-        arrays: dict[str, np.ndarray] = {"x": evals.x.astype(np.float32), "reference": reference.astype(np.float32)}
-        if evals.y is not None:
-            arrays["y"] = evals.y.astype(np.int64)
         for name, arr in sorted(arrays.items()):
             np.save(tmp / "data" / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
         validation = spec.validation or target.validation
@@ -77,10 +87,19 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes 0700; a release is shared with whoever reads the results
         replace_dir(tmp, out_dir / "release")
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc) is not None:
+            raise disk_full_error(out_dir, "the release", need) from exc
         raise
     return out_dir / "release", release_id, manifest
+
+
+def _release_bytes(artifacts: list[Artifact], arrays: dict[str, np.ndarray]) -> int:
+    """What the release folder will take: artifacts, evaluation arrays, the agent, the manifest."""
+    agent = sum(p.stat().st_size for p in AGENT_SOURCE.rglob("*.py"))
+    files = sum((art.workdir / name).stat().st_size for art in artifacts for name in art.files)
+    return agent + files + sum(a.nbytes + 128 for a in arrays.values()) + 2**16
 
 
 def _files_digest(folder: Path, names: list[str]) -> str:
