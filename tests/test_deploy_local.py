@@ -4,6 +4,7 @@ agent in a separate process, gate. Real ONNX Runtime, real MNIST digits, no mock
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,10 @@ def _spec_with(tmp_path: Path, **changes) -> Path:
 def test_deploy_local_passes_and_writes_results(workspace: Path) -> None:
     out = workspace / "results.json"
     rc = main(["deploy", "--spec", str(ROOT / "examples" / "mnist.yaml"), "--target", "testdev",
-               "--out", str(workspace / "build"), "--json", str(out)])
+               "--out", str(workspace / "build"), "--json", str(out), "--junit", str(workspace / "junit.xml")])
     assert rc == 0
+    junit = ET.parse(workspace / "junit.xml").getroot()  # one case per run, none failed
+    assert (junit.get("tests"), junit.get("failures"), junit.get("errors")) == ("2", "0", "0")
     res = json.loads(out.read_text())
     assert res["gate"]["passed"] is True and res["gate"]["reasons"] == []
     assert {r["precision"] for r in res["runs"]} == {"fp32", "int8"}
