@@ -742,7 +742,7 @@ def _parent_file(ref: str, child: Path) -> Path:
     if not parent.is_absolute():
         parent = child.parent / parent
     if not parent.is_file():
-        raise SpecError(f"{parent}: target file not found; a path in 'extends' is relative to {child.parent}")
+        raise SpecError(f"{parent}: target file not found; a path in 'extends' is relative to {child.parent.resolve()}")
     return parent
 
 
