@@ -7,8 +7,11 @@ shape and the labels, so re-ordering or re-labelling the set is a different set.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,16 +51,16 @@ class CalibrationSet:
         samples = np.ascontiguousarray(self.samples, dtype=np.float32)
         if samples.ndim < 2 or samples.shape[0] == 0:
             raise CalibrationDataError(
-                "calibration set is empty: give at least one sample (got array of shape "
+                "the data set is empty: give at least one sample (got array of shape "
                 f"{tuple(samples.shape)})"
             )
         if len(self.ids) != samples.shape[0]:
             raise CalibrationDataError(
-                f"calibration set has {samples.shape[0]} samples but {len(self.ids)} ids; "
+                f"the data set has {samples.shape[0]} samples but {len(self.ids)} ids; "
                 "give one id per sample"
             )
         if len(set(self.ids)) != len(self.ids):
-            raise CalibrationDataError("calibration set ids must be unique; rename the duplicate samples")
+            raise CalibrationDataError("sample ids must be unique; rename the duplicate samples")
         bad = np.flatnonzero(~np.isfinite(samples.reshape(samples.shape[0], -1)).all(axis=1))
         if bad.size:
             raise CalibrationDataError(
@@ -130,8 +133,8 @@ class CalibrationSet:
             raise CalibrationDataError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
         if n < 2:
             raise CalibrationDataError(
-                f"calibration set has {n} sample; a holdout needs at least 2 (add samples or "
-                "set holdout_fraction=None / method != 'auto')"
+                f"the calibration set has {n} sample; the INT8 search holds out part of it to score "
+                "methods, so it needs at least 2: add samples to calibration.source"
             )
         k = min(n - 1, max(1, int(round(n * holdout_fraction))))
         perm = np.random.default_rng(seed).permutation(n)
@@ -186,7 +189,7 @@ class CalibrationSet:
         else:
             items = [np.asarray(a) for a in arrays]
         if not items:
-            raise CalibrationDataError("calibration set is empty: the iterable gave no arrays")
+            raise CalibrationDataError("the data set is empty: the source gave no samples; give at least one")
         names = list(ids) if ids is not None else [f"index:{i}" for i in range(len(items))]
         if len(names) != len(items):
             raise CalibrationDataError(f"got {len(items)} arrays but {len(names)} ids")
@@ -204,28 +207,19 @@ class CalibrationSet:
     def from_numpy(cls, path: Path, input_shape: Sequence[int] | None = None) -> CalibrationSet:
         """Load a set from ``.npy`` (samples) or ``.npz`` (key ``x``, optional ``y``).
 
+        The file is untrusted: it is read with ``allow_pickle=False``, and each array's header
+        (dtype, shape) is checked before its data is read, so object arrays and arrays larger than
+        the memory available are refused without being allocated.
+
         Raises:
-            CalibrationDataError: the file is missing, unreadable, lacks ``x`` or is misshapen.
+            CalibrationDataError: the file is missing, unreadable, lacks ``x``, holds objects,
+                does not fit in memory or is misshapen.
         """
         path = Path(path)
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise CalibrationDataError(
-                f"cannot read calibration file {str(path)!r}: {exc}; give a .npy or .npz written by numpy"
-            ) from exc
-        if isinstance(loaded, np.ndarray):
-            x, y = loaded, None
-        else:
-            with loaded:
-                if "x" not in loaded.files:
-                    raise CalibrationDataError(
-                        f"{str(path)!r} has keys {loaded.files}; an .npz needs key 'x' (and optional 'y')"
-                    )
-                x = loaded["x"]
-                y = loaded["y"] if "y" in loaded.files else None
+        x, y = _read_numpy(path)
         if x.size == 0 or x.ndim < 2:
-            raise CalibrationDataError(f"calibration file {str(path)!r} holds no samples (shape {x.shape})")
+            raise CalibrationDataError(f"data file {str(path)!r} holds no samples (shape {x.shape}); "
+                                       "give an array of shape (N, *input_shape) with N >= 1")
         ids = [f"{path.name}:{i}" for i in range(x.shape[0])]
         return cls.from_arrays(list(x), labels=y, ids=ids, input_shape=input_shape)
 
@@ -262,22 +256,99 @@ class CalibrationSet:
             raise CalibrationDataError(
                 f"image folder {str(folder)!r} has no images ({', '.join(IMAGE_SUFFIXES)}); add some"
             )
+        if isinstance(preprocess, ImagePreprocess):  # the list of arrays, their stack, one image in flight
+            check_memory((2 * len(files) + 3) * preprocess.sample_bytes,
+                         f"{len(files)} images of {str(folder)!r} at {preprocess.height}x{preprocess.width}")
         classes = sorted({p.parent.relative_to(folder).as_posix() for p in files})
         arrays, ids, labels = [], [], []
         for p in files:
             rel = p.relative_to(folder).as_posix()
             try:
-                with Image.open(p) as img:
-                    img.load()
-                    arr = preprocess(img)
-            except (OSError, UnidentifiedImageError) as exc:
+                with warnings.catch_warnings():
+                    # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse both.
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(p) as img:
+                        img.load()
+                        arr = preprocess(img)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise CalibrationDataError(
+                    f"image {rel!r} in {str(folder)!r} is refused as a decompression bomb ({exc}); "
+                    "remove it or save it at the size the model needs"
+                ) from None
+            except (OSError, UnidentifiedImageError, ValueError) as exc:
                 raise CalibrationDataError(
                     f"cannot read image {rel!r} in {str(folder)!r}: {exc}; remove or re-save it"
-                ) from exc
+                ) from None
             arrays.append(np.asarray(arr, dtype=np.float32))
             ids.append(rel)
             labels.append(classes.index(p.parent.relative_to(folder).as_posix()))
         return cls.from_arrays(arrays, labels=labels if labels_from_subfolders else None, ids=ids)
+
+
+def _read_numpy(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(x, y) of a .npy / .npz, headers checked first (see :meth:`CalibrationSet.from_numpy`)."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with np.load(path, allow_pickle=False) as npz:
+                if "x" not in npz.files:
+                    raise CalibrationDataError(
+                        f"{str(path)!r} has keys {npz.files}; an .npz needs key 'x' (and optional 'y')")
+                keys = ["x"] + (["y"] if "y" in npz.files else [])
+                for key in keys:
+                    with npz.zip.open(f"{key}.npy") as member:
+                        _check_npy_header(member, f"{str(path)!r} array {key!r}")
+                x, y = npz["x"], npz["y"] if "y" in npz.files else None
+                return x, y
+        with open(path, "rb") as f:
+            _check_npy_header(f, repr(str(path)))
+        return np.load(path, allow_pickle=False), None
+    except CalibrationDataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise CalibrationDataError(
+            f"cannot read data file {str(path)!r}: {exc}; give a .npy or .npz written by numpy"
+        ) from None
+
+
+def _check_npy_header(f: Any, what: str) -> None:
+    """Refuse object arrays and arrays too large for memory from the .npy header alone."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise CalibrationDataError(f"{what}: .npy format version {version} is not supported; save with numpy")
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, _, dtype = read(f)
+    if dtype.hasobject:
+        raise CalibrationDataError(f"{what} holds Python objects (dtype {dtype}); edgeship never unpickles "
+                                   "data files: save numeric arrays (e.g. float32 samples, int64 labels)")
+    # float32 copies: the array as read, the float32 stack and the set's own samples
+    check_memory(int(np.prod(shape, dtype=np.float64)) * max(dtype.itemsize, 4) * 3, f"{what} of shape {shape}")
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup v2 limit when set."""
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError):
+        root = Path("/sys/fs/cgroup")
+        limit = (root / "memory.max").read_text().strip()
+        if limit != "max":
+            avail = min(avail, int(limit) - int((root / "memory.current").read_text()))
+    return avail
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """Refuse, before allocating, data that would not fit in memory (not a MemoryError or a swap storm)."""
+    avail = available_memory()
+    if nbytes > avail:
+        raise CalibrationDataError(
+            f"{what} needs about {nbytes / 2**30:.1f} GiB of memory, {avail / 2**30:.1f} GiB are available; "
+            "use fewer or smaller samples (input.shape, preprocessing.resize, the source's limit)")
 
 
 @dataclass(frozen=True)
@@ -300,6 +371,11 @@ class ImagePreprocess:
             raise CalibrationDataError(f"layout must be 'NCHW' or 'NHWC', got {self.layout!r}")
         if self.color not in ("rgb", "grayscale"):
             raise CalibrationDataError(f"color must be 'rgb' or 'grayscale', got {self.color!r}")
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one preprocessed float32 sample."""
+        return self.height * self.width * (3 if self.color == "rgb" else 1) * 4
 
     def __call__(self, image: Any) -> np.ndarray:
         """Convert one ``PIL.Image.Image`` to a float32 array (C,H,W) or (H,W,C)."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from pipeline.backends.base import Samples
-from pipeline.errors import InputFileError, SpecError
+from pipeline.errors import EdgeshipError, InputFileError, SpecError, UserCodeError
 from pipeline.spec import DataSource, ImageFolderSource, NpzSource, PipelineSpec, PythonSource
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,16 +25,35 @@ def import_callable(ref: str, where: str) -> Callable[..., Any]:
     except ImportError as exc:
         raise SpecError(f"{where}: cannot import module {module_name!r} ({exc}); "
                         "check the name and that it is on PYTHONPATH") from None
+    except Exception as exc:  # the module's own code raised while importing
+        raise _user_code_error(where, f"importing {module_name}", exc) from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise SpecError(f"{where}: {module_name!r} has no callable {attr!r}; check the name")
     return fn
 
 
+def call_user(ref: str, where: str, kwargs: dict[str, Any]) -> Any:
+    """Import and call the spec's ``module:function``; what it raises becomes one UserCodeError line."""
+    fn = import_callable(ref, where)
+    try:
+        return fn(**kwargs)
+    except EdgeshipError:
+        raise
+    except Exception as exc:  # user code: any type; KeyboardInterrupt still propagates
+        raise _user_code_error(where, ref, exc) from exc
+
+
+def _user_code_error(where: str, what: str, exc: Exception) -> UserCodeError:
+    text = str(exc).strip()
+    detail = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return UserCodeError(f"{where}: {what} raised {detail}; fix that code (the spec names it)")
+
+
 def model_loader(spec: PipelineSpec) -> Callable[[], Any]:
     """A function returning the eval-mode ``nn.Module`` the spec names (lazy: torch on call)."""
     src = spec.model
-    where = f"{spec.source_path}: field 'model'"
+    factory_where = f"{spec.source_path}: field 'model.factory'"
 
     def load() -> Any:
         import torch
@@ -44,20 +64,43 @@ def model_loader(spec: PipelineSpec) -> Callable[[], Any]:
             # An untrusted file: checked and loaded without unpickling arbitrary objects.
             program = load_exported_program(spec.resolve_path(src.exported), "model.exported")
             return program.module()
-        factory = import_callable(src.factory or "", f"{where}.factory")
-        model = factory(**src.kwargs)
-        if src.checkpoint:
-            path = spec.resolve_path(src.checkpoint)
-            # weights_only: never unpickle arbitrary objects from a checkpoint file.
-            state = torch.load(path, weights_only=True, map_location="cpu")
-            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-                state = state["state_dict"]
-            model.load_state_dict(state)
+        model = call_user(src.factory or "", factory_where, src.kwargs)
         if not isinstance(model, torch.nn.Module):
-            raise SpecError(f"{where}.factory: returned {type(model).__name__}, expected torch.nn.Module")
+            raise SpecError(f"{factory_where}: returned {type(model).__name__}, expected torch.nn.Module")
+        if src.checkpoint:
+            load_checkpoint(model, spec.resolve_path(src.checkpoint))
         return model.eval()
 
     return load
+
+
+def load_checkpoint(model: Any, path: Path, field: str = "model.checkpoint") -> None:
+    """Load a state dict with the safe unpickler (weights_only): one line when it is refused or does not fit."""
+    import torch
+
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # UnpicklingError (refused global), a corrupt or truncated file, ...
+        raise InputFileError(f"{path}: field '{field}': cannot load it with weights_only=True "
+                             f"({_refused_global(exc)}); save only the state_dict (tensors), "
+                             "e.g. torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:  # missing / unexpected keys, shape mismatch, not a mapping
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputFileError(f"{path}: field '{field}': does not fit the factory's module "
+                             f"({first[:200]}); give the checkpoint saved from this model") from None
+
+
+def _refused_global(exc: Exception) -> str:
+    """The line of torch's weights_only message that names what was refused (its advice is unsafe)."""
+    import re
+
+    named = re.search(r"Unsupported (global|operand)[^.;(]*", str(exc))
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (named.group(0).strip() if named else (lines or [type(exc).__name__])[0])[:200]
 
 
 def model_identity(spec: PipelineSpec) -> dict[str, Any]:
@@ -147,16 +190,28 @@ def check_disjoint(calibration: Samples, evaluation: Samples, spec: PipelineSpec
         raise SpecError(f"{spec.source_path}: fields 'calibration' and 'evaluation': {exc}") from None
 
 
+def _read_python(src: PythonSource, where: str, shape: tuple[int, ...]) -> "CalibrationSet":
+    """A ``python`` source: ``callable(**kwargs)`` returns ``x`` or ``(x, labels)``."""
+    from calibration.data import CalibrationSet
+    from calibration.errors import CalibrationDataError
+
+    out = call_user(src.callable, where, src.kwargs)
+    x, y = (out if isinstance(out, tuple) and len(out) == 2 else (out, None))
+    try:
+        x = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise CalibrationDataError(f"{src.callable} returned {type(x).__name__}, not an array of numbers "
+                                   f"({exc}); return x or (x, labels) as numpy arrays") from None
+    ids = [f"{src.callable}[{i}]" for i in range(len(x))] if x.ndim else None
+    return CalibrationSet.from_arrays(x, labels=y, ids=ids, input_shape=shape)
+
+
 def _read_source(spec: PipelineSpec, src: DataSource, where: str, shape: tuple[int, ...],
                  limit: int | None) -> "CalibrationSet":
     from calibration.data import CalibrationSet, ImagePreprocess
 
     if isinstance(src, PythonSource):
-        out = import_callable(src.callable, f"{where}.callable")(**src.kwargs)
-        x, y = (out if isinstance(out, tuple) else (out, None))
-        x = np.asarray(x, dtype=np.float32)
-        ids = [f"{src.callable}[{i}]" for i in range(len(x))]
-        return CalibrationSet.from_arrays(x, labels=y, ids=ids, input_shape=shape)
+        return _read_python(src, where[:-1] + ".callable'", shape)
     if isinstance(src, NpzSource):
         return CalibrationSet.from_numpy(spec.resolve_path(src.path), input_shape=shape)
     assert isinstance(src, ImageFolderSource)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import zipfile
@@ -270,3 +271,218 @@ def test_cli_refuses_labels_outside_the_classes(labels: np.ndarray, words: str, 
     proc = _edgeship_build(spec)
     assert_one_error_line(proc, 2, "eval.npz", "evaluation.source", words)
     assert not (tmp_path / "build" / "hostile" / "local" / "release").exists()
+
+
+# ---------------------------------------------------------------- one line instead of tracebacks (#12)
+FACTORY_MODULE = '''
+import torch
+
+
+def cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 26 * 26, 10)).eval()
+
+
+def broken():
+    raise RuntimeError("weights server unreachable")
+
+
+def data_broken():
+    raise KeyError("split")
+'''
+
+
+def _user_module(folder: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> str:
+    """A factory module the spec names (user code, trusted); importable from ``folder``."""
+    (folder / "usercode_a11.py").write_text(FACTORY_MODULE)
+    if monkeypatch is not None:
+        monkeypatch.syspath_prepend(str(folder))
+    return "usercode_a11"
+
+
+def _truncated_onnx(folder: Path) -> Path:
+    real = _onnx_classifier(folder / "full.onnx").read_bytes()
+    path = folder / "m.onnx"
+    path.write_bytes(real[: len(real) // 2])
+    return path
+
+
+@pytest.mark.parametrize("content", ["truncated", "garbage"])
+def test_corrupt_onnx_refused_in_one_line(content: str, tmp_path: Path) -> None:
+    from pipeline.stages.onnx_guard import check_onnx_file
+
+    path = _truncated_onnx(tmp_path)
+    if content == "garbage":
+        path.write_bytes(b"\x08\x07garbage" * 50)
+    with pytest.raises(InputFileError) as err:
+        check_onnx_file(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert check_onnx_file(tmp_path / "full.onnx") == []  # the intact model passes
+
+
+def test_checkpoint_refused_by_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.spec import load_spec
+    from pipeline.stages.inputs import model_loader
+
+    canary = tmp_path / "canary"
+    mod = _user_module(tmp_path, monkeypatch)
+    torch.save({"0.weight": Payload(canary)}, tmp_path / "evil.pt")
+    spec = load_spec(_write_spec(tmp_path, {"factory": f"{mod}:cnn", "checkpoint": "evil.pt"}))
+    with pytest.raises(InputFileError, match="weights_only") as err:
+        model_loader(spec)()
+    assert "evil.pt" in str(err.value) and "exec" in str(err.value) and "\n" not in str(err.value)
+    assert not canary.exists()
+    torch.save({"wrong.key": torch.zeros(1)}, tmp_path / "evil.pt")  # loads, but does not fit
+    with pytest.raises(InputFileError, match="does not fit"):
+        model_loader(spec)()
+
+
+def _object_npz(folder: Path, canary: Path) -> None:
+    np.savez(folder / "eval.npz", x=np.array([Payload(canary)] * 8, dtype=object), y=np.arange(8))
+
+
+def _huge_npz(folder: Path) -> None:
+    """An .npz whose header declares 4 TB of samples; the data itself is a few bytes."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                   "shape": (1_000_000, 1, 1000, 1000)})
+    with zipfile.ZipFile(folder / "eval.npz", "w") as zf:
+        zf.writestr("x.npy", header.getvalue() + b"\0" * 64)  # magic and header, then 64 bytes
+
+
+def _png(width: int, height: int) -> bytes:
+    """A valid PNG header declaring ``width`` x ``height`` grey pixels, with almost no data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def _image_folder(folder: Path, png: bytes) -> None:
+    (folder / "imgs" / "cat").mkdir(parents=True)
+    (folder / "imgs" / "cat" / "a.png").write_bytes(png)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("object-array", "holds Python objects"),
+    ("huge-header", "GiB of memory"),
+    ("bomb-error", "decompression bomb"),
+    ("bomb-warning", "decompression bomb"),
+    ("huge-input-shape", "GiB of memory"),
+])
+def test_hostile_data_files_refused_in_one_line(case: str, words: str, tmp_path: Path) -> None:
+    from pipeline.spec import load_spec
+    from pipeline.stages.inputs import load_samples
+
+    canary = tmp_path / "canary"
+    spec_path = _write_spec(tmp_path, {"onnx": "m.onnx"})
+    data = json.loads(spec_path.read_text())
+    if case == "object-array":
+        _object_npz(tmp_path, canary)
+    elif case == "huge-header":
+        _huge_npz(tmp_path)
+    else:
+        size = {"bomb-error": (100_000, 100_000), "bomb-warning": (10_000, 10_000)}.get(case, (28, 28))
+        _image_folder(tmp_path, _png(*size))
+        data["evaluation"]["source"] = {"kind": "images", "path": "imgs"}
+        if case == "huge-input-shape":
+            data["input"]["shape"] = [1, 3, 100_000, 100_000]
+    spec_path.write_text(json.dumps(data))
+    _onnx_classifier(tmp_path / "m.onnx")
+    with pytest.raises(InputFileError) as err:
+        load_samples(load_spec(spec_path), "evaluation")
+    msg = str(err.value)
+    assert words in msg and "evaluation.source" in msg and "\n" not in msg, msg
+    assert ("eval.npz" if "npz" in msg else "imgs") in msg
+    assert not canary.exists()
+
+
+@pytest.mark.parametrize("field", ["factory", "callable"])
+def test_user_code_that_raises_is_one_user_code_error(field: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.errors import UserCodeError
+    from pipeline.spec import load_spec
+    from pipeline.stages.inputs import load_samples, model_loader
+
+    mod = _user_module(tmp_path, monkeypatch)
+    if field == "factory":
+        spec = load_spec(_write_spec(tmp_path, {"factory": f"{mod}:broken"}))
+        call, names = model_loader(spec), [f"{mod}:broken", "model.factory", "weights server unreachable"]
+    else:
+        spec = load_spec(_write_spec(tmp_path, {"factory": f"{mod}:cnn"}, evaluation={
+            "source": {"kind": "python", "callable": f"{mod}:data_broken"}, "metric": "top1"}))
+        call, names = (lambda: load_samples(spec, "evaluation")), [f"{mod}:data_broken", "evaluation.source.callable"]
+    with pytest.raises(UserCodeError) as err:
+        call()
+    assert all(n in str(err.value) for n in names), str(err.value)
+    assert UserCodeError.exit_code == 1
+
+
+def _cli_case(case: str, folder: Path) -> tuple[Path, int, list[str]]:
+    """Each key case as a spec on disk: (spec, expected exit code, words the error line names)."""
+    mod = _user_module(folder)
+    canary = folder / "canary"
+    if case == "truncated-onnx":
+        _truncated_onnx(folder)
+        return _write_spec(folder, {"onnx": "m.onnx"}), 2, ["m.onnx", "model.onnx"]
+    if case == "checkpoint-custom-class":
+        torch.save({"0.weight": Payload(canary)}, folder / "evil.pt")
+        return _write_spec(folder, {"factory": f"{mod}:cnn", "checkpoint": "evil.pt"}), 2, ["evil.pt", "weights_only"]
+    if case == "factory-raises":
+        return _write_spec(folder, {"factory": f"{mod}:broken"}), 1, [f"{mod}:broken", "RuntimeError"]
+    spec = _write_spec(folder, {"factory": f"{mod}:cnn"})
+    if case == "npz-object-array":
+        _object_npz(folder, canary)
+        return spec, 2, ["eval.npz", "Python objects"]
+    _image_folder(folder, _png(100_000, 100_000))
+    data = json.loads(spec.read_text())
+    data["evaluation"]["source"] = {"kind": "images", "path": "imgs"}
+    spec.write_text(json.dumps(data))
+    return spec, 2, ["a.png", "decompression bomb"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["truncated-onnx", "checkpoint-custom-class", "factory-raises",
+                                  "npz-object-array", "image-bomb"])
+def test_cli_hostile_files_one_line(case: str, tmp_path: Path) -> None:
+    spec, code, words = _cli_case(case, tmp_path)
+    env_path = f"{tmp_path}{os.pathsep}{ROOT}"
+    proc = subprocess.run([str(EDGESHIP), "build", "--spec", str(spec), "--target", "local"], cwd=tmp_path,
+                          env={**os.environ, "EDGESHIP_HOME": str(tmp_path / "home"), "PYTHONPATH": env_path},
+                          capture_output=True, text=True, timeout=600)
+    assert_one_error_line(proc, code, *words)
+    assert not (tmp_path / "canary").exists()
+
+
+# ---------------------------------------------------------------- misleading messages (#18)
+def test_empty_evaluation_set_names_the_evaluation_source(tmp_path: Path) -> None:
+    from pipeline.spec import load_spec
+    from pipeline.stages.inputs import load_samples
+
+    _onnx_classifier(tmp_path / "m.onnx")
+    spec = load_spec(_write_spec(tmp_path, {"onnx": "m.onnx"}))
+    np.savez(tmp_path / "eval.npz", x=np.zeros((0, *SHAPE[1:]), np.float32), y=np.zeros(0, np.int64))
+    with pytest.raises(InputFileError) as err:
+        load_samples(spec, "evaluation")
+    msg = str(err.value)
+    assert "evaluation.source" in msg and "eval.npz" in msg and "no samples" in msg
+    assert "calibration" not in msg.lower()
+
+
+def test_one_sample_advice_is_accepted_by_the_schema() -> None:
+    from calibration.data import CalibrationSet
+    from calibration.errors import CalibrationDataError
+    from pipeline.spec import CalibrationSpec
+
+    with pytest.raises(CalibrationDataError) as err:
+        CalibrationSet(np.zeros((1, 4), np.float32), ("only",)).split(0.2)
+    msg = str(err.value)
+    assert "None" not in msg and "calibration.source" in msg
+    for advice in re.findall(r"(\w+)=(\S+)", msg):  # any key=value it suggests must validate
+        CalibrationSpec.model_validate({"source": {"kind": "npz", "path": "x.npz"}, advice[0]: advice[1]})
