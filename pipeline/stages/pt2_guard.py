@@ -45,6 +45,7 @@ _SYMPY_NAMES = frozenset(
     "Symbol Integer Rational Float Add Mul Pow Max Min Abs Mod Eq Ne Lt Le Gt Ge And Or Not True False "
     "StrictLessThan StrictGreaterThan LessThan GreaterThan Equality Unequality Piecewise floor ceiling "
     "sqrt oo zoo nan None".split())
+_MAX_METADATA = 256 * 2**20  # JSON, sample inputs, extra files: read into memory whole
 FIX = "export it again with torch.export.save from a model you trust, or give model.factory"
 
 
@@ -71,6 +72,10 @@ def check_pt2(data: bytes, path: Path, field: str = "model.exported") -> None:
                     raise _refuse(path, field, f"member {rel!r} is not part of a plain torch.export archive "
                                                "(compiled code, pickles or a legacy layout)")
             for rel, info in members.items():
+                if info.file_size > _MAX_METADATA and not rel.startswith("data/weights/weight_") \
+                        and not rel.startswith("data/constants/tensor_"):
+                    raise _refuse(path, field, f"member {rel!r} unpacks to {info.file_size} bytes, more than "
+                                               f"{_MAX_METADATA} for metadata (a zip bomb?)")
                 _check_member(rel, zf.read(info), path, field)
     except zipfile.BadZipFile as exc:
         raise _refuse(path, field, f"not a .pt2 (zip) archive: {exc}") from None

@@ -486,3 +486,19 @@ def test_one_sample_advice_is_accepted_by_the_schema() -> None:
     assert "None" not in msg and "calibration.source" in msg
     for advice in re.findall(r"(\w+)=(\S+)", msg):  # any key=value it suggests must validate
         CalibrationSpec.model_validate({"source": {"kind": "npz", "path": "x.npz"}, advice[0]: advice[1]})
+
+
+def test_pt2_metadata_zip_bomb_refused_before_unpacking(real_pt2: Path, tmp_path: Path) -> None:
+    from pipeline.stages.pt2_guard import load_exported_program
+
+    evil = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(real_pt2) as src, zipfile.ZipFile(evil, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+        root = src.namelist()[0].split("/")[0]
+        with dst.open(f"{root}/extra/notes.txt", "w") as member:  # 300 MiB of spaces, ~300 KB packed
+            for _ in range(300):
+                member.write(b" " * 2**20)
+    assert evil.stat().st_size < 5 * 2**20
+    with pytest.raises(InputFileError, match="zip bomb"):
+        load_exported_program(evil)
