@@ -17,6 +17,7 @@ from typing import Any, Callable
 from pipeline.errors import EdgeshipError
 from pipeline.paths import contained
 from pipeline.spec import load_spec, load_target
+from pipeline.validate.trend import read_history
 
 
 def history_file(history: Path, spec_name: str, target_name: str) -> Path:
@@ -26,12 +27,7 @@ def history_file(history: Path, spec_name: str, target_name: str) -> Path:
 def last_good(path: Path) -> dict[str, dict[str, Any]]:
     """(device/run id) -> the newest row that passed its gate."""
     good: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return good
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        entry = json.loads(line)
+    for entry in read_history(path):
         for dev in entry.get("devices", []):
             for row in dev.get("runs", []):
                 if (row.get("gate") or {}).get("passed"):
@@ -104,7 +100,6 @@ def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: 
                 found = regressions_by_run(results, good, tolerance_pp)
                 regress = [r for rs in found.values() for r in rs]
                 _mark_regressions(results, found)
-                write_reports(results, out_dir)
                 entry.update({"release_id": results["release_id"], "reference": results["reference"],
                               "devices": [{"device": d["device"], "runs": d["runs"], "gate": d["gate"],
                                            "error": d.get("error")} for d in results["devices"]],
@@ -114,6 +109,8 @@ def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: 
             hist.parent.mkdir(parents=True, exist_ok=True)
             with open(hist, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(entry, default=str) + "\n")
+            if results is not None:  # after the append: the trend in report.html includes tonight
+                write_reports(results, out_dir, read_history(hist))
             documents.append(results if results is not None else entry)
             pairs.append({"spec": spec.name, "target": target.name, "passed": entry["passed"],
                           "reasons": entry["gate"]["reasons"] + regress, "history": str(hist)})

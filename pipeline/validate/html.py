@@ -4,6 +4,7 @@ Sections: title, spec, target, date, versions, release, fp32 reference, budget a
 verdict, each device's probe, the runs table (the same rows as report.md), where INT8 lost accuracy
 (the calibration block) and three plots: latency distribution per run (raw timings when given,
 else the agent's percentiles), accuracy vs p90 latency with the budget line, artifact size per run.
+Given the nightly's history, it adds the last nights' table and accuracy and p50 over time per run.
 matplotlib (the ``report`` extra) draws the plots with the Agg backend and is imported only here;
 without it the report says so and keeps everything else.
 """
@@ -21,7 +22,10 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.validate.report import COLUMNS, rows
+from pipeline.validate.trend import Series, series
 
+# Nights shown in the history table of a nightly report.
+HISTORY_NIGHTS = 10
 # Raw timings (ms) per run, keyed "<device>/<run id>" (the results' ``timings_file``).
 Timings = Mapping[str, Sequence[float]]
 
@@ -136,7 +140,28 @@ def _size_plot(results: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
-def plots(results: dict[str, Any], timings: Timings | None = None) -> dict[str, str | None] | str:
+def _trend_plot(data: Series) -> str | None:
+    """Accuracy (top) and p50 (bottom) per night, one line per run."""
+    import matplotlib.pyplot as plt
+
+    nights = sorted({when for points in data.values() for when, *_ in points})
+    if len(nights) < 2:  # one night is the runs table, not a trend
+        return None
+    fig, (acc_ax, lat_ax) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    for key, points in sorted(data.items()):
+        xs = [nights.index(when) for when, *_ in points]
+        acc_ax.plot(xs, [p[1] for p in points], marker="o", label=key)
+        lat_ax.plot(xs, [p[2] for p in points], marker="o", label=key)
+    acc_ax.set_ylabel("accuracy %")
+    acc_ax.set_title("accuracy and p50 latency per night")
+    acc_ax.legend(fontsize=7, loc="best")
+    lat_ax.set_ylabel("p50 ms")
+    lat_ax.set_xticks(range(len(nights)), [n[:16] for n in nights], rotation=30, ha="right", fontsize=7)
+    return _png(fig)
+
+
+def plots(results: dict[str, Any], timings: Timings | None = None,
+          history: list[dict[str, Any]] | None = None) -> dict[str, str | None] | str:
     """Base64 PNGs by plot name, or the reason there are none (matplotlib missing)."""
     try:
         import matplotlib
@@ -145,7 +170,7 @@ def plots(results: dict[str, Any], timings: Timings | None = None) -> dict[str, 
     except ImportError:
         return "plots need matplotlib: pip install 'edgeship[report]'"
     return {"latency": _latency_plot(results, timings or {}), "accuracy": _accuracy_plot(results),
-            "size": _size_plot(results)}
+            "size": _size_plot(results), "trend": _trend_plot(series(history)) if history else None}
 
 
 # ---- sections ------------------------------------------------------------------------------------
@@ -239,24 +264,45 @@ def _calibration(results: dict[str, Any]) -> str:
     return "<h2>where INT8 lost accuracy</h2>" + "".join(out) if out else ""
 
 
-def _plots(results: dict[str, Any], timings: Timings | None) -> str:
-    images = plots(results, timings)
+def _history(history: list[dict[str, Any]] | None) -> str:
+    """The last nights, newest first: each run's accuracy and p50 (the trend plot is with the plots)."""
+    data = series(history or [])
+    nights = sorted({when for points in data.values() for when, *_ in points}, reverse=True)[:HISTORY_NIGHTS]
+    if not nights:
+        return ""
+    cell = {(key, when): (acc, p50, ok) for key, points in data.items() for when, acc, p50, ok in points}
+    head = "<tr><th>run</th>" + "".join(f"<th>{escape(n[:16])}</th>" for n in nights) + "</tr>"
+    body = []
+    for key in sorted(data):
+        tds = []
+        for when in nights:
+            acc, p50, ok = cell.get((key, when), (None, None, True))
+            text = "-" if acc is None and p50 is None else f"{acc if acc is not None else '-'} % / {p50 if p50 is not None else '-'} ms"
+            tds.append(("<td>" if ok else '<td class="fail">') + f"{escape(text)}</td>")
+        body.append(f"<tr><td>{escape(key)}</td>{''.join(tds)}</tr>")
+    return f"<h2>history (accuracy / p50, newest first)</h2><table>{head}{''.join(body)}</table>"
+
+
+def _plots(results: dict[str, Any], timings: Timings | None, history: list[dict[str, Any]] | None = None) -> str:
+    images = plots(results, timings, history)
     if isinstance(images, str):
         return f"<h2>plots</h2><p>{escape(images)}</p>"
     return "<h2>plots</h2>" + "".join(f'<img id="plot-{name}" alt="{name} plot" src="data:image/png;base64,{b64}">'
                                       for name, b64 in images.items() if b64)
 
 
-def report_html(results: dict[str, Any], timings: Timings | None = None) -> str:
-    """The whole report as one HTML document."""
+def report_html(results: dict[str, Any], timings: Timings | None = None,
+                history: list[dict[str, Any]] | None = None) -> str:
+    """The whole report as one HTML document; ``history`` (the nightly's entries) adds the trend."""
     title = f"edgeship: {results.get('spec')} on {results.get('target')}"
     body = "".join([f"<h1>{escape(title)}</h1>", _header(results), _verdict(results), _devices(results),
-                    _table(results), _calibration(results), _plots(results, timings)])
+                    _table(results), _calibration(results), _history(history), _plots(results, timings, history)])
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f"<style>{CSS}</style></head><body>{body}</body></html>\n")
 
 
-def write_html(path: Path, results: dict[str, Any], timings: Timings | None = None) -> Path:
+def write_html(path: Path, results: dict[str, Any], timings: Timings | None = None,
+               history: list[dict[str, Any]] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report_html(results, timings), encoding="utf-8")
+    path.write_text(report_html(results, timings, history), encoding="utf-8")
     return path

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 
-def write_reports(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write results.json, report.md and report.html into ``out_dir``; returns their paths."""
+def write_reports(results: dict[str, Any], out_dir: Path, history: list[dict[str, Any]] | None = None) -> list[Path]:
+    """Write results.json, report.md and report.html into ``out_dir``; returns their paths.
+    ``history`` (the nightly's entries, tonight's included) adds the trend to report.html."""
     from pipeline.validate.html import load_timings, write_html
     from pipeline.validate.report import markdown
 
@@ -20,5 +21,5 @@ def write_reports(results: dict[str, Any], out_dir: Path) -> list[Path]:
     written = [out_dir / "results.json", out_dir / "report.md"]
     written[0].write_text(json.dumps(results, indent=1, default=str) + "\n")
     written[1].write_text(markdown(results))
-    written.append(write_html(out_dir / "report.html", results, load_timings(results, out_dir)))
+    written.append(write_html(out_dir / "report.html", results, load_timings(results, out_dir), history))
     return written

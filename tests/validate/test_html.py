@@ -31,6 +31,27 @@ def _doc() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return doc, {"local/onnxruntime-fp32": raw_timings(1.0, 1), "local/onnxruntime-int8": raw_timings(0.6, 2)}
 
 
+def _history(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Three nights of the nightly's history: int8 drifts down 0.4 pp a night and gets slower."""
+    nights = []
+    for i, when in enumerate(("2026-12-01T02:00:00Z", "2026-12-02T02:00:00Z", "2026-12-03T02:00:00Z")):
+        runs = [{"id": "onnxruntime-int8", "accuracy": round(97.3 - 0.4 * i, 2), "latency_ms": {"p50": 0.5 + 0.1 * i},
+                 "gate": {"passed": i < 2, "reasons": []}}]
+        nights.append({"when": when, "devices": [{"device": "local", "runs": runs}]})
+    return nights
+
+
+def test_report_history_table_and_trend() -> None:
+    doc, timings = _doc()
+    page = report_html(doc, timings, _history(doc))
+    assert "history (accuracy / p50, newest first)" in page
+    # newest first; the third night failed its gate and is marked
+    assert page.index("2026-12-03T02:00") < page.index("2026-12-01T02:00")
+    assert '<td class="fail">96.5 % / 0.7 ms</td>' in page and "<td>97.3 % / 0.5 ms</td>" in page
+    assert re.findall(r'id="plot-(\w+)"', page) == ["latency", "accuracy", "size", "trend"]
+    assert "plot-trend" not in report_html(doc, timings, _history(doc)[:1])  # one night is no trend
+
+
 def test_report_sections() -> None:
     doc, timings = _doc()
     page = report_html(doc, timings)
@@ -71,14 +92,14 @@ def test_plots_decode_in_headless_chromium(tmp_path: Path) -> None:
     if browser is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
     doc, timings = _doc()
-    page = write_html(tmp_path / "report.html", doc, timings)
+    page = write_html(tmp_path / "report.html", doc, timings, _history(doc))
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
     out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
                           "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     decoded = dict(re.findall(r'<img id="plot-(\w+)"[^>]*data-decoded="(\d+x\d+)"', out.stdout))
-    assert set(decoded) == {"latency", "accuracy", "size"}, out.stdout[-2000:]
+    assert set(decoded) == {"latency", "accuracy", "size", "trend"}, out.stdout[-2000:]
     for name, size in decoded.items():
         w, h = (int(v) for v in size.split("x"))
         assert w > 100 and h > 100, f"plot {name} decoded as {size}"

@@ -46,6 +46,8 @@ def test_nightly_reports_regressions_and_junit(tmp_path: Path, monkeypatch: pyte
     page = (pair_dir / "report.html").read_text()
     assert (pair_dir / "report.md").is_file() and "<img" in page
     assert "regressions</h3><ul><li>local/onnxruntime-int8: accuracy 97.50% is 0.80 pp below" in page
+    # the trend covers last night (from the history) and tonight (appended before the report)
+    assert 'id="plot-trend"' in page and "2026-12-03T02:00" in page and '<td class="fail">97.5 %' in page
     root = ET.parse(junit).getroot()
     assert (root.get("tests"), root.get("failures")) == ("2", "1")
     assert [f.get("message") for f in root.iter("failure")] == [why]

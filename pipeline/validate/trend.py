@@ -1,0 +1,34 @@
+"""The nightly's trend: accuracy and p50 over time per device x backend x precision, from the history.
+
+The history is ``<history>/<spec>/<target>.jsonl``, one nightly entry a line (pipeline/nightly.py);
+report.html plots these series.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# (device/run id) -> [(when, accuracy, p50 ms, passed), ...] oldest first
+Series = dict[str, list[tuple[str, float | None, float | None, bool]]]
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """Every entry of a history file, oldest first (none when it does not exist yet)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def series(entries: list[dict[str, Any]]) -> Series:
+    out: Series = {}
+    for entry in entries:
+        for dev in entry.get("devices", []):
+            for row in dev.get("runs", []):
+                p50 = (row.get("latency_ms") or {}).get("p50")
+                passed = bool((row.get("gate") or {}).get("passed")) and not row.get("regressions")
+                out.setdefault(f"{dev['device']}/{row['id']}", []).append(
+                    (str(entry.get("when")), row.get("accuracy"), p50, passed))
+    return out
+
