@@ -8,10 +8,12 @@ import sys
 import pytest
 
 HEAVY = ("torch", "onnxruntime", "onnx", "tensorflow", "jax", "litert_torch", "ai_edge_litert", "ncnn", "pnnx",
-         "fabric", "paramiko")
+         "fabric", "paramiko", "matplotlib", "scipy")
 LIGHT_MODULES = ["pipeline", "pipeline.spec", "pipeline.errors", "pipeline.registry", "pipeline.cli",
                  "pipeline.cache", "pipeline.build", "pipeline.deploy", "pipeline.validate.gate",
-                 "pipeline.validate.report", "pipeline.backends.onnxruntime.convert", "pipeline.agent",
+                 "pipeline.validate.report", "pipeline.validate.stats", "pipeline.validate.html",
+                 "pipeline.validate.junit", "pipeline.validate.paired", "pipeline.validate.baseline",
+                 "pipeline.nightly", "pipeline.backends.onnxruntime.convert", "pipeline.agent",
                  "calibration"]
 
 
