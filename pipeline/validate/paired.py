@@ -34,22 +34,34 @@ def candidate_agrees(reference: np.ndarray, pred: np.ndarray, tie_margin: float)
                      for i in range(pred.size)], dtype=bool)
 
 
-def drop_interval(predictions: Sequence[int], data_dir: Path, metric: str, tie_margin: float = 0.0) -> Interval | None:
-    """The run's paired drop interval in pp, or None when the outcomes cannot be paired here
-    (no predictions, the evaluation data missing, or a different number of samples)."""
+def paired_outcomes(predictions: Sequence[int], data_dir: Path, metric: str,
+                    tie_margin: float = 0.0) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per sample (fp32 right, candidate right), or None when they cannot be paired here (no
+    predictions, the evaluation data missing, or a different number of samples). For fidelity,
+    fp32 is right on every sample by definition and the candidate is right where it agrees."""
     reference = _load(data_dir, "reference")
     pred = np.asarray(predictions, dtype=np.int64).reshape(-1)
     if reference is None or pred.size == 0 or len(reference) != pred.size:
         return None
     reference = reference.reshape(pred.size, -1)
+    if metric != "top1":
+        return np.ones(pred.size, dtype=bool), candidate_agrees(reference, pred, tie_margin)
+    labels = _load(data_dir, "y")
+    if labels is None or labels.size != pred.size:
+        return None
+    labels = labels.reshape(-1)
+    return reference.argmax(axis=1) == labels, pred == labels
+
+
+def drop_interval(predictions: Sequence[int], data_dir: Path, metric: str, tie_margin: float = 0.0) -> Interval | None:
+    """The run's paired drop interval in pp, or None when the outcomes cannot be paired here."""
+    outcomes = paired_outcomes(predictions, data_dir, metric, tie_margin)
+    if outcomes is None:
+        return None
     if metric == "top1":
-        labels = _load(data_dir, "y")
-        if labels is None or labels.size != pred.size:
-            return None
-        labels = labels.reshape(-1)
-        return paired_drop_interval(*discordant(reference.argmax(axis=1) == labels, pred == labels))
-    agrees = candidate_agrees(reference, pred, tie_margin)
-    return disagreement_interval(int(pred.size - agrees.sum()), int(pred.size))
+        return paired_drop_interval(*discordant(*outcomes))
+    agrees = outcomes[1]
+    return disagreement_interval(int(agrees.size - agrees.sum()), int(agrees.size))
 
 
 def attach_drop_intervals(rows: list[dict[str, Any]], raw: dict[str, Any], data_dir: Path, metric: str,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.validate.paired import attach_drop_intervals, candidate_agrees, drop_interval
+from pipeline.validate.paired import attach_drop_intervals, candidate_agrees, drop_interval, paired_outcomes
 from pipeline.validate.stats import clopper_pearson
 
 
@@ -28,7 +28,12 @@ def test_top1_interval_from_predictions(tmp_path: Path) -> None:
     pred = np.arange(10) % 3
     pred[[0, 1, 2]] = (pred[[0, 1, 2]] + 1) % 3        # candidate wrong where fp32 was right: b = 3
     pred[9] = labels[9]                                # candidate right where fp32 was wrong: c = 1
-    iv = drop_interval(pred.tolist(), _data(tmp_path, ref, labels), "top1")
+    data = _data(tmp_path, ref, labels)
+    outcomes = paired_outcomes(pred.tolist(), data, "top1")
+    assert outcomes is not None
+    assert outcomes[0].tolist() == [True] * 9 + [False]                      # fp32 wrong only on 9
+    assert outcomes[1].tolist() == [False] * 3 + [True] * 7                  # candidate wrong on 0, 1, 2
+    iv = drop_interval(pred.tolist(), data, "top1")
     assert iv is not None and (iv["b"], iv["c"], iv["n"]) == (3, 1, 10)
     # drop (3 - 1) / 10 = 20 pp; m = 4, p = Clopper-Pearson(3 of 4); drop range 100 * 4 (2p - 1) / 10
     lo, hi = clopper_pearson(3, 4)
