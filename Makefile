@@ -61,8 +61,9 @@ devices-down: $(STAMP)
 	$(EDGESHIP) sim down sim-arm64 sim-x86
 
 NIGHTLY_TARGETS ?= local
+# Reports land in build/nightly/<spec>/<target>/report.html; the JUnit file covers every pair.
 nightly: $(STAMP)
-	$(EDGESHIP) nightly $(foreach t,$(NIGHTLY_TARGETS),--target $(t))
+	$(EDGESHIP) nightly $(foreach t,$(NIGHTLY_TARGETS),--target $(t)) --junit build/nightly/junit.xml
 
 schema: $(STAMP)
 	@mkdir -p build/schema
