@@ -5,6 +5,8 @@ a run regresses when its accuracy falls more than ``tolerance_pp`` below the las
 (device, backend, precision) that passed its gate ("last good"). A newer toolchain that quietly
 costs accuracy after quantization is therefore caught even while it stays inside the budget.
 Each pair leaves results.json, report.md and report.html in its folder; ``--junit`` one file over all.
+Where a baseline is pinned, each run is also compared with it (interval-aware, on the same samples),
+which catches a slow drift that never exceeds the step from one night to the next.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from typing import Any, Callable
 from pipeline.errors import EdgeshipError
 from pipeline.paths import contained
 from pipeline.spec import load_spec, load_target
+from pipeline.validate.baseline import baseline_regressions, read_baseline
 from pipeline.validate.trend import read_history
+
+# Pinned baselines, in the project (meant to be committed): baselines/<spec>/<target>.json
+BASELINES = Path("baselines")
 
 
 def history_file(history: Path, spec_name: str, target_name: str) -> Path:
@@ -66,11 +72,13 @@ def _mark_regressions(results: dict[str, Any], found: dict[str, list[str]]) -> N
 
 
 def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: Path, tolerance_pp: float,
-                log: Callable[[str], None] = print, junit: Path | None = None) -> dict[str, Any]:
+                log: Callable[[str], None] = print, junit: Path | None = None,
+                baselines: Path | None = BASELINES) -> dict[str, Any]:
     """Deploy each spec to each target; returns a summary with ``passed`` and per-pair outcomes.
 
     Each pair's folder (``out_root/<spec>/<target>``) gets results.json, report.md and
-    report.html; ``junit`` gets one JUnit file over every pair.
+    report.html; ``junit`` gets one JUnit file over every pair. A pair with a pinned baseline
+    (``baselines/<spec>/<target>.json``) is also compared with it (validate/baseline.py).
     """
     from pipeline.deploy import deploy
     from pipeline.validate.junit import write_junit
@@ -98,6 +106,10 @@ def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: 
                 regress: list[str] = []
             else:
                 found = regressions_by_run(results, good, tolerance_pp)
+                pinned = read_baseline(baselines / spec.name / f"{target.name}.json") if baselines else None
+                for key, why in (baseline_regressions(results, pinned, tolerance_pp=tolerance_pp)
+                                 if pinned else {}).items():
+                    found.setdefault(key, []).extend(why)
                 regress = [r for rs in found.values() for r in rs]
                 _mark_regressions(results, found)
                 entry.update({"release_id": results["release_id"], "reference": results["reference"],

@@ -100,3 +100,33 @@ def compare_run(key: str, base: dict[str, Any], row: dict[str, Any], outcomes: S
     found += _growth(key, "peak RSS", base.get("peak_rss_mb"), row.get("peak_rss_mb"), "MB", max_growth_pct)
     found += _growth(key, "artifact", base.get("artifact_bytes"), row.get("artifact_bytes"), "bytes", max_growth_pct)
     return found
+
+
+def _rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{d['device']}/{r['id']}", r) for d in results.get("devices", []) for r in d.get("runs", [])]
+
+
+def _outcomes(row: dict[str, Any]) -> np.ndarray | None:
+    n = (row.get("accuracy_drop_interval") or {}).get("n")
+    return unpack_outcomes(row["outcomes"], int(n)) if row.get("outcomes") and n else None
+
+
+def pin_results(results: dict[str, Any], path: Path) -> Path:
+    """Pin every measured run of a results document (with its per-sample outcomes) as the baseline."""
+    runs = {key: baseline_run(row, _outcomes(row)) for key, row in _rows(results) if not row.get("error")}
+    return write_baseline(path, str(results.get("spec")), str(results.get("target")), results.get("release_id"), runs)
+
+
+def baseline_regressions(results: dict[str, Any], baseline: dict[str, Any], *, tolerance_pp: float,
+                         max_latency_regression_pct: float = MAX_LATENCY_REGRESSION_PCT) -> dict[str, list[str]]:
+    """(device/run id) -> why that run regressed against the pinned baseline (runs that did not: absent)."""
+    found: dict[str, list[str]] = {}
+    for key, row in _rows(results):
+        base = (baseline.get("runs") or {}).get(key)
+        if base is None or row.get("error"):
+            continue
+        reasons = compare_run(key, base, row, _outcomes(row), None, tolerance_pp=tolerance_pp,
+                              max_latency_regression_pct=max_latency_regression_pct)
+        if reasons:
+            found[key] = reasons
+    return found

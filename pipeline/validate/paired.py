@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.agent.measure import agreement_within_ties
+from pipeline.validate.baseline import pack_outcomes
 from pipeline.validate.stats import Interval, discordant, disagreement_interval, paired_drop_interval
 
 
@@ -66,9 +67,15 @@ def drop_interval(predictions: Sequence[int], data_dir: Path, metric: str, tie_m
 
 def attach_drop_intervals(rows: list[dict[str, Any]], raw: dict[str, Any], data_dir: Path, metric: str,
                           tie_margin: float = 0.0) -> None:
-    """Set ``accuracy_drop_interval`` on each row whose agent result carries per-sample predictions."""
+    """Set ``accuracy_drop_interval`` and ``outcomes`` (the candidate's per-sample right/wrong,
+    packed bits, for pairing with a baseline later) on each row whose agent result carries
+    per-sample predictions."""
     by_id = {r.get("id"): r for r in raw.get("results", [])}
     for row in rows:
         predictions = (by_id.get(row["id"]) or {}).get("predictions")
-        if predictions is not None and not row.get("error"):
-            row["accuracy_drop_interval"] = drop_interval(predictions, data_dir, metric, tie_margin)
+        if predictions is None or row.get("error"):
+            continue
+        row["accuracy_drop_interval"] = drop_interval(predictions, data_dir, metric, tie_margin)
+        outcomes = paired_outcomes(predictions, data_dir, metric, tie_margin)
+        if outcomes is not None:
+            row["outcomes"] = pack_outcomes(outcomes[1])

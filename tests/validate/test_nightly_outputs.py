@@ -9,10 +9,12 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import pipeline.deploy
 from pipeline.nightly import run_nightly
+from pipeline.validate.baseline import pack_outcomes, pin_results
 from tests.validate.helpers import results, row
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,3 +53,31 @@ def test_nightly_reports_regressions_and_junit(tmp_path: Path, monkeypatch: pyte
     root = ET.parse(junit).getroot()
     assert (root.get("tests"), root.get("failures")) == ("2", "1")
     assert [f.get("message") for f in root.iter("failure")] == [why]
+
+
+def test_nightly_compares_with_the_pinned_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base_ok = np.zeros(1500, dtype=bool)
+    base_ok[:1467] = True                       # pinned: 97.8 % right
+    tonight_ok = base_ok.copy()
+    tonight_ok[:30] = False                     # tonight: 30 of the same samples lost, 2.0 pp
+
+    def with_outcomes(ok: np.ndarray) -> dict[str, Any]:
+        doc = _tonight()
+        for r in doc["devices"][0]["runs"]:
+            r["outcomes"] = pack_outcomes(ok if r["precision"] == "int8" else base_ok)
+            r["accuracy_drop_interval"] = {"drop_pp": 0.0, "low_pp": 0.0, "high_pp": 0.0, "n": 1500}
+        return doc
+
+    pin_results(with_outcomes(base_ok), tmp_path / "baselines" / "mnist-cnn" / "local.json")
+    monkeypatch.setattr(pipeline.deploy, "deploy", lambda *a, **k: with_outcomes(tonight_ok))
+    summary = run_nightly([ROOT / "examples" / "mnist.yaml"], ["local"], tmp_path / "out", tmp_path / "history",
+                          0.5, log=lambda _: None, baselines=tmp_path / "baselines")
+    # no history yet, so the last-good rule has nothing to say; the baseline rule catches int8
+    (pair,) = summary["pairs"]
+    assert pair["passed"] is False
+    (why,) = pair["reasons"]
+    assert why.startswith("local/onnxruntime-int8: accuracy 2.00 pp below the baseline (95 % interval")
+    # without a pinned baseline the same night passes
+    clean = run_nightly([ROOT / "examples" / "mnist.yaml"], ["local"], tmp_path / "out2", tmp_path / "history2",
+                        0.5, log=lambda _: None, baselines=tmp_path / "none")
+    assert clean["passed"] is True

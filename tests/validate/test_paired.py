@@ -65,4 +65,6 @@ def test_no_interval_without_pairable_outcomes(tmp_path: Path) -> None:
     raw = {"results": [{"id": "a", "predictions": [0, 1, 2]}, {"id": "b"}, {"id": "c", "predictions": [0]}]}
     attach_drop_intervals(rows, raw, data, "fidelity")
     assert rows[0]["accuracy_drop_interval"]["drop_pp"] == 0.0
+    # the candidate's per-sample outcomes ride along, packed, for a baseline: all 3 agree -> 0b111 -> "4A=="
+    assert rows[0]["outcomes"] == "4A=="
     assert "accuracy_drop_interval" not in rows[1] and "accuracy_drop_interval" not in rows[2]
