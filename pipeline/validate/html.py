@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.validate.report import COLUMNS, rows
+from pipeline.validate.stats import MAX_CV, coefficient_of_variation
 from pipeline.validate.trend import Series, series
 
 # Nights shown in the history table of a nightly report.
@@ -230,13 +231,29 @@ def _interval(row: dict[str, Any]) -> str:
     return f"[{iv['low_pp']:+.2f}, {iv['high_pp']:+.2f}] n={iv['n']}" if iv else "-"
 
 
-def _table(results: dict[str, Any]) -> str:
-    head = "".join(f"<th>{escape(c)}</th>" for c in (*COLUMNS[:5], "drop 95 % interval", *COLUMNS[5:]))
+def _cv(device: str, row: dict[str, Any], timings: Timings) -> str:
+    """The timings' coefficient of variation (raw timings, else the agent's stdev / mean), flagged
+    "unstable" over the default ``validation.max_cv``: its ratios are not to be trusted."""
+    raw = timings.get(f"{device}/{row.get('id')}")
+    lat = row.get("latency_ms") or {}
+    if raw is not None and len(raw) > 1:
+        cv = coefficient_of_variation(raw)
+    elif lat.get("mean") and lat.get("stdev") is not None:
+        cv = float(lat["stdev"]) / float(lat["mean"])
+    else:
+        return "-"
+    return "-" if cv is None else f"{cv:.2f}" + (" unstable" if cv > MAX_CV else "")
+
+
+def _table(results: dict[str, Any], timings: Timings | None = None) -> str:
+    cols = (*COLUMNS[:5], "drop 95 % interval", *COLUMNS[5:9], "CV", *COLUMNS[9:])
+    head = "".join(f"<th>{escape(c)}</th>" for c in cols)
     body = []
-    runs = [r for _, r in _runs(results)]
+    runs = _runs(results)
     for cells in rows(results):
-        row = runs.pop(0) if cells[-1] != "ERROR" and runs else {}
-        cells = [*cells[:5], _interval(row), *cells[5:]]
+        device, row = runs.pop(0) if cells[-1] != "ERROR" and runs else ("", {})
+        cv = _cv(device, row, timings or {}) if row else "-"
+        cells = [*cells[:5], _interval(row), *cells[5:9], cv, *cells[9:]]
         cls = "" if cells[-1] == "pass" else ' class="fail"'
         body.append(f"<tr{cls}>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>")
     return f"<h2>runs</h2><table><tr>{head}</tr>{''.join(body)}</table>"
@@ -296,7 +313,7 @@ def report_html(results: dict[str, Any], timings: Timings | None = None,
     """The whole report as one HTML document; ``history`` (the nightly's entries) adds the trend."""
     title = f"edgeship: {results.get('spec')} on {results.get('target')}"
     body = "".join([f"<h1>{escape(title)}</h1>", _header(results), _verdict(results), _devices(results),
-                    _table(results), _calibration(results), _history(history), _plots(results, timings, history)])
+                    _table(results, timings), _calibration(results), _history(history), _plots(results, timings, history)])
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f"<style>{CSS}</style></head><body>{body}</body></html>\n")
 

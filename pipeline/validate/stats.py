@@ -25,6 +25,7 @@ RESAMPLES = 2000
 SEED = 0
 ALPHA_LATENCY = 0.01
 MAX_LATENCY_REGRESSION_PCT = 10.0
+MAX_CV = 0.15  # validation.max_cv's default: a run's timings are "unstable" above it
 # Below this many samples (and without ties) Mann-Whitney's p value is exact, not the normal
 # approximation: the enumeration is a polynomial of degree m * n.
 EXACT_MWU_MAX_TOTAL = 40

@@ -26,6 +26,7 @@ def _doc() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             row("onnxruntime", "int8", 96.5, p90=0.6, size=32_000, seed=2, calibration=CALIBRATION),
             row("tflite", "int8", 97.6, p90=9.0, seed=3)]
     runs[1]["accuracy_drop_interval"] = {"drop_pp": 1.5, "low_pp": 0.9, "high_pp": 2.2, "n": 1500}
+    runs[2]["latency_ms"].update(mean=8.0, stdev=3.2)  # no raw timings: CV 3.2 / 8 = 0.40 > 0.15
     doc = results([("local", runs)], max_latency_p90_ms=5.0, device_error="connection refused (port 2222)")
     # raw timings for two runs; the third falls back to the agent's percentiles
     return doc, {"local/onnxruntime-fp32": raw_timings(1.0, 1), "local/onnxruntime-int8": raw_timings(0.6, 2)}
@@ -63,6 +64,8 @@ def test_report_sections() -> None:
                  "holdout drop 1.40 pp &gt; 1.00 pp"):
         assert text in page, text
     assert len(re.findall(r'<tr class="fail">', page)) == 3  # int8 over budget, tflite too slow, the device
+    # CV: raw timings drawn with sigma 0.05 (CV ~0.05); tflite from the agent's stdev / mean
+    assert "<td>0.40 unstable</td>" in page and len(re.findall(r"<td>0\.0[4-6]</td>", page)) == 2
     assert re.findall(r'id="plot-(\w+)"', page) == ["latency", "accuracy", "size"]
     assert "http" not in page.replace("http-equiv", "")  # self-contained: nothing fetched
 
