@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline.errors import BadInput
 from pipeline.validate.stats import MAX_LATENCY_REGRESSION_PCT, discordant, latency_regression, paired_drop_interval
 
 BASELINE_SCHEMA = "edgeship.baseline/1"
@@ -115,6 +116,18 @@ def pin_results(results: dict[str, Any], path: Path) -> Path:
     """Pin every measured run of a results document (with its per-sample outcomes) as the baseline."""
     runs = {key: baseline_run(row, _outcomes(row)) for key, row in _rows(results) if not row.get("error")}
     return write_baseline(path, str(results.get("spec")), str(results.get("target")), results.get("release_id"), runs)
+
+
+def pin_results_file(results_json: Path, path: Path) -> Path:
+    """``edgeship baseline pin``: pin the results document of the last deploy or validate."""
+    if not results_json.is_file():
+        raise BadInput(f"{results_json}: no results to pin; run `edgeship deploy` (or `validate`) for this spec "
+                       "and target first, or pass --out with the folder that holds its results.json")
+    try:
+        results = json.loads(results_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"{results_json}: not a results document ({exc}); deploy again to rewrite it") from exc
+    return pin_results(results, path)
 
 
 def baseline_regressions(results: dict[str, Any], baseline: dict[str, Any], *, tolerance_pp: float,

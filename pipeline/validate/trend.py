@@ -32,3 +32,16 @@ def series(entries: list[dict[str, Any]]) -> Series:
                     (str(entry.get("when")), row.get("accuracy"), p50, passed))
     return out
 
+
+
+HISTORY_COLUMNS = ("night", "run", "accuracy %", "p50 ms", "verdict")
+
+
+def history_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per night and run, oldest first: what ``edgeship history`` prints."""
+    out = []
+    for key, points in sorted(series(entries).items()):
+        for when, acc, p50, ok in points:
+            out.append([when, key, "-" if acc is None else f"{acc:.2f}", "-" if p50 is None else f"{p50:.3f}",
+                        "pass" if ok else "FAIL"])
+    return sorted(out, key=lambda r: (r[0], r[1]))

@@ -1,0 +1,55 @@
+"""`edgeship baseline pin` and `edgeship history` through the real CLI (results and history written
+in code; the deploy that would write them runs in tests/test_deploy_local.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.validate.baseline import pack_outcomes, unpack_outcomes
+from tests.validate.helpers import results, row
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = str(ROOT / "examples" / "mnist.yaml")
+
+
+def test_baseline_pin_keeps_outcomes(tmp_path: Path) -> None:
+    doc = results([("local", [row("onnxruntime", "int8", 97.5)])])
+    ok = np.arange(1500) % 40 != 0                           # 1,462 of 1,500 right
+    run = doc["devices"][0]["runs"][0]
+    run["outcomes"], run["accuracy_drop_interval"] = pack_outcomes(ok), {"n": 1500}
+    out = tmp_path / "build"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(doc))
+    assert main(["baseline", "pin", "--spec", SPEC, "--target", "local", "--out", str(out),
+                 "--baselines", str(tmp_path / "baselines")]) == 0
+    pinned = json.loads((tmp_path / "baselines" / "mnist-cnn" / "local.json").read_text())
+    base = pinned["runs"]["local/onnxruntime-int8"]
+    assert base["n"] == 1500 and unpack_outcomes(base["outcomes"], 1500).sum() == 1462
+    assert base["accuracy"] == 97.5 and pinned["release_id"] == "ab" * 32
+
+
+def test_baseline_pin_without_results_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["baseline", "pin", "--spec", SPEC, "--target", "local", "--out", str(tmp_path / "none"),
+                 "--baselines", str(tmp_path / "baselines")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none/results.json: no results to pin; run `edgeship deploy`" in err[0]
+    assert not (tmp_path / "baselines").exists()
+
+
+def test_history_prints_the_trend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hist = tmp_path / "history" / "mnist-cnn" / "local.jsonl"
+    hist.parent.mkdir(parents=True)
+    nights = [{"when": f"2026-12-0{d}T02:00:00Z", "devices": [{"device": "local", "runs": [
+        {"id": "ncnn-int8", "accuracy": 97.9 - 0.4 * i, "latency_ms": {"p50": 0.112}, "gate": {"passed": i < 2}}]}]}
+        for i, d in enumerate((1, 2, 3))]
+    hist.write_text("".join(json.dumps(n) + "\n" for n in nights))
+    assert main(["history", "--spec", SPEC, "--target", "local", "--history", str(tmp_path / "history")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "local/ncnn-int8" in ln]
+    assert len(lines) == 3
+    assert "2026-12-01" in lines[0] and "97.90" in lines[0] and "0.112" in lines[0] and "pass" in lines[0]
+    assert "2026-12-03" in lines[2] and "97.10" in lines[2] and "FAIL" in lines[2]
