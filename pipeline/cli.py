@@ -25,6 +25,8 @@ app = typer.Typer(help="edgeship: PyTorch -> ONNX -> edge artifacts, calibrated 
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 targets_app = typer.Typer(help="List, show and validate hardware targets.", no_args_is_help=True)
 app.add_typer(targets_app, name="targets")
+baseline_app = typer.Typer(help="The pinned baseline the nightly compares each run with.", no_args_is_help=True)
+app.add_typer(baseline_app, name="baseline")
 console = Console(stderr=True)
 # Tables are wide (12 columns): when piped or in CI, don't squeeze them into 80 columns.
 out_console = Console() if Console().is_terminal else Console(width=200)
@@ -178,6 +180,36 @@ def nightly(spec: Optional[list[Path]] = typer.Option(None, "--spec", "-s", help
     if not summary["passed"]:
         raise AccuracyRegression("nightly: " + "; ".join(
             f"{p['spec']} on {p['target']}" for p in summary["pairs"] if not p["passed"]) + " failed")
+
+
+@baseline_app.command("pin")
+def baseline_pin(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] = OUT_OPT,
+                 baselines: Path = typer.Option(Path("baselines"), "--baselines",
+                                                help="where baselines live (commit them)")) -> None:
+    """Pin the last deploy's results (<out>/results.json, per-sample outcomes included) as the baseline."""
+    from pipeline.validate.baseline import pin_results_file
+
+    s, t = _load(spec, target)
+    path = pin_results_file(_out(out, s, t) / "results.json", baselines / s.name / f"{t.name}.json")
+    out_console.print(f"baseline of {s.name} on {t.name} pinned: {path}")
+
+
+@app.command()
+def history(spec: Path = SPEC_OPT, target: str = TARGET_OPT,
+            history_dir: Path = typer.Option(Path("build/history"), "--history", help="where the history is kept")) -> None:
+    """The nightly's trend: accuracy, p50 and verdict per night and run."""
+    from rich.table import Table
+
+    from pipeline.nightly import history_file
+    from pipeline.validate.trend import HISTORY_COLUMNS, history_rows, read_history
+
+    s, t = _load(spec, target)
+    table = Table(title=f"{s.name} on {t.name}: nightly history", title_justify="left")
+    for col in HISTORY_COLUMNS:
+        table.add_column(col, justify="right" if col.endswith(("%", "ms")) else "left")
+    for row in history_rows(read_history(history_file(history_dir, s.name, t.name))):
+        table.add_row(*row, style=None if row[-1] == "pass" else "red")
+    out_console.print(table)
 
 
 @targets_app.command("list")
