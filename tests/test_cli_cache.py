@@ -108,10 +108,15 @@ def test_temp_folders_of_a_killed_build_are_removed_by_the_next_run(tmp_path: Pa
     # A live builder's temp folder is not touched by the sweep.
     live = left.parent / f".tmp-{os.getpid()}-000000000000-live"
     live.mkdir()
+    # A release folder half written by a killed run (the output folder is locked, so it is stale).
+    half_release = out / ".release-killed"
+    half_release.mkdir(parents=True)
+    (half_release / "manifest.json").write_text("{")
     again = edgeship(build_args(tmp_path, out), env)
     assert again.returncode == 0, again.stderr
-    assert not left.exists()
+    assert not left.exists() and not half_release.exists()
     assert temp_folders(stages) == [live]
+    release_intact(out / "release")
 
 
 def test_disk_full_while_packaging_keeps_the_previous_release(tmp_path: Path, env: dict[str, str]) -> None:
