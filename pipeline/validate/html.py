@@ -281,6 +281,10 @@ def _calibration(results: dict[str, Any]) -> str:
     return "<h2>where INT8 lost accuracy</h2>" + "".join(out) if out else ""
 
 
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
 def _history(history: list[dict[str, Any]] | None) -> str:
     """The last nights, newest first: each run's accuracy and p50 (the trend plot is with the plots)."""
     data = series(history or [])
@@ -294,7 +298,7 @@ def _history(history: list[dict[str, Any]] | None) -> str:
         tds = []
         for when in nights:
             acc, p50, ok = cell.get((key, when), (None, None, True))
-            text = "-" if acc is None and p50 is None else f"{acc if acc is not None else '-'} % / {p50 if p50 is not None else '-'} ms"
+            text = "-" if acc is None and p50 is None else f"{_or_dash(acc)} % / {_or_dash(p50)} ms"
             tds.append(("<td>" if ok else '<td class="fail">') + f"{escape(text)}</td>")
         body.append(f"<tr><td>{escape(key)}</td>{''.join(tds)}</tr>")
     return f"<h2>history (accuracy / p50, newest first)</h2><table>{head}{''.join(body)}</table>"
