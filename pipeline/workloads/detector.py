@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.workloads import cache_home
 from pipeline.workloads.detector_post import SIZE_UNIT, STRIDE
+from pipeline.workloads.training import fit, load_or_train, train_and_save
 
 SEED = 20261204
 CANVAS = 96
@@ -160,55 +161,24 @@ def weights_path() -> Path:
 
 def train(out: Path | None = None, log: Any = None) -> Path:
     """Train deterministically (one thread, seeded) and save the state dict atomically."""
-    import torch
 
-    out = out or weights_path()
-    torch.manual_seed(SEED)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-for-bit repeatable regardless of the machine's core count
-    try:
+    def run() -> Any:
+        import torch
+
         x, labels = canvases("train")
         xt = torch.from_numpy(x)
         ht, bt, mt = (torch.from_numpy(a) for a in targets(labels))
         model = build_model()
-        steps = EPOCHS * ((len(x) + RECIPE["batch"] - 1) // RECIPE["batch"])
         opt = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"], weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=RECIPE["lr"], total_steps=steps)
-        gen = torch.Generator().manual_seed(SEED)
-        for epoch in range(EPOCHS):
-            model.train()
-            perm = torch.randperm(len(xt), generator=gen)
-            total = 0.0
-            for i in range(0, len(xt), RECIPE["batch"]):
-                idx = perm[i:i + RECIPE["batch"]]
-                loss = loss_fn(model(xt[idx]), ht[idx], bt[idx], mt[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(idx)
-            if log:
-                log(f"epoch {epoch + 1}/{EPOCHS} loss {total / len(xt):.4f}")
-        model.eval()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(out)  # atomic: a crash mid-save never leaves a half file that looks done
-    finally:
-        torch.set_num_threads(threads)
-    return out
+        return fit(model, len(xt), lambda idx, _gen: loss_fn(model(xt[idx]), ht[idx], bt[idx], mt[idx]), seed=SEED,
+                   epochs=EPOCHS, batch=RECIPE["batch"], optimizer=opt, max_lr=RECIPE["lr"], log=log)
+
+    return train_and_save(out or weights_path(), SEED, run)
 
 
 def pretrained_model() -> Any:
     """The trained detector in eval mode (trains once and caches the weights)."""
-    import torch
-
-    path = weights_path()
-    if not path.is_file():
-        train(path)
-    model = build_model()
-    model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
-    return model.eval()
+    return load_or_train(weights_path(), build_model, train)
 
 
 def evaluate(model: Any, split: str = "evaluation") -> dict[str, float]:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.workloads import cache_home
+from pipeline.workloads.training import fit, load_or_train, train_and_save
 
 SEED = 20261124
 N_TRAIN, N_CALIB, N_EVAL = 3000, 500, 1500
@@ -90,60 +91,30 @@ def weights_path() -> Path:
 
 def train(out: Path | None = None, log: Any = None) -> Path:
     """Train deterministically and save the state dict; returns its path."""
-    import torch
-    import torch.nn.functional as F
 
-    out = out or weights_path()
-    torch.manual_seed(SEED)
-    torch.use_deterministic_algorithms(True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-for-bit repeatable regardless of the machine's core count
-    try:
+    def run() -> Any:
+        import torch
+        import torch.nn.functional as F
+
         x, y = splits()["train"]
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
         model = build_model()
+
+        def loss_of(idx: Any, gen: Any) -> Any:
+            # Light augmentation: random shifts by up to 2 pixels (deterministic generator).
+            dx, dy = (torch.randint(-2, 3, (2,), generator=gen)).tolist()
+            return F.cross_entropy(model(torch.roll(xt[idx], shifts=(dy, dx), dims=(2, 3))), yt[idx])
+
         opt = torch.optim.Adam(model.parameters(), lr=RECIPE["lr"])
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=RECIPE["lr"], total_steps=EPOCHS * ((len(x) + 63) // 64))
-        gen = torch.Generator().manual_seed(SEED)
-        for epoch in range(EPOCHS):
-            model.train()
-            perm = torch.randperm(len(xt), generator=gen)
-            total = 0.0
-            for i in range(0, len(xt), RECIPE["batch"]):
-                idx = perm[i:i + RECIPE["batch"]]
-                xb = xt[idx]
-                # Light augmentation: random shifts by up to 2 pixels (deterministic generator).
-                dx, dy = (torch.randint(-2, 3, (2,), generator=gen)).tolist()
-                xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
-                loss = F.cross_entropy(model(xb), yt[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(idx)
-            if log:
-                log(f"epoch {epoch + 1}/{EPOCHS} loss {total / len(xt):.4f}")
-        model.eval()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(out)  # atomic: a crash mid-save never leaves a half file that looks done
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(False)
-    return out
+        return fit(model, len(xt), loss_of, seed=SEED, epochs=EPOCHS, batch=RECIPE["batch"], optimizer=opt,
+                   max_lr=RECIPE["lr"], log=log)
+
+    return train_and_save(out or weights_path(), SEED, run)
 
 
 def pretrained_model() -> Any:
     """The trained CNN in eval mode (trains once and caches the weights)."""
-    import torch
-
-    path = weights_path()
-    if not path.is_file():
-        train(path)
-    model = build_model()
-    model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
-    return model.eval()
+    return load_or_train(weights_path(), build_model, train)
 
 
 if __name__ == "__main__":  # python -m pipeline.workloads.mnist : train and report accuracy
