@@ -11,15 +11,19 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline.build import BuildResult, build
 from pipeline.cache import Cache
-from pipeline.errors import DeviceError, EdgeshipError
+from pipeline.errors import DeviceError, EdgeshipError, Interrupted
 from pipeline.spec import Host, PipelineSpec, TargetSpec
 from pipeline.validate.gate import budget_pp, check_run, combine, run_row
 from pipeline.validate.paired import attach_drop_intervals
 from pipeline.validate.report import RESULTS_SCHEMA
+
+if TYPE_CHECKING:
+    from pipeline.transport import Transport
+    from pipeline.transport.fleet import Rollout
 
 LOCK_WAIT_S = 600.0
 
@@ -34,50 +38,76 @@ def deploy(spec: PipelineSpec, target: TargetSpec, out_dir: Path, *, cache: Cach
 
 def deploy_release(built: BuildResult, *, hosts: list[str] | None = None, rollback_on_fail: bool = True,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    from pipeline.transport import for_each_host
+    """Ship ``built`` to the selected hosts (all of the target's by default), measure, gate, report.
+
+    A fleet stops starting hosts once ``transport.max_failures`` of them failed (unreachable, or
+    gate failed); on Ctrl-C/SIGTERM every device's agent is stopped and its previous release made
+    current again before :class:`~pipeline.errors.Interrupted` is raised.
+    """
+    from pipeline.transport.fleet import Rollout, for_each_host
 
     target = built.target
-    selected = _select_hosts(target, hosts)
-
-    def one(host: Host | None) -> dict[str, Any]:
-        return _deploy_one(built, host, rollback_on_fail, log)
-
+    rollout = Rollout()
     t0 = time.perf_counter()
-    if target.transport.kind == "local":
-        outcomes: dict[str, Any] = {"local": _catch(lambda: one(None))}
-    else:
-        outcomes = for_each_host(target, lambda h: _catch(lambda: one(h)), target.transport.parallel,
-                                 hosts=selected)
-    devices = []
-    for name, out in outcomes.items():
-        if isinstance(out, BaseException):
-            out = {"device": name, "error": str(out), "runs": [], "gate": {"passed": False,
-                   "reasons": [f"{name}: {out}"]}}
-        devices.append(out)
+    outcomes = for_each_host(target, lambda h: _deploy_one(built, h, rollback_on_fail, log, rollout),
+                             hosts=_select_hosts(target, hosts), failed=_failed, rollout=rollout)
+    devices = [_device_outcome(name, out) for name, out in outcomes.items()]
+    if len(devices) > 1:
+        log(_fleet_summary(target, devices))
     return _results(built, devices, time.perf_counter() - t0)
+
+
+def _failed(outcome: Any) -> bool:
+    """A host counts against ``transport.max_failures`` when it could not be deployed or failed its gate."""
+    return isinstance(outcome, BaseException) or not outcome["gate"]["passed"]
+
+
+def _device_outcome(name: str, out: Any) -> dict[str, Any]:
+    """A device's entry in results.json; errors (and hosts never started) become entries too."""
+    from pipeline.transport.fleet import NotStarted
+
+    if not isinstance(out, BaseException):
+        return {**out, "status": "passed" if out["gate"]["passed"] else "failed"}
+    return {"device": name, "error": str(out), "runs": [], "status": "not-started" if isinstance(out, NotStarted)
+            else "error", "gate": {"passed": False, "reasons": [f"{name}: {out}" if not str(out).startswith(name)
+                                                               else str(out)]}}
+
+
+def _fleet_summary(target: TargetSpec, devices: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for d in devices:
+        counts[d["status"]] = counts.get(d["status"], 0) + 1
+    text = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    stopped = counts.get("not-started", 0)
+    return f"fleet {target.name}: {text}" + (
+        f" (rollout stopped at transport.max_failures: {target.transport.max_failures})" if stopped else "")
 
 
 def validate_current(spec: PipelineSpec, target: TargetSpec, out_dir: Path, *, hosts: list[str] | None = None,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
     """Re-measure what is deployed now (no build, no upload), gate it against the spec and target."""
-    from pipeline.transport import for_each_host, open_transport
+    from pipeline.transport import open_transport
+    from pipeline.transport.fleet import Rollout, for_each_host
+
+    rollout = Rollout()
 
     def one(host: Host | None) -> dict[str, Any]:
-        with open_transport(target, host) as tr, tr.lock(wait_s=LOCK_WAIT_S):
+        with open_transport(target, host) as tr, tr.lock(wait_s=LOCK_WAIT_S), \
+                rollout.stoppable(tr.name, tr.stop_agent):
+            tr.cancel = rollout.cancelled
             name = tr.name
             current = tr.verify_current()  # the bytes measured are the bytes that were verified
-            raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s)
+            try:
+                raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s)
+            except EdgeshipError:
+                if rollout.cancelled.is_set():
+                    raise Interrupted(f"{name}: validation stopped, {current[:12]} still current") from None
+                raise
             manifest = json.loads(tr.read_current_manifest())
         return _device_result(spec, target, name, manifest, raw, {"release_id": current, "bytes_moved": 0})
 
-    if target.transport.kind == "local":
-        outcomes: dict[str, Any] = {"local": _catch(lambda: one(None))}
-    else:
-        outcomes = for_each_host(target, lambda h: _catch(lambda: one(h)), target.transport.parallel,
-                                 hosts=_select_hosts(target, hosts))
-    devices = [o if not isinstance(o, BaseException) else
-               {"device": n, "error": str(o), "runs": [], "gate": {"passed": False, "reasons": [f"{n}: {o}"]}}
-               for n, o in outcomes.items()]
+    outcomes = for_each_host(target, one, hosts=_select_hosts(target, hosts), rollout=rollout)
+    devices = [_device_outcome(n, o) for n, o in outcomes.items()]
     gate = combine([d["gate"] for d in devices])
     ref = devices[0].get("reference", {}) if devices else {}
     return {"schema": RESULTS_SCHEMA, "spec": spec.name, "target": target.name, "release_id": None,
@@ -96,46 +126,70 @@ def _select_hosts(target: TargetSpec, names: list[str] | None) -> list[Host] | N
     return [known[n] for n in names]
 
 
-def _catch(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except EdgeshipError as exc:
-        return exc
-
-
-def _deploy_one(built: BuildResult, host: Host | None, rollback_on_fail: bool,
-                log: Callable[[str], None]) -> dict[str, Any]:
+def _deploy_one(built: BuildResult, host: Host | None, rollback_on_fail: bool, log: Callable[[str], None],
+                rollout: "Rollout") -> dict[str, Any]:
     from pipeline.transport import open_transport
 
-    target, spec = built.target, built.spec
     started = time.time()
-    with open_transport(target, host) as tr:
-        name = tr.name
-        with tr.lock(wait_s=LOCK_WAIT_S):
-            probe = tr.probe()
-            tr.check(target, probe)
-            log(f"{name}: {probe.get('arch')} {probe.get('os')}, python {probe.get('python')}, "
-                f"{probe.get('disk_free_mb')} MB free")
-            dep = tr.deploy(built.release_dir, built.release_id)
-            log(f"{name}: release {built.release_id[:12]} {'uploaded' if dep.get('changed') else 'already there'}"
-                f", {dep.get('bytes_moved', 0)} bytes moved")
-            raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s)
-            result = _device_result(spec, target, name, built.manifest, raw, dep)
-            result["probe"] = probe
-            # Paired with fp32 on the same samples: the drop's exact interval (the host has the data).
-            attach_drop_intervals(result["runs"], raw, built.release_dir / built.manifest["agent"]["eval_dir"],
-                                  spec.evaluation.metric, spec.evaluation.tie_margin)
-            if not result["gate"]["passed"] and rollback_on_fail:
-                previous = dep.get("previous")
-                if previous and previous != built.release_id:
-                    tr.rollback(previous)
-                    result["rolled_back"] = True
-                    result["rolled_back_to"] = previous
-                    log(f"{name}: gate failed, rolled back to {previous[:12]}")
-                else:
-                    result["rolled_back"] = False
-                    log(f"{name}: gate failed and there is no previous release to roll back to")
+    with open_transport(built.target, host) as tr:
+        tr.cancel = rollout.cancelled
+        with tr.lock(wait_s=LOCK_WAIT_S), rollout.stoppable(tr.name, tr.stop_agent):
+            before = tr.current()
+            try:
+                result = _ship_and_gate(built, tr, rollback_on_fail, log)
+            except EdgeshipError:
+                if rollout.cancelled.is_set():
+                    raise _restore(tr, before, log) from None
+                raise
     result["started_at"], result["finished_at"] = round(started, 3), round(time.time(), 3)
+    return result
+
+
+def _restore(tr: "Transport", before: str | None, log: Callable[[str], None]) -> Interrupted:
+    """After an interrupt: no agent left running, and the release that was current is current again."""
+    stopped = tr.stop_agent()
+    now = tr.current()
+    if now == before:
+        what = f"{before[:12] if before else 'nothing'} still current"
+    elif before is not None:
+        tr.rollback(before)
+        what = f"rolled back to {before[:12]}"
+    else:
+        what = f"{str(now)[:12]} stays current, never validated (there is no previous release)"
+    msg = f"{tr.name}: {'agent stopped, ' if stopped else ''}{what}"
+    log(msg)
+    return Interrupted(msg)
+
+
+def _ship_and_gate(built: BuildResult, tr: "Transport", rollback_on_fail: bool,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    """Probe, upload and switch, measure, gate; roll back a failed gate. The caller holds the lock."""
+    target, spec, name = built.target, built.spec, tr.name
+    probe = tr.probe()
+    tr.check(target, probe)
+    log(f"{name}: {probe.get('arch')} {probe.get('os')}, python {probe.get('python')}, "
+        f"{probe.get('disk_free_mb')} MB free")
+    dep = tr.deploy(built.release_dir, built.release_id)
+    repaired = len(dep.get("repaired_files") or [])
+    log(f"{name}: release {built.release_id[:12]} {'uploaded' if dep.get('changed') else 'already there'}"
+        f", {dep.get('bytes_moved', 0)} bytes moved" + (f", {repaired} damaged files of older releases repaired"
+                                                         if repaired else ""))
+    raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s)
+    result = _device_result(spec, target, name, built.manifest, raw, dep)
+    result["probe"] = probe
+    # Paired with fp32 on the same samples: the drop's exact interval (the host has the data).
+    attach_drop_intervals(result["runs"], raw, built.release_dir / built.manifest["agent"]["eval_dir"],
+                          spec.evaluation.metric, spec.evaluation.tie_margin)
+    if not result["gate"]["passed"] and rollback_on_fail:
+        previous = dep.get("previous")
+        if previous and previous != built.release_id:
+            tr.rollback(previous)
+            result["rolled_back"] = True
+            result["rolled_back_to"] = previous
+            log(f"{name}: gate failed, rolled back to {previous[:12]}")
+        else:
+            result["rolled_back"] = False
+            log(f"{name}: gate failed and there is no previous release to roll back to")
     return result
 
 

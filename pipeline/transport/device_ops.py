@@ -13,6 +13,7 @@ and SSH transports run the very same program, so the layout and its invariants l
     <root>/history                           one line per switch: "<unix time> <id>"
     <root>/.lock, .lock.owner                the per-device deploy lock (see lock.py)
     <root>/.edgeship-root                    the marker: this folder is edgeship's (``_claim``)
+    <root>/.agent.pid                        "<process group> <token>" of the last agent started
 
 Nothing here may import anything outside the standard library, and the code must stay compatible
 with the oldest device Python we support (3.9): no ``match``, no ``X | Y`` at runtime.
@@ -23,11 +24,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 
 SUMS = ".edgeship-sha256sums"
 MARKER = ".edgeship-root"
+AGENT_PID = ".agent.pid"
 _CHUNK = 1 << 20
 _RELEASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: An upload in progress: ``<release id>.<nonce>`` (``.damaged`` while a bad copy is replaced).
@@ -35,7 +38,7 @@ _STAGING_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.[0-9a-f]{8}(\.da
 #: What edgeship itself writes at the top of a root (an unmarked root holding only these is an
 #: older edgeship's, claimed as is; anything else there is someone's data).
 _ROOT_ENTRIES = ("releases", "staging", "current", "current.tmp", "history", "history.tmp", ".lock",
-                 ".lock.owner", "venv", MARKER)
+                 ".lock.owner", "venv", AGENT_PID, MARKER)
 
 
 def _sha256(path, sync=False):
@@ -522,6 +525,77 @@ def op_verify(a):
     return {"ok": not bad, "release": rid, "bad": sorted(bad)}
 
 
+def _agent_pids(token):
+    """Live processes whose environment carries the agent run's token (None without /proc)."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    needle = ("EDGESHIP_AGENT_TOKEN=" + token).encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as fh:
+                if fh.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue  # exited, waiting to be reaped: nothing left to stop
+            with open("/proc/%s/environ" % entry, "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    found.append(int(entry))
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def _signal_agent(pgid, pids, sig):
+    for kill, target in [(os.killpg, pgid)] + [(os.kill, p) for p in pids or []]:
+        try:
+            kill(target, sig)
+        except OSError:
+            pass  # already gone (the goal), or a pid that is not ours
+
+
+def _discard(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass  # another stop_agent (the interrupt's and the worker's run at once) removed it first
+
+
+def op_stop_agent(a):
+    """Stop the agent the host started last (its whole process group): TERM, then KILL after 5 s.
+
+    The host calls this when a deploy is interrupted, so that no agent keeps measuring after the
+    lock is released. The token in ``.agent.pid`` is also in the agent's environment: a pid reused
+    by an unrelated process since then is never signalled.
+    """
+    path = os.path.join(a["root"], AGENT_PID)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            pgid, token = fh.read().split()[:2]
+        pgid = int(pgid)
+    except (OSError, ValueError):
+        return {"ok": True, "stopped": 0}
+    pids = _agent_pids(token)
+    if pids is not None and not pids:
+        _discard(path)
+        return {"ok": True, "stopped": 0}
+    count = len(pids or [])
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        _signal_agent(pgid, pids, sig)
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end:
+            pids = _agent_pids(token)
+            if pids is not None and not pids:
+                break
+            time.sleep(0.05)
+        if pids is not None and not pids:
+            break
+    left = _agent_pids(token)
+    if not left:
+        _discard(path)
+    return {"ok": not left, "stopped": count, "left": left or []}
+
+
 def op_claim(a):
     """Claim the root (see ``_claim``); mutating ops do this themselves first."""
     return {"ok": True}
@@ -530,7 +604,8 @@ def op_claim(a):
 #: Operations that write or delete under the root: each claims it first.
 _MUTATING = ("claim", "prepare", "finalize", "switch")
 
-OPS = {"claim": op_claim, "verify": op_verify, "list": op_list, "prepare": op_prepare, "finalize": op_finalize, "switch": op_switch}
+OPS = {"claim": op_claim, "verify": op_verify, "stop_agent": op_stop_agent, "list": op_list,
+       "prepare": op_prepare, "finalize": op_finalize, "switch": op_switch}
 
 
 def main(argv):

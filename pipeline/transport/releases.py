@@ -173,6 +173,7 @@ class ReleaseStore:
                 "free space on the device or lower transport.keep_releases")
         moved = 0
         for rel, off in sorted(need.items()):
+            ensure_locked()  # also the point where an interrupted deploy stops uploading
             total = files[rel][1]
 
             def _progress(done: int, rel: str = rel, off: int = off, total: int = total) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sys
+import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterator
 
-from pipeline.errors import DeviceError
+from pipeline.errors import DeviceError, Interrupted
 from pipeline.spec import Host, TargetSpec
 from pipeline.transport.base import CommandTimeout, Executor, ProgressFn, python_cmd, q, with_deadline
 from pipeline.transport.lock import DeviceLock
@@ -56,6 +58,8 @@ class Transport:
         self.store = ReleaseStore(executor, root, helper_python, target.transport.command_timeout_s)
         self._helper_python = helper_python
         self._lock: DeviceLock | None = None
+        #: Set by the fleet on Ctrl-C/SIGTERM: nothing new starts (no upload, switch or agent).
+        self.cancel: threading.Event | None = None
 
     @property
     def hooks(self) -> FaultHooks:
@@ -98,6 +102,15 @@ class Transport:
         if self._lock is None:
             raise DeviceError(f"{self.name}: deploy lock not held; this is a bug in the caller")
         self._lock.ensure_held()
+
+    def _not_cancelled(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Interrupted(f"{self.name}: interrupted before the next step; nothing more was changed")
+
+    def _ensure_deployable(self) -> None:
+        """Before each upload and before the switch: still locked, and not interrupted."""
+        self._not_cancelled()
+        self._ensure_locked()
 
     # -- device facts ----------------------------------------------------------------------------
 
@@ -144,7 +157,7 @@ class Transport:
         with self.lock(self.lock_wait_s):
             return self.store.deploy(Path(release_dir), release_id, keep=ts.keep_releases,
                                      transfer_timeout_s=ts.transfer_timeout_s,
-                                     ensure_locked=self._ensure_locked, progress=progress)
+                                     ensure_locked=self._ensure_deployable, progress=progress)
 
     def rollback(self, to: str | None = None) -> str:
         """Switch ``current`` back to the previous (or the given) release; returns its id."""
@@ -169,6 +182,14 @@ class Transport:
                               "manifest's sha256; nothing was measured, run `edgeship deploy` to repair it")
         return str(res["release"])
 
+    def stop_agent(self) -> int:
+        """Stop the agent this host started last on the device (its process group); how many died."""
+        res = self.store.op("stop_agent", {}, timeout=30.0)
+        if not res["ok"]:
+            raise DeviceError(f"{self.executor.name}: agent processes {res['left']} survived SIGKILL; "
+                              "check the device")
+        return int(res["stopped"])
+
     def read_current_manifest(self) -> str:
         """Text of the current release's manifest.json (DeviceError when nothing is deployed)."""
         if self.current() is None:
@@ -181,11 +202,16 @@ class Transport:
         Runs in the release folder ``current`` resolves to at start, so a later switch does not
         change a running validation. Returns the agent's JSON; DeviceError otherwise.
         """
+        self._not_cancelled()
         root = q(self.root)
         argv = " ".join(q(a) for a in args)
+        token = secrets.token_hex(8)
+        # The shell's pid is the agent's process group (sshd and the local executor start each
+        # command in a session of its own; exec keeps the pid): stop_agent() kills that group.
         cmd = (f"[ -e {root}/current ] || {{ echo 'no release deployed' >&2; exit 97; }}; "
                f"cd {root}/current && cd \"$(pwd -P)\" && export PYTHONPATH=\"$PWD\" "
-               f"EDGESHIP_DEVICE_ROOT={root} && "
+               f"EDGESHIP_DEVICE_ROOT={root} EDGESHIP_AGENT_TOKEN={token} && "
+               f"echo \"$$ {token}\" > {root}/.agent.pid && "
                + with_deadline(f"{q(self.agent_python)} -m edgeship_agent {argv}", timeout_s))
         # The device's own timeout(1) fires first and reports 124; the host deadline is the backstop.
         try:
