@@ -139,14 +139,33 @@ def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | 
         return _build(spec, target, out_dir, cache or Cache(), log)
 
 
-def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
-           log: Callable[[str], None]) -> BuildResult:
-    from pipeline.stages.export import export_onnx, run_onnx
-    from pipeline.stages.inputs import (check_disjoint, check_labels, load_samples, model_identity, model_loader,
-                                         state_hash)
-    from pipeline.stages.optimize import optimize_onnx
+@dataclass
+class _Run:
+    """One build's inputs and what its stages have produced so far (the stages below fill it in)."""
 
-    events: list[StageEvent] = []
+    spec: PipelineSpec
+    target: TargetSpec
+    cache: Cache
+    log: Callable[[str], None]
+    events: list[StageEvent] = field(default_factory=list)
+    models: dict[str, Any] = field(default_factory=dict)
+
+    def timed(self, stage: str, fn: Callable[[], Any], detail: Callable[[Any], str] = _cache_detail) -> Any:
+        return _timed(self.events, self.log, stage, fn, detail)
+
+    def torch_model(self) -> Any:
+        """The PyTorch module, loaded once and only by the routes that need it."""
+        from pipeline.stages.inputs import model_loader
+
+        if self.spec.model.onnx:
+            raise ConversionError(f"{self.spec.source_path}: field 'model.onnx': this route needs the PyTorch "
+                                  "model; give model.factory (or model.exported) instead of an ONNX file")
+        if "m" not in self.models:
+            self.models["m"] = model_loader(self.spec)()
+        return self.models["m"]
+
+
+def _check_builds(target: TargetSpec) -> None:
     require_available(sorted({b.backend for b in target.builds}))
     for b in target.builds:
         backend = get_backend(b.backend)
@@ -155,34 +174,36 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
                 raise SpecError(f"{target.source_path}: field 'builds': backend {b.backend!r} cannot build "
                                 f"{p!r}; it supports {', '.join(backend.precisions)}")
 
-    calib = _timed(events, log, "load calibration set", lambda: load_samples(spec, "calibration"),
-                   lambda s: f"{len(s.x)} samples sha256:{s.sha256[:12]}")
-    evals = _timed(events, log, "load evaluation set", lambda: load_samples(spec, "evaluation"),
-                   lambda s: f"{len(s.x)} samples sha256:{s.sha256[:12]}")
+
+def _load_data(run: _Run) -> tuple[Samples, Samples]:
+    """Calibration and evaluation samples, disjoint, the evaluation cut to validation.samples."""
+    from pipeline.stages.inputs import check_disjoint, load_samples
+
+    spec, target = run.spec, run.target
+    calib = run.timed("load calibration set", lambda: load_samples(spec, "calibration"),
+                      lambda s: f"{len(s.x)} samples sha256:{s.sha256[:12]}")
+    evals = run.timed("load evaluation set", lambda: load_samples(spec, "evaluation"),
+                      lambda s: f"{len(s.x)} samples sha256:{s.sha256[:12]}")
     check_disjoint(calib, evals, spec)
     limit = (spec.validation or target.validation).samples
     if limit and limit < len(evals.x):
         evals = Samples(evals.x[:limit], None if evals.y is None else evals.y[:limit], evals.ids[:limit],
                         f"{evals.sha256}[:{limit}]")
-        log(f"{'evaluation subset':<24} first {limit} samples (validation.samples of {target.name})")
+        run.log(f"{'evaluation subset':<24} first {limit} samples (validation.samples of {target.name})")
     if spec.evaluation.metric == "top1" and evals.y is None:
         raise SpecError(f"{spec.source_path}: field 'evaluation.metric': top1 needs labels, the evaluation "
                         "set has none; add labels or use metric: fidelity")
+    return calib, evals
 
-    load_model = model_loader(spec)
-    model_cache: dict[str, Any] = {}
 
-    def torch_model() -> Any:
-        if spec.model.onnx:
-            raise ConversionError(f"{spec.source_path}: field 'model.onnx': this route needs the PyTorch model; "
-                                  "give model.factory (or model.exported) instead of an ONNX file")
-        if "m" not in model_cache:
-            model_cache["m"] = load_model()
-        return model_cache["m"]
+def _export(run: _Run, calib: Samples) -> tuple[Path, dict[str, Any], str]:
+    """The exported (or imported) ONNX model, its export info and the weights' digest (cached)."""
+    import torch  # the export and TFLite routes need it; fail early if missing
 
-    import torch  # noqa: F401 - the export and TFLite routes need it; fail early if missing
+    from pipeline.stages.export import export_onnx
+    from pipeline.stages.inputs import model_identity, state_hash
 
-    batch = spec.input.shape[0]
+    spec = run.spec
     if spec.model.onnx:
         from pipeline.stages.onnx_guard import check_onnx_file
 
@@ -191,98 +212,124 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
         weights = sha256_file(user_onnx) + "".join(sha256_file(user_onnx.parent / e) for e in external)
         stage_name, export_fn = "import onnx", lambda d: _write_json(d / "info.json", _import_onnx(user_onnx, d))
     else:
-        weights = state_hash(torch_model())
+        weights = state_hash(run.torch_model())
         stage_name = "export onnx"
-        export_fn = lambda d: _write_json(d / "info.json", export_onnx(spec, torch_model, calib.x, d).info)  # noqa: E731
+        export_fn = lambda d: _write_json(d / "info.json", export_onnx(spec, run.torch_model, calib.x, d).info)  # noqa: E731
     export_parts = {"model": model_identity(spec), "weights": weights, "input": spec.input.model_dump(),
                     "export": spec.export, "torch": torch.__version__, "edgeship": __version__,
                     "code": source_digest("pipeline.stages.export")}
-    exported = _timed(events, log, stage_name, lambda: cache.get_or_build("export", export_parts, export_fn),
-                      _cache_detail)
-    onnx_raw = exported.path / "model.onnx"
-    export_info = json.loads((exported.path / "info.json").read_text())
+    exported = run.timed(stage_name, lambda: run.cache.get_or_build("export", export_parts, export_fn))
+    return exported.path / "model.onnx", json.loads((exported.path / "info.json").read_text()), weights
 
-    check_x = calib.x[:CHECK_SAMPLES]
-    opt_parts = {"onnx": sha256_file(onnx_raw), "passes": OPTIMIZE_PASSES, "edgeship": __version__,
-                 "code": source_digest("pipeline.stages.optimize")}
-    optimized = _timed(events, log, "optimize (fold, slim)", lambda: cache.get_or_build(
-        "optimize", opt_parts, lambda d: _write_json(d / "info.json", optimize_onnx(onnx_raw, d / "model.onnx",
-                                                                                    check_x, batch))),
-        _cache_detail)
-    onnx_opt = optimized.path / "model.onnx"
-    opt_info = json.loads((optimized.path / "info.json").read_text())
+
+def _optimize(run: _Run, onnx_raw: Path, check_x: np.ndarray) -> tuple[Path, dict[str, Any]]:
+    """Conv+BN folding, slimming and shape inference (cached), numerically checked on ``check_x``."""
+    from pipeline.stages.optimize import optimize_onnx
+
+    parts = {"onnx": sha256_file(onnx_raw), "passes": OPTIMIZE_PASSES, "edgeship": __version__,
+             "code": source_digest("pipeline.stages.optimize")}
+    optimized = run.timed("optimize (fold, slim)", lambda: run.cache.get_or_build(
+        "optimize", parts, lambda d: _write_json(d / "info.json", optimize_onnx(
+            onnx_raw, d / "model.onnx", check_x, run.spec.input.shape[0]))))
+    return optimized.path / "model.onnx", json.loads((optimized.path / "info.json").read_text())
+
+
+def _convert_key(run: _Run, backend: Any, build_spec: Any, precision: str, onnx_sha: str, weights: str,
+                 calib: Samples) -> dict[str, Any]:
+    """Everything a converted artifact depends on: a change to any of it rebuilds the artifact."""
+    spec = run.spec
+    return {
+        "onnx": onnx_sha, "weights": weights, "backend": backend.name, "precision": precision,
+        "versions": backend.version(), "options": build_spec.options,
+        "calibration": spec.calibration.model_dump(exclude={"source", "limit"}) | {"sha256": calib.sha256},
+        "budget": [spec.accuracy.max_drop_pp, run.target.limits.max_accuracy_drop_pp],
+        # the holdout's drop (method choice, fallback) counts ties within this margin
+        **({"tie_margin": spec.evaluation.tie_margin} if spec.evaluation.tie_margin else {}),
+        "input": spec.input.model_dump(), "edgeship": __version__,
+        "code": source_digest(type(backend).__module__.rpartition(".")[0], "pipeline.backends.checks",
+                              "calibration", f"pipeline.agent.runners.{backend.name}"),
+    }
+
+
+def _convert_into(d: Path, backend: Any, precision: str, ctx: BuildContext) -> None:
+    """Run one converter into ``d``; a converter's own exception becomes one ConversionError line."""
+    try:
+        art = backend.convert(ctx, precision)
+    except EdgeshipError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConversionError(f"{backend.name} {precision}: conversion failed: {type(exc).__name__}: {first}") from exc
+    _write_json(d / "artifact.json", {"backend": art.backend, "precision": art.precision, "files": art.files,
+                                       "runner": art.runner, "runner_config": art.runner_config, "info": art.info})
+
+
+def _convert_all(run: _Run, onnx_opt: Path, weights: str, calib: Samples, check_x: np.ndarray,
+                 reference_check: np.ndarray) -> list[Artifact]:
+    """Every backend x precision of the target, each cached by :func:`_convert_key`."""
     onnx_sha = sha256_file(onnx_opt)
     input_name, output_name = _io_names(onnx_opt)
+    artifacts: list[Artifact] = []
+    for build_spec in run.target.builds:
+        backend = get_backend(build_spec.backend)
+        for precision in build_spec.precisions:
+            ctx_parts = _convert_key(run, backend, build_spec, precision, onnx_sha, weights, calib)
+
+            def convert(d: Path, backend=backend, precision=precision, build_spec=build_spec) -> None:
+                ctx = BuildContext(spec=run.spec, target=run.target, build=build_spec, workdir=d, onnx_fp32=onnx_opt,
+                                   input_name=input_name, output_name=output_name, calibration=calib,
+                                   check=Samples(check_x, None, calib.ids[:CHECK_SAMPLES], ""),
+                                   reference=reference_check, cache_dir=run.cache.root.parent,
+                                   torch_model=run.torch_model, log=run.log)
+                _convert_into(d, backend, precision, ctx)
+
+            entry = run.timed(f"{backend.name} {precision}", lambda convert=convert, ctx_parts=ctx_parts:
+                              run.cache.get_or_build("convert", ctx_parts, convert))
+            meta = json.loads((entry.path / "artifact.json").read_text())
+            artifacts.append(Artifact(meta["backend"], meta["precision"], entry.path, meta["files"],
+                                      meta["runner"], meta["runner_config"], meta["info"]))
+    return artifacts
+
+
+def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
+           log: Callable[[str], None]) -> BuildResult:
+    from pipeline.analyze import analyze_onnx
+    from pipeline.stages.export import run_onnx
+    from pipeline.stages.inputs import check_labels
+    from pipeline.stages.package import package_release
+
+    run = _Run(spec, target, cache, log)
+    _check_builds(target)
+    calib, evals = _load_data(run)
+    onnx_raw, export_info, weights = _export(run, calib)
+    check_x = calib.x[:CHECK_SAMPLES]
+    onnx_opt, opt_info = _optimize(run, onnx_raw, check_x)
+    input_name, _ = _io_names(onnx_opt)
     if input_name != spec.input.name:
         raise SpecError(f"{spec.source_path}: field 'input.name': the model's input is called {input_name!r}, "
                         f"not {spec.input.name!r}; set input.name: {input_name}")
-
-    from pipeline.analyze import analyze_onnx
-
-    analysis = analyze_onnx(onnx_opt)
+    batch = spec.input.shape[0]
     reference_eval = run_onnx(onnx_opt, evals.x, batch, spec.input.name)
     reference_check = run_onnx(onnx_opt, check_x, batch, spec.input.name)
     check_labels(spec, reference_eval, {"calibration": calib, "evaluation": evals})  # classes known now
     ref_metric = _reference_metric(spec, reference_eval, evals)
     log(f"{'fp32 reference':<24} {_fmt_metric(ref_metric)}")
-
-    artifacts: list[Artifact] = []
-    for build_spec in target.builds:
-        backend = get_backend(build_spec.backend)
-        for precision in build_spec.precisions:
-            ctx_parts = {
-                "onnx": onnx_sha, "weights": weights, "backend": backend.name, "precision": precision,
-                "versions": backend.version(), "options": build_spec.options,
-                "calibration": spec.calibration.model_dump(exclude={"source", "limit"}) | {"sha256": calib.sha256},
-                "budget": [spec.accuracy.max_drop_pp, target.limits.max_accuracy_drop_pp],
-                # the holdout's drop (method choice, fallback) counts ties within this margin
-                **({"tie_margin": spec.evaluation.tie_margin} if spec.evaluation.tie_margin else {}),
-                "input": spec.input.model_dump(), "edgeship": __version__,
-                "code": source_digest(type(backend).__module__.rpartition(".")[0], "pipeline.backends.checks",
-                                      "calibration", f"pipeline.agent.runners.{backend.name}"),
-            }
-
-            def convert(d: Path, backend=backend, precision=precision, build_spec=build_spec) -> None:
-                ctx = BuildContext(spec=spec, target=target, build=build_spec, workdir=d, onnx_fp32=onnx_opt,
-                                   input_name=input_name, output_name=output_name, calibration=calib,
-                                   check=Samples(check_x, None, calib.ids[:CHECK_SAMPLES], ""),
-                                   reference=reference_check, cache_dir=cache.root.parent,
-                                   torch_model=torch_model, log=log)
-                try:
-                    art = backend.convert(ctx, precision)
-                except EdgeshipError:
-                    raise
-                except Exception as exc:  # a converter's own exception: one line, with its type
-                    raise ConversionError(f"{backend.name} {precision}: conversion failed: "
-                                          f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
-                _write_json(d / "artifact.json", {"backend": art.backend, "precision": art.precision,
-                                                   "files": art.files, "runner": art.runner,
-                                                   "runner_config": art.runner_config, "info": art.info})
-
-            entry = _timed(events, log, f"{backend.name} {precision}", lambda convert=convert, ctx_parts=ctx_parts:
-                           cache.get_or_build("convert", ctx_parts, convert), _cache_detail)
-            meta = json.loads((entry.path / "artifact.json").read_text())
-            artifacts.append(Artifact(meta["backend"], meta["precision"], entry.path, meta["files"],
-                                      meta["runner"], meta["runner_config"], meta["info"]))
-
-    from pipeline.stages.package import package_release
-
+    artifacts = _convert_all(run, onnx_opt, weights, calib, check_x, reference_check)
     provenance = {
         "spec": {"name": spec.name, "path": str(spec.source_path), "sha256": sha256_file(spec.source_path)
                  if spec.source_path else None},
         "target": target.model_dump(mode="json"),
-        "model": {"weights_sha256": weights, "onnx_sha256": onnx_sha, "export": export_info,
-                  "optimize": opt_info, "analysis": analysis},
+        "model": {"weights_sha256": weights, "onnx_sha256": sha256_file(onnx_opt), "export": export_info,
+                  "optimize": opt_info, "analysis": analyze_onnx(onnx_opt)},
         "calibration_set": {"sha256": calib.sha256, "samples": len(calib.x)},
         "evaluation_set": {"sha256": evals.sha256, "samples": len(evals.x), "metric": spec.evaluation.metric},
         "reference": ref_metric,
         "tools": _tool_versions(target),
     }
-    release_dir, release_id, manifest = _timed(
-        events, log, "package release",
-        lambda: package_release(out_dir, spec, target, artifacts, evals, reference_eval, provenance),
+    release_dir, release_id, manifest = run.timed(
+        "package release", lambda: package_release(out_dir, spec, target, artifacts, evals, reference_eval, provenance),
         lambda r: f"release {r[1][:12]}")
-    return BuildResult(spec, target, release_dir, release_id, manifest, artifacts, ref_metric, events)
+    return BuildResult(spec, target, release_dir, release_id, manifest, artifacts, ref_metric, run.events)
 
 
 def _io_names(path: Path) -> tuple[str, str]:
