@@ -92,6 +92,31 @@ def cast_weights_fp16(fp32_model: bytes) -> tuple[bytes, dict[str, Any]]:
     return bytes(result.quantized_model), {"method": "ai_edge_quantizer float_casting", "ops": list(_FP16_WEIGHT_OPS)}
 
 
+#: samples per run of a PT2E graph exported with a dynamic batch (calibration, holdout scoring)
+RUN_BATCH = 32
+
+
+def export_for_search(p: Prepared, x: np.ndarray) -> tuple[Any, int]:
+    """The module exported for PT2E, and the batch its graphs run with.
+
+    The search runs every candidate over the whole holdout, so the graph is exported with a
+    dynamic batch (traced on two samples: a batch of one would be specialised) and run
+    ``RUN_BATCH`` samples at a time, ~10x faster than one by one; litert-torch re-exports the
+    final graph on the static sample. A model whose code fixes the batch keeps the static export
+    and runs at the spec's batch.
+    """
+    import torch
+
+    if x.shape[0] >= 2:
+        try:
+            dim = torch.export.Dim("batch", min=1, max=1 << 16)
+            two = torch.from_numpy(np.ascontiguousarray(x[:2], dtype=np.float32))
+            return torch.export.export(p.module, (two,), dynamic_shapes=({0: dim},)).module(), RUN_BATCH
+        except Exception:  # noqa: BLE001 - torch.export raises many types; the static export decides
+            pass
+    return torch.export.export(p.module, (p.sample,)).module(), p.batch
+
+
 def _whole_batches(x: np.ndarray, batch: int) -> np.ndarray:
     """The first multiple of ``batch`` samples (the exported graph has a static batch)."""
     return x[:(x.shape[0] // batch) * batch]
@@ -120,7 +145,7 @@ class Pt2eCandidate:
     facts: dict[str, Any]
 
     def run(self, x: Arrays) -> Arrays:
-        return {self.facts["output"]: _run(self.graph, to_model_layout(self.prepared, first(x)), self.prepared.batch)}
+        return {self.facts["output"]: _run(self.graph, to_model_layout(self.prepared, first(x)), self.facts["batch"])}
 
     def tflite(self) -> bytes:
         """The full-integer .tflite model (litert-torch with the candidate's quantizer)."""
@@ -152,8 +177,6 @@ class Pt2eBuilder:
     every fit sample), each method's plan ranges applied to a copy of the calibrated graph."""
 
     def __init__(self, p: Prepared, ctx: "BuildContext", fit: Any, plans: dict[str, Any], observer: str) -> None:
-        import torch
-
         from calibration.graph import load_model
         from calibration.transfer import onnx_activations
 
@@ -163,7 +186,7 @@ class Pt2eBuilder:
         self.per_channel = bool(ctx.spec.calibration.per_channel)
         self.user_float = [str(n) for n in ctx.build.options.get("float_layers") or ()]
         self.fit_x = _whole_batches(to_model_layout(p, fit.samples), p.batch)
-        self.exported = torch.export.export(p.module, (p.sample,)).module()
+        self.exported, self.batch = export_for_search(p, self.fit_x)
         self.pads_folded = fold_zero_pads(self.exported)
         self.onnx_values = (onnx_activations(ctx.onnx_fp32, fit.samples[:p.batch], threads=ctx.target.threads)
                             if plans else {})
@@ -192,9 +215,21 @@ class Pt2eBuilder:
             pairing = shared.pair(graph, batch, self.onnx_values) if self.plans else shared.Pairing()
             n = shared.correct_biases(graph, batch, self.onnx_values, self.onnx_model, self.corrected) \
                 if self.corrected else 0
-            _run(graph, self.fit_x, self.p.batch)  # the observers see every fit sample
+            if self._needs_fit_pass(graph, pairing):
+                _run(graph, self.fit_x, self.batch)  # the observers see every fit sample
             self.calibrated[float_layers] = (quantizer, graph, pairing, n)
         return self.calibrated[float_layers]
+
+    def _needs_fit_pass(self, graph: Any, pairing: Any) -> bool:
+        """Whether any observer keeps its own range: when every one is a min-max observer paired
+        with a tensor each plan has, the plan's ranges replace what it would observe (ranges.apply),
+        so the pass would be wasted."""
+        from torchao.quantization.pt2e.observer import MinMaxObserver
+
+        if not self.plans or pairing.own:
+            return True
+        return any(not isinstance(graph.get_submodule(name), MinMaxObserver)
+                   or any(t not in plan.ranges for plan in self.plans.values()) for name, t in pairing.pairs.items())
 
     def candidate(self, method: str, float_layers: Sequence[str]) -> Pt2eCandidate:
         import copy
@@ -206,7 +241,7 @@ class Pt2eBuilder:
         quantizer, graph, pairing, n_corrected = self._calibrated(tuple(self.user_float) + tuple(float_layers))
         graph = copy.deepcopy(graph)
         applied = shared.apply(graph, pairing, self.plans[method].ranges) if method in self.plans else 0
-        facts = {"output": self.ctx.output_name, "user_float": self.user_float, "pads_folded": self.pads_folded,
+        facts = {"output": self.ctx.output_name, "batch": self.batch, "user_float": self.user_float, "pads_folded": self.pads_folded,
                  "quantizer": "litert_torch PT2E (symmetric int8 weights, int8 activations, static)",
                  "weights": "per-channel" if self.per_channel else "per-tensor",
                  "pairing": {"observers": len(pairing.pairs) + len(pairing.own), "observed_by_pt2e": pairing.own,
@@ -255,7 +290,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
                          f"one batch of {p.batch} samples; add calibration samples")
     builder = Pt2eBuilder(p, ctx, fit, plans, observer)
     labels = None if hold.labels is None else hold.labels[:hold_x.shape[0]]
-    reference = {ctx.output_name: _run(p.module, to_model_layout(p, hold_x), p.batch)}
+    reference = {ctx.output_name: _run(p.module, to_model_layout(p, hold_x), builder.batch)}
     found = run_search(ctx, builder, Holdout({ctx.input_name: hold_x}, labels), reference, methods,
                        int(builder.fit_x.shape[0]), t0)
     files = found.candidate.write(ctx.workdir)
