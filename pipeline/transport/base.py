@@ -86,12 +86,14 @@ def q(value: str | Path) -> str:
 def python_cmd(preferred: str | None, fallback: str = "python3") -> str:
     """Shell expression naming the interpreter for stdlib-only helpers on the device.
 
-    The runtime venv may not exist yet (before ``provision``), so helpers use the system
-    ``python3`` when it is there and the configured interpreter otherwise.
+    The configured interpreter when it exists on the device (one interpreter, one environment,
+    e.g. the one a test runs under libfaketime), else the system ``python3``: the runtime venv
+    does not exist before ``provision``.
     """
     if preferred is None:
         return q(fallback)
-    return f'"$(command -v {q(fallback)} || echo {q(preferred)})"'
+    p = q(preferred)
+    return f'"$(if [ -x {p} ]; then echo {p}; else command -v {q(fallback)} || echo {p}; fi)"'
 
 
 def with_deadline(cmd: str, seconds: float) -> str:

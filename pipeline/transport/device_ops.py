@@ -10,7 +10,8 @@ and SSH transports run the very same program, so the layout and its invariants l
                                              releases/.staging/ instead when releases/ is its own
                                              filesystem, so the final move stays one rename(2)
     <root>/current -> releases/<id>          switched atomically (symlink + rename)
-    <root>/history                           one line per switch: "<unix time> <id>"
+    <root>/history                           one line per switch: "<unix time> <id>" (the time is
+                                             shown, never decided on: the line order is)
     <root>/.lock, .lock.owner                the per-device deploy lock (see lock.py)
     <root>/.edgeship-root                    the marker: this folder is edgeship's (``_claim``)
     <root>/.agent.pid                        "<process group> <token>" of the last agent started
@@ -143,11 +144,15 @@ def _previous(root, current, existing):
 
 
 def _by_recency(root, existing):
-    """Existing releases, most recently current first; never-current ones last."""
+    """Existing releases, most recently current first; never-current ones last.
+
+    By the order of the history's lines, not their timestamps: a device clock that is a year off
+    (no RTC battery, no NTP yet) must not change which releases are kept.
+    """
     last = {}
-    for t, rid in _history(root):
-        last[rid] = t
-    return sorted(existing, key=lambda r: last.get(r, -1.0), reverse=True)
+    for seq, (_, rid) in enumerate(_history(root)):
+        last[rid] = seq
+    return sorted(existing, key=lambda r: last.get(r, -1), reverse=True)
 
 
 def _tree_bytes(path):
@@ -346,13 +351,13 @@ def op_prepare(a):
     # other releases belong to abandoned deploys (we hold the lock) and only take space.
     names = [d for d in os.listdir(staging_root) if _STAGING_NAME.match(d)]
     mine = [d for d in names if d.rsplit(".", 1)[0] == rid]
-    mine.sort(key=lambda d: os.path.getmtime(os.path.join(staging_root, d)), reverse=True)
+    # The one to resume is the one furthest along (content, not mtimes: the clock may be off).
+    mine.sort(key=lambda d: _tree_bytes(os.path.join(staging_root, d)), reverse=True)
     for d in names:
         if not mine or d != mine[0]:
             shutil.rmtree(os.path.join(staging_root, d), ignore_errors=True)
     stage = os.path.join(staging_root, mine[0] if mine else "%s.%s" % (rid, a["nonce"]))
     os.makedirs(stage, exist_ok=True)
-    os.utime(stage)
 
     # Files we did not ask for (older manifests, stray partials) go.
     for dirpath, _, names in os.walk(stage):
