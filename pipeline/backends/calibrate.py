@@ -8,7 +8,9 @@ statistics cache, the accuracy budget, the observers, the metric and the search
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from calibration.config import resolve_methods
@@ -71,14 +73,26 @@ def split(ctx: "BuildContext") -> tuple[Any, Any]:
 
 
 def calibration_plan(ctx: "BuildContext", method: str, activation_mode: str = "symmetric") -> Any:
-    """The calibration plan for ``method`` (from the cached statistics: no model run after the first).
+    """The calibration plan for ``method`` (see :func:`calibration_plans`)."""
+    return calibration_plans(ctx, (method,), activation_mode)[0][method]
 
-    Uses the same fit split and statistics cache as the ONNX Runtime path's ``quantize_onnx``.
+
+def calibration_plans(ctx: "BuildContext", methods: tuple[str, ...], activation_mode: str = "symmetric"
+                      ) -> tuple[dict[str, Any], Any]:
+    """The calibration plan per method and the statistics they come from, loaded once.
+
+    The same fit split, prepared model and statistics cache as the ONNX Runtime path's
+    ``quantize_onnx``: after the first build no model runs, and each plan is only arithmetic.
     """
-    from calibration import build_plan
+    from calibration.api import qdq_builder
 
-    cfg = calibration_config(ctx, method, activation_mode)
-    return build_plan(ctx.onnx_fp32, calibration_set(ctx), method, cfg, ctx.cache_dir / "calibration")
+    if not methods:
+        return {}, None
+    cfg = calibration_config(ctx, "minmax", activation_mode)
+    fit, _ = split(ctx)
+    with tempfile.TemporaryDirectory(prefix="edgeship-plan-") as tmp:
+        builder = qdq_builder(ctx.onnx_fp32, fit, cfg, ctx.cache_dir / "calibration", Path(tmp))
+        return {m: builder.plan(m) for m in methods}, builder.stats
 
 
 def run_search(ctx: "BuildContext", builder: CandidateBuilder, holdout: Holdout, reference: Arrays,

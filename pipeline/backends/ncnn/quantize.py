@@ -77,23 +77,25 @@ class _Trials:
 
 
 def _shared_ranges(ctx: "BuildContext", param_path: Path, bin_path: Path, input_blob: str, blobs: list[str],
-                   fit: np.ndarray, methods: tuple[str, ...]) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """Plan thresholds per method for the blobs that have an ONNX twin, and the pairing report."""
+                   fit: np.ndarray, methods: tuple[str, ...]
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, float]]:
+    """Plan thresholds per method for the blobs that have an ONNX twin, the pairing report, and
+    each paired blob's |x| max on the fit split (from the plan's statistics: no ncnn pass)."""
     from calibration.transfer import match_tensors, onnx_activations
 
-    from pipeline.backends.calibrate import calibration_plan
+    from pipeline.backends.calibrate import calibration_plans
     from pipeline.backends.ncnn import activations
 
     x = fit[:MATCH_SAMPLES]
     match = match_tensors(activations.extract(param_path, bin_path, input_blob, blobs, x, ctx.target.threads),
                           onnx_activations(ctx.onnx_fp32, x, threads=ctx.target.threads))
-    out: dict[str, dict[str, float]] = {}
-    for m in methods:
-        ranges = calibration_plan(ctx, m, activation_mode="symmetric").ranges
-        out[m] = {b: max(abs(ranges[t][0]), abs(ranges[t][1])) for b, t in match.pairs.items() if t in ranges}
-    report = {"blobs": len(blobs), "from_plan": len(next(iter(out.values()), {})), "observed_on_ncnn": match.unmatched,
+    plans, stats = calibration_plans(ctx, methods, "symmetric")
+    pairs = {b: t for b, t in match.pairs.items() if t in stats.tensors}
+    out = {m: {b: max(abs(plans[m].ranges[t][0]), abs(plans[m].ranges[t][1])) for b, t in pairs.items()}
+           for m in methods}
+    report = {"blobs": len(blobs), "from_plan": len(pairs), "observed_on_ncnn": [b for b in blobs if b not in pairs],
               "max_match_error": max(match.errors.values(), default=0.0), "pairs": match.pairs}
-    return out, report
+    return out, report, {b: stats.tensors[t].absmax for b, t in pairs.items()}
 
 
 def _bias_correction(ctx: "BuildContext", model: "ParamFile", weights: dict[str, Any], scratch: Path
@@ -186,10 +188,10 @@ class NcnnBuilder:
         return Ranking(sorted(ranked, key=lambda s: -s.saved_db))
 
 
-def _int8_layers(layout: Any, stats: Any) -> tuple[list["Layer"], list[dict[str, str]]]:
+def _int8_layers(layout: Any, absmax: dict[str, float]) -> tuple[list["Layer"], list[dict[str, str]]]:
     """The layers to quantize and those kept float with the reason (ncnn limits, user option,
     an input that is all zeros on real data: it has no scale, and float costs nothing)."""
-    dead = [q for q in layout.quantize if stats.stats[q.bottoms[0]].absmax == 0.0]
+    dead = [q for q in layout.quantize if absmax[q.bottoms[0]] == 0.0]
     kept = layout.kept_float + [{"name": q.name, "type": q.type, "reason": "input is zero on calibration data"}
                                 for q in dead]
     return [q for q in layout.quantize if q not in dead], kept
@@ -209,15 +211,20 @@ def ncnn_builder(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_
     cal = ctx.spec.calibration
     layout = int8.plan(model, frozenset(ctx.build.options.get("float_layers") or ()))
     blobs = list(dict.fromkeys(q.bottoms[0] for q in layout.quantize))
-    stats = activations.collect(param_path, bin_path, config["input"], config["output"], blobs, fit.samples,
-                                threads=ctx.target.threads)
-    layers, kept = _int8_layers(layout, stats)
     shared: dict[str, dict[str, float]] = {}
+    absmax: dict[str, float] = {}
     sharing: dict[str, Any] = {"applied": False, "reason": "method 'ort-default' observes on ncnn itself"}
     if cal.method != "ort-default" and blobs:
-        shared, sharing = _shared_ranges(ctx, param_path, bin_path, config["input"], blobs, fit.samples, methods)
+        shared, sharing, absmax = _shared_ranges(ctx, param_path, bin_path, config["input"], blobs, fit.samples,
+                                                 methods)
         sharing["applied"] = True
-    thresholds = {m: {**activations.thresholds(stats.stats, m, cal.percentile), **shared.get(m, {})} for m in methods}
+    # only the blobs with no ONNX twin need statistics of their own, on the fp32 ncnn model
+    own = [b for b in blobs if b not in absmax]
+    stats = activations.collect(param_path, bin_path, config["input"], config["output"], own, fit.samples,
+                                threads=ctx.target.threads).stats if own else {}
+    absmax.update({b: t.absmax for b, t in stats.items()})
+    layers, kept = _int8_layers(layout, absmax)
+    thresholds = {m: {**activations.thresholds(stats, m, cal.percentile), **shared.get(m, {})} for m in methods}
     biases, correction = _bias_correction(ctx, model, weights, scratch)
     trials = _Trials(model, weights, config, scratch / "trial", cal.per_channel, ctx.target.threads, biases)
     facts = {"shared_ranges": sharing, "bias_correction": correction,

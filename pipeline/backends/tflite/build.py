@@ -276,13 +276,13 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
       calibration holdout against the fp32 module. Modules named in ``options["float_layers"]``
       always stay float.
     """
-    from pipeline.backends.calibrate import calibration_plan, run_search, spec_methods, split
+    from pipeline.backends.calibrate import calibration_plans, run_search, spec_methods, split
 
     t0 = time.perf_counter()
     observer = str(ctx.build.options.get("observer", "minmax"))
     own = (f"{observer} (the graph's own observers)",)
     methods = own if observer != "minmax" else spec_methods(ctx, ort_default=own)
-    plans = {m: calibration_plan(ctx, m, activation_mode="asymmetric") for m in methods if m not in own}
+    plans = calibration_plans(ctx, tuple(m for m in methods if m not in own), "asymmetric")[0]
     fit, hold = split(ctx)
     hold_x = _whole_batches(hold.samples, p.batch)
     if _whole_batches(fit.samples, p.batch).shape[0] == 0 or hold_x.shape[0] == 0:
