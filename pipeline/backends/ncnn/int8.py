@@ -85,7 +85,8 @@ def weight_scales(layer: Layer, weight: np.ndarray, per_channel: bool) -> tuple[
 
 def write(param: ParamFile, weights: dict[str, list[Buffer]], quantize: list[Layer],
           act_thresholds: dict[str, float], per_channel: bool = True,
-          biases: dict[str, np.ndarray] | None = None) -> tuple[ParamFile, bytes, dict[str, Any]]:
+          biases: dict[str, np.ndarray] | None = None,
+          memo: dict[tuple[str, bool], Any] | None = None) -> tuple[ParamFile, bytes, dict[str, Any]]:
     """The int8 param file and bin bytes.
 
     Args:
@@ -96,20 +97,26 @@ def write(param: ParamFile, weights: dict[str, list[Buffer]], quantize: list[Lay
         per_channel: per-output-channel weight scales (else one per layer).
         biases: layer name -> bias to write instead of the fp32 one, for quantized layers only
             (bias correction, see correction.py); layers left float keep their own bias.
+        memo: packed weights per (layer, quantized), kept between calls: a search writes dozens
+            of candidates of one model, and a layer's packed weights never change.
 
     Returns:
         (param file, bin bytes, {layer name: {"bottom_scale", "threshold"}} for the report).
     """
     names = {layer.name for layer in quantize}
+    memo = {} if memo is None else memo
     new_layers, chunks, report = [], [], {}
     for layer in param.layers:
         new = copy.deepcopy(layer)
         bufs = weights.get(layer.name, [])
         threshold = act_thresholds.get(layer.bottoms[0], 0.0) if layer.bottoms else 0.0
         if layer.name in names and threshold > 0.0:
-            q, w_scales = weight_scales(layer, bufs[0].data, per_channel)
+            if (layer.name, True) not in memo:
+                q, w_scales = weight_scales(layer, bufs[0].data, per_channel)
+                memo[layer.name, True] = (pack_int8(q), w_scales)
+            packed, w_scales = memo[layer.name, True]
             bottom_scale = np.float32(INT8_MAX / threshold)
-            chunks.append(pack_int8(q))
+            chunks.append(packed)
             fixed = (biases or {}).get(layer.name)
             # the bias, raw float32 as before (bias-corrected where given)
             chunks.extend(pack_raw(fixed if fixed is not None and b.label == "bias" else b.data) for b in bufs[1:])
@@ -119,6 +126,8 @@ def write(param: ParamFile, weights: dict[str, list[Buffer]], quantize: list[Lay
             report[layer.name] = {"bottom": layer.bottoms[0], "threshold": float(threshold),
                                   "bottom_scale": float(bottom_scale), "bias_corrected": fixed is not None}
         else:
-            chunks.extend(pack_float(b) for b in bufs)
+            if (layer.name, False) not in memo:
+                memo[layer.name, False] = b"".join(pack_float(b) for b in bufs)
+            chunks.append(memo[layer.name, False])
         new_layers.append(new)
     return ParamFile(new_layers), b"".join(chunks), report

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -50,12 +50,14 @@ class _Trials:
     threads: int
     biases: dict[str, np.ndarray]
     """ncnn layer name -> bias-corrected bias (applied to int8 layers only)"""
+    memo: dict[tuple[str, bool], Any] = field(default_factory=dict)
+    """packed weights per layer (int8.write): every candidate of the search reuses them"""
 
     def write(self, layers: list["Layer"], thr: dict[str, float], folder: Path) -> dict[str, Any]:
         from pipeline.backends.ncnn import int8
 
         param, blob, report = int8.write(self.model, self.weights, layers, thr, per_channel=self.per_channel,
-                                         biases=self.biases)
+                                         biases=self.biases, memo=self.memo)
         folder.mkdir(parents=True, exist_ok=True)
         param.write(folder / self.config["param"])
         (folder / self.config["bin"]).write_bytes(blob)
@@ -151,7 +153,7 @@ class NcnnCandidate:
 
         t = self.trials
         scales = self.scales if self.scales is not None else int8.write(
-            t.model, t.weights, self.layers, self.thr, per_channel=t.per_channel, biases=t.biases)[2]
+            t.model, t.weights, self.layers, self.thr, per_channel=t.per_channel, biases=t.biases, memo=t.memo)[2]
         float_names = {k["name"] for k in self.kept_float}
         float_ops = Counter(q.type for q in t.model.layers
                             if q.name not in scales and q.name not in float_names and q.type != "Input")
