@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -228,61 +229,117 @@ class CalibrationSet:
         cls,
         folder: Path,
         preprocess: ImagePreprocess | Callable[[Any], np.ndarray],
-        labels_from_subfolders: bool = False,
+        labels: FolderLabels | None = None,
         limit: int | None = None,
     ) -> CalibrationSet:
-        """Load every image under ``folder`` (sorted by relative path) with PIL.
+        """Load the images under ``folder`` (sorted by relative path) with PIL.
 
         Args:
-            folder: the image folder; with ``labels_from_subfolders`` each sub-folder is a class
-                (classes numbered in sorted name order).
+            folder: the image folder; with ``labels`` each top-level sub-folder is a class and
+                ``labels`` says which class index each folder name is.
             preprocess: an :class:`ImagePreprocess` or a callable taking a ``PIL.Image.Image``
                 and returning the model input for one sample.
-            labels_from_subfolders: read labels from the sub-folder names.
-            limit: keep the first ``limit`` images only.
+            labels: how class folders are numbered; None reads every image, unlabelled.
+            limit: keep at most ``limit`` images: a seeded subset spread evenly over the classes
+                (:func:`pick_subset`), chosen before any image is decoded.
 
         Raises:
-            CalibrationDataError: no images, an unreadable image, or a misshapen result.
+            CalibrationDataError: no images, an unreadable image, a folder the labels cannot
+                number, or a misshapen result.
         """
-        from PIL import Image, UnidentifiedImageError  # lazy: PIL is only needed for folders
-
         folder = Path(folder)
         if not folder.is_dir():
             raise CalibrationDataError(f"image folder {str(folder)!r} does not exist")
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if limit is not None:
-            files = files[:limit]
+        files, targets = _image_files(folder, labels)
         if not files:
             raise CalibrationDataError(
                 f"image folder {str(folder)!r} has no images ({', '.join(IMAGE_SUFFIXES)}); add some"
             )
+        if limit is not None and limit < len(files):
+            keep = pick_subset(None if labels is None else targets, len(files), limit)
+            files, targets = [files[i] for i in keep], [targets[i] for i in keep]
         if isinstance(preprocess, ImagePreprocess):  # the list of arrays, their stack, one image in flight
             check_memory((2 * len(files) + 3) * preprocess.sample_bytes,
                          f"{len(files)} images of {str(folder)!r} at {preprocess.height}x{preprocess.width}")
-        classes = sorted({p.parent.relative_to(folder).as_posix() for p in files})
-        arrays, ids, labels = [], [], []
-        for p in files:
-            rel = p.relative_to(folder).as_posix()
-            try:
-                with warnings.catch_warnings():
-                    # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse both.
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    with Image.open(p) as img:
-                        img.load()
-                        arr = preprocess(img)
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise CalibrationDataError(
-                    f"image {rel!r} in {str(folder)!r} is refused as a decompression bomb ({exc}); "
-                    "remove it or save it at the size the model needs"
-                ) from None
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
-                raise CalibrationDataError(
-                    f"cannot read image {rel!r} in {str(folder)!r}: {exc}; remove or re-save it"
-                ) from None
-            arrays.append(np.asarray(arr, dtype=np.float32))
-            ids.append(rel)
-            labels.append(classes.index(p.parent.relative_to(folder).as_posix()))
-        return cls.from_arrays(arrays, labels=labels if labels_from_subfolders else None, ids=ids)
+        arrays = [np.asarray(_decode_image(folder, p, preprocess), dtype=np.float32) for p in files]
+        ids = [p.relative_to(folder).as_posix() for p in files]
+        return cls.from_arrays(arrays, labels=None if labels is None else targets, ids=ids)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _image_files(folder: Path, labels: FolderLabels | None) -> tuple[list[Path], list[int]]:
+    """The images to read, in relative-path order, and each one's class index (-1 unlabelled)."""
+    if labels is None:
+        files = _images_under(folder)
+        return files, [-1] * len(files)
+    names = labels.folders(folder)
+    index = labels.index(folder, names)
+    files, targets = [], []
+    for name in names:
+        found = _images_under(folder / name)
+        files.extend(found)
+        targets.extend([index[name]] * len(found))
+    stray = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if stray:
+        raise CalibrationDataError(
+            f"image {stray[0]!r} lies directly in {str(folder)!r}, outside the class folders that give the "
+            "labels; move it into its class's folder or remove it")
+    return files, targets
+
+
+def _decode_image(folder: Path, path: Path, preprocess: Callable[[Any], np.ndarray]) -> np.ndarray:
+    """One untrusted image file through ``preprocess``: decoding problems are one line naming it."""
+    from PIL import Image, UnidentifiedImageError  # lazy: PIL is only needed for folders
+
+    rel = path.relative_to(folder).as_posix()
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return preprocess(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise CalibrationDataError(
+            f"image {rel!r} in {str(folder)!r} is refused as a decompression bomb ({exc}); "
+            "remove it or save it at the size the model needs"
+        ) from None
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise CalibrationDataError(
+            f"cannot read image {rel!r} in {str(folder)!r}: {exc}; remove or re-save it"
+        ) from None
+
+
+LIMIT_SEED = 0
+"""Seed of the subset ``limit`` takes: fixed, so the same spec always reads the same samples."""
+
+
+def pick_subset(labels: Sequence[int] | np.ndarray | None, n: int, limit: int, seed: int = LIMIT_SEED) -> np.ndarray:
+    """Indices (sorted) of a seeded subset of ``limit`` of ``n`` samples, stratified by class.
+
+    With labels the classes take turns (in a seeded order, each class's samples shuffled), so every
+    class is represented before any gets a second sample and the subset keeps the set's class
+    balance; without labels it is a seeded random sample. Taking the first ``limit`` instead would
+    read the alphabetically first classes only.
+    """
+    rng = np.random.default_rng(seed)
+    if limit >= n:
+        return np.arange(n)
+    if labels is None:
+        return np.sort(rng.permutation(n)[:limit])
+    y = np.asarray(labels)
+    classes = rng.permutation(np.unique(y))
+    turn = np.empty(n, dtype=np.int64)  # the round in which each sample is taken
+    rank = np.empty(n, dtype=np.int64)  # the class's place within a round
+    for r, c in enumerate(classes):
+        members = np.flatnonzero(y == c)
+        turn[rng.permutation(members)] = np.arange(len(members))
+        rank[members] = r
+    order = np.lexsort((rank, turn))
+    return np.sort(order[:limit])
 
 
 def _read_numpy(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -352,10 +409,76 @@ def check_memory(nbytes: int, what: str) -> None:
 
 
 @dataclass(frozen=True)
+class FolderLabels:
+    """How the class folders of an image folder (its top-level sub-folders) become class indices.
+
+    ``classes``: folder names in class-index order (a folder holding a subset of the classes is
+    still labelled right). ``folder_number``: the leading digits of a folder's name are its index
+    (``0000_n01440764`` -> 0). Neither: the folders present, in sorted name order. ``include``
+    keeps only the folders matching one of its name patterns (``fnmatch``: ``*``, ``?``, ``[05]``).
+    """
+
+    classes: tuple[str, ...] | None = None
+    folder_number: bool = False
+    include: tuple[str, ...] = ()
+
+    @property
+    def numbered_by_listing(self) -> bool:
+        """True when indices come from which folders happen to be present (no classes, no numbers)."""
+        return self.classes is None and not self.folder_number
+
+    def folders(self, folder: Path) -> list[str]:
+        """The class folder names read, sorted (hidden folders such as .ipynb_checkpoints skipped)."""
+        from fnmatch import fnmatchcase
+
+        names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not names:
+            raise CalibrationDataError(f"image folder {str(folder)!r} has no class sub-folders, but the spec gives "
+                                       "labels for them; put each class's images in a folder named after it")
+        if self.include:
+            names = [n for n in names if any(fnmatchcase(n, pat) for pat in self.include)]
+            if not names:
+                raise CalibrationDataError(f"no class folder of {str(folder)!r} matches include "
+                                           f"{list(self.include)}; check the patterns (*, ?, [05])")
+        return names
+
+    def index(self, folder: Path, names: list[str]) -> dict[str, int]:
+        """Folder name -> class index; a folder the rule cannot number is one line naming it."""
+        if self.classes is not None:
+            position = {name: i for i, name in enumerate(self.classes)}
+            unknown = [n for n in names if n not in position]
+            if unknown:
+                raise CalibrationDataError(
+                    f"folder {unknown[0]!r} of {str(folder)!r} ({len(unknown)} of {len(names)} folders) is not in "
+                    f"the {len(self.classes)} names of classes; add it there or leave it out with include")
+            return {n: position[n] for n in names}
+        if self.folder_number:
+            out = {}
+            for n in names:
+                digits = re.match(r"\d+", n)
+                if digits is None:
+                    raise CalibrationDataError(
+                        f"folder {n!r} of {str(folder)!r} does not start with its class number (labels: "
+                        "folder-number reads 0000_n01440764 as class 0); rename it or leave it out with include")
+                out[n] = int(digits.group())
+            return out
+        return {n: i for i, n in enumerate(names)}
+
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+COLORS = ("rgb", "bgr", "grayscale")
+
+
+@dataclass(frozen=True)
 class ImagePreprocess:
     """Image to tensor preprocessing for :meth:`CalibrationSet.from_image_folder`.
 
-    ``out = (pixels * scale - mean) / std`` per channel, after resize to (height, width).
+    Geometry first (:meth:`pixels`, uint8): ``resize`` to (h, w) as given, or ``resize_shorter``
+    (the shorter side to that many pixels, aspect kept), then ``center_crop`` (h, w) (offsets
+    ``(size - crop) // 2``); with neither resize nor crop, a plain resize to (height, width).
+    Then :meth:`normalise`: ``out = (pixels * scale - mean) / std`` per channel, in ``color``
+    order (``bgr`` swaps the first and last channel), laid out NCHW or NHWC. ``height`` and
+    ``width`` are the model's input size; the geometry must end there.
     """
 
     height: int
@@ -365,29 +488,84 @@ class ImagePreprocess:
     scale: float = 1.0 / 255.0
     layout: str = "NCHW"
     color: str = "rgb"
+    resize: tuple[int, int] | None = None
+    resize_shorter: int | None = None
+    center_crop: tuple[int, int] | None = None
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.layout not in ("NCHW", "NHWC"):
             raise CalibrationDataError(f"layout must be 'NCHW' or 'NHWC', got {self.layout!r}")
-        if self.color not in ("rgb", "grayscale"):
-            raise CalibrationDataError(f"color must be 'rgb' or 'grayscale', got {self.color!r}")
+        if self.color not in COLORS:
+            raise CalibrationDataError(f"color must be one of {', '.join(COLORS)}, got {self.color!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise CalibrationDataError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                                       f"got {self.interpolation!r}")
+        if self.resize is not None and self.resize_shorter is not None:
+            raise CalibrationDataError("give resize or resize_shorter, not both")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, self.channels):
+                raise CalibrationDataError(f"{name} has {len(getattr(self, name))} values; give 1 or one per "
+                                           f"channel ({self.channels} for {self.color})")
+        if not all(self.std):
+            raise CalibrationDataError("std must not be 0")
+        if self.resize_shorter is not None and self.center_crop is None:
+            raise CalibrationDataError("resize_shorter keeps each image's aspect, so sizes differ; add center_crop "
+                                       f"[{self.height}, {self.width}] (the input's size)")
+        if self.output_size() != (self.height, self.width):
+            raise CalibrationDataError(f"the preprocessing gives {self.output_size()[0]}x{self.output_size()[1]} "
+                                       f"images, the input expects {self.height}x{self.width}")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "grayscale" else 3
 
     @property
     def sample_bytes(self) -> int:
         """Bytes of one preprocessed float32 sample."""
-        return self.height * self.width * (3 if self.color == "rgb" else 1) * 4
+        return self.height * self.width * self.channels * 4
+
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of what the geometry gives."""
+        if self.center_crop is not None:
+            return (int(self.center_crop[0]), int(self.center_crop[1]))
+        if self.resize is not None:
+            return (int(self.resize[0]), int(self.resize[1]))
+        return (self.height, self.width)
+
+    def pixels(self, image: Any) -> np.ndarray:
+        """One ``PIL.Image.Image`` -> (H, W, C) uint8 after colour conversion, resize and crop."""
+        from PIL import Image
+
+        resample = getattr(Image.Resampling, self.interpolation.upper())
+        img = image.convert("L" if self.color == "grayscale" else "RGB")
+        if self.resize is not None:
+            img = img.resize((self.resize[1], self.resize[0]), resample)
+        elif self.resize_shorter is not None:
+            w, h = img.size
+            s = self.resize_shorter / min(w, h)
+            img = img.resize((max(self.resize_shorter, round(w * s)), max(self.resize_shorter, round(h * s))), resample)
+        elif self.center_crop is None:
+            img = img.resize((self.width, self.height), resample)
+        if self.center_crop is not None:
+            ch, cw = self.center_crop
+            w, h = img.size
+            left, top = (w - cw) // 2, (h - ch) // 2  # a smaller image is padded with black, as PIL crops
+            img = img.crop((left, top, left + cw, top + ch))
+        arr = np.asarray(img, dtype=np.uint8)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        return arr[:, :, ::-1] if self.color == "bgr" else arr
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """(..., H, W, C) uint8 -> float32 ``(pixels * scale - mean) / std``, in this layout."""
+        arr = pixels.astype(np.float32) * np.float32(self.scale)
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.moveaxis(arr, -1, -3) if self.layout == "NCHW" else arr
 
     def __call__(self, image: Any) -> np.ndarray:
         """Convert one ``PIL.Image.Image`` to a float32 array (C,H,W) or (H,W,C)."""
-        from PIL import Image
-
-        img = image.convert("RGB" if self.color == "rgb" else "L")
-        img = img.resize((self.width, self.height), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32) * self.scale
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return arr.transpose(2, 0, 1) if self.layout == "NCHW" else arr
+        return np.ascontiguousarray(self.normalise(self.pixels(image)), dtype=np.float32)
 
 
 def check_overlap(calib_set: CalibrationSet, eval_set: CalibrationSet) -> None:

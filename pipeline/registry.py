@@ -23,6 +23,10 @@ BACKENDS: dict[str, str] = {
     "tensorrt": "pipeline.backends.tensorrt.convert:BACKEND",
 }
 
+# Backends that convert from the PyTorch module (``ctx.torch_model()``), not from the ONNX file: a
+# spec that starts from ``model.onnx`` cannot use them (checked before a build starts).
+NEEDS_PYTORCH: frozenset[str] = frozenset({"tflite"})
+
 
 @lru_cache(maxsize=None)
 def get_backend(name: str) -> "Backend":

@@ -22,6 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from pipeline.errors import SpecError
 from pipeline.registry import BACKENDS as _REGISTERED
+from pipeline.registry import NEEDS_PYTORCH
 
 Precision = Literal["fp32", "fp16", "int8"]
 Arch = Literal["x86_64", "aarch64", "armv7l"]
@@ -78,12 +79,13 @@ class ModelSource(_Strict):
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSource":
         given = [k for k in ("factory", "exported", "onnx") if getattr(self, k)]
+        if self.checkpoint and not self.factory:
+            raise ValueError("'checkpoint' needs 'factory' beside it: the module:function that builds the "
+                             "module the state dict is loaded into")
         if not given:
             raise ValueError("give 'factory' (module:function), 'exported' (.pt2 file) or 'onnx' (.onnx file)")
         if len(given) > 1:
             raise ValueError(f"give one model source, not {' and '.join(given)}")
-        if self.checkpoint and not self.factory:
-            raise ValueError("'checkpoint' needs 'factory' to build the module it loads into")
         if self.factory and ":" not in self.factory:
             raise ValueError(f"factory {self.factory!r} must be 'module:function'")
         return self
@@ -106,14 +108,48 @@ class InputSpec(_Strict):
         return v
 
 
-class Preprocessing(_Strict):
-    """Applied to image-folder data only; array sources are taken as already preprocessed."""
+PositiveInt = Annotated[int, Field(gt=0)]
 
-    resize: list[int] | None = Field(None, min_length=2, max_length=2, description="[height, width]")
-    color: Literal["rgb", "grayscale"] = "rgb"
+
+class Preprocessing(_Strict):
+    """Applied to image-folder data only; array sources are taken as already preprocessed.
+
+    Geometry: ``resize`` (plain, to [h, w]) or ``resize_shorter`` (aspect kept), then
+    ``center_crop``; with none of them images are resized to the input's size. Then
+    ``(pixel * scale - mean) / std`` per channel, in ``color`` order, laid out as ``input.layout``.
+    """
+
+    resize: list[PositiveInt] | None = Field(None, min_length=2, max_length=2,
+                                             description="[height, width], a plain resize (aspect not kept)")
+    resize_shorter: PositiveInt | None = Field(None, description="resize the shorter side to this, keeping the "
+                                                                 "aspect; needs center_crop")
+    center_crop: list[PositiveInt] | None = Field(None, min_length=2, max_length=2,
+                                                  description="[height, width] cut from the middle after resizing")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    color: Literal["rgb", "bgr", "grayscale"] = "rgb"
     scale: float = Field(1.0 / 255.0, description="multiplier applied to uint8 pixels first")
-    mean: list[float] = Field(default_factory=lambda: [0.0])
-    std: list[float] = Field(default_factory=lambda: [1.0])
+    mean: list[float] = Field(default_factory=lambda: [0.0], min_length=1, description="one value or one per channel")
+    std: list[float] = Field(default_factory=lambda: [1.0], min_length=1, description="one value or one per channel")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Preprocessing":
+        if self.resize and self.resize_shorter:
+            raise ValueError("give resize (plain, [h, w]) or resize_shorter (aspect kept), not both")
+        if self.resize_shorter and not self.center_crop:
+            raise ValueError("resize_shorter keeps each image's aspect, so sizes differ; add center_crop: [h, w]")
+        channels = 1 if self.color == "grayscale" else 3
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, channels):
+                raise ValueError(f"{name} has {len(getattr(self, name))} values; give 1 or {channels} "
+                                 f"(one per channel of color {self.color})")
+        if not all(self.std):
+            raise ValueError("std must not be 0")
+        return self
+
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) the geometry gives, or None when it is the input's size."""
+        size = self.center_crop or self.resize
+        return (size[0], size[1]) if size else None
 
 
 class PythonSource(_Strict):
@@ -130,6 +166,23 @@ class NpzSource(_Strict):
 class ImageFolderSource(_Strict):
     kind: Literal["images"]
     path: str = Field(..., description="folder of images; class sub-folders give labels")
+    classes: list[str] | None = Field(None, min_length=1, description="class folder names in class-index order")
+    classes_file: str | None = Field(None, description="text file: one class folder name per line, in class-index "
+                                                       "order (relative to the spec)")
+    labels: Literal["folder-number"] | None = Field(
+        None, description="folder-number: a class folder's leading digits are its class index (0000_n01440764 -> 0)")
+    include: list[str] | None = Field(None, min_length=1, description="read only the class folders whose names "
+                                                                      "match one of these patterns (*, ?, [05])")
+
+    @model_validator(mode="after")
+    def _one_labelling(self) -> "ImageFolderSource":
+        given = [k for k in ("classes", "classes_file", "labels") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one of classes, classes_file and labels, not {' and '.join(given)}")
+        if self.classes and len(set(self.classes)) != len(self.classes):
+            dup = next(c for c in self.classes if self.classes.count(c) > 1)
+            raise ValueError(f"classes names {dup!r} twice; each class folder has one index")
+        return self
 
 
 DataSource = Annotated[Union[PythonSource, NpzSource, ImageFolderSource], Field(discriminator="kind")]
@@ -198,6 +251,26 @@ class PipelineSpec(_Strict):
 
     # Filled by the loader, not by users.
     source_path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _images_fit_the_input(self) -> "PipelineSpec":
+        """An image folder's preprocessing must end at the input's size and channels."""
+        if not any(isinstance(getattr(self, s).source, ImageFolderSource) for s in ("calibration", "evaluation")):
+            return self
+        shape, layout = self.input.shape, self.input.layout
+        if layout == "NC" or len(shape) != 4:
+            raise ValueError("image folders need a 4-d image input (input.shape [N, C, H, W] with layout NCHW, "
+                             "or [N, H, W, C] with NHWC)")
+        c, h, w = (shape[1], shape[2], shape[3]) if layout == "NCHW" else (shape[3], shape[1], shape[2])
+        size = self.preprocessing.output_size()
+        if size is not None and size != (h, w):
+            field = "center_crop" if self.preprocessing.center_crop else "resize"
+            raise ValueError(f"preprocessing.{field} gives {size[0]}x{size[1]} images, input.shape expects {h}x{w}")
+        want = 1 if self.preprocessing.color == "grayscale" else 3
+        if c != want:
+            raise ValueError(f"preprocessing.color {self.preprocessing.color} gives {want} channel(s), input.shape "
+                             f"has {c}; set color (rgb | bgr | grayscale) or the shape")
+        return self
 
     def resolve_path(self, p: str) -> Path:
         """Resolve a path from the spec relative to the spec file's folder."""
@@ -461,11 +534,11 @@ def _error_text(err: dict[str, Any]) -> str:
         return "unknown field; remove it or check its spelling"
     if kind == "missing":
         return "required field is missing; add it"
+    msg = msg.removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
     if kind.startswith("union_tag") or kind in _SILENT_INPUT:
         return msg
     if kind == "finite_number":
         msg = "give a finite number (.inf and .nan are not settings)"
-    msg = msg.removeprefix("Value error, ")
     if got is not None and not isinstance(got, (dict, list)):
         msg += f" (got {got!r})"
     return msg
@@ -478,10 +551,10 @@ def _describe_error(err: dict[str, Any]) -> str:
 
 
 def _validation_message(path: Path, exc: ValidationError) -> str:
-    errors = exc.errors()
-    first = _describe_error(errors[0])
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{path}: {first}{more}"
+    """Every error of the file on one line, so one run shows all there is to fix."""
+    described = list(dict.fromkeys(_describe_error(e) for e in exc.errors()))
+    count = f"{len(described)} errors: " if len(described) > 1 else ""
+    return f"{path}: {count}{'; '.join(described)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,10 +718,24 @@ def _check_spec_files(spec: PipelineSpec, path: Path) -> None:
         src = getattr(spec, section).source
         if isinstance(src, (NpzSource, ImageFolderSource)):
             checks.append((f"{section}.source.path", src.path))
-    for field, value in checks:
-        if value and not spec.resolve_path(value).exists():
-            raise SpecError(f"{path}: field '{field}': file {value!r} not found; "
-                            "paths are relative to the spec file")
+        if isinstance(src, ImageFolderSource):
+            checks.append((f"{section}.source.classes_file", src.classes_file))
+    missing = [f"field '{field}': file {value!r} not found" for field, value in checks
+               if value and not spec.resolve_path(value).exists()]
+    if missing:
+        raise SpecError(f"{path}: {'; '.join(missing)}; paths are relative to the spec file "
+                        f"({path.resolve().parent})")
+
+
+def check_spec_for_target(spec: PipelineSpec, target: TargetSpec) -> None:
+    """What a spec and a target cannot do together, refused before any work starts (exit 2)."""
+    if spec.model.onnx:
+        torch_only = [b.backend for b in target.builds if b.backend in NEEDS_PYTORCH]
+        if torch_only:
+            raise SpecError(
+                f"{spec.source_path}: field 'model.onnx': backend {torch_only[0]!r} of target {target.name} "
+                f"({target.source_path}) converts from the PyTorch module, not from ONNX; give model.factory "
+                "(or model.exported) instead, or use a target without it (copy the target file and edit builds)")
 
 
 def project_root() -> Path:

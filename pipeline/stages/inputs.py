@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -11,31 +14,77 @@ import numpy as np
 
 from pipeline.backends.base import Samples
 from pipeline.errors import EdgeshipError, InputFileError, SpecError, UserCodeError
-from pipeline.spec import DataSource, ImageFolderSource, NpzSource, PipelineSpec, PythonSource
+from pipeline.spec import DataSource, ImageFolderSource, NpzSource, PipelineSpec, PythonSource, TargetSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from calibration.data import CalibrationSet
+    from calibration.data import CalibrationSet, FolderLabels
 
 
-def import_callable(ref: str, where: str) -> Callable[..., Any]:
-    """``module:function`` -> the function, with a one-line SpecError naming ``where``."""
+def import_callable(ref: str, where: str, beside: Path | None = None) -> Callable[..., Any]:
+    """``module:function`` -> the function, with a one-line SpecError naming ``where``.
+
+    ``beside`` (the spec's folder) is searched after everything else on ``sys.path``, so a
+    ``mymodel.py`` next to the spec imports as ``mymodel`` without PYTHONPATH, while edgeship's own
+    packages and the standard library are never shadowed by a file there.
+    """
     module_name, _, attr = ref.partition(":")
+    if beside is not None:
+        _search_beside(beside)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SpecError(f"{where}: cannot import module {module_name!r} ({exc}); "
-                        "check the name and that it is on PYTHONPATH") from None
+        raise SpecError(f"{where}: cannot import module {module_name!r} ({exc}); check the name; a module "
+                        "is found beside the spec or on PYTHONPATH") from None
     except Exception as exc:  # the module's own code raised while importing
         raise _user_code_error(where, f"importing {module_name}", exc) from exc
+    _check_not_shadowed(module, module_name, beside, where)
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise SpecError(f"{where}: {module_name!r} has no callable {attr!r}; check the name")
     return fn
 
 
-def call_user(ref: str, where: str, kwargs: dict[str, Any]) -> Any:
+_BESIDE: list[Path] = []
+"""Spec folders this process appended to sys.path (one at a time)."""
+
+
+def _search_beside(folder: Path) -> None:
+    """Append ``folder`` to sys.path; forget the previous spec's folder and the modules read from it.
+
+    Several specs run in one process (the nightly, tests): a ``mymodel`` of the last spec's folder
+    must not answer for this one's.
+    """
+    folder = folder.resolve()
+    for old in [d for d in _BESIDE if d != folder]:
+        _BESIDE.remove(old)
+        if str(old) in sys.path:
+            sys.path.remove(str(old))
+        for name, module in list(sys.modules.items()):
+            origin = getattr(module, "__file__", None)
+            top = name.split(".")[0]
+            if origin and Path(origin).resolve().is_relative_to(old) \
+                    and Path(origin).resolve().relative_to(old).parts[0] in (top, f"{top}.py"):
+                del sys.modules[name]
+    if str(folder) not in sys.path:
+        _BESIDE.append(folder)
+        sys.path.append(str(folder))
+        importlib.invalidate_caches()
+
+
+def _check_not_shadowed(module: Any, name: str, beside: Path | None, where: str) -> None:
+    """A file beside the spec with the name of an installed module would silently not be used."""
+    top = name.split(".")[0]
+    if beside is None or not ((beside / f"{top}.py").is_file() or (beside / top / "__init__.py").is_file()):
+        return
+    origin = getattr(sys.modules.get(top), "__file__", None)
+    if origin and not Path(origin).resolve().is_relative_to(beside.resolve()):
+        raise SpecError(f"{where}: {top!r} beside the spec ({beside}) has the name of another module, "
+                        f"{origin}, which is imported instead; rename your file")
+
+
+def call_user(ref: str, where: str, kwargs: dict[str, Any], beside: Path | None = None) -> Any:
     """Import and call the spec's ``module:function``; what it raises becomes one UserCodeError line."""
-    fn = import_callable(ref, where)
+    fn = import_callable(ref, where, beside)
     try:
         return fn(**kwargs)
     except EdgeshipError:
@@ -64,7 +113,7 @@ def model_loader(spec: PipelineSpec) -> Callable[[], Any]:
             # An untrusted file: checked and loaded without unpickling arbitrary objects.
             program = load_exported_program(spec.resolve_path(src.exported), "model.exported")
             return program.module()
-        model = call_user(src.factory or "", factory_where, src.kwargs)
+        model = call_user(src.factory or "", factory_where, src.kwargs, spec_folder(spec))
         if not isinstance(model, torch.nn.Module):
             raise SpecError(f"{factory_where}: returned {type(model).__name__}, expected torch.nn.Module")
         if src.checkpoint:
@@ -72,6 +121,11 @@ def model_loader(spec: PipelineSpec) -> Callable[[], Any]:
         return model.eval()
 
     return load
+
+
+def spec_folder(spec: PipelineSpec) -> Path | None:
+    """The folder of the spec file: modules beside it are importable (:func:`import_callable`)."""
+    return spec.source_path.parent if spec.source_path is not None else None
 
 
 def load_checkpoint(model: Any, path: Path, field: str = "model.checkpoint") -> None:
@@ -140,8 +194,10 @@ def load_samples(spec: PipelineSpec, section: str) -> Samples:
     if tuple(data.samples.shape[1:]) != expected:
         raise SpecError(f"{where}: samples have shape {tuple(data.samples.shape[1:])}, the model input "
                         f"expects {expected} (input.shape without the batch dim)")
-    if cfg.limit:
-        data = data.subset(range(min(cfg.limit, len(data))))
+    if cfg.limit and cfg.limit < len(data):  # image folders pick theirs before decoding
+        from calibration.data import pick_subset
+
+        data = data.subset(pick_subset(data.labels, len(data), cfg.limit))
     return to_samples(data)
 
 
@@ -174,6 +230,81 @@ def check_labels(spec: PipelineSpec, reference: np.ndarray, sets: dict[str, Samp
                 f"{classes} classes; labels must be class indices 0..{classes - 1}: fix the labels or the model")
 
 
+MIN_HOLDOUT = 30
+"""Fewest held-out calibration samples the INT8 search should judge methods and fallbacks on."""
+
+
+def data_warnings(spec: PipelineSpec, target: TargetSpec, reference: np.ndarray,
+                  sets: dict[str, Samples]) -> list[str]:
+    """Problems found once the fp32 reference exists, before minutes of conversion are spent.
+
+    Labels out of the model's range are an error (:func:`check_labels`); what may still be right
+    but usually is not comes back as warnings: image folders numbered by the folders present when
+    the model has more classes, an fp32 reference at or below chance, a holdout too small to judge
+    the budget.
+    """
+    check_labels(spec, reference, sets)
+    notes = [*_listing_warnings(spec, reference), *_chance_warning(spec, reference, sets.get("evaluation"))]
+    if any(p == "int8" for _, p in target.runs()) and "calibration" in sets:
+        notes.extend(_holdout_warning(spec, target, len(sets["calibration"].x)))
+    return notes
+
+
+def _outputs(reference: np.ndarray) -> int:
+    return int(np.prod(reference.shape[1:])) if reference.ndim >= 2 else 0
+
+
+def _listing_warnings(spec: PipelineSpec, reference: np.ndarray) -> list[str]:
+    if spec.evaluation.metric != "top1":
+        return []
+    out = []
+    for section in ("calibration", "evaluation"):
+        src = getattr(spec, section).source
+        if not isinstance(src, ImageFolderSource):
+            continue
+        labels = folder_labels(spec, src, f"{spec.source_path}: field '{section}.source'")
+        if labels is None or not labels.numbered_by_listing:
+            continue
+        folders = len(labels.folders(spec.resolve_path(src.path)))
+        if _outputs(reference) > folders:
+            out.append(f"{section}.source ({src.path}): its {folders} class folders are numbered 0..{folders - 1} "
+                       f"in sorted name order, but the model has {_outputs(reference)} outputs; if the folders "
+                       "are some of the model's classes, say which with classes:, classes_file: or "
+                       "labels: folder-number")
+    return out
+
+
+def _chance_warning(spec: PipelineSpec, reference: np.ndarray, evals: Samples | None) -> list[str]:
+    classes = _outputs(reference)
+    if spec.evaluation.metric != "top1" or evals is None or evals.y is None or classes < 2:
+        return []
+    accuracy = float((reference.reshape(len(reference), -1).argmax(1) == evals.y).mean()) * 100.0
+    chance = 100.0 / classes
+    if accuracy > chance:
+        return []
+    return [f"the fp32 reference scores top1 {accuracy:.2f}% on {len(evals.y)} samples, at or below chance "
+            f"({chance:.2f}% for {classes} classes): every number after it is meaningless; check the labels "
+            "(classes, labels: folder-number), the preprocessing (mean, std, color, resize) and the weights"]
+
+
+def _holdout_warning(spec: PipelineSpec, target: TargetSpec, n: int) -> list[str]:
+    from pipeline.validate.gate import budget_pp
+
+    fraction = spec.calibration.holdout_fraction
+    if not 0.0 < fraction < 1.0 or n < 2:
+        return []  # the split itself refuses these
+    held = min(n - 1, max(1, int(round(n * fraction))))  # as CalibrationSet.split
+    budget = budget_pp(spec, target)
+    # One sample more or less right moves the holdout's drop by 100 / held pp: it must not exceed
+    # the budget, or the search cannot tell a build within budget from one that is not.
+    needed = max(MIN_HOLDOUT, math.ceil(100.0 / budget) if budget > 0 else MIN_HOLDOUT)
+    if held >= needed:
+        return []
+    return [f"calibration holds out {held} of {n} samples (holdout_fraction {fraction}) to choose the INT8 method "
+            f"and fallback: one sample is {100.0 / held:.1f} pp against a {budget:g} pp budget; give at least "
+            f"{needed} held-out samples ({math.ceil(needed / fraction)} calibration samples at this fraction)"]
+
+
 def to_samples(data: "CalibrationSet") -> Samples:
     return Samples(x=data.samples, y=data.labels, ids=list(data.ids), sha256=data.content_hash)
 
@@ -190,12 +321,12 @@ def check_disjoint(calibration: Samples, evaluation: Samples, spec: PipelineSpec
         raise SpecError(f"{spec.source_path}: fields 'calibration' and 'evaluation': {exc}") from None
 
 
-def _read_python(src: PythonSource, where: str, shape: tuple[int, ...]) -> "CalibrationSet":
+def _read_python(src: PythonSource, where: str, shape: tuple[int, ...], beside: Path | None) -> "CalibrationSet":
     """A ``python`` source: ``callable(**kwargs)`` returns ``x`` or ``(x, labels)``."""
     from calibration.data import CalibrationSet
     from calibration.errors import CalibrationDataError
 
-    out = call_user(src.callable, where, src.kwargs)
+    out = call_user(src.callable, where, src.kwargs, beside)
     x, y = (out if isinstance(out, tuple) and len(out) == 2 else (out, None))
     try:
         x = np.asarray(x, dtype=np.float32)
@@ -211,18 +342,52 @@ def _read_source(spec: PipelineSpec, src: DataSource, where: str, shape: tuple[i
     from calibration.data import CalibrationSet, ImagePreprocess
 
     if isinstance(src, PythonSource):
-        return _read_python(src, where[:-1] + ".callable'", shape)
+        return _read_python(src, where[:-1] + ".callable'", shape, spec_folder(spec))
     if isinstance(src, NpzSource):
         return CalibrationSet.from_numpy(spec.resolve_path(src.path), input_shape=shape)
     assert isinstance(src, ImageFolderSource)
     pre = spec.preprocessing
-    if spec.input.layout == "NC":
-        raise SpecError(f"{where}: image folders need an image input layout (NCHW or NHWC)")
     h, w = (shape[1], shape[2]) if spec.input.layout == "NCHW" else (shape[0], shape[1])
-    if pre.resize:
-        h, w = pre.resize
     prep = ImagePreprocess(height=h, width=w, mean=tuple(pre.mean), std=tuple(pre.std), scale=pre.scale,
-                           layout=spec.input.layout, color=pre.color)
+                           layout=spec.input.layout, color=pre.color,
+                           resize=tuple(pre.resize) if pre.resize else None, resize_shorter=pre.resize_shorter,
+                           center_crop=tuple(pre.center_crop) if pre.center_crop else None,
+                           interpolation=pre.interpolation)
     folder = spec.resolve_path(src.path)
-    has_classes = folder.is_dir() and any(p.is_dir() for p in folder.iterdir())
-    return CalibrationSet.from_image_folder(folder, prep, labels_from_subfolders=has_classes, limit=limit)
+    return CalibrationSet.from_image_folder(folder, prep, labels=folder_labels(spec, src, where), limit=limit)
+
+
+MAX_CLASSES_FILE = 1 << 20
+
+
+def folder_labels(spec: PipelineSpec, src: ImageFolderSource, where: str) -> "FolderLabels | None":
+    """How the source's class folders are numbered; None for a folder without class folders (unlabelled)."""
+    from calibration.data import FolderLabels
+
+    folder = spec.resolve_path(src.path)
+    labelled = bool(src.classes or src.classes_file or src.labels or src.include)
+    if not labelled and not (folder.is_dir() and any(p.is_dir() and not p.name.startswith(".")
+                                                     for p in folder.iterdir())):
+        return None
+    classes = tuple(src.classes) if src.classes else None
+    if src.classes_file:
+        classes = _read_classes_file(spec.resolve_path(src.classes_file), where)
+    return FolderLabels(classes=classes, folder_number=src.labels == "folder-number",
+                        include=tuple(src.include or ()))
+
+
+def _read_classes_file(path: Path, where: str) -> tuple[str, ...]:
+    """One class folder name per line (blank lines skipped), in class-index order."""
+    field = f"{where[:-1]}.classes_file' ({path})"
+    if path.stat().st_size > MAX_CLASSES_FILE:
+        raise InputFileError(f"{field}: more than {MAX_CLASSES_FILE >> 20} MiB; give one folder name per line")
+    try:
+        names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{field}: cannot read it ({exc}); save it as UTF-8 text, one name per line") from None
+    if not names:
+        raise InputFileError(f"{field}: holds no names; write one class folder name per line")
+    dup = next((n for n, count in Counter(names).items() if count > 1), None)
+    if dup is not None:
+        raise InputFileError(f"{field}: names {dup!r} twice; each class folder has one index")
+    return tuple(names)
