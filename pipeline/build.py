@@ -295,9 +295,11 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
            log: Callable[[str], None]) -> BuildResult:
     from pipeline.analyze import analyze_onnx
     from pipeline.stages.export import run_onnx
-    from pipeline.stages.inputs import check_labels
+    from pipeline.spec import check_spec_for_target
+    from pipeline.stages.inputs import data_warnings
     from pipeline.stages.package import package_release
 
+    check_spec_for_target(spec, target)  # exit 2 before any work (e.g. model.onnx with a PyTorch-only backend)
     run = _Run(spec, target, cache, log)
     _check_builds(target)
     calib, evals = _load_data(run)
@@ -311,9 +313,12 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
     batch = spec.input.shape[0]
     reference_eval = run_onnx(onnx_opt, evals.x, batch, spec.input.name)
     reference_check = run_onnx(onnx_opt, check_x, batch, spec.input.name)
-    check_labels(spec, reference_eval, {"calibration": calib, "evaluation": evals})  # classes known now
-    ref_metric = _reference_metric(spec, reference_eval, evals)
+    # classes known now: labels out of range are an error, doubtful data a warning the report shows
+    notes = data_warnings(spec, target, reference_eval, {"calibration": calib, "evaluation": evals})
+    ref_metric = _reference_metric(spec, reference_eval, evals) | ({"warnings": notes} if notes else {})
     log(f"{'fp32 reference':<24} {_fmt_metric(ref_metric)}")
+    for note in notes:
+        log(f"{'WARNING':<24} {note}")
     artifacts = _convert_all(run, onnx_opt, weights, calib, check_x, reference_check)
     provenance = {
         "spec": {"name": spec.name, "path": str(spec.source_path), "sha256": sha256_file(spec.source_path)
