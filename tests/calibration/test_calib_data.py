@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.data import CalibrationSet, ImagePreprocess, check_overlap
+from calibration.data import CalibrationSet, FolderLabels, ImagePreprocess, check_overlap
 from calibration.errors import CalibrationDataError
 
 
@@ -74,7 +74,7 @@ def test_image_folder_loader_and_errors(tmp_path: Path) -> None:
         for i in range(2):
             Image.new("RGB", (10, 12), color).save(tmp_path / cls / f"{i}.png")
     pre = ImagePreprocess(height=4, width=5, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    s = CalibrationSet.from_image_folder(tmp_path, pre, labels_from_subfolders=True)
+    s = CalibrationSet.from_image_folder(tmp_path, pre, labels=FolderLabels())
     assert s.input_shape == (3, 4, 5) and s.ids[0] == "cat/0.png"
     assert s.labels is not None and s.labels.tolist() == [0, 0, 1, 1]
     np.testing.assert_allclose(s.samples[0, :, 0, 0], [1.0, -1.0, -1.0])  # red, normalized
