@@ -194,10 +194,18 @@ def _write_spec(folder: Path, model: dict, **overrides: object) -> Path:
     return path
 
 
+def _onnx_target(folder: Path) -> Path:
+    """``local`` without tflite: a spec that starts from model.onnx is refused for a backend converting from PyTorch."""
+    path = folder / "onnx-local.yaml"
+    path.write_text(json.dumps({"extends": "local", "name": "local",
+                                "builds": [{"backend": "onnxruntime", "precisions": ["fp32", "int8"]}]}))
+    return path
+
+
 def _edgeship_build(spec: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "EDGESHIP_HOME": str(spec.parent / "home"), "PYTHONPATH": str(ROOT)}
-    return subprocess.run([str(EDGESHIP), "build", "--spec", str(spec), "--target", "local"], cwd=spec.parent,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([str(EDGESHIP), "build", "--spec", str(spec), "--target", str(_onnx_target(spec.parent))],
+                          cwd=spec.parent, env=env, capture_output=True, text=True, timeout=600)
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, *names: str) -> str:
@@ -453,7 +461,8 @@ def _cli_case(case: str, folder: Path) -> tuple[Path, int, list[str]]:
 def test_cli_hostile_files_one_line(case: str, tmp_path: Path) -> None:
     spec, code, words = _cli_case(case, tmp_path)
     env_path = f"{tmp_path}{os.pathsep}{ROOT}"
-    proc = subprocess.run([str(EDGESHIP), "build", "--spec", str(spec), "--target", "local"], cwd=tmp_path,
+    proc = subprocess.run([str(EDGESHIP), "build", "--spec", str(spec), "--target", str(_onnx_target(tmp_path))],
+                          cwd=tmp_path,
                           env={**os.environ, "EDGESHIP_HOME": str(tmp_path / "home"), "PYTHONPATH": env_path},
                           capture_output=True, text=True, timeout=600)
     assert_one_error_line(proc, code, *words)
