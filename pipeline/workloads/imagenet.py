@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.data import ImagePreprocess
+
 SIZE = 224
 RESIZE = 256
 CALIBRATION = frozenset({0})
 EVALUATION = frozenset({1, 2})
+PREPROCESS = ImagePreprocess(SIZE, SIZE, resize_shorter=RESIZE, center_crop=(SIZE, SIZE), interpolation="bilinear")
 # Per-channel (mean, std) in pixel units (0-255), applied as (pixel - mean) / std.
 NORMALISATION = {
     # EfficientNet-Lite's weights come from TensorFlow, trained on (pixel - 127) / 128.
@@ -47,17 +50,15 @@ def class_folders(residues: frozenset[int]) -> list[tuple[int, Path]]:
 
 
 def centre_crop(path: Path) -> np.ndarray:
-    """One image -> (224, 224, 3) uint8: shorter side resized to 256 (bilinear), centre crop."""
+    """One image -> (224, 224, 3) uint8: shorter side resized to 256 (bilinear), centre crop.
+
+    The same geometry a spec gets from ``preprocessing: {resize_shorter: 256, center_crop: [224, 224]}``
+    (examples/imagenet_images.yaml): one implementation, calibration.data.ImagePreprocess.
+    """
     from PIL import Image
 
     with Image.open(path) as img:
-        img = img.convert("RGB")
-        w, h = img.size
-        scale = RESIZE / min(w, h)
-        img = img.resize((max(RESIZE, round(w * scale)), max(RESIZE, round(h * scale))), Image.Resampling.BILINEAR)
-        w, h = img.size
-        left, top = (w - SIZE) // 2, (h - SIZE) // 2
-        return np.asarray(img.crop((left, top, left + SIZE, top + SIZE)), dtype=np.uint8)
+        return PREPROCESS.pixels(img)
 
 
 @lru_cache(maxsize=2)
