@@ -19,14 +19,12 @@ compared with the fp32 ONNX Runtime reference (pipeline.backends.checks, one set
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import subprocess
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.backends.base import installed_versions, missing_packages
+from pipeline.backends.ncnn import pnnx
 from pipeline.errors import ConversionError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,17 +32,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PARAM, BIN = "model.param", "model.bin"
 _NEEDED = {"pnnx": "pnnx", "ncnn": "ncnn", "onnx": "onnx"}
-PNNX_TIMEOUT_S = 900
-
-
-def _pnnx_exe() -> Path | None:
-    """The pnnx executable inside the pnnx wheel, found without importing it (it imports torch)."""
-    spec = importlib.util.find_spec("pnnx")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    exe = Path(list(spec.submodule_search_locations)[0]) / "pnnx"
-    return exe if exe.is_file() else None
-
 
 class NcnnBackend:
     """pnnx converter + ncnn runtime (runner ``ncnn``)."""
@@ -57,7 +44,7 @@ class NcnnBackend:
         missing = missing_packages(_NEEDED)
         if missing:
             return False, f"missing {', '.join(missing)}: pip install 'edgeship[ncnn]' (pnnx, ncnn)"
-        if _pnnx_exe() is None:
+        if pnnx.executable() is None:
             return False, "the pnnx wheel has no pnnx executable for this platform: reinstall pnnx"
         return True, "pnnx and ncnn are installed"
 
@@ -86,7 +73,7 @@ class NcnnBackend:
         scratch.mkdir(exist_ok=True)
         info: dict[str, Any] = {"converter": "pnnx", "source": "onnx"}
         try:
-            param_path, bin_path, info["onnx_rewrites"] = _run_pnnx(ctx, scratch, fp16=precision == "fp16")
+            param_path, bin_path, info["onnx_rewrites"] = pnnx.run(ctx, scratch, fp16=precision == "fp16")
             model = paramfile.read(param_path)
             inputs, outputs = model.inputs(), model.outputs()
             if len(inputs) != 1 or len(outputs) != 1:
@@ -115,36 +102,6 @@ class NcnnBackend:
                 f"sqnr={c['sqnr_db']:.1f}dB top1_agree={c['top1_agreement']:.1f}%")
         return Artifact(backend=self.name, precision=precision, workdir=ctx.workdir, files=[PARAM, BIN],
                         runner="ncnn", runner_config=config, info=info)
-
-
-def _run_pnnx(ctx: "BuildContext", scratch: Path, fp16: bool, onnx_path: Path | None = None
-              ) -> tuple[Path, Path, list[str]]:
-    """Run pnnx on (a prepared copy of) the optimized ONNX model inside ``scratch``.
-
-    ``onnx_path`` converts another fp32 ONNX model of the same graph instead (the bias-corrected
-    copy for int8).
-
-    pnnx writes its intermediates next to its input, so the input is copied into ``scratch``
-    first: the stage never writes outside its workdir.
-    """
-    from pipeline.backends.ncnn.onnx_prep import fold_identity_gathers
-
-    src = scratch / "model.onnx"
-    rewrites = fold_identity_gathers(Path(onnx_path or ctx.onnx_fp32), src)
-    shape = [1, *[int(d) for d in ctx.spec.input.shape[1:]]]  # ncnn has no batch axis
-    param, binf = scratch / "model.ncnn.param", scratch / "model.ncnn.bin"
-    cmd = [str(_pnnx_exe()), src.name, f"inputshape=[{','.join(map(str, shape))}]", f"fp16={int(fp16)}",
-           f"ncnnparam={param.name}", f"ncnnbin={binf.name}", "ncnnpy=model_ncnn.py",
-           "pnnxparam=model.pnnx.param", "pnnxbin=model.pnnx.bin", "pnnxpy=model_pnnx.py",
-           "pnnxonnx=model.pnnx.onnx"]
-    try:
-        proc = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True, timeout=PNNX_TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:
-        raise ConversionError(f"ncnn: pnnx did not finish within {PNNX_TIMEOUT_S} s") from err
-    if proc.returncode != 0 or not param.is_file() or not binf.is_file():
-        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
-        raise ConversionError(f"ncnn: pnnx failed (exit {proc.returncode}): {tail[0]}")
-    return param, binf, rewrites
 
 
 BACKEND = NcnnBackend()

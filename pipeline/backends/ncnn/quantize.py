@@ -107,8 +107,7 @@ def _bias_correction(ctx: "BuildContext", model: "ParamFile", weights: dict[str,
     The bias-corrected ONNX model is converted with pnnx as well and compared with the plain
     conversion (correction.py). A conversion that differs anywhere but in biases is an error.
     """
-    from pipeline.backends.ncnn import correction, paramfile
-    from pipeline.backends.ncnn.convert import _run_pnnx
+    from pipeline.backends.ncnn import correction, paramfile, pnnx
     from pipeline.backends.ncnn.weights import read_weights
 
     work = scratch / "corrected"
@@ -118,7 +117,7 @@ def _bias_correction(ctx: "BuildContext", model: "ParamFile", weights: dict[str,
     if not corrected:
         return {}, {"applied": False, "reason": "the calibration plan corrects no bias "
                     f"(method {ctx.spec.calibration.method!r})"}
-    param_c, bin_c, _ = _run_pnnx(ctx, work, fp16=False, onnx_path=src)
+    param_c, bin_c, _ = pnnx.run(ctx, work, fp16=False, onnx_path=src)
     model_c = paramfile.read(param_c)
     try:
         biases = correction.bias_overrides(model, weights, model_c, read_weights(model_c, bin_c.read_bytes()))
