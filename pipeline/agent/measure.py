@@ -10,7 +10,9 @@ import numpy as np
 
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB."""
+    """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB, within
+    [-200, 200] so it stays JSON-able. The one implementation: the host (calibration.metrics,
+    pipeline.backends.checks) imports this function, the device runs the copy it ships with."""
     ref = reference.astype(np.float64).ravel()
     noise = ref - test.astype(np.float64).ravel()
     p_noise = float(np.sum(noise * noise))
@@ -19,7 +21,7 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
         return 200.0
     if p_signal == 0.0:
         return -200.0
-    return 10.0 * math.log10(p_signal / p_noise)
+    return min(200.0, 10.0 * math.log10(p_signal / p_noise))
 
 
 def agreement_within_ties(reference: np.ndarray, pred: np.ndarray, tie_margin: float) -> float:
