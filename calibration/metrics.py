@@ -4,29 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# numpy-only and shipped with every release: the device computes the same numbers as the host
+from pipeline.agent.measure import agreement_within_ties, sqnr_db
 
-def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB: 10 log10(sum ref^2 / sum (ref - test)^2).
-
-    Identical outputs give +inf, capped at 200 dB so the value stays JSON-able.
-    """
-    ref = np.asarray(ref, np.float64)
-    noise = float(np.sum((ref - np.asarray(test, np.float64)) ** 2))
-    signal = float(np.sum(ref**2))
-    if noise == 0.0:
-        return 200.0
-    if signal == 0.0:
-        return -200.0
-    return float(min(200.0, 10.0 * np.log10(signal / noise)))
-
-
-def probabilities(out: np.ndarray) -> np.ndarray:
-    """Rows of ``out`` as probabilities: kept when already a distribution, else softmax (logits)."""
-    o = np.asarray(out, np.float64).reshape(out.shape[0], -1)
-    if np.all(o >= 0.0) and np.allclose(o.sum(axis=1), 1.0, atol=1e-3):
-        return o
-    e = np.exp(o - o.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+__all__ = ["accuracy", "agreement_within_ties", "fidelity", "sqnr_db", "top1_agreement"]
 
 
 def top1_agreement(ref: np.ndarray, test: np.ndarray, tie_margin: float = 0.0) -> float:
@@ -35,13 +16,13 @@ def top1_agreement(ref: np.ndarray, test: np.ndarray, tie_margin: float = 0.0) -
     With ``tie_margin`` > 0 a sample also agrees when the class the quantized model picked is
     within ``tie_margin`` of fp32's top-1 in fp32's own probabilities (softmax of the outputs):
     fp32 could not tell the two apart, so the swap is not a quantization error worth gating on.
+    The device agent's :func:`agreement_within_ties` is that rule, so host and device agree.
     """
     r = np.asarray(ref).reshape(ref.shape[0], -1)
     t = np.asarray(test).reshape(test.shape[0], -1).argmax(axis=1)
     if tie_margin <= 0.0:
         return float(np.mean(r.argmax(axis=1) == t) * 100.0)
-    p = probabilities(r)
-    return float(np.mean(p[np.arange(len(t)), t] >= p.max(axis=1) - tie_margin) * 100.0)
+    return agreement_within_ties(r, t, tie_margin)
 
 
 def accuracy(out: np.ndarray, labels: np.ndarray) -> float:

@@ -6,10 +6,11 @@ fp32 ONNX Runtime reference on real samples, and fails the build when the number
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
+
+from calibration.metrics import sqnr_db, top1_agreement
 
 from pipeline.errors import ConversionError
 
@@ -21,16 +22,6 @@ INT8_MIN_SQNR_DB = 12.0
 INT8_MIN_TOP1_AGREEMENT = 80.0
 
 
-def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    ref = reference.astype(np.float64).ravel()
-    noise = ref - test.astype(np.float64).ravel()
-    p_noise = float(np.dot(noise, noise))
-    p_signal = float(np.dot(ref, ref))
-    if p_noise == 0.0:
-        return 200.0
-    return 10.0 * math.log10(p_signal / p_noise) if p_signal > 0 else -200.0
-
-
 def compare(reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
     ref = reference.reshape(len(reference), -1)
     out = output.reshape(len(output), -1)
@@ -39,7 +30,7 @@ def compare(reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
         "max_abs_diff": float(np.max(np.abs(ref - out))),
         "rel_diff": float(np.max(np.abs(ref - out))) / scale,
         "sqnr_db": round(sqnr_db(ref, out), 3),
-        "top1_agreement": round(float((ref.argmax(1) == out.argmax(1)).mean()) * 100.0, 3),
+        "top1_agreement": round(top1_agreement(ref, out), 3),
         "samples": int(len(ref)),
     }
 

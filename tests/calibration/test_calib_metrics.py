@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibration.metrics import fidelity, probabilities, top1_agreement
+from calibration.metrics import fidelity, top1_agreement
 from pipeline.agent.measure import agreement_within_ties
 
 
@@ -29,9 +29,7 @@ def test_agreement_within_ties_counts_only_swaps_fp32_could_not_tell_apart(margi
 
 
 def test_outputs_that_already_are_probabilities_are_not_softmaxed_again() -> None:
-    p = np.exp(REF)
-    assert np.allclose(probabilities(p), p)
-    assert np.allclose(probabilities(REF), p)
+    p = np.exp(REF)  # softmaxed again, the gaps would be 0.004, 0.18, 0.017: 2 of 3 within 0.02
     assert top1_agreement(p, np.exp(TEST), 0.02) == pytest.approx(100 / 3)
 
 
