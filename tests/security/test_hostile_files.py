@@ -3,6 +3,7 @@ proves that nothing in it ran. Key cases also go through the real console script
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -302,11 +303,15 @@ def data_broken():
 
 
 def _user_module(folder: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> str:
-    """A factory module the spec names (user code, trusted); importable from ``folder``."""
-    (folder / "usercode_a11.py").write_text(FACTORY_MODULE)
+    """A factory module the spec names (user code, trusted); importable from ``folder``.
+
+    Each test's module has a name of its own: a module of the same name imported from another
+    folder earlier in the session would shadow it, and edgeship rightly refuses that."""
+    name = "usercode_a11_" + hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+    (folder / f"{name}.py").write_text(FACTORY_MODULE)
     if monkeypatch is not None:
         monkeypatch.syspath_prepend(str(folder))
-    return "usercode_a11"
+    return name
 
 
 def _truncated_onnx(folder: Path) -> Path:
@@ -399,8 +404,10 @@ def test_hostile_data_files_refused_in_one_line(case: str, words: str, tmp_path:
         size = {"bomb-error": (100_000, 100_000), "bomb-warning": (10_000, 10_000)}.get(case, (28, 28))
         _image_folder(tmp_path, _png(*size))
         data["evaluation"]["source"] = {"kind": "images", "path": "imgs"}
+        data["preprocessing"] = {"color": "grayscale"}  # the input has one channel
         if case == "huge-input-shape":
             data["input"]["shape"] = [1, 3, 100_000, 100_000]
+            data["preprocessing"] = {"color": "rgb"}
     spec_path.write_text(json.dumps(data))
     _onnx_classifier(tmp_path / "m.onnx")
     with pytest.raises(InputFileError) as err:
@@ -451,6 +458,7 @@ def _cli_case(case: str, folder: Path) -> tuple[Path, int, list[str]]:
     _image_folder(folder, _png(100_000, 100_000))
     data = json.loads(spec.read_text())
     data["evaluation"]["source"] = {"kind": "images", "path": "imgs"}
+    data["preprocessing"] = {"color": "grayscale"}  # the input has one channel
     spec.write_text(json.dumps(data))
     return spec, 2, ["a.png", "decompression bomb"]
 
