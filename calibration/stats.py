@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -170,7 +171,7 @@ def collect_statistics(
         The statistics; ``cache_hit`` tells whether the model ran.
     """
     from calibration.graph import activation_tensors, file_sha256, load_model, model_with_outputs
-    from calibration.runtime import make_session, run_batches
+    from calibration.runtime import make_session
 
     t0 = time.perf_counter()
     model_sha = file_sha256(model_path)
@@ -190,45 +191,13 @@ def collect_statistics(
     known = {o.name for o in session.get_outputs()}
     names = [n for n in names if n in known]
 
-    # pass 1: min / max
-    mins = {n: np.inf for n in names}
-    maxs = {n: -np.inf for n in names}
-    counts = dict.fromkeys(names, 0)
-    zeros = dict.fromkeys(names, 0)
-    sums: dict[str, np.ndarray | None] = dict.fromkeys(names)
-    rows = dict.fromkeys(names, 0)
-    for _, outs in run_batches(session, calib.samples, batch_size, names):
-        for n, o in zip(names, outs):
-            if o.size:
-                mins[n] = min(mins[n], float(o.min()))
-                maxs[n] = max(maxs[n], float(o.max()))
-                counts[n] += int(o.size)
-                zeros[n] += int(np.count_nonzero(o == 0))
-                if o.ndim >= 2:
-                    red = (0, *range(2, o.ndim)) if o.ndim >= 3 else (0,)
-                    part = o.sum(axis=red, dtype=np.float64)
-                    sums[n] = part if sums[n] is None else sums[n] + part
-                    rows[n] += o.size // o.shape[1]
-    # pass 2: signed histogram over [-absmax, absmax]; bincount on computed indices is several
-    # times faster than np.histogram for millions of values.
-    nb = 2 * bins
-    hists = {n: np.zeros(nb, np.int64) for n in names}
+    mins, maxs, counts, zeros, means = _range_pass(session, calib.samples, batch_size, names)
     absmax = {n: max(abs(mins[n]), abs(maxs[n])) if counts[n] else 0.0 for n in names}
-    for _, outs in run_batches(session, calib.samples, batch_size, names):
-        for n, o in zip(names, outs):
-            a = absmax[n]
-            if not o.size or not np.isfinite(a):
-                continue
-            if a == 0.0:
-                hists[n][bins] += o.size  # all zeros: first bin of the positive side
-                continue
-            idx = ((o.ravel().astype(np.float32) + a) * (nb / (2 * a))).astype(np.int64)
-            np.clip(idx, 0, nb - 1, out=idx)
-            hists[n] += np.bincount(idx, minlength=nb)
+    hists = _histogram_pass(session, calib.samples, batch_size, names, absmax, bins)
     tensors = {
         n: TensorStats(
             n, float(mins[n]), float(maxs[n]), hists[n], counts[n], zeros[n],
-            None if sums[n] is None else (sums[n] / max(1, rows[n])).astype(np.float64),
+            means[n],
         )
         for n in names
         if counts[n]
@@ -245,6 +214,58 @@ def collect_statistics(
     return stats
 
 
+def _range_pass(session: Any, samples: np.ndarray, batch_size: int, names: list[str]) -> tuple[dict, ...]:
+    """Pass 1: min, max, value count, exact zeros and per-channel mean of each tensor."""
+    from calibration.runtime import run_batches
+
+    mins = {n: np.inf for n in names}
+    maxs = {n: -np.inf for n in names}
+    counts = dict.fromkeys(names, 0)
+    zeros = dict.fromkeys(names, 0)
+    sums: dict[str, np.ndarray | None] = dict.fromkeys(names)
+    rows = dict.fromkeys(names, 0)
+    for _, outs in run_batches(session, samples, batch_size, names):
+        for n, o in zip(names, outs):
+            if o.size:
+                mins[n] = min(mins[n], float(o.min()))
+                maxs[n] = max(maxs[n], float(o.max()))
+                counts[n] += int(o.size)
+                zeros[n] += int(np.count_nonzero(o == 0))
+                if o.ndim >= 2:
+                    red = (0, *range(2, o.ndim)) if o.ndim >= 3 else (0,)
+                    part = o.sum(axis=red, dtype=np.float64)
+                    sums[n] = part if sums[n] is None else sums[n] + part
+                    rows[n] += o.size // o.shape[1]
+    means = {n: None if sums[n] is None else (sums[n] / max(1, rows[n])).astype(np.float64) for n in names}
+    return mins, maxs, counts, zeros, means
+
+
+def _bin_indices(x: np.ndarray, absmax: float, nb: int) -> np.ndarray:
+    """Bin of each value in a signed histogram of ``nb`` bins over [-absmax, absmax]; bincount on
+    computed indices is several times faster than np.histogram for millions of values."""
+    idx = ((x.ravel().astype(np.float32) + absmax) * (nb / (2 * absmax))).astype(np.int64)
+    return np.clip(idx, 0, nb - 1, out=idx)
+
+
+def _histogram_pass(session: Any, samples: np.ndarray, batch_size: int, names: list[str],
+                    absmax: dict[str, float], bins: int) -> dict[str, np.ndarray]:
+    """Pass 2: the signed histogram of each tensor over [-absmax, absmax] (``2 * bins`` bins)."""
+    from calibration.runtime import run_batches
+
+    nb = 2 * bins
+    hists = {n: np.zeros(nb, np.int64) for n in names}
+    for _, outs in run_batches(session, samples, batch_size, names):
+        for n, o in zip(names, outs):
+            a = absmax[n]
+            if not o.size or not np.isfinite(a):
+                continue
+            if a == 0.0:
+                hists[n][bins] += o.size  # all zeros: first bin of the positive side
+                continue
+            hists[n] += np.bincount(_bin_indices(o, a, nb), minlength=nb)
+    return hists
+
+
 def tensor_stats_from_array(name: str, x: np.ndarray, bins: int = 2048) -> TensorStats:
     """Statistics of an in-memory array, binned exactly as :func:`collect_statistics` does."""
     x = np.asarray(x, np.float32).ravel()
@@ -255,6 +276,5 @@ def tensor_stats_from_array(name: str, x: np.ndarray, bins: int = 2048) -> Tenso
         hist = np.zeros(nb, np.int64)
         hist[bins] = x.size
     else:
-        idx = np.clip(((x + a) * (nb / (2 * a))).astype(np.int64), 0, nb - 1)
-        hist = np.bincount(idx, minlength=nb).astype(np.int64)
+        hist = np.bincount(_bin_indices(x, a, nb), minlength=nb).astype(np.int64)
     return TensorStats(name, lo, hi, hist, int(x.size), int(np.count_nonzero(x == 0)))
