@@ -26,12 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipeline.backends.ncnn.paramfile import ParamFile
     from pipeline.backends.ncnn.weights import Buffer
 
-#: the ncnn methods that map onto a calibration-library observer (ort-default: ORT's own
-#: quantizer, which does no bias correction, so neither do we)
-_PLAN_METHOD = {"auto": "minmax", "minmax": "minmax", "percentile": "percentile", "entropy": "entropy",
-                "mse": "mse"}
-
-
 def write_corrected_onnx(ctx: "BuildContext", dst: Path) -> int:
     """Write the bias-corrected fp32 ONNX model to ``dst``.
 
@@ -43,13 +37,17 @@ def write_corrected_onnx(ctx: "BuildContext", dst: Path) -> int:
     """
     import onnx
 
+    from calibration.config import resolve_methods
     from calibration.graph import load_model
     from calibration.plan import corrected_model
 
     from pipeline.backends.calibrate import calibration_config, calibration_plan
 
-    method = _PLAN_METHOD.get(ctx.spec.calibration.method)
-    if method is None or not calibration_config(ctx, method).bias_correction:
+    method = ctx.spec.calibration.method
+    if method == "ort-default":  # ONNX Runtime's own quantizer does no bias correction, so neither do we
+        return 0
+    method = resolve_methods(method)[0]  # auto: the first method's plan (bias barely depends on it)
+    if not calibration_config(ctx, method).bias_correction:
         return 0
     plan = calibration_plan(ctx, method, activation_mode=ctx.spec.calibration.activations)
     if not plan.bias:
