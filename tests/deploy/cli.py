@@ -39,3 +39,20 @@ def local_target(folder: Path, device: Path, name: str = "cheapdev", **extra: An
 def last_line(text: str) -> str:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
+
+
+def agent_pids(device: Path | str) -> list[int]:
+    """Live processes on this machine running an agent of the device folder ``device``."""
+    needle = f"EDGESHIP_DEVICE_ROOT={device}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z":
+                continue
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return pids

@@ -14,26 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.cli import EDGESHIP, MNIST, edgeship, env_for, last_line, local_target
+from tests.deploy.cli import EDGESHIP, MNIST, agent_pids, edgeship, env_for, last_line, local_target
 
 pytestmark = [pytest.mark.slow, pytest.mark.backend("onnxruntime")]
-
-
-def _agent_pids(device: Path) -> list[int]:
-    """Processes on this machine running an agent of the device folder ``device``."""
-    needle = f"EDGESHIP_DEVICE_ROOT={device}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z":
-                continue
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except (OSError, IndexError):
-            continue
-    return pids
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -53,12 +36,12 @@ def test_interrupt_while_the_agent_measures_restores_the_device(sig: signal.Sign
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            if os.readlink(device / "current") != previous and len(_agent_pids(device)) >= 2:
+            if os.readlink(device / "current") != previous and len(agent_pids(device)) >= 2:
                 break  # switched, and the agent's `run` has started its measuring child
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
         assert os.readlink(device / "current") != previous, "the new release must be current while it is measured"
-        measuring = _agent_pids(device)
+        measuring = agent_pids(device)
         time.sleep(1.0)
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
@@ -68,7 +51,7 @@ def test_interrupt_while_the_agent_measures_restores_the_device(sig: signal.Sign
     tail = "\n".join(stderr.splitlines()[-12:])
     assert proc.returncode == 130, tail
     assert os.readlink(device / "current") == previous, tail
-    assert _agent_pids(device) == [], f"agent processes left running (were {measuring})"
+    assert agent_pids(device) == [], f"agent processes left running (were {measuring})"
     assert last_line(stderr).startswith("edgeship: interrupted: cheapdev"), stderr
     assert "rolled back to" in last_line(stderr) and "Traceback" not in stderr
     # The device is usable at once: the lock was released and the restored release validates.
