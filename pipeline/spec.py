@@ -233,6 +233,12 @@ class AccuracySpec(_Strict):
 class ValidationSpec(_Strict):
     warmup: int = Field(10, ge=0)
     runs: int = Field(100, ge=1)
+    rounds: int = Field(5, ge=1, le=1000, description="the timed runs of every artifact are spread over this many "
+                                                       "interleaved rounds (A B C, B C A, ...), so load that comes "
+                                                       "and goes is shared by all of them")
+    max_cv: float = Field(0.15, gt=0, description="a run whose timings' coefficient of variation (stdev / mean) is "
+                                                  "above this is flagged 'unstable'")
+    retry_unstable: int = Field(0, ge=0, le=10, description="re-measure an unstable run up to N times")
     samples: int | None = Field(None, gt=0, description="evaluate on the first N evaluation samples only "
                                                          "(slow or emulated devices); the fp32 reference uses the same N")
 
@@ -473,6 +479,9 @@ class Limits(_Strict):
     max_latency_p90_ms: float | None = Field(None, gt=0)
     max_memory_mb: float | None = Field(None, gt=0)
     max_artifact_mb: float | None = Field(None, gt=0)
+    max_latency_regression_pct: float = Field(10.0, gt=0, description="the nightly flags a run whose p50 is this much "
+                                                                     "slower than its baseline's or last good run's, "
+                                                                     "when Mann-Whitney on the raw timings agrees")
 
 
 class Hardware(_Strict):

@@ -77,26 +77,40 @@ def percentile(sorted_ms: list[float], q: float) -> float:
     return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (k - lo)
 
 
-def time_runs(runner: Any, x: np.ndarray, warmup: int, runs: int) -> dict[str, Any]:
-    """Warm-up runs (not timed), then ``runs`` timed runs of one batch. Milliseconds."""
-    for _ in range(warmup):
-        runner.infer(x)
+def time_batch(runner: Any, x: np.ndarray, runs: int) -> list[float]:
+    """``runs`` timed inferences of one batch, in order. Milliseconds."""
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         runner.infer(x)
         times.append((time.perf_counter() - t0) * 1000.0)
-    times.sort()
+    return times
+
+
+def coefficient_of_variation(times: list[float]) -> float | None:
+    """Sample standard deviation / mean (the host's validate.stats definition); None below two."""
+    if len(times) < 2:
+        return None
     mean = sum(times) / len(times)
-    var = sum((t - mean) ** 2 for t in times) / (len(times) - 1) if len(times) > 1 else 0.0
+    if mean == 0.0:
+        return None
+    return math.sqrt(sum((t - mean) ** 2 for t in times) / (len(times) - 1)) / mean
+
+
+def summarize(times: list[float], warmup: int) -> dict[str, Any]:
+    """p50/p90/p99, mean, stdev, min, max and CV of raw timings (ms)."""
+    ordered = sorted(times)
+    mean = sum(ordered) / len(ordered)
+    cv = coefficient_of_variation(ordered)
     return {
-        "p50": round(percentile(times, 50), 4),
-        "p90": round(percentile(times, 90), 4),
-        "p99": round(percentile(times, 99), 4),
+        "p50": round(percentile(ordered, 50), 4),
+        "p90": round(percentile(ordered, 90), 4),
+        "p99": round(percentile(ordered, 99), 4),
         "mean": round(mean, 4),
-        "stdev": round(math.sqrt(var), 4),
-        "min": round(times[0], 4),
-        "max": round(times[-1], 4),
-        "runs": len(times),
+        "stdev": round((cv or 0.0) * mean, 4),
+        "min": round(ordered[0], 4),
+        "max": round(ordered[-1], 4),
+        "cv": None if cv is None else round(cv, 4),
+        "runs": len(ordered),
         "warmup": warmup,
     }

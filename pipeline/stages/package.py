@@ -76,7 +76,9 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
             np.save(tmp / "data" / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
         validation = spec.validation or target.validation
         agent = {"eval_dir": "data", "threads": target.threads, "warmup": validation.warmup,
-                 "runs": validation.runs, "batch": spec.input.shape[0], "metric": spec.evaluation.metric}
+                 "runs": validation.runs, "rounds": validation.rounds, "max_cv": validation.max_cv,
+                 "retry_unstable": validation.retry_unstable, "batch": spec.input.shape[0],
+                 "metric": spec.evaluation.metric}
         if spec.evaluation.tie_margin > 0.0:
             agent["tie_margin"] = spec.evaluation.tie_margin
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

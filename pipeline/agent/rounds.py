@@ -1,0 +1,191 @@
+"""Interleaved measurement of every run of a release (the parent side of worker.py).
+
+Load that comes and goes on a shared device lands on whichever artifact is running, so timing
+the artifacts one after the other made two deploys of the same EfficientNet-Lite0 artifacts show
+ncnn int8 at 2.11x and then 1.00x fp32. Here every run gets a persistent worker process and the
+timed runs are spread over ``rounds`` interleaved rounds (A B C, B C A, C A B, ...): a burst of
+load is shared by all runs, so ratios within one deploy hold.
+
+A run whose timings are unstable (coefficient of variation over ``max_cv``) is re-measured up to
+``retry_unstable`` times, again interleaved with the other unstable runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from .measure import coefficient_of_variation, summarize
+
+# One untimed inference before each round's chunk: switching processes evicts the caches, and the
+# first inference after that would otherwise be charged to whichever run comes first.
+CHUNK_WARMUP = 1
+
+
+class WorkerFailed(Exception):
+    """The worker of a run died, timed out or reported an error; the message is the reason."""
+
+
+class Worker:
+    """A run's worker process and the JSON-lines channel to it."""
+
+    def __init__(self, release: Path, run: dict[str, Any], timeout_s: float) -> None:
+        self.run, self.timeout_s = run, timeout_s
+        self.stderr = tempfile.TemporaryFile()  # a pipe nobody reads could fill and block the worker
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", __package__ or "edgeship_agent", "worker", "--release", str(release),
+             "--id", run["id"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env)
+        self.ready = self._reply()
+
+    def _reason(self) -> str:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.stderr.seek(0)
+        tail = self.stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        return f"exit {code}: {tail[0]}"
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout_s)
+        if not ready:
+            self.proc.kill()
+            raise WorkerFailed(f"timed out after {self.timeout_s:.0f} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise WorkerFailed(self._reason())
+        reply = json.loads(line)
+        if "error" in reply:
+            self._reason()
+            raise WorkerFailed(str(reply["error"]))
+        return reply
+
+    def ask(self, cmd: str, **args: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write((json.dumps({"cmd": cmd, **args}) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise WorkerFailed(self._reason()) from None
+        return self._reply()
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()  # end of input: the worker deactivates its runner and exits
+                self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+
+
+def chunks(total: int, rounds: int) -> list[int]:
+    """``total`` timed runs split over ``rounds`` rounds as evenly as possible (no empty round)."""
+    rounds = max(1, min(rounds, total))
+    return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
+
+
+class Measurement:
+    """The live workers of one agent run, the failures so far and each run's raw timings."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, Worker] = {}
+        self.failed: dict[str, str] = {}
+        self.timings: dict[str, list[float]] = {}
+        self.retries: dict[str, int] = {}
+
+    def step(self, rid: str, action: Callable[[Worker], Any]) -> Any:
+        """Run ``action`` on a live worker; a failure retires that run with its reason."""
+        worker = self.workers.get(rid)
+        if worker is None:
+            return None
+        try:
+            return action(worker)
+        except WorkerFailed as exc:
+            self.failed[rid] = str(exc)
+            worker.close()
+            del self.workers[rid]
+            return None
+
+    def interleave(self, ids: list[str], total: int, rounds: int,
+                   window: Callable[[str], Any] | None = None) -> dict[str, list[float]]:
+        """``total`` timed runs of each of ``ids`` in interleaved rounds, the order rotated each round
+        so every run takes every position. ``window(rid)``, when given, is a context manager around
+        each timed chunk (power samples are attributed to the run that was running)."""
+        got: dict[str, list[float]] = {rid: [] for rid in ids}
+        for r, n in enumerate(chunks(total, rounds)):
+            for rid in ids[r % len(ids):] + ids[:r % len(ids)] if ids else []:
+                def timed(w: Worker, n: int = n, rid: str = rid) -> None:
+                    w.ask("warmup", n=CHUNK_WARMUP)
+                    if window is None:
+                        got[rid] += w.ask("time", n=n)["timings_ms"]
+                    else:
+                        with window(rid):
+                            got[rid] += w.ask("time", n=n)["timings_ms"]
+                self.step(rid, timed)
+        return {rid: t for rid, t in got.items() if rid in self.workers}
+
+
+def _unstable(timings: dict[str, list[float]], max_cv: float | None) -> list[str]:
+    if max_cv is None:
+        return []
+    return [rid for rid, t in timings.items() if (coefficient_of_variation(t) or 0.0) > max_cv]
+
+
+def measure_runs(release: Path, runs: list[dict[str, Any]], cfg: dict[str, Any], timeout_s: float,
+                 window: Callable[[str], Any] | None = None) -> tuple[Measurement, dict[str, dict[str, Any]]]:
+    """Start a worker per run, warm each, time all in interleaved rounds (re-measuring unstable
+    ones), then take each one's peak RSS and evaluate it. Returns the measurement and per-run
+    results for the runs that finished."""
+    m = Measurement()
+    for run in runs:
+        try:
+            m.workers[run["id"]] = Worker(release, run, timeout_s)
+        except WorkerFailed as exc:
+            m.failed[run["id"]] = str(exc)
+    warmup, total, rounds = int(cfg["warmup"]), int(cfg["runs"]), int(cfg.get("rounds", 1))
+    for rid in list(m.workers):
+        m.step(rid, lambda w: w.ask("warmup", n=warmup) if warmup else None)
+    m.timings = m.interleave(list(m.workers), total, rounds, window)
+    for _ in range(int(cfg.get("retry_unstable", 0))):
+        again = _unstable(m.timings, cfg.get("max_cv"))
+        if not again:
+            break
+        for rid, t in m.interleave(again, total, rounds, window).items():
+            m.timings[rid] = t
+            m.retries[rid] = m.retries.get(rid, 0) + 1
+    results = {}
+    for rid in list(m.workers):
+        rss = m.step(rid, lambda w: w.ask("rss"))
+        metrics = m.step(rid, lambda w: w.ask("evaluate"))
+        if rss is None or metrics is None or rid not in m.timings:
+            continue
+        results[rid] = _result(m, rid, rss, metrics, warmup, rounds)
+    for worker in m.workers.values():
+        worker.close()
+    return m, results
+
+
+def _result(m: Measurement, rid: str, rss: dict[str, Any], metrics: dict[str, Any], warmup: int,
+            rounds: int) -> dict[str, Any]:
+    w = m.workers[rid]
+    times = m.timings[rid]
+    latency = summarize(times, warmup)
+    latency["rounds"] = len(chunks(len(times), rounds))
+    latency["retries"] = m.retries.get(rid, 0)
+    return {"id": rid, "backend": w.run["backend"], "precision": w.run["precision"],
+            "runtime_version": w.ready.get("runtime_version"), "load_ms": w.ready.get("load_ms"),
+            **metrics, "latency_ms": latency, "timings_ms": [round(t, 4) for t in times],
+            "peak_rss_mb": rss["peak_rss_mb"], "baseline_rss_mb": w.ready.get("baseline_rss_mb"), "error": None}
