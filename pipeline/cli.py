@@ -87,14 +87,18 @@ def build(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] =
 def _finish(results: dict[str, Any], json_out: Optional[Path], out_dir: Path, junit: Optional[Path] = None) -> None:
     from pipeline.validate.junit import write_junit
     from pipeline.validate.report import print_report
+    from pipeline.validate.timings import split_timings
     from pipeline.validate.write import write_reports
 
     write_reports(results, out_dir)  # results.json, report.md, report.html
     if junit:
         write_junit(junit, [results])
     if json_out:
+        doc, _ = split_timings(results)
+        if doc.get("timings_file"):  # the side file written beside results.json, by its full path
+            doc["timings_file"] = str((out_dir / doc["timings_file"]).resolve())
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        json_out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     if any(d.get("runs") for d in results["devices"]):
         print_report(results, out_console)
     errors = [f"{d['device']}: {d['error']}" if not str(d["error"]).startswith(d["device"]) else str(d["error"])

@@ -20,6 +20,8 @@ from pipeline.errors import EdgeshipError
 from pipeline.paths import contained
 from pipeline.spec import load_spec, load_target
 from pipeline.validate.baseline import baseline_regressions, read_baseline
+from pipeline.validate.stats import MAX_LATENCY_REGRESSION_PCT, latency_regression
+from pipeline.validate.timings import keyed_rows
 from pipeline.validate.trend import read_history
 
 # Pinned baselines, in the project (meant to be committed): baselines/<spec>/<target>.json
@@ -42,21 +44,34 @@ def last_good(path: Path) -> dict[str, dict[str, Any]]:
     return good
 
 
-def regressions_by_run(results: dict[str, Any], good: dict[str, dict[str, Any]],
-                       tolerance_pp: float) -> dict[str, list[str]]:
+def _slower(key: str, row: dict[str, Any], prev: dict[str, Any], limit_pct: float) -> list[str]:
+    """A latency regression against the last good run: Mann-Whitney on both nights' raw timings
+    significant and the p50 slower than ``limit_pct`` (a night of jitter is neither)."""
+    if not row.get("timings_ms") or not prev.get("timings_ms"):
+        return []
+    lat = latency_regression(prev["timings_ms"], row["timings_ms"], max_regression_pct=limit_pct)
+    if not lat["regressed"]:
+        return []
+    return [f"{key}: p50 {lat['p50_current']} ms is {lat['slower_pct']:.1f} % slower than the last good run's "
+            f"{lat['p50_baseline']} ms on {prev.get('when')} (Mann-Whitney p {lat['p_value']:.2g}), limit {limit_pct:g} %"]
+
+
+def regressions_by_run(results: dict[str, Any], good: dict[str, dict[str, Any]], tolerance_pp: float,
+                       max_latency_regression_pct: float = MAX_LATENCY_REGRESSION_PCT) -> dict[str, list[str]]:
     """(device/run id) -> why that run regressed against its last good run (runs that did not: absent)."""
     found: dict[str, list[str]] = {}
-    for dev in results.get("devices", []):
-        for row in dev.get("runs", []):
-            key = f"{dev['device']}/{row['id']}"
-            prev = good.get(key)
-            if prev is None or row.get("accuracy") is None or prev.get("accuracy") is None:
-                continue
+    for key, row in keyed_rows(results):
+        prev = good.get(key)
+        if prev is None:
+            continue
+        why = _slower(key, row, prev, max_latency_regression_pct)
+        if row.get("accuracy") is not None and prev.get("accuracy") is not None:
             fall = prev["accuracy"] - row["accuracy"]
             if fall > tolerance_pp:
-                found.setdefault(key, []).append(
-                    f"{key}: accuracy {row['accuracy']:.2f}% is {fall:.2f} pp below the last good "
-                    f"run ({prev['accuracy']:.2f}% on {prev.get('when')}), tolerance {tolerance_pp} pp")
+                why.insert(0, f"{key}: accuracy {row['accuracy']:.2f}% is {fall:.2f} pp below the last good "
+                              f"run ({prev['accuracy']:.2f}% on {prev.get('when')}), tolerance {tolerance_pp} pp")
+        if why:
+            found[key] = why
     return found
 
 
@@ -105,9 +120,11 @@ def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: 
                 entry.update({"error": error, "devices": [], "gate": {"passed": False, "reasons": [error]}})
                 regress: list[str] = []
             else:
-                found = regressions_by_run(results, good, tolerance_pp)
+                limit = target.limits.max_latency_regression_pct
+                found = regressions_by_run(results, good, tolerance_pp, limit)
                 pinned = read_baseline(baselines / spec.name / f"{target.name}.json") if baselines else None
-                for key, why in (baseline_regressions(results, pinned, tolerance_pp=tolerance_pp)
+                for key, why in (baseline_regressions(results, pinned, tolerance_pp=tolerance_pp,
+                                                      max_latency_regression_pct=limit)
                                  if pinned else {}).items():
                     found.setdefault(key, []).extend(why)
                 regress = [r for rs in found.values() for r in rs]

@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline.errors import BadInput
 from pipeline.validate.stats import MAX_LATENCY_REGRESSION_PCT, discordant, latency_regression, paired_drop_interval
+from pipeline.validate.timings import keyed_rows, row_timings
 
 BASELINE_SCHEMA = "edgeship.baseline/1"
 MAX_GROWTH_PCT = 10.0
@@ -103,18 +104,17 @@ def compare_run(key: str, base: dict[str, Any], row: dict[str, Any], outcomes: S
     return found
 
 
-def _rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{d['device']}/{r['id']}", r) for d in results.get("devices", []) for r in d.get("runs", [])]
-
-
 def _outcomes(row: dict[str, Any]) -> np.ndarray | None:
     n = (row.get("accuracy_drop_interval") or {}).get("n")
     return unpack_outcomes(row["outcomes"], int(n)) if row.get("outcomes") and n else None
 
 
-def pin_results(results: dict[str, Any], path: Path) -> Path:
-    """Pin every measured run of a results document (with its per-sample outcomes) as the baseline."""
-    runs = {key: baseline_run(row, _outcomes(row)) for key, row in _rows(results) if not row.get("error")}
+def pin_results(results: dict[str, Any], path: Path, folder: Path | None = None) -> Path:
+    """Pin every measured run of a results document (with its per-sample outcomes and raw timings;
+    ``folder`` holds the document's timings side file) as the baseline."""
+    timings = row_timings(results, folder)
+    runs = {key: baseline_run(row, _outcomes(row), timings.get(key)) for key, row in keyed_rows(results)
+            if not row.get("error")}
     return write_baseline(path, str(results.get("spec")), str(results.get("target")), results.get("release_id"), runs)
 
 
@@ -127,18 +127,18 @@ def pin_results_file(results_json: Path, path: Path) -> Path:
         results = json.loads(results_json.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise BadInput(f"{results_json}: not a results document ({exc}); deploy again to rewrite it") from exc
-    return pin_results(results, path)
+    return pin_results(results, path, results_json.parent)
 
 
 def baseline_regressions(results: dict[str, Any], baseline: dict[str, Any], *, tolerance_pp: float,
                          max_latency_regression_pct: float = MAX_LATENCY_REGRESSION_PCT) -> dict[str, list[str]]:
     """(device/run id) -> why that run regressed against the pinned baseline (runs that did not: absent)."""
     found: dict[str, list[str]] = {}
-    for key, row in _rows(results):
+    for key, row in keyed_rows(results):
         base = (baseline.get("runs") or {}).get(key)
         if base is None or row.get("error"):
             continue
-        reasons = compare_run(key, base, row, _outcomes(row), None, tolerance_pp=tolerance_pp,
+        reasons = compare_run(key, base, row, _outcomes(row), row.get("timings_ms"), tolerance_pp=tolerance_pp,
                               max_latency_regression_pct=max_latency_regression_pct)
         if reasons:
             found[key] = reasons

@@ -14,12 +14,15 @@ from typing import Any
 def write_reports(results: dict[str, Any], out_dir: Path, history: list[dict[str, Any]] | None = None) -> list[Path]:
     """Write results.json, report.md and report.html into ``out_dir``; returns their paths.
     ``history`` (the nightly's entries, tonight's included) adds the trend to report.html."""
-    from pipeline.validate.html import load_timings, write_html
+    from pipeline.validate.html import write_html
     from pipeline.validate.report import markdown
+    from pipeline.validate.timings import save_timings, split_timings
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    doc, timings = split_timings(results)  # raw timings go to a side file, named in the document
     written = [out_dir / "results.json", out_dir / "report.md"]
-    written[0].write_text(json.dumps(results, indent=1, default=str) + "\n")
-    written[1].write_text(markdown(results))
-    written.append(write_html(out_dir / "report.html", results, load_timings(results, out_dir), history))
-    return written
+    side = save_timings(out_dir, timings)
+    written[0].write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    written[1].write_text(markdown(doc))
+    written.append(write_html(out_dir / "report.html", doc, timings, history))
+    return written + ([side] if side else [])

@@ -1,0 +1,67 @@
+"""Raw per-run timings: the p50 interval from them, and their side file beside results.json.
+
+The agent returns every timed run's latency (``timings_ms`` on each run row). They feed the p50
+bootstrap interval, the latency plots and the baseline's Mann-Whitney test, but they are large,
+so results.json names a side file (``timings_file``, an .npz keyed ``<device>/<run id>``) instead
+of carrying them (shared/decisions.md: large arrays live in side files).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.validate.stats import p50_interval
+
+TIMINGS_FILE = "timings.npz"
+
+
+def latency_block(raw: dict[str, Any]) -> dict[str, Any]:
+    """The agent's latency summary, plus the p50's 95 % bootstrap interval from the raw timings."""
+    latency = dict(raw.get("latency_ms") or {})
+    times = raw.get("timings_ms")
+    if times:
+        _, low, high = p50_interval(times)
+        latency["p50_low"], latency["p50_high"] = round(low, 4), round(high, 4)
+    return latency
+
+
+def keyed_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every run row of a results document with its key ``<device>/<run id>``."""
+    return [(f"{d['device']}/{r['id']}", r) for d in results.get("devices", []) for r in d.get("runs", [])]
+
+
+def split_timings(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(the document without raw timings, naming ``timings_file`` when there were any; the timings)."""
+    doc = copy.deepcopy(results)  # keeps the flat ``runs`` the same rows as the first device's
+    found: dict[str, np.ndarray] = {}
+    for key, row in keyed_rows(doc):
+        times = row.pop("timings_ms", None)
+        if times:
+            found[key] = np.asarray(times, dtype=np.float64)
+    if found:
+        doc["timings_file"] = TIMINGS_FILE
+    return doc, found
+
+
+def save_timings(folder: Path, timings: dict[str, np.ndarray]) -> Path | None:
+    """Write the side file (compressed) into ``folder``; None when there is nothing to write."""
+    if not timings:
+        return None
+    path = folder / TIMINGS_FILE
+    np.savez_compressed(path, **timings)
+    return path
+
+
+def row_timings(results: dict[str, Any], folder: Path | None) -> dict[str, np.ndarray]:
+    """``<device>/<run id>`` -> raw timings: from the rows while in memory, else from the side file."""
+    found = {key: np.asarray(row["timings_ms"], dtype=np.float64) for key, row in keyed_rows(results)
+             if row.get("timings_ms")}
+    name = results.get("timings_file")
+    if found or folder is None or not name or not (folder / name).is_file():
+        return found
+    with np.load(folder / name, allow_pickle=False) as data:
+        return {key: np.asarray(data[key], dtype=np.float64) for key in data.files}
