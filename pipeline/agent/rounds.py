@@ -172,19 +172,20 @@ def measure_runs(release: Path, runs: list[dict[str, Any]], cfg: dict[str, Any],
         metrics = m.step(rid, lambda w: w.ask("evaluate"))
         if rss is None or metrics is None or rid not in m.timings:
             continue
-        results[rid] = _result(m, rid, rss, metrics, warmup, rounds)
+        results[rid] = _result(m, rid, rss, metrics, warmup, rounds, cfg.get("max_cv"))
     for worker in m.workers.values():
         worker.close()
     return m, results
 
 
 def _result(m: Measurement, rid: str, rss: dict[str, Any], metrics: dict[str, Any], warmup: int,
-            rounds: int) -> dict[str, Any]:
+            rounds: int, max_cv: float | None) -> dict[str, Any]:
     w = m.workers[rid]
     times = m.timings[rid]
     latency = summarize(times, warmup)
     latency["rounds"] = len(chunks(len(times), rounds))
     latency["retries"] = m.retries.get(rid, 0)
+    latency["unstable"] = bool(max_cv is not None and latency["cv"] is not None and latency["cv"] > max_cv)
     return {"id": rid, "backend": w.run["backend"], "precision": w.run["precision"],
             "runtime_version": w.ready.get("runtime_version"), "load_ms": w.ready.get("load_ms"),
             **metrics, "latency_ms": latency, "timings_ms": [round(t, 4) for t in times],
