@@ -10,7 +10,8 @@ numpy and the standard library only, so the core install (and the gate) can use 
   raw timings.
 * ``latency_regression``: Mann-Whitney U (one-sided, alpha 0.01) on two sets of raw timings and
   the p50 ratio against ``max_latency_regression_pct``.
-* ``budget_verdict``: pass / fail / inconclusive ("need about N samples") of an interval vs a budget.
+* ``budget_verdict``: pass / fail / inconclusive ("need about N samples") of an interval vs a budget,
+  N from ``samples_needed`` (the same exact interval recomputed at the observed discordance rates).
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ EXACT_MWU_MAX_TOTAL = 40
 _CHUNK_ELEMS = 2_000_000
 
 Interval = dict[str, float | int | str | None]
+# The ``method`` of the two exact intervals: ``interval_at`` recomputes them at another size.
+PAIRED_METHOD = "exact conditional binomial (Clopper-Pearson)"
+DISAGREEMENT_METHOD = "exact binomial (Clopper-Pearson) on disagreements"
 
 
 # ---- exact binomial (Clopper-Pearson) ----------------------------------------------------------
 
 def _binom_sf(k: int, m: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(m, p), summed in log space (stable for m in the tens of thousands)."""
+    """P(X >= k) for X ~ Binomial(m, p), summed in log space (stable for m in the hundreds of thousands)."""
     if k <= 0:
         return 1.0
     if k > m:
@@ -47,11 +51,15 @@ def _binom_sf(k: int, m: int, p: float) -> float:
         return 0.0
     if p >= 1.0:
         return 1.0
-    lp, lq = math.log(p), math.log1p(-p)
-    lgm = math.lgamma(m + 1)
-    terms = [lgm - math.lgamma(i + 1) - math.lgamma(m - i + 1) + i * lp + (m - i) * lq for i in range(k, m + 1)]
-    top = max(terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+    i = np.arange(k, m + 1, dtype=np.float64)
+    # log C(m, i) from log C(m, k) by the ratio C(m, i) / C(m, i - 1) = (m - i + 1) / i: one
+    # cumulative sum instead of three lgamma calls per term, so that ``samples_needed`` can afford
+    # the exact interval at hundreds of thousands of samples.
+    steps = np.log((m - i[1:] + 1.0) / i[1:])
+    log_ck = math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1)
+    terms = log_ck + np.concatenate(([0.0], np.cumsum(steps))) + i * math.log(p) + (m - i) * math.log1p(-p)
+    top = float(terms.max())
+    return min(1.0, math.exp(top) * float(np.exp(terms - top).sum()))
 
 
 def _bisect(f: Callable[[float], float], target: float, increasing: bool) -> float:
@@ -104,7 +112,7 @@ def paired_drop_interval(b: int, c: int, n: int, confidence: float = CONFIDENCE)
         p_lo, p_hi = clopper_pearson(b, m, confidence)
         low, high = 100.0 * m * (2 * p_lo - 1) / n, 100.0 * m * (2 * p_hi - 1) / n
     return {"drop_pp": round(drop, 4), "low_pp": round(low, 4), "high_pp": round(high, 4), "n": n,
-            "b": b, "c": c, "confidence": confidence, "method": "exact conditional binomial (Clopper-Pearson)"}
+            "b": b, "c": c, "confidence": confidence, "method": PAIRED_METHOD}
 
 
 def disagreement_interval(b: int, n: int, confidence: float = CONFIDENCE) -> Interval:
@@ -118,7 +126,7 @@ def disagreement_interval(b: int, n: int, confidence: float = CONFIDENCE) -> Int
         raise ValueError(f"disagreements out of range: b={b}, n={n}")
     low, high = clopper_pearson(b, n, confidence)
     return {"drop_pp": round(100.0 * b / n, 4), "low_pp": round(100.0 * low, 4), "high_pp": round(100.0 * high, 4),
-            "n": n, "b": b, "c": 0, "confidence": confidence, "method": "exact binomial (Clopper-Pearson) on disagreements"}
+            "n": n, "b": b, "c": 0, "confidence": confidence, "method": DISAGREEMENT_METHOD}
 
 
 # ---- paired bootstrap ----------------------------------------------------------------------------
@@ -280,27 +288,107 @@ def latency_regression(baseline: Sequence[float] | np.ndarray, current: Sequence
 
 # ---- interval vs budget --------------------------------------------------------------------------
 
-def samples_needed(point: float, low: float, high: float, n: int, budget: float) -> int | None:
-    """About how many samples would make the interval clear the budget, assuming its half-width
-    shrinks as 1 / sqrt(n) and the point estimate stays; None when the point sits on the budget."""
-    gap = budget - point
-    if gap == 0.0:
+# Past this many samples the drop is, for any evaluation set one would assemble, on the budget.
+MAX_SAMPLES_NEEDED = 1_000_000
+# ``samples_needed`` stops refining once it is this close (relative): the answer is "about N".
+_SAMPLES_TOLERANCE = 0.01
+
+
+def interval_at(interval: Interval, size: int) -> Interval | None:
+    """The exact interval ``size`` samples would give at the discordance rates ``interval`` observed:
+    b N / n and c N / n pairs (rounded) of N, through the same function that made it. None for an
+    interval without counts (bootstrap), which cannot be recomputed at another size."""
+    n, b, c = int(interval["n"]), interval.get("b"), interval.get("c")  # type: ignore[arg-type]
+    confidence = float(interval.get("confidence") or CONFIDENCE)  # type: ignore[arg-type]
+    if b is None or c is None:
         return None
+    b_n = round(int(b) * size / n)
+    c_n = min(round(int(c) * size / n), size - b_n)  # two halves rounded up must not exceed N
+    if interval.get("method") == PAIRED_METHOD:
+        return paired_drop_interval(b_n, c_n, size, confidence)
+    if interval.get("method") == DISAGREEMENT_METHOD:
+        return disagreement_interval(b_n, size, confidence)
+    return None
+
+
+def _settled(interval: Interval, budget: float, below: bool) -> bool:
+    """Does the interval exclude the budget on the point estimate's side (the gate's own comparisons)?"""
+    return float(interval["high_pp"]) <= budget if below else float(interval["low_pp"]) > budget  # type: ignore[arg-type]
+
+
+def _exact_samples_needed(interval: Interval, budget: float, below: bool) -> int | None:
+    """The smallest N (within 1 %) at which ``interval_at(interval, N)`` settles the budget: doubling
+    from n until it does, then bisecting; None when not even ``MAX_SAMPLES_NEEDED`` would."""
+    lo = int(interval["n"])  # type: ignore[arg-type]
+    hi = lo
+    while True:
+        hi = min(2 * hi, MAX_SAMPLES_NEEDED)
+        if _settled(interval_at(interval, hi), budget, below):  # type: ignore[arg-type]
+            break
+        if hi == MAX_SAMPLES_NEEDED:
+            return None
+        lo = hi
+    # invariant: lo does not settle it, hi does
+    while hi - lo > max(1, int(hi * _SAMPLES_TOLERANCE)):
+        mid = (lo + hi) // 2
+        if _settled(interval_at(interval, mid), budget, below):  # type: ignore[arg-type]
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _scaled_samples_needed(point: float, low: float, high: float, n: int, budget: float) -> int:
+    """For an interval without counts (bootstrap): its half-width shrinking as 1 / sqrt(n) around a
+    point estimate that stays, n (half / gap)^2."""
+    gap = budget - point
     half = (high - point) if gap > 0 else (point - low)
-    return max(n + 1, math.ceil(n * (half / abs(gap)) ** 2))
+    return min(MAX_SAMPLES_NEEDED, max(n + 1, math.ceil(n * (half / abs(gap)) ** 2)))
+
+
+def samples_needed(interval: Interval, budget: float) -> int | None:
+    """About how many samples would make a straddling interval exclude the budget, on the side of
+    its point estimate; None when the point sits on the budget or not even ``MAX_SAMPLES_NEEDED``
+    samples would do.
+
+    For the exact intervals (``paired_drop_interval``, ``disagreement_interval``) the observed rates
+    are held fixed, beta = b / n and gamma = c / n, and the same exact interval is recomputed at N
+    samples from the counts round(beta N) and round(gamma N) (``interval_at``): for top-1,
+
+        drop_N in 100 * m_N * (2 [p_lo, p_hi] - 1) / N,   m_N = b_N + c_N,
+        [p_lo, p_hi] = Clopper-Pearson interval of b_N successes in m_N trials,
+
+    and N is the smallest size (within 1 %) where high_N <= budget (point below the budget) or
+    low_N > budget (point above it). For large N this tends to the normal approximation of the same
+    interval, N ~ 1.96^2 * 100^2 * v / gap^2 with v = 4 beta gamma / (beta + gamma) for top-1
+    (conditional on the discordant pairs) and v = beta (1 - beta) for fidelity; the exact search
+    keeps the skew of few discordant pairs (with c = 0 the top-1 interval shrinks faster than
+    1 / sqrt(N)). Intervals without counts (bootstrap) fall back to the 1 / sqrt(n) scaling of
+    their own half-width.
+    """
+    point, low, high = (float(interval[k]) for k in ("drop_pp", "low_pp", "high_pp"))  # type: ignore[arg-type]
+    if point == budget:
+        return None
+    if interval_at(interval, int(interval["n"])) is None:  # type: ignore[arg-type]
+        return _scaled_samples_needed(point, low, high, int(interval["n"]), budget)  # type: ignore[arg-type]
+    return _exact_samples_needed(interval, budget, below=point < budget)
 
 
 def budget_verdict(interval: Interval, budget: float) -> dict[str, str | int | None]:
     """``pass`` when the whole interval is within the budget, ``fail`` when all of it is over,
     ``inconclusive`` (with about how many samples would settle it) when it straddles the budget."""
     point, low, high = (float(interval[k]) for k in ("drop_pp", "low_pp", "high_pp"))  # type: ignore[arg-type]
-    n = int(interval["n"])  # type: ignore[arg-type]
     if high <= budget:
         return {"verdict": "pass", "samples_needed": None, "message": None}
     if low > budget:
         return {"verdict": "fail", "samples_needed": None, "message": None}
-    need = samples_needed(point, low, high, n, budget)
-    message = (f"inconclusive: the drop's {interval.get('confidence', CONFIDENCE):.0%} interval "
-               f"[{low:.2f}, {high:.2f}] pp straddles the budget {budget:.2f} pp; "
-               + (f"need about {need} samples" if need else "the drop sits on the budget, more samples won't settle it"))
+    need = samples_needed(interval, budget)
+    if need is not None:
+        head = f"need about {need} samples"
+    elif point == budget:
+        head = "the drop sits on the budget, more samples won't settle it"
+    else:
+        head = f"need more than {MAX_SAMPLES_NEEDED} samples"
+    message = (f"inconclusive: {head}; the drop's {float(interval.get('confidence') or CONFIDENCE):.0%} "  # type: ignore[arg-type]
+               f"interval [{low:.2f}, {high:.2f}] pp straddles the budget {budget:.2f} pp")
     return {"verdict": "inconclusive", "samples_needed": need, "message": message}
