@@ -111,7 +111,8 @@ def validate_current(spec: PipelineSpec, target: TargetSpec, out_dir: Path, *, h
     gate = combine([d["gate"] for d in devices])
     ref = devices[0].get("reference", {}) if devices else {}
     return {"schema": RESULTS_SCHEMA, "spec": spec.name, "target": target.name, "release_id": None,
-            "reference": ref, "budget_pp": budget_pp(spec, target), "devices": devices,
+            "reference": ref, "budget_pp": budget_pp(spec, target),
+            "accuracy_decision": spec.accuracy.decision, "devices": devices,
             "runs": devices[0]["runs"] if len(devices) == 1 else [], "gate": gate}
 
 
@@ -175,11 +176,9 @@ def _ship_and_gate(built: BuildResult, tr: "Transport", rollback_on_fail: bool,
         f", {dep.get('bytes_moved', 0)} bytes moved" + (f", {repaired} damaged files of older releases repaired"
                                                          if repaired else ""))
     raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s)
-    result = _device_result(spec, target, name, built.manifest, raw, dep)
+    result = _device_result(spec, target, name, built.manifest, raw, dep,
+                            built.release_dir / built.manifest["agent"]["eval_dir"])
     result["probe"] = probe
-    # Paired with fp32 on the same samples: the drop's exact interval (the host has the data).
-    attach_drop_intervals(result["runs"], raw, built.release_dir / built.manifest["agent"]["eval_dir"],
-                          spec.evaluation.metric, spec.evaluation.tie_margin)
     if not result["gate"]["passed"] and rollback_on_fail:
         previous = dep.get("previous")
         if previous and previous != built.release_id:
@@ -194,16 +193,17 @@ def _ship_and_gate(built: BuildResult, tr: "Transport", rollback_on_fail: bool,
 
 
 def _device_result(spec: PipelineSpec, target: TargetSpec, name: str, manifest: dict[str, Any],
-                   raw: dict[str, Any], dep: dict[str, Any]) -> dict[str, Any]:
+                   raw: dict[str, Any], dep: dict[str, Any], eval_dir: Path | None = None) -> dict[str, Any]:
+    """Rows from the agent's results, each gated; ``eval_dir`` (the release's evaluation data on the
+    host) gives each row its paired drop interval first, since accuracy.decision may gate on it."""
     reference = manifest["provenance"]["reference"]
     metas = {r["id"]: r for r in manifest["runs"]}
-    rows, gates = [], []
     by_id = {r["id"]: r for r in raw.get("results", [])}
-    for rid, meta in metas.items():
-        measured = by_id.get(rid, {"error": "the agent returned no result for this run"})
-        row = run_row(measured, meta, reference, spec.evaluation.metric, target.hardware.tdp_w)
-        gates.append(check_run(row, spec, target))
-        rows.append(row)
+    rows = [run_row(by_id.get(rid, {"error": "the agent returned no result for this run"}), meta, reference,
+                    spec.evaluation.metric, target.hardware.tdp_w) for rid, meta in metas.items()]
+    if eval_dir is not None:  # paired with fp32 on the same samples: the drop's exact interval
+        attach_drop_intervals(rows, raw, eval_dir, spec.evaluation.metric, spec.evaluation.tie_margin)
+    gates = [check_run(row, spec, target) for row in rows]
     return {"device": name, "deploy": dep, "device_info": raw.get("device"), "runs": rows,
             "reference": reference, "gate": combine(gates), "rolled_back": False, "error": None}
 
@@ -217,6 +217,7 @@ def _results(built: BuildResult, devices: list[dict[str, Any]], seconds: float) 
         "release_id": built.release_id,
         "reference": built.reference_metric,
         "budget_pp": budget_pp(built.spec, built.target),
+        "accuracy_decision": built.spec.accuracy.decision,
         "model": built.manifest["provenance"]["model"]["analysis"],
         "stages": [{"stage": e.stage, "cached": e.cached, "seconds": round(e.seconds, 3)} for e in built.events],
         "devices": devices,

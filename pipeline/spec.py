@@ -228,6 +228,10 @@ class EvaluationSpec(_Strict):
 
 class AccuracySpec(_Strict):
     max_drop_pp: float = Field(1.0, ge=0, description="largest accuracy drop vs fp32, percentage points")
+    decision: Literal["point", "upper_bound"] = Field(
+        "point", description="how a run's drop is held to the budget: point (the measured drop) or upper_bound "
+                             "(the upper end of its 95 % interval; a straddling interval fails as inconclusive, "
+                             "saying about how many samples would settle it)")
 
 
 class ValidationSpec(_Strict):

@@ -1,7 +1,9 @@
 """The gate: each run against the accuracy budget and the target's limits.
 
 The budget is the tighter of the spec's ``accuracy.max_drop_pp`` and the target's
-``limits.max_accuracy_drop_pp``. The drop is measured against the fp32 reference computed on the
+``limits.max_accuracy_drop_pp``. ``accuracy.decision`` says what is held to it: ``point`` the
+measured drop, ``upper_bound`` the upper end of the run's paired 95 % ``accuracy_drop_interval``
+(a straddling interval fails as inconclusive, with about how many samples would settle it). The drop is measured against the fp32 reference computed on the
 host from the optimized ONNX model, so an fp32 conversion error on a backend shows up as a drop
 too. For the ``fidelity`` metric the run's "accuracy" is its top-1 agreement with that reference.
 """
@@ -12,6 +14,7 @@ from typing import Any
 
 from calibration.search import summary
 from pipeline.spec import PipelineSpec, TargetSpec
+from pipeline.validate.stats import CONFIDENCE, Interval, budget_verdict
 
 
 def budget_pp(spec: PipelineSpec, target: TargetSpec) -> float:
@@ -70,6 +73,34 @@ def _calibration_summary(run_meta: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
+def accuracy_reason(row: dict[str, Any], budget: float, decision: str) -> str | None:
+    """Why the run's accuracy fails the budget under the spec's ``accuracy.decision``, or None."""
+    rid, drop = row["id"], row.get("accuracy_drop_pp")
+    if drop is None:
+        return f"{rid}: no accuracy was measured"
+    if decision == "upper_bound":
+        return _upper_bound_reason(rid, row.get("accuracy_drop_interval"), budget)
+    return f"{rid}: accuracy drop {drop:.2f} pp exceeds the budget {budget:.2f} pp" if drop > budget else None
+
+
+def _upper_bound_reason(rid: str, interval: Interval | None, budget: float) -> str | None:
+    """``upper_bound``: only a drop whose whole 95 % interval is within the budget passes."""
+    if not interval:
+        # Without the interval the upper end is unknown, so it cannot be shown to be within the budget.
+        return (f"{rid}: accuracy.decision upper_bound needs the drop's interval, and there is none "
+                "(the per-sample outcomes could not be paired with fp32 on the host)")
+    verdict = budget_verdict(interval, budget)
+    drop = float(interval["drop_pp"])  # type: ignore[arg-type]
+    if verdict["verdict"] == "pass":
+        return None
+    if verdict["verdict"] == "fail":
+        low, high = float(interval["low_pp"]), float(interval["high_pp"])  # type: ignore[arg-type]
+        conf = float(interval.get("confidence") or CONFIDENCE)  # type: ignore[arg-type]
+        return (f"{rid}: accuracy drop {drop:.2f} pp exceeds the budget {budget:.2f} pp with all of its "
+                f"{conf:.0%} interval [{low:.2f}, {high:.2f}] pp (n={interval['n']})")
+    return f"{rid}: accuracy drop {drop:.2f} pp, {verdict['message']}"
+
+
 def check_run(row: dict[str, Any], spec: PipelineSpec, target: TargetSpec) -> dict[str, Any]:
     """Gate one run; returns {"passed": bool, "reasons": [...]} and stores it in the row."""
     reasons: list[str] = []
@@ -78,11 +109,9 @@ def check_run(row: dict[str, Any], spec: PipelineSpec, target: TargetSpec) -> di
         reasons.append(f"{rid}: failed on the device: {row['error']}")
     else:
         budget = budget_pp(spec, target)
-        drop = row.get("accuracy_drop_pp")
-        if drop is None:
-            reasons.append(f"{rid}: no accuracy was measured")
-        elif drop > budget:
-            reasons.append(f"{rid}: accuracy drop {drop:.2f} pp exceeds the budget {budget:.2f} pp")
+        accuracy = accuracy_reason(row, budget, spec.accuracy.decision)
+        if accuracy:
+            reasons.append(accuracy)
         lim = target.limits
         p90 = (row.get("latency_ms") or {}).get("p90")
         if lim.max_latency_p90_ms is not None and p90 is not None and p90 > lim.max_latency_p90_ms:
