@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pipeline import __version__
-from pipeline.validate.report import COLUMNS, rows
+from pipeline.validate.report import COLUMNS, budget_rule, rows
 from pipeline.validate.stats import MAX_CV, coefficient_of_variation
 from pipeline.validate.trend import Series, series
 
@@ -197,7 +197,8 @@ def _header(results: dict[str, Any]) -> str:
         ("release", results.get("release_id") or "as deployed"),
         ("fp32 reference", f"{ref.get('metric')} {ref.get('accuracy')} % on {ref.get('samples')} samples"
                            + (f" ({ref['source']})" if ref.get("source") else "")),
-        ("budget", f"{results.get('budget_pp')} pp accuracy drop"),
+        ("budget", f"{results.get('budget_pp')} pp accuracy drop"
+                   + (f" {rule}" if (rule := budget_rule(results)) else "")),
         ("limits", ", ".join(f"{k} {v}" for k, v in limits.items() if v is not None) or None),
     ])
 

@@ -24,6 +24,15 @@ COLUMNS = ("device", "backend", "precision", "accuracy %", "drop pp", "SQNR dB",
            "p99 ms", "peak RSS MB", "size", "gate")
 
 
+def budget_rule(results: dict[str, Any]) -> str | None:
+    """How the budget was applied (``accuracy_decision``), where a report prints the budget; None for
+    ``point``, the default, whose reports read as they always have."""
+    decision = results.get("accuracy_decision") or "point"
+    if decision == "point":
+        return None
+    return f"on the upper end of each run's 95 % drop interval (accuracy.decision: {decision})"
+
+
 def rows(results: dict[str, Any]) -> list[list[str]]:
     out = []
     for dev in results["devices"]:
@@ -47,7 +56,8 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
     ref = results.get("reference", {})
     ties = f", agreement within fp32 ties of {ref['tie_margin']}" if ref.get("tie_margin") else ""
     title = (f"{results['spec']} on {results['target']} - fp32 reference {ref.get('metric')} "
-             f"{_f(ref.get('accuracy'))}% ({ref.get('samples')} samples{ties}), budget {results.get('budget_pp')} pp")
+             f"{_f(ref.get('accuracy'))}% ({ref.get('samples')} samples{ties}), budget {results.get('budget_pp')} pp"
+             + (f" {rule}" if (rule := budget_rule(results)) else ""))
     table = Table(title=title, title_justify="left")
     for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("device", "backend", "precision", "gate") else "right")
@@ -90,6 +100,11 @@ def _worst(tensors: list[dict[str, Any]]) -> str:
 def markdown(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
+    rule = budget_rule(results)
+    if rule:  # the verdict under a rule other than the default, with its reasons (inconclusive runs say N)
+        gate = results.get("gate") or {}
+        lines += ["", f"gate {'PASSED' if gate.get('passed') else 'FAILED'}, budget {results.get('budget_pp')} pp {rule}"]
+        lines += [f"- {r}" for r in gate.get("reasons") or []]
     for dev in results["devices"]:
         for r in dev.get("runs", []):
             cal = r.get("calibration") or {}
