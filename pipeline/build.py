@@ -12,9 +12,7 @@ import fcntl
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,16 +387,3 @@ def _tool_versions(target: TargetSpec) -> dict[str, Any]:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
-
-
-def replace_dir(new: Path, final: Path) -> None:
-    """Swap ``new`` into ``final``: the old folder is kept until the new one is in place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}-old-", dir=final.parent))
-        old.rmdir()
-        final.rename(old)
-    new.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -9,6 +9,8 @@ slipped past validation (or a future field that forgot it) still cannot write el
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from pipeline.errors import SpecError
@@ -25,3 +27,16 @@ def contained(path: Path, root: Path, what: str, fix: str = "use a plain name (l
     if full == base or not full.is_relative_to(base):
         raise SpecError(f"{what}: output folder {path} lies outside {root}; {fix}")
     return path
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Swap ``new`` into ``final``: the old folder is kept until the new one is in place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}-old-", dir=final.parent))
+        old.rmdir()
+        final.rename(old)
+    new.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

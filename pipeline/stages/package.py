@@ -41,7 +41,7 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
     found there was left by a run that was killed, and goes. The new release is written beside
     the old one, so it needs its full size free; a full disk is one line and the old release stays.
     """
-    from pipeline.build import replace_dir
+    from pipeline.paths import replace_dir
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".release-*"):
