@@ -15,6 +15,7 @@ from typing import Any
 from calibration.search import summary
 from pipeline.spec import PipelineSpec, TargetSpec
 from pipeline.validate.stats import CONFIDENCE, Interval, budget_verdict
+from pipeline.validate.timings import latency_block
 
 
 def budget_pp(spec: PipelineSpec, target: TargetSpec) -> float:
@@ -31,7 +32,7 @@ def run_row(raw: dict[str, Any], run_meta: dict[str, Any], reference: dict[str, 
     # fidelity with a tie margin: gated on agreement within ties; strict agreement still reported
     accuracy = raw.get("accuracy") if metric == "top1" else raw.get("agreement_within_ties", raw.get("top1_agreement"))
     drop = None if accuracy is None else round(reference["accuracy"] - accuracy, 4)
-    latency = raw.get("latency_ms") or {}
+    latency = latency_block(raw)
     row = {
         "id": run_meta["id"],
         "backend": run_meta["backend"],
@@ -42,6 +43,7 @@ def run_row(raw: dict[str, Any], run_meta: dict[str, Any], reference: dict[str, 
         "agreement_within_ties": raw.get("agreement_within_ties"),
         "sqnr_db": raw.get("sqnr_db"),
         "latency_ms": latency,
+        "timings_ms": raw.get("timings_ms"),  # raw; written to the timings side file, not results.json
         "peak_rss_mb": raw.get("peak_rss_mb"),
         "model_rss_mb": (round(raw["peak_rss_mb"] - raw["baseline_rss_mb"], 2)
                          if raw.get("peak_rss_mb") is not None and raw.get("baseline_rss_mb") is not None else None),

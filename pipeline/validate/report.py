@@ -21,7 +21,14 @@ def _size(n: int | None) -> str:
 
 
 COLUMNS = ("device", "backend", "precision", "accuracy %", "drop pp", "SQNR dB", "p50 ms", "p90 ms",
-           "p99 ms", "peak RSS MB", "size", "gate")
+           "p99 ms", "CV", "peak RSS MB", "size", "gate")
+
+
+def _cv(lat: dict[str, Any]) -> str:
+    """The timings' coefficient of variation, flagged when over validation.max_cv (its ratios are
+    not to be trusted: measure again, or set validation.retry_unstable)."""
+    cv = _f(lat.get("cv"))
+    return f"{cv} unstable" if lat.get("unstable") else cv
 
 
 def budget_rule(results: dict[str, Any]) -> str | None:
@@ -37,7 +44,7 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
     out = []
     for dev in results["devices"]:
         if dev.get("error") and not dev.get("runs"):
-            out.append([dev["device"], "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "ERROR"])
+            out.append([dev["device"]] + ["-"] * (len(COLUMNS) - 2) + ["ERROR"])
             continue
         for r in dev["runs"]:
             lat = r.get("latency_ms") or {}
@@ -45,7 +52,7 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
                 dev["device"], r["backend"], r["precision"], _f(r.get("accuracy")),
                 _f(r.get("accuracy_drop_pp"), "{:+.2f}"), _f(r.get("sqnr_db"), "{:.1f}"),
                 _f(lat.get("p50"), "{:.3f}"), _f(lat.get("p90"), "{:.3f}"), _f(lat.get("p99"), "{:.3f}"),
-                _f(r.get("peak_rss_mb"), "{:.1f}"), _size(r.get("artifact_bytes")),
+                _cv(lat), _f(r.get("peak_rss_mb"), "{:.1f}"), _size(r.get("artifact_bytes")),
                 "pass" if r.get("gate", {}).get("passed") else "FAIL",
             ])
     return out

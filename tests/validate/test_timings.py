@@ -1,0 +1,74 @@
+"""Raw timings end to end on the host (issue 17): the side file beside results.json, the p50
+interval, and the nightly's latency rule against the last good run and the pinned baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.nightly import regressions_by_run
+from pipeline.validate.baseline import baseline_regressions, pin_results_file
+from pipeline.validate.report import markdown
+from pipeline.validate.stats import p50_interval
+from pipeline.validate.timings import TIMINGS_FILE, latency_block, row_timings, split_timings
+from pipeline.validate.write import write_reports
+from tests.validate.helpers import raw_timings, results, row
+
+
+def _doc(scale: float = 1.0, seed: int = 0) -> dict:
+    """A one-device results document whose rows carry raw timings (as deploy leaves them in memory)."""
+    rows = [row("onnxruntime", "fp32", 98.0, seed=seed), row("onnxruntime", "int8", 97.9, seed=seed + 1)]
+    for i, r in enumerate(rows):
+        r["timings_ms"] = (raw_timings(1.0, seed + 10 + i) * scale).round(4).tolist()
+    return results([("local", rows)])
+
+
+def test_latency_block_adds_the_p50_interval_of_the_raw_timings() -> None:
+    times = raw_timings(1.0, 3).tolist()
+    block = latency_block({"latency_ms": {"p50": 0.9, "cv": 0.05}, "timings_ms": times})
+    _, low, high = p50_interval(times)
+    assert block["p50_low"] == round(low, 4) and block["p50_high"] == round(high, 4) and low < block["p50"] < high
+    assert "p50_low" not in latency_block({"latency_ms": {"p50": 0.9}})  # no raw timings, no interval
+
+
+def test_raw_timings_go_to_the_side_file_not_results_json(tmp_path: Path) -> None:
+    doc = _doc()
+    write_reports(doc, tmp_path)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["timings_file"] == TIMINGS_FILE
+    assert all("timings_ms" not in r for d in written["devices"] for r in d["runs"])
+    assert all("timings_ms" not in r for r in written["runs"])
+    back = row_timings(written, tmp_path)
+    assert set(back) == {"local/onnxruntime-fp32", "local/onnxruntime-int8"}
+    np.testing.assert_allclose(back["local/onnxruntime-int8"], doc["runs"][1]["timings_ms"])
+    assert "timings_ms" in doc["runs"][0], "the caller's document is left as it was"
+    assert split_timings(results([("local", [row("onnxruntime", "fp32", 98.0)])]))[0].get("timings_file") is None
+
+
+def test_nightly_latency_against_the_last_good_run() -> None:
+    good = {f"local/{r['id']}": {**r, "when": "last night"} for r in _doc()["runs"]}
+    slow = regressions_by_run(_doc(scale=1.3, seed=5), good, 0.5, 10.0)
+    assert set(slow) == {"local/onnxruntime-fp32", "local/onnxruntime-int8"}
+    assert all("slower than the last good run" in why[0] for why in slow.values())
+    assert regressions_by_run(_doc(scale=1.02, seed=5), good, 0.5, 10.0) == {}  # jitter is not a regression
+    assert regressions_by_run(_doc(scale=1.3, seed=5), good, 0.5, 50.0) == {}  # within the target's limit
+
+
+def test_baseline_pin_keeps_raw_timings_and_catches_a_slowdown(tmp_path: Path) -> None:
+    write_reports(_doc(), tmp_path / "out")
+    pinned = json.loads(pin_results_file(tmp_path / "out" / "results.json", tmp_path / "b.json").read_text())
+    assert len(pinned["runs"]["local/onnxruntime-fp32"]["timings_ms"]) == 100
+    found = baseline_regressions(_doc(scale=1.3, seed=7), pinned, tolerance_pp=0.5)
+    assert set(found) == {"local/onnxruntime-fp32", "local/onnxruntime-int8"} and "Mann-Whitney" in found[
+        "local/onnxruntime-fp32"][0]
+    assert baseline_regressions(_doc(scale=1.02, seed=7), pinned, tolerance_pp=0.5) == {}
+
+
+def test_report_flags_an_unstable_run() -> None:
+    doc = _doc()
+    doc["runs"][0]["latency_ms"].update(cv=0.42, unstable=True)
+    doc["runs"][1]["latency_ms"].update(cv=0.03, unstable=False)
+    md = markdown(doc)
+    assert "| 0.42 unstable |" in md and "| 0.03 |" in md and "| CV |" in md
