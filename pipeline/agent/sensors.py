@@ -34,8 +34,17 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+try:
+    from typing import Protocol
+except ImportError:  # pragma: no cover - Python 3.7, where the rest of the agent still runs
+    Protocol = object  # type: ignore[assignment,misc]
+
+import numpy as np
 
 ROOT = Path("/")
 COMMAND_TIMEOUT_S = 3.0  # a vendor tool that hangs must not hold up a deploy
@@ -69,8 +78,23 @@ OWN_POLICY_DRIVERS = ("intel_pstate", "amd-pstate-epp")
 GPU_DEVFREQ_MARKERS = ("gpu", "ga10b", "gv11b", "gp10b", "gm20b")
 # EMC clock rate in Hz, debugfs (root): BPMP clocks (Xavier, Orin) and the older clock tree (Nano).
 EMC_RATE_FILES = ("sys/kernel/debug/bpmp/debug/clk/emc/rate", "sys/kernel/debug/clk/emc/clk_rate")
+# Rails that carry the whole module's input (INA3221 labels and tegrastats names): when present the
+# power is this rail alone, since the others are parts of it.
+INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
 
 Runner = Callable[[Sequence[str]], Optional[str]]
+Opener = Callable[[Path], str]
+
+
+class Lines(Protocol):
+    """A tool that keeps printing lines (``LineStream``; tests hand in captured lines)."""
+
+    def latest(self) -> Optional[str]: ...
+
+    def close(self) -> None: ...
+
+
+Streamer = Callable[[Sequence[str]], Optional[Lines]]
 
 
 # ---------------------------------------------------------------- reading files and tools
@@ -343,3 +367,403 @@ def condition_flags(before: Dict[str, Any], after: Dict[str, Any]) -> List[str]:
     if hottest is not None and hottest >= HOT_C:
         flags.append("hot")
     return flags
+
+
+# ---------------------------------------------------------------- power sensors
+
+TEGRASTATS = ("tegrastats", "--interval", "100")  # ms between lines
+TEGRASTATS_FIRST_LINE_S = 3.0
+
+
+class SensorReadError(OSError):
+    """A sensor that exists could not be read; ``result`` is results.json's ``power`` for it."""
+
+    def __init__(self, result: Dict[str, str]):
+        super().__init__(result["error"])
+        self.result = result
+
+
+class PowerSensor:
+    """One source of board power. Instant sensors implement ``read_w`` (watts now); energy
+    counters (RAPL) set ``energy_counter`` and implement ``read_counters`` and ``delta_j``.
+    ``close`` releases what a sensor holds (tegrastats' process)."""
+
+    name = "unknown"
+    energy_counter = False
+    min_interval_s = 0.0  # a sensor that spawns a tool per reading is not sampled faster
+    permission_hint = ""
+
+    def read_w(self) -> float:
+        raise NotImplementedError
+
+    def read_counters(self) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def delta_j(self, before: Tuple[int, ...], after: Tuple[int, ...]) -> float:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "PowerSensor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sensor_error(sensor: PowerSensor, exc: BaseException) -> Dict[str, str]:
+    """results.json's ``power`` for a sensor that exists but cannot be read."""
+    hint = sensor.permission_hint if isinstance(exc, PermissionError) else ""
+    return {"sensor": sensor.name, "error": f"{exc}{hint}"}
+
+
+def _choose_rails(labels: List[str]) -> List[str]:
+    """The module's input rail when the board has one (the others are parts of it), else all."""
+    inputs = [label for label in labels if label in INPUT_RAILS]
+    return inputs[:1] or labels
+
+
+class RailsSensor(PowerSensor):
+    """INA3221 rails in hwmon: watts = sum of bus mV x mA over the chosen channels."""
+
+    def __init__(self, rails: List[Tuple[str, Path, Path]], opener: Opener):
+        self.name = "ina3221:" + "+".join(label for label, _, _ in rails)
+        self._rails, self._open = rails, opener
+
+    def read_w(self) -> float:
+        return sum(float(self._open(mv)) * float(self._open(ma)) for _, mv, ma in self._rails) / 1e6
+
+
+def _hwmon_dirs(root: Path) -> List[Path]:
+    return _numbered((root / "sys/class/hwmon").glob("hwmon*"), "hwmon")
+
+
+def _ina3221_sensor(root: Path, opener: Opener) -> Optional[PowerSensor]:
+    rails: List[Tuple[str, Path, Path]] = []
+    for hw in (d for d in _hwmon_dirs(root) if _read(d / "name") == "ina3221"):
+        for ch in (1, 2, 3):  # in4-7 and curr4 are shunt voltages and sums, not rails
+            label = _read(hw / f"in{ch}_label")
+            mv, ma = hw / f"in{ch}_input", hw / f"curr{ch}_input"
+            if label and label != "NC" and _read(hw / f"in{ch}_enable") != "0" and mv.exists() and ma.exists():
+                rails.append((label, mv, ma))
+    chosen = _choose_rails([label for label, _, _ in rails])
+    return RailsSensor([r for r in rails if r[0] in chosen], opener) if rails else None
+
+
+def parse_pmic_read_adc(text: str) -> Dict[str, float]:
+    """``vcgencmd pmic_read_adc`` -> watts per rail, for rails with both a _V and an _A reading."""
+    amps: Dict[str, float] = {}
+    volts: Dict[str, float] = {}
+    pattern = r"^\s*(\S+)_([AV])\s+(?:current|volt)\(\d+\)=([-+0-9.eE]+)[AV]\s*$"
+    for m in re.finditer(pattern, text or "", re.MULTILINE):
+        (amps if m.group(2) == "A" else volts)[m.group(1)] = float(m.group(3))
+    return {rail: amps[rail] * volts[rail] for rail in amps if rail in volts}
+
+
+class PmicSensor(PowerSensor):
+    """Raspberry Pi 5 PMIC: the sum of its rails' V x A. Leaves out the PMIC's conversion losses
+    and what USB and the 5 V pins draw, so it reads below the wall."""
+
+    name = "rpi5-pmic"
+    min_interval_s = 0.25  # each reading is a vcgencmd process (~0.1 s on a Pi 5)
+
+    def __init__(self, run: Runner):
+        self._run = run
+
+    def read_w(self) -> float:
+        rails = parse_pmic_read_adc(self._run(["vcgencmd", "pmic_read_adc"]) or "")
+        if not rails:
+            raise OSError("vcgencmd pmic_read_adc gave no rail with both a voltage and a current")
+        return sum(rails.values())
+
+
+def _pmic_sensor(run: Runner) -> Optional[PowerSensor]:
+    return PmicSensor(run) if parse_pmic_read_adc(run(["vcgencmd", "pmic_read_adc"]) or "") else None
+
+
+def counter_delta(before: int, after: int, max_range: int) -> int:
+    """Increase of a counter that wraps to 0 after ``max_range`` (powercap's energy_uj), assuming
+    at most one wrap between two reads: the sampler reads far more often than the range lasts."""
+    return after - before if after >= before else after + max_range - before
+
+
+class RaplSensor(PowerSensor):
+    """RAPL package domains (powercap): energy counters in uJ, summed over the packages."""
+
+    energy_counter = True
+    permission_hint = " (RAPL energy_uj is readable by root only since Linux 5.10)"
+
+    def __init__(self, zones: List[Tuple[str, Path, int]], opener: Opener):
+        self.name = "rapl:" + "+".join(name for name, _, _ in zones)
+        self._zones, self._open = zones, opener
+
+    def read_counters(self) -> Tuple[int, ...]:
+        return tuple(int(self._open(path)) for _, path, _ in self._zones)
+
+    def delta_j(self, before: Tuple[int, ...], after: Tuple[int, ...]) -> float:
+        spans = zip(before, after, (rng for _, _, rng in self._zones))
+        return sum(counter_delta(b, a, rng) for b, a, rng in spans) / 1e6
+
+
+def _rapl_sensor(root: Path, opener: Opener) -> Optional[PowerSensor]:
+    zones = []
+    # top-level zones only ("intel-rapl:N"); "intel-rapl:N:M" are parts of package N
+    for zone in _numbered((root / "sys/class/powercap").glob("intel-rapl:*"), "intel-rapl:"):
+        name, rng = _read(zone / "name") or "", _read_num(zone / "max_energy_range_uj")
+        if name.startswith("package") and rng and (zone / "energy_uj").exists():
+            zones.append((name, zone / "energy_uj", int(rng)))
+    return RaplSensor(zones, opener) if zones else None
+
+
+class HwmonPowerSensor(PowerSensor):
+    """A generic hwmon device's power*_input channels (uW), summed."""
+
+    def __init__(self, name: str, files: List[Path], opener: Opener):
+        self.name = f"hwmon:{name}"
+        self._files, self._open = files, opener
+
+    def read_w(self) -> float:
+        return sum(float(self._open(f)) for f in self._files) / 1e6
+
+
+def _hwmon_sensor(root: Path, opener: Opener) -> Optional[PowerSensor]:
+    for hw in _hwmon_dirs(root):
+        name = _read(hw / "name") or hw.name
+        files = sorted(hw.glob("power*_input"))
+        if files and name != "ina3221":
+            return HwmonPowerSensor(name, files, opener)
+    return None
+
+
+def parse_tegrastats_rails(line: str) -> Dict[str, float]:
+    """Rails of one tegrastats line -> their current reading in mW ("VDD_IN 4556mW/4556mW" is
+    current/average; JetPack 4 prints "POM_5V_IN 3421/3421")."""
+    pattern = r"\b([A-Z][A-Z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?(?=\s|$)"
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, line or "")}
+
+
+class LineStream:
+    """The newest line of a tool that keeps printing (tegrastats), kept by a daemon thread."""
+
+    def __init__(self, proc: "subprocess.Popen[str]"):
+        self._proc = proc
+        self._line: Optional[str] = None
+        self._first = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._line = line.strip()
+            self._first.set()
+        self._first.set()  # the tool ended: nobody should wait for a first line
+
+    def latest(self, timeout_s: float = TEGRASTATS_FIRST_LINE_S) -> Optional[str]:
+        """The newest line, waiting up to ``timeout_s`` for the first; None once the tool ended
+        (a stale line would pass for a reading)."""
+        self._first.wait(timeout_s)
+        return self._line if self._proc.poll() is None else None
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+
+
+def default_stream(argv: Sequence[str]) -> Optional[LineStream]:
+    """Start a tool that keeps printing lines; None when it is not installed."""
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+    except OSError:
+        return None
+    return LineStream(proc)
+
+
+class TegrastatsSensor(PowerSensor):
+    """Jetson rails as tegrastats prints them (fallback when hwmon has no INA3221 rails)."""
+
+    min_interval_s = 0.1  # tegrastats prints a line every 100 ms (TEGRASTATS)
+
+    def __init__(self, stream: Lines, rails: List[str]):
+        self.name = "tegrastats:" + "+".join(rails)
+        self._stream, self._rails = stream, rails
+
+    def read_w(self) -> float:
+        found = parse_tegrastats_rails(self._stream.latest() or "")
+        if any(rail not in found for rail in self._rails):
+            raise OSError(f"tegrastats printed no line with {'+'.join(self._rails)}")
+        return sum(found[rail] for rail in self._rails) / 1e3
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _tegrastats_sensor(stream: Streamer) -> Optional[PowerSensor]:
+    lines = stream(TEGRASTATS)
+    if lines is None:
+        return None
+    rails = list(parse_tegrastats_rails(lines.latest() or ""))
+    if not rails:
+        lines.close()
+        return None
+    return TegrastatsSensor(lines, _choose_rails(rails))
+
+
+def _candidates(root: Path, run: Runner, stream: Streamer, opener: Opener) -> Iterable[Optional[PowerSensor]]:
+    """In order of preference; lazily, so tegrastats only starts when nothing before it exists."""
+    yield _ina3221_sensor(root, opener)
+    yield _pmic_sensor(run)
+    yield _rapl_sensor(root, opener)
+    yield _hwmon_sensor(root, opener)
+    yield _tegrastats_sensor(stream)
+
+
+def _probe(sensor: PowerSensor) -> None:
+    if sensor.energy_counter:
+        sensor.read_counters()
+    else:
+        sensor.read_w()
+
+
+def find_power_sensor(root: Path = ROOT, run: Runner = default_run,
+                      stream: Streamer = default_stream,
+                      opener: Opener = read_text) -> Union[PowerSensor, Dict[str, str], None]:
+    """The board's power sensor: Jetson INA3221 rails, Raspberry Pi 5 PMIC, RAPL packages, a
+    generic hwmon power*_input device, tegrastats; the first one that reads wins. Returns the
+    ``PowerSensor`` (close it when done), else the first sensor that exists but cannot be read
+    as results.json's ``{"sensor", "error"}``, else None (no sensor: the caller labels its
+    estimate). ``stream`` starts tegrastats, ``opener`` reads a sysfs file (both for tests)."""
+    first_error: Optional[Dict[str, str]] = None
+    for sensor in _candidates(root, run, stream, opener):
+        if sensor is None:
+            continue
+        try:
+            _probe(sensor)
+            return sensor
+        except (OSError, ValueError) as exc:
+            sensor.close()
+            first_error = first_error or sensor_error(sensor, exc)
+    return first_error
+
+
+# ---------------------------------------------------------------- sampling and the summary
+
+
+def _mean_w(samples_w: Sequence[float], window_s: float, energy_j: Optional[float]) -> Optional[float]:
+    """An energy counter's mean is exact (energy over the window); instant samples, taken at an
+    even interval, are averaged."""
+    if energy_j is not None:
+        return energy_j / window_s if window_s > 0 else None
+    return float(np.mean(samples_w)) if len(samples_w) else None
+
+
+class PowerSampler:
+    """Samples ``sensor`` in a background thread while the timed runs go::
+
+        with PowerSampler(sensor) as sampler:
+            ...timed runs...
+        power = sampler.summary(idle_w, inferences)
+
+    ``samples`` holds (time.monotonic(), watts); for an energy counter each is the mean over the
+    interval ending then, and ``energy_j`` the exact energy over the window. A read failure
+    stops sampling and ``summary`` gives ``{"sensor", "error"}``."""
+
+    def __init__(self, sensor: PowerSensor, interval_s: float = 0.05):
+        self.sensor = sensor
+        self.interval_s = max(interval_s, sensor.min_interval_s)
+        self.samples: List[Tuple[float, float]] = []
+        self.energy_j: Optional[float] = 0.0 if sensor.energy_counter else None
+        self.error: Optional[str] = None
+        self.window_s = 0.0
+        self._counters: Optional[Tuple[int, ...]] = None
+        self._t_first: Optional[float] = None
+        self._t_last = 0.0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "PowerSampler":
+        self._tick()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._tick()
+        self.window_s = self._t_last - (self._t_first or self._t_last)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._tick()
+
+    def _tick(self) -> None:
+        if self.error is not None:
+            return
+        now = time.monotonic()
+        try:
+            if self.sensor.energy_counter:
+                self._count(now, self.sensor.read_counters())
+            else:
+                self.samples.append((now, self.sensor.read_w()))
+        except (OSError, ValueError) as exc:
+            self.error = sensor_error(self.sensor, exc)["error"]
+            self._stop.set()
+            return
+        self._t_first = now if self._t_first is None else self._t_first
+        self._t_last = now
+
+    def _count(self, now: float, counters: Tuple[int, ...]) -> None:
+        if self._counters is not None and self.energy_j is not None:
+            joules = self.sensor.delta_j(self._counters, counters)
+            self.energy_j += joules
+            if now > self._t_last:
+                self.samples.append((now, joules / (now - self._t_last)))
+        self._counters = counters
+
+    def watts_between(self, t0: float, t1: float) -> List[float]:
+        """Samples taken in [t0, t1] (time.monotonic()): one round's share of the window."""
+        return [w for t, w in list(self.samples) if t0 <= t <= t1]
+
+    def mean_w(self) -> Optional[float]:
+        return _mean_w([w for _, w in self.samples], self.window_s, self.energy_j)
+
+    def summary(self, idle_w: Optional[float], inferences: int) -> Dict[str, Any]:
+        if self.error is not None:
+            return {"sensor": self.sensor.name, "error": self.error}
+        return power_summary(self.sensor.name, [w for _, w in self.samples], self.window_s,
+                             idle_w, inferences, energy_j=self.energy_j)
+
+
+def idle_baseline(sensor: PowerSensor, seconds: float = 1.0, interval_s: float = 0.05) -> float:
+    """Mean watts over ``seconds`` of doing nothing, taken just before the timed runs; raises
+    ``SensorReadError`` (its ``result`` is ``{"sensor", "error"}``) when the sensor fails."""
+    with PowerSampler(sensor, interval_s) as sampler:
+        time.sleep(seconds)
+    mean = sampler.mean_w()
+    if sampler.error is not None or mean is None:
+        raise SensorReadError({"sensor": sensor.name, "error": sampler.error or "no reading"})
+    return mean
+
+
+def power_summary(sensor: str, samples_w: Sequence[float], window_s: float, idle_w: Optional[float],
+                  inferences: int, energy_j: Optional[float] = None) -> Dict[str, Any]:
+    """results.json's ``power``: {sensor, mean_w, p90_w, idle_w, energy_mj_per_inference,
+    window_s}. Energy is the window's (``energy_j`` from a counter, else mean x window) net of
+    the idle baseline, never negative; without a baseline (``idle_w`` None) it is the gross."""
+    mean_w = _mean_w(samples_w, window_s, energy_j)
+    if mean_w is None:
+        return {"sensor": sensor, "error": "no power reading in the window"}
+    total_j = energy_j if energy_j is not None else mean_w * window_s
+    net_j = max(0.0, total_j - (idle_w or 0.0) * window_s)
+    p90_w = float(np.percentile(samples_w, 90)) if len(samples_w) else mean_w
+    return {"sensor": sensor, "mean_w": round(mean_w, 3), "p90_w": round(p90_w, 3),
+            "idle_w": None if idle_w is None else round(idle_w, 3),
+            "energy_mj_per_inference": round(net_j * 1e3 / inferences, 6) if inferences > 0 else None,
+            "window_s": round(window_s, 3)}
