@@ -373,8 +373,24 @@ def _fmt_metric(m: dict[str, Any]) -> str:
     return f"{m['metric']} {m['accuracy']:.2f}% on {m['samples']} samples"
 
 
+def _git_commit() -> str | None:
+    """The working directory's git commit (``+dirty`` with uncommitted changes), None outside a repo:
+    a nightly's numbers are traced to the code that produced them."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def _tool_versions(target: TargetSpec) -> dict[str, Any]:
-    versions: dict[str, Any] = {"edgeship": __version__, "python": sys.version.split()[0],
+    versions: dict[str, Any] = {"edgeship": __version__, "commit": _git_commit(), "python": sys.version.split()[0],
                                 "host": platform.platform()}
     import numpy
     import torch

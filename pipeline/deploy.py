@@ -104,7 +104,9 @@ def validate_current(spec: PipelineSpec, target: TargetSpec, out_dir: Path, *, h
                     raise Interrupted(f"{name}: validation stopped, {current[:12]} still current") from None
                 raise
             manifest = json.loads(tr.read_current_manifest())
-        return _device_result(spec, target, name, manifest, raw, {"release_id": current, "bytes_moved": 0})
+        versions.update(manifest["provenance"].get("tools") or {})
+        return _device_result(spec, target, name, manifest, raw, {"release_id": current, "bytes_moved": 0},
+                              _host_eval_dir(out_dir, manifest))
 
     outcomes = for_each_host(target, one, hosts=_select_hosts(target, hosts), rollout=rollout)
     devices = [_device_outcome(n, o) for n, o in outcomes.items()]
@@ -112,8 +114,19 @@ def validate_current(spec: PipelineSpec, target: TargetSpec, out_dir: Path, *, h
     ref = devices[0].get("reference", {}) if devices else {}
     return {"schema": RESULTS_SCHEMA, "spec": spec.name, "target": target.name, "release_id": None,
             "reference": ref, "budget_pp": budget_pp(spec, target),
-            "accuracy_decision": spec.accuracy.decision, "devices": devices,
+            "accuracy_decision": spec.accuracy.decision, "versions": versions, "devices": devices,
             "runs": devices[0]["runs"] if len(devices) == 1 else [], "gate": gate}
+
+
+def _host_eval_dir(out_dir: Path, manifest: dict[str, Any]) -> Path | None:
+    """The evaluation data of the release the device runs, where this host built that same release
+    (``out_dir/release``): the runs' drop intervals are paired on it. None when it was built elsewhere."""
+    local = out_dir / "release" / "manifest.json"
+    try:
+        same = json.loads(local.read_text(encoding="utf-8")).get("release_id") == manifest.get("release_id")
+    except (OSError, ValueError):
+        return None
+    return out_dir / "release" / manifest["agent"]["eval_dir"] if same else None
 
 
 def _select_hosts(target: TargetSpec, names: list[str] | None) -> list[Host] | None:
@@ -204,8 +217,8 @@ def _device_result(spec: PipelineSpec, target: TargetSpec, name: str, manifest: 
     if eval_dir is not None:  # paired with fp32 on the same samples: the drop's exact interval
         attach_drop_intervals(rows, raw, eval_dir, spec.evaluation.metric, spec.evaluation.tie_margin)
     gates = [check_run(row, spec, target) for row in rows]
-    return {"device": name, "deploy": dep, "device_info": raw.get("device"), "runs": rows,
-            "reference": reference, "gate": combine(gates), "rolled_back": False, "error": None}
+    return {"device": name, "deploy": dep, "device_info": raw.get("device"), "conditions": raw.get("conditions"),
+            "runs": rows, "reference": reference, "gate": combine(gates), "rolled_back": False, "error": None}
 
 
 def _results(built: BuildResult, devices: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -218,6 +231,7 @@ def _results(built: BuildResult, devices: list[dict[str, Any]], seconds: float) 
         "reference": built.reference_metric,
         "budget_pp": budget_pp(built.spec, built.target),
         "accuracy_decision": built.spec.accuracy.decision,
+        "versions": built.manifest["provenance"].get("tools") or {},  # edgeship, git commit, converters
         "model": built.manifest["provenance"]["model"]["analysis"],
         "stages": [{"stage": e.stage, "cached": e.cached, "seconds": round(e.seconds, 3)} for e in built.events],
         "devices": devices,

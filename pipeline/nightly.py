@@ -130,7 +130,9 @@ def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: 
                 regress = [r for rs in found.values() for r in rs]
                 _mark_regressions(results, found)
                 entry.update({"release_id": results["release_id"], "reference": results["reference"],
+                              "versions": results.get("versions"),  # edgeship, git commit, converters
                               "devices": [{"device": d["device"], "runs": d["runs"], "gate": d["gate"],
+                                           "probe": d.get("probe"), "conditions": d.get("conditions"),
                                            "error": d.get("error")} for d in results["devices"]],
                               "gate": results["gate"]})
             entry["regressions"] = regress

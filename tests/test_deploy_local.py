@@ -161,6 +161,11 @@ def test_nightly_keeps_history_and_catches_a_regression(workspace: Path) -> None
     hist = history / "mnist-cnn" / "testdev.jsonl"
     first = json.loads(hist.read_text().splitlines()[0])
     assert first["passed"] is True and first["regressions"] == []
+    # Each night is traced to its code and conditions, and keeps the raw timings the next night's
+    # latency rule compares with.
+    assert first["versions"]["edgeship"] and "commit" in first["versions"] and first["versions"]["onnxruntime"]
+    dev = first["devices"][0]
+    assert dev["probe"]["arch"] and len(dev["runs"][0]["timings_ms"]) == dev["runs"][0]["latency_ms"]["runs"]
     # A past good night that was 0.8 pp better than tonight can be: tonight must be flagged, even
     # though tonight is inside the 1.0 pp budget.
     better = json.loads(json.dumps(first))

@@ -21,6 +21,11 @@ def test_validate_refuses_a_flipped_byte_naming_the_file(tmp_path: Path) -> None
     assert dep.returncode == 0, dep.stderr
     ok = edgeship(["validate", *args], env)
     assert ok.returncode == 0, ok.stderr  # an intact release validates
+    # This host built the release it validates: each run's drop is paired with fp32 on its data.
+    found = list((tmp_path / "build").rglob("results.json"))
+    valid = json.loads(max(found, key=lambda p: p.stat().st_mtime).read_text())
+    assert all(r["accuracy_drop_interval"]["n"] == 1500 for r in valid["runs"])
+    assert valid["versions"]["edgeship"]
 
     models = sorted((device / "current").resolve().rglob("*.onnx"))
     assert models, "the release ships an ONNX model"
