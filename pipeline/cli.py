@@ -115,12 +115,19 @@ def deploy(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] 
            json_out: Optional[Path] = typer.Option(None, "--json", help="write machine-readable results here"),
            host: Optional[list[str]] = typer.Option(None, "--host", help="only these hosts of the target"),
            no_rollback: bool = typer.Option(False, "--no-rollback", help="keep a release that fails the gate"),
-           junit: Optional[Path] = JUNIT_OPT) -> None:
+           junit: Optional[Path] = JUNIT_OPT,
+           backend: Optional[list[str]] = typer.Option(None, "--backend", help="only this backend's builds of the "
+                                                       "target (repeatable)"),
+           skip_unavailable: bool = typer.Option(False, "--skip-unavailable", help="skip builds whose converter "
+                                                 "is not available on this host (a device without a runtime "
+                                                 "still fails its runs)")) -> None:
     """Build, ship to the target's devices, measure there, gate (exit 3 when the gate fails)."""
     from pipeline.build import locked_out_dir
     from pipeline.deploy import deploy as run_deploy
+    from pipeline.registry import select_builds
 
     s, t = _load(spec, target)
+    t = select_builds(t, backend, skip_unavailable, log=_log)
     out_dir = _out(out, s, t)
     # The whole deploy, not just its build: a second run must not replace the release being uploaded.
     with locked_out_dir(out_dir, "deploy"):

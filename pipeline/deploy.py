@@ -189,6 +189,7 @@ def _ship_and_gate(built: BuildResult, tr: "Transport", rollback_on_fail: bool,
         f", {dep.get('bytes_moved', 0)} bytes moved" + (f", {repaired} damaged files of older releases repaired"
                                                          if repaired else ""))
     raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s)
+    _log_device_builds(name, raw, log)
     result = _device_result(spec, target, name, built.manifest, raw, dep,
                             built.release_dir / built.manifest["agent"]["eval_dir"])
     result["probe"] = probe
@@ -203,6 +204,15 @@ def _ship_and_gate(built: BuildResult, tr: "Transport", rollback_on_fail: bool,
             result["rolled_back"] = False
             log(f"{name}: gate failed and there is no previous release to roll back to")
     return result
+
+
+def _log_device_builds(name: str, raw: dict[str, Any], log: Callable[[str], None]) -> None:
+    """One line per artifact built on the device (pipeline/agent/device_build.py): cached or built."""
+    for r in raw.get("results", []):
+        b = r.get("device_build")
+        if b:
+            what = "engine cached" if b.get("cached") else f"engine built in {b.get('seconds', 0):.1f}s"
+            log(f"{name}: {r['id']}: {what} ({b.get('builder')}, key {str(b.get('key'))[:12]})")
 
 
 def _device_result(spec: PipelineSpec, target: TargetSpec, name: str, manifest: dict[str, Any],

@@ -141,3 +141,27 @@ def check_tensorrt_rules(path: Path) -> None:
                 want = 1 if c.op_type == "ConvTranspose" else 0
                 if c.op_type in ("Conv", "ConvTranspose") and c.input[1] == n.output[0] and axis != want:
                     raise CalibrationError(f"{n.name}: per-channel axis {axis}, TensorRT needs {want} for {c.op_type}")
+
+
+def calibration_cache_from_qdq(qdq_path: Path, out: Path, trt_version: str = DEFAULT_TRT_VERSION) -> dict[str, float]:
+    """The calibration cache holding exactly the activation ranges of a TensorRT QDQ model.
+
+    The QDQ model is what TensorRT builds from (explicit quantization); the cache carries the
+    same ranges for implicit INT8 on older TensorRT, keyed by the fp32 tensor names (a
+    QuantizeLinear's input is the fp32 model's tensor of the same name). Returns tensor -> scale.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(qdq_path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    ranges: dict[str, tuple[float, float]] = {}
+    for n in graph.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] in inits:
+            continue  # weights are quantized in the graph itself; the cache holds activations
+        scale = inits.get(n.input[1])
+        if scale is None or scale.size != 1:
+            raise CalibrationError(f"{n.name}: activation scale must be one constant for a TensorRT cache")
+        amax = float(scale.reshape(())) * 127.0
+        ranges[n.input[0]] = (-amax, amax)
+    return write_calibration_cache(out, ranges, trt_version=trt_version)

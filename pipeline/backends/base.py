@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from calibration.search import Candidate, CandidateBuilder, Holdout, Ranking, SearchReport
 
+from pipeline.cache import sha256_file
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
 
@@ -96,9 +98,28 @@ class Backend(Protocol):
     def convert(self, ctx: BuildContext, precision: str) -> Artifact:
         """Build the artifact for ``precision`` under ``ctx.workdir``; raise ConversionError on failure."""
 
+    def device_build(self, options: dict[str, Any]) -> bool:
+        """Whether a build with these ``builds[].options`` is finished ON the device.
+
+        Then ``convert`` writes what the host can make (the ONNX model, calibration results) and
+        a ``device_build`` block in the runner config (:func:`device_build_config`); the agent's
+        prepare step builds the runtime's artifact there, before anything is timed, and caches it
+        under ``$EDGESHIP_DEVICE_ROOT/engines``. Such a backend's ``available()`` speaks only for
+        the host's half: the device's runtime is checked on the device.
+        """
+
 
 __all__ = ["Artifact", "Backend", "BuildContext", "Candidate", "CandidateBuilder", "Holdout", "Ranking", "Samples",
-           "SearchReport", "installed_versions", "missing_packages"]
+           "SearchReport", "device_build_config", "installed_versions", "missing_packages"]
+
+
+def device_build_config(onnx: Path, artifact: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The runner config's ``device_build`` block: what the agent's prepare step builds from.
+
+    ``onnx_sha256`` is the shipped model's digest (the release's own integrity check covers the
+    file); with the device's runtime version and hardware it keys the engine cache on the device.
+    """
+    return {"onnx_sha256": sha256_file(onnx), "artifact": artifact, "options": dict(options)}
 
 
 def missing_packages(needed: dict[str, str]) -> list[str]:

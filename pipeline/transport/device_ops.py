@@ -15,6 +15,7 @@ and SSH transports run the very same program, so the layout and its invariants l
     <root>/.lock, .lock.owner                the per-device deploy lock (see lock.py)
     <root>/.edgeship-root                    the marker: this folder is edgeship's (``_claim``)
     <root>/.agent.pid                        "<process group> <token>" of the last agent started
+    <root>/engines/<key>/                    artifacts built on the device (agent/device_build.py)
 
 Nothing here may import anything outside the standard library, and the code must stay compatible
 with the oldest device Python we support (3.9): no ``match``, no ``X | Y`` at runtime.
@@ -39,7 +40,7 @@ _STAGING_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.[0-9a-f]{8}(\.da
 #: What edgeship itself writes at the top of a root (an unmarked root holding only these is an
 #: older edgeship's, claimed as is; anything else there is someone's data).
 _ROOT_ENTRIES = ("releases", "staging", "current", "current.tmp", "history", "history.tmp", ".lock",
-                 ".lock.owner", "venv", AGENT_PID, MARKER)
+                 ".lock.owner", "venv", "engines", AGENT_PID, MARKER)
 
 
 def _sha256(path, sync=False):

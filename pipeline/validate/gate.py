@@ -55,6 +55,7 @@ def run_row(raw: dict[str, Any], run_meta: dict[str, Any], reference: dict[str, 
         # the measured latency, and labelled as an estimate.
         "energy_mj_per_inference_est": (round(tdp_w * latency["p50"], 4) if tdp_w and latency.get("p50") else None),
         "calibration": _calibration_summary(run_meta),
+        "device_build": raw.get("device_build"),  # built on the device: cached?, time, log, layer precisions
         "error": raw.get("error"),
     }
     return row

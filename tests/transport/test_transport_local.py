@@ -140,8 +140,8 @@ def test_check_jetson_l4t_and_tensorrt(local_target: TargetSpec) -> None:
         with pytest.raises(DeviceError, match=r"expects L4T 36.4 but local .* has L4T 36.3.0; flash"):
             t.check(orin, probe)
         t.check(orin, dict(probe, jetson={"l4t": "36.4.0", "tensorrt": "10.3.0"}))
-        with pytest.raises(DeviceError, match="no tensorrt python module"):
-            t.check(orin, dict(probe, jetson={"l4t": "36.4.3", "tensorrt": None}))
+        # a board without TensorRT is deployed: its TensorRT runs fail on the device, with the reason
+        t.check(orin, dict(probe, jetson={"l4t": "36.4.3", "tensorrt": None}))
         with pytest.raises(DeviceError, match=r"has no L4T \(not a Jetson\)"):
             t.check(orin, dict(probe, jetson=None))
         with pytest.raises(DeviceError, match=r"needs python >=3.10 but local .* has 3.9.2"):

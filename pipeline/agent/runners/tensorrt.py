@@ -1,7 +1,10 @@
 """TensorRT runner: deserializes the engine and runs it through torch's CUDA tensors.
 
-On Jetson images PyTorch for JetPack ships CUDA-enabled; using its tensors for device memory
-avoids another CUDA binding. Only runs where TensorRT and a GPU exist.
+The engine is built on this device by the agent's prepare step (:func:`build_artifact`, see
+trt_build.py) and cached under ``$EDGESHIP_DEVICE_ROOT/engines``; :meth:`Runner.activate` finds it
+from the config and this device's TensorRT version and GPU. On Jetson images PyTorch for JetPack
+ships CUDA-enabled; using its tensors for device memory avoids another CUDA binding. Only runs
+where TensorRT and a GPU exist.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .. import device_build, trt_build
 
 
 def runtime_version() -> str:
@@ -20,17 +25,20 @@ def runtime_version() -> str:
 
 class Runner:
     def __init__(self, run_dir: Path, config: dict[str, Any], threads: int) -> None:
-        self.path = Path(run_dir) / config["engine"]
+        self.config = config
         self.input = config["input"]
         self.output = config["output"]
         self.engine = None
         self.context = None
 
     def activate(self) -> None:
-        import tensorrt as trt
-
+        try:
+            import tensorrt as trt
+        except ImportError:  # e.g. an engine built with trtexec: running it needs the Python module
+            raise device_build.Unavailable(trt_build.not_installed()) from None
+        path = device_build.cached_artifact(self.config, build_identity(self.config))
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         self.context = self.engine.create_execution_context()
 
     def infer(self, x: np.ndarray) -> np.ndarray:
@@ -51,3 +59,13 @@ class Runner:
     def deactivate(self) -> None:
         self.context = None
         self.engine = None
+
+
+def build_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """TensorRT version, GPU name and compute capability (Unavailable naming this host if missing)."""
+    return trt_build.identity()
+
+
+def build_artifact(run_dir: Path, config: dict[str, Any], out_dir: Path, threads: int) -> dict[str, Any]:
+    """Build the engine from the shipped ONNX (QDQ for int8) with the run's precision and options."""
+    return trt_build.build(Path(run_dir) / config["onnx"], Path(out_dir) / config["device_build"]["artifact"], config)

@@ -39,6 +39,9 @@ class NcnnBackend:
     name = "ncnn"
     precisions = ("fp32", "fp16", "int8")
 
+    def device_build(self, options: dict[str, Any]) -> bool:
+        return False  # the host's artifact is what the device loads
+
     def available(self) -> tuple[bool, str]:
         """Whether pnnx (with its executable), ncnn and onnx are installed."""
         missing = missing_packages(_NEEDED)

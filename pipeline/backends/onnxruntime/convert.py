@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.backends.base import Artifact, BuildContext
+from pipeline.backends.base import Artifact, BuildContext, device_build_config
 from pipeline.backends.checks import check_outputs, run_runner
 from pipeline.errors import ConversionError
 
@@ -24,6 +24,10 @@ class OnnxRuntimeBackend:
             if importlib.util.find_spec(module) is None:
                 return False, f"python package {module!r} is missing; run `make venv` (pip install 'edgeship[convert]')"
         return True, "ok"
+
+    def device_build(self, options: dict[str, Any]) -> bool:
+        # opt-in: the session's fully optimised graph is specific to the CPU that made it
+        return bool(options.get("optimize_on_device", False))
 
     def version(self) -> dict[str, str]:
         import onnx
@@ -49,6 +53,8 @@ class OnnxRuntimeBackend:
         batch = ctx.spec.input.shape[0]
         got = run_runner("onnxruntime", ctx.workdir, config, ctx.check.x, batch, ctx.target.threads)
         info.update(check_outputs(self.name, precision, ctx.reference, got))
+        if self.device_build(ctx.build.options):  # checked above as shipped; the device optimises it for its CPU
+            config["device_build"] = device_build_config(out, "model.optimized.onnx", ctx.build.options)
         return Artifact(self.name, precision, ctx.workdir, [out.name], "onnxruntime", config, info)
 
 

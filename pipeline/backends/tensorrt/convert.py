@@ -1,89 +1,116 @@
-"""TensorRT backend (host side).
+"""TensorRT backend (host side): everything but the engine, which is built ON the device.
 
-An engine is specific to the GPU and the TensorRT version that built it, so for a Jetson the
-engine must be built on the board itself; on an x86 host with a GPU it is built here. INT8 uses
-TensorRT's *explicit* quantization: the QDQ model written by edgeship's calibration with
-TensorRT's rules (symmetric int8, zero point 0, per-channel weights on the output axis), so the
-ranges are the same ones every other backend gets. fp16 sets the FP16 builder flag.
+An engine is tied to the GPU and the TensorRT version that built it, so the host does what needs
+the model and the data and ships it; the agent's prepare step (pipeline/agent/trt_build.py)
+builds the engine on the board with its own TensorRT, caches it there, and the runner loads it.
+The host therefore needs no TensorRT and no GPU.
 
-Without TensorRT and a GPU, ``available()`` says so and targets listing this backend are refused
-before any work starts.
+What the release carries per precision:
+- fp32, fp16: ``model.onnx`` (the optimized fp32 model); fp16 sets the FP16 builder flag there.
+- int8: ``model.qdq.onnx``, edgeship's calibration written with TensorRT's explicit-quantization
+  rules (symmetric int8, zero point 0, per-channel weights on the output axis), so the ranges
+  are the ones every other backend gets; plus ``calibration.cache`` with the same activation
+  ranges for implicit INT8 on older TensorRT.
+
+The host's numeric check runs the shipped ONNX with ONNX Runtime (the engine itself is measured
+and checked against the fp32 reference on the device).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.backends.base import Artifact, BuildContext
-from pipeline.errors import ConversionError
+from pipeline.backends.base import Artifact, BuildContext, device_build_config, missing_packages
+from pipeline.errors import SpecError
 
-
-def _gpu_present() -> bool:
-    return Path("/dev/nvidia0").exists() or Path("/dev/nvhost-ctrl-gpu").exists()
+ENGINE = "model.engine"
+CALIBRATION_CACHE = "calibration.cache"
 
 
 class TensorRTBackend:
     name = "tensorrt"
     precisions = ("fp32", "fp16", "int8")
 
+    def device_build(self, options: dict[str, Any]) -> bool:
+        return True  # always: an engine only runs on the GPU and TensorRT version that built it
+
     def available(self) -> tuple[bool, str]:
-        if importlib.util.find_spec("tensorrt") is None:
-            return False, ("python package 'tensorrt' is missing (it needs an NVIDIA GPU and driver); "
-                           "build on a machine or Jetson with TensorRT, or remove tensorrt from the target's builds")
-        if not _gpu_present():
-            return False, "no NVIDIA GPU found (/dev/nvidia0); TensorRT engines can only be built on the GPU that runs them"
+        # The host's half: ONNX handling, the QDQ calibration and its check. TensorRT and the GPU
+        # are the device's business (a device without them fails its runs, with the reason).
+        missing = missing_packages({"onnx": "onnx", "onnxruntime": "onnxruntime"})
+        if missing:
+            return False, f"python package(s) {', '.join(missing)} missing; run `make venv`"
         return True, "ok"
 
     def version(self) -> dict[str, str]:
-        import tensorrt
+        import onnx
+        import onnxruntime
 
-        return {"tensorrt": tensorrt.__version__}
+        # The engine's TensorRT version is the device's; it is part of the engine cache key there.
+        return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "engine": "built on the device"}
 
     def convert(self, ctx: BuildContext, precision: str) -> Artifact:
-        import tensorrt as trt
-
-        onnx_path = ctx.onnx_fp32
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        _check_profile(ctx)
         info: dict[str, Any] = {}
+        files: list[str] = []
         if precision == "int8":
-            from calibration import quantize_onnx
+            onnx_file = ctx.workdir / "model.qdq.onnx"
+            info["calibration"] = _quantize_qdq(ctx, onnx_file)
+            from calibration.writers.tensorrt import calibration_cache_from_qdq
 
-            from pipeline.backends.calibrate import calibration_config, calibration_set, search_metric
-
-            qdq = ctx.workdir / "model.qdq.onnx"
-            method = None if ctx.spec.calibration.method != "ort-default" else "entropy"
-            cfg = calibration_config(ctx, method, activation_mode="symmetric", target="tensorrt")
-            calib = calibration_set(ctx)
-            info["calibration"] = quantize_onnx(onnx_path, qdq, calib, cfg, ctx.cache_dir / "calibration",
-                                                search_metric(ctx)).to_dict()
-            onnx_path = qdq
-        logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(logger)
-        network = builder.create_network(0)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse(Path(onnx_path).read_bytes()):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise ConversionError(f"tensorrt {precision}: ONNX parser failed: {errors}")
-        config = builder.create_builder_config()
-        if precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
+            scales = calibration_cache_from_qdq(onnx_file, ctx.workdir / CALIBRATION_CACHE)
+            info["calibration_cache"] = {"file": CALIBRATION_CACHE, "tensors": len(scales)}
+            files.append(CALIBRATION_CACHE)
+        else:
+            onnx_file = ctx.workdir / "model.onnx"
+            shutil.copyfile(ctx.onnx_fp32, onnx_file)
+        files.insert(0, onnx_file.name)
+        config: dict[str, Any] = {"onnx": onnx_file.name, "input": ctx.input_name, "output": ctx.output_name,
+                                  "precision": precision, "input_shape": list(ctx.spec.input.shape)}
         if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: ranges come from the QDQ nodes
-        engine = builder.build_serialized_network(network, config)
-        if engine is None:
-            raise ConversionError(f"tensorrt {precision}: engine build failed (see TensorRT's log above)")
-        out = ctx.workdir / "model.engine"
-        out.write_bytes(bytes(engine))
-        if precision != "int8":
-            shutil.copyfile(ctx.onnx_fp32, ctx.workdir / "model.onnx")
-        config_json = {"engine": out.name, "input": ctx.input_name, "output": ctx.output_name}
-        from pipeline.backends.checks import check_outputs, run_runner
+            config["calibration_cache"] = CALIBRATION_CACHE
+        info.update(_host_check(ctx, precision, onnx_file))
+        config["device_build"] = device_build_config(onnx_file, ENGINE, ctx.build.options)
+        return Artifact(self.name, precision, ctx.workdir, files, "tensorrt", config, info)
 
-        got = run_runner("tensorrt", ctx.workdir, config_json, ctx.check.x, ctx.spec.input.shape[0])
-        info.update(check_outputs(self.name, precision, ctx.reference, got))
-        return Artifact(self.name, precision, ctx.workdir, [out.name], "tensorrt", config_json, info)
+
+def _check_profile(ctx: BuildContext) -> None:
+    """A batch profile needs a batch dimension the model leaves open (bad input: exit 2)."""
+    profile = ctx.build.options.get("profile")
+    if profile and ctx.spec.input.batch != "dynamic":
+        raise SpecError(f"{ctx.target.source_path}: field 'builds.options.profile': a TensorRT batch profile "
+                        f"needs a dynamic batch, but {ctx.spec.source_path} exports a fixed one; set "
+                        "input.batch: dynamic in the spec, or remove the profile")
+
+
+def _quantize_qdq(ctx: BuildContext, out: Path) -> dict[str, Any]:
+    """edgeship's calibration written as TensorRT explicit-quantization QDQ (the search report)."""
+    from calibration import quantize_onnx
+
+    from pipeline.backends.calibrate import calibration_config, calibration_set, search_metric
+    from pipeline.backends.onnxruntime.convert import quiet_root_logger
+
+    method = None if ctx.spec.calibration.method != "ort-default" else "entropy"
+    cfg = calibration_config(ctx, method, activation_mode="symmetric", target="tensorrt")
+    with quiet_root_logger():
+        report = quantize_onnx(ctx.onnx_fp32, out, calibration_set(ctx), cfg, ctx.cache_dir / "calibration",
+                               search_metric(ctx))
+    return report.to_dict()
+
+
+def _host_check(ctx: BuildContext, precision: str, onnx_file: Path) -> dict[str, Any]:
+    """The shipped ONNX run by ONNX Runtime against the fp32 reference (fp16 is checked as fp32:
+    the precision is the device builder's)."""
+    from pipeline.backends.checks import check_outputs, run_runner
+
+    config = {"model": onnx_file.name, "input": ctx.input_name, "output": ctx.output_name}
+    got = run_runner("onnxruntime", ctx.workdir, config, ctx.check.x, ctx.spec.input.shape[0], ctx.target.threads)
+    out = check_outputs("tensorrt", "int8" if precision == "int8" else "fp32", ctx.reference, got)
+    out["check"]["runtime"] = "onnxruntime on the shipped ONNX (the engine is checked on the device)"
+    return out
 
 
 BACKEND = TensorRTBackend()

@@ -44,6 +44,9 @@ class TFLiteBackend:
     name = "tflite"
     precisions = ("fp32", "fp16", "int8")
 
+    def device_build(self, options: dict[str, Any]) -> bool:
+        return False  # the host's artifact is what the device loads
+
     def available(self) -> tuple[bool, str]:
         """Whether litert-torch, ai-edge-litert, ai-edge-quantizer and torch are installed."""
         missing = missing_packages(_NEEDED)
