@@ -58,7 +58,7 @@ def run_all(release: Path, only: list[str] | None, timeout_s: float) -> dict:
             res["device_build"] = built[r["id"]]
         results.append(res)
     return {"agent_version": AGENT_VERSION, "release": manifest.get("release_id"),
-            "device": probe(), "results": results}
+            "device": probe(), "conditions": m.conditions, "results": results}
 
 
 def build_only(release: Path, only: list[str] | None) -> dict:

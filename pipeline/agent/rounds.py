@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .measure import coefficient_of_variation, summarize
+from .observe import POWER_WINDOW_S, Observer, chunk_for
 
 # One untimed inference before each round's chunk: switching processes evicts the caches, and the
 # first inference after that would otherwise be charged to whichever run comes first.
@@ -105,6 +107,7 @@ class Measurement:
         self.failed: dict[str, str] = {}
         self.timings: dict[str, list[float]] = {}
         self.retries: dict[str, int] = {}
+        self.conditions: dict[str, Any] = {}  # clocks and heat before and after the timed rounds
 
     def step(self, rid: str, action: Callable[[Worker], Any]) -> Any:
         """Run ``action`` on a live worker; a failure retires that run with its reason."""
@@ -144,12 +147,33 @@ def _unstable(timings: dict[str, list[float]], max_cv: float | None) -> list[str
     return [rid for rid, t in timings.items() if (coefficient_of_variation(t) or 0.0) > max_cv]
 
 
+def _power_rounds(m: Measurement, obs: Observer, rounds: int) -> None:
+    """Each live run's power window (at least ``POWER_WINDOW_S``), in interleaved rounds like the
+    timing; a chunk's size comes from the run's own pace so far, and rounds go on (bounded) until
+    every window is long enough."""
+    rounds = max(1, rounds)
+    for r in range(4 * rounds):
+        ids = [rid for rid in m.workers if m.timings.get(rid) and obs.window_s(rid) < POWER_WINDOW_S]
+        if not ids:
+            return
+        for rid in ids[r % len(ids):] + ids[:r % len(ids)]:
+            left = POWER_WINDOW_S - obs.window_s(rid)
+            n = chunk_for(obs.pace_ms(rid) or statistics.median(m.timings[rid]), left / max(1, rounds - r))
+
+            def sampled(w: Worker, rid: str = rid, n: int = n) -> None:
+                with obs.span(rid, n):
+                    w.ask("time", n=n)
+            m.step(rid, sampled)
+
+
 def measure_runs(release: Path, runs: list[dict[str, Any]], cfg: dict[str, Any], timeout_s: float,
                  window: Callable[[str], Any] | None = None) -> tuple[Measurement, dict[str, dict[str, Any]]]:
     """Start a worker per run, warm each, time all in interleaved rounds (re-measuring unstable
-    ones), then take each one's peak RSS and evaluate it. Returns the measurement and per-run
-    results for the runs that finished."""
+    ones), read the clocks and heat before and after, measure power where the board has a sensor,
+    then take each one's peak RSS and evaluate it. Returns the measurement (``conditions``
+    included) and per-run results for the runs that finished."""
     m = Measurement()
+    obs = Observer()
     for run in runs:
         try:
             m.workers[run["id"]] = Worker(release, run, timeout_s)
@@ -166,26 +190,40 @@ def measure_runs(release: Path, runs: list[dict[str, Any]], cfg: dict[str, Any],
         for rid, t in m.interleave(again, total, rounds, window).items():
             m.timings[rid] = t
             m.retries[rid] = m.retries.get(rid, 0) + 1
+    obs.timed_done()
+    with obs.power_phase() as measuring:
+        if measuring:
+            _power_rounds(m, obs, rounds)
+    m.conditions = obs.conditions()
     results = {}
     for rid in list(m.workers):
         rss = m.step(rid, lambda w: w.ask("rss"))
         metrics = m.step(rid, lambda w: w.ask("evaluate"))
         if rss is None or metrics is None or rid not in m.timings:
             continue
-        results[rid] = _result(m, rid, rss, metrics, warmup, rounds, cfg.get("max_cv"))
+        results[rid] = _result(m, rid, rss, metrics, warmup, rounds, cfg.get("max_cv"), m.conditions["flags"])
+        results[rid]["power"] = obs.power(rid)
     for worker in m.workers.values():
         worker.close()
     return m, results
 
 
+# Conditions under which no run's timings are to be trusted, whatever their spread.
+UNSTABLE_CONDITIONS = ("load above cores", "throttled", "powersave governor")
+
+
 def _result(m: Measurement, rid: str, rss: dict[str, Any], metrics: dict[str, Any], warmup: int,
-            rounds: int, max_cv: float | None) -> dict[str, Any]:
+            rounds: int, max_cv: float | None, flags: list[str]) -> dict[str, Any]:
     w = m.workers[rid]
     times = m.timings[rid]
     latency = summarize(times, warmup)
     latency["rounds"] = len(chunks(len(times), rounds))
     latency["retries"] = m.retries.get(rid, 0)
-    latency["unstable"] = bool(max_cv is not None and latency["cv"] is not None and latency["cv"] > max_cv)
+    why = [f for f in flags if f in UNSTABLE_CONDITIONS]
+    if max_cv is not None and latency["cv"] is not None and latency["cv"] > max_cv:
+        why.insert(0, f"CV {latency['cv']:.2f} > {max_cv:g}")
+    latency["unstable"] = bool(why)
+    latency["unstable_why"] = why
     return {"id": rid, "backend": w.run["backend"], "precision": w.run["precision"],
             "runtime_version": w.ready.get("runtime_version"), "load_ms": w.ready.get("load_ms"),
             **metrics, "latency_ms": latency, "timings_ms": [round(t, 4) for t in times],

@@ -51,9 +51,12 @@ def run_row(raw: dict[str, Any], run_meta: dict[str, Any], reference: dict[str, 
         "artifact_bytes": run_meta.get("artifact_bytes"),
         "artifact_sha256": run_meta.get("artifact_sha256"),
         "runtime_version": raw.get("runtime_version"),
-        # No power meter on the device: energy is estimated from the board's typical power and
-        # the measured latency, and labelled as an estimate.
-        "energy_mj_per_inference_est": (round(tdp_w * latency["p50"], 4) if tdp_w and latency.get("p50") else None),
+        # The board's own sensor where it has one (power: {sensor, mean_w, ...} or {sensor, error});
+        # with no sensor (power null) energy is estimated from the board's typical power and the
+        # measured latency, and labelled as an estimate.
+        "power": raw.get("power"),
+        "energy_mj_per_inference_est": (round(tdp_w * latency["p50"], 4)
+                                        if tdp_w and latency.get("p50") and not raw.get("power") else None),
         "calibration": _calibration_summary(run_meta),
         "device_build": raw.get("device_build"),  # built on the device: cached?, time, log, layer precisions
         "error": raw.get("error"),

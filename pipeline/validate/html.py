@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pipeline import __version__
-from pipeline.validate.report import COLUMNS, budget_rule, rows
+from pipeline.validate.report import COLUMNS, budget_rule, conditions_line, rows
 from pipeline.validate.stats import MAX_CV, coefficient_of_variation
 from pipeline.validate.trend import Series, series
 
@@ -221,7 +221,8 @@ def _devices(results: dict[str, Any]) -> str:
         dep = dev.get("deploy") or {}
         out.append(f"<h3>{escape(str(dev['device']))}</h3>")
         out.append(_dl([(k, v) for k, v in probe.items() if not isinstance(v, (dict, list))]
-                       + [("release", dep.get("release_id")), ("bytes moved", dep.get("bytes_moved")),
+                       + [("conditions", conditions_line(dev)),
+                          ("release", dep.get("release_id")), ("bytes moved", dep.get("bytes_moved")),
                           ("rolled back to", dev.get("rolled_back_to") if dev.get("rolled_back") else None),
                           ("error", dev.get("error"))]))
     return "".join(out)

@@ -40,6 +40,27 @@ def budget_rule(results: dict[str, Any]) -> str | None:
     return f"on the upper end of each run's 95 % drop interval (accuracy.decision: {decision})"
 
 
+def conditions_line(dev: dict[str, Any]) -> str | None:
+    """What the device was doing while measured: governor, frequency, temperature, load and the
+    flags that make its timings suspect (None when the agent reported no conditions)."""
+    cond = dev.get("conditions") or {}
+    before = cond.get("before") or {}
+    if not before:
+        return None
+    cores = before.get("cpufreq") or {}
+    governors = sorted({c.get("governor") for c in cores.values() if c.get("governor")})
+    mhz = [c["mhz"] for c in cores.values() if c.get("mhz")]
+    temps = [z["temp_c"] for z in (cond.get("after") or before).get("thermal") or [] if z.get("temp_c") is not None]
+    load = (before.get("loadavg") or {}).get("1m")
+    parts = [f"governor {'/'.join(governors)}" if governors else None,
+             f"{min(mhz):.0f}-{max(mhz):.0f} MHz" if mhz else None,
+             f"max {max(temps):.0f} C" if temps else None,
+             f"load {load:.2f} on {before.get('cpus')} cpus" if load is not None else None]
+    flags = cond.get("flags") or []
+    text = ", ".join(p for p in parts if p)
+    return f"{dev['device']}: measured with {text or 'no clock data'}" + (f"; FLAGGED: {', '.join(flags)}" if flags else "")
+
+
 def rows(results: dict[str, Any]) -> list[list[str]]:
     out = []
     for dev in results["devices"]:
@@ -81,6 +102,8 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
                           "[/dim]")
         if dev.get("error"):
             console.print(f"[red]{dev['device']}: {dev['error']}[/red]")
+        if line := conditions_line(dev):
+            console.print(f"[yellow]{line}[/yellow]" if "FLAGGED" in line else f"[dim]{line}[/dim]")
         for r in dev.get("runs", []):
             cal = r.get("calibration") or {}
             if cal.get("method"):
@@ -112,6 +135,7 @@ def markdown(results: dict[str, Any]) -> str:
         gate = results.get("gate") or {}
         lines += ["", f"gate {'PASSED' if gate.get('passed') else 'FAILED'}, budget {results.get('budget_pp')} pp {rule}"]
         lines += [f"- {r}" for r in gate.get("reasons") or []]
+    lines += ["", line] if (line := "\n".join(filter(None, map(conditions_line, results["devices"])))) else []
     for dev in results["devices"]:
         for r in dev.get("runs", []):
             cal = r.get("calibration") or {}

@@ -127,3 +127,55 @@ def test_agent_command_line_keeps_its_json_clean(tmp_path: Path) -> None:
     by_id = {r["id"]: r for r in doc["results"]}
     assert by_id["a"]["error"] is None and len(by_id["a"]["timings_ms"]) == 4
     assert by_id["broken-b"]["error"]
+
+
+def _board(root: Path, watts: float) -> Path:
+    """A sysfs/procfs tree as the kernel lays it out: one core under the powersave governor
+    (acpi-cpufreq, a fixed-policy driver), a 45 C zone, a hwmon device reading ``watts``."""
+    (root / "proc").mkdir(parents=True)
+    (root / "proc" / "loadavg").write_text("0.10 0.20 0.30 1/100 4242\n")
+    cpu = root / "sys/devices/system/cpu"
+    (cpu / "cpu0" / "cpufreq").mkdir(parents=True)
+    (cpu / "online").write_text("0\n")
+    for name, value in {"scaling_governor": "powersave", "scaling_driver": "acpi-cpufreq",
+                        "scaling_cur_freq": "800000", "scaling_min_freq": "800000",
+                        "scaling_max_freq": "3000000"}.items():
+        (cpu / "cpu0" / "cpufreq" / name).write_text(value + "\n")
+    zone = root / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "type").write_text("x86_pkg_temp\n")
+    (zone / "temp").write_text("45000\n")
+    hw = root / "sys/class/hwmon/hwmon0"
+    hw.mkdir(parents=True)
+    (hw / "name").write_text("board_power\n")
+    (hw / "power1_input").write_text(f"{int(watts * 1e6)}\n")  # microwatts
+    return root
+
+
+def test_conditions_and_power_come_from_the_boards_own_sensors(agent: Any, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGESHIP_SENSORS_ROOT", str(_board(tmp_path / "board", 4.5)))
+    release = _release(tmp_path / "r", ["a", "b"], runs=6, rounds=2)
+    manifest = json.loads((release / "manifest.json").read_text())
+    m, results = agent.measure_runs(release, manifest["runs"], manifest["agent"], 60.0)
+    assert m.conditions["before"]["cpufreq"]["cpu0"]["governor"] == "powersave"
+    assert m.conditions["after"]["thermal"][0]["temp_c"] == 45.0
+    assert "powersave governor" in m.conditions["flags"]
+    # Timings taken under the powersave governor are flagged, whatever their spread.
+    assert all("powersave governor" in r["latency_ms"]["unstable_why"] and r["latency_ms"]["unstable"]
+               for r in results.values())
+    for r in results.values():
+        p = r["power"]
+        # A constant 4.5 W, idle included: mean 4.5 W, nothing above idle, over a >= 2 s window.
+        assert p["sensor"] == "hwmon:board_power" and p["mean_w"] == 4.5 and p["idle_w"] == 4.5
+        assert p["energy_mj_per_inference"] == 0.0 and p["window_s"] >= 2.0
+        assert len(r["timings_ms"]) == 6  # the power phase's inferences are not latency samples
+
+
+def test_no_sensor_is_said_honestly(agent: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("EDGESHIP_SENSORS_ROOT", str(tmp_path / "empty"))
+    release = _release(tmp_path / "r", ["a"], runs=4, rounds=2)
+    manifest = json.loads((release / "manifest.json").read_text())
+    m, results = agent.measure_runs(release, manifest["runs"], manifest["agent"], 60.0)
+    assert results["a"]["power"] is None and m.conditions["flags"] == []

@@ -72,3 +72,20 @@ def test_report_flags_an_unstable_run() -> None:
     doc["runs"][1]["latency_ms"].update(cv=0.03, unstable=False)
     md = markdown(doc)
     assert "| 0.42 unstable |" in md and "| 0.03 |" in md and "| CV |" in md
+
+
+def test_reports_say_under_which_conditions_the_device_was_measured() -> None:
+    from pipeline.validate.html import report_html
+
+    doc = _doc()
+    doc["devices"][0]["conditions"] = {
+        "before": {"loadavg": {"1m": 3.5}, "cpus": 2, "cpufreq": {"cpu0": {"governor": "powersave", "mhz": 800.0},
+                                                                   "cpu1": {"governor": "powersave", "mhz": 1200.0}},
+                   "thermal": [{"zone": "thermal_zone0", "temp_c": 50.0}]},
+        "after": {"thermal": [{"zone": "thermal_zone0", "temp_c": 71.0}]},
+        "flags": ["powersave governor", "load above cores"]}
+    want = ("local: measured with governor powersave, 800-1200 MHz, max 71 C, load 3.50 on 2 cpus; "
+            "FLAGGED: powersave governor, load above cores")
+    assert want in markdown(doc)
+    assert "FLAGGED: powersave governor, load above cores" in report_html(doc)
+    assert "measured with" not in markdown(_doc())  # no conditions reported: no line
