@@ -5,14 +5,21 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pipeline.errors import DeviceError
 from pipeline.spec import Host, TargetSpec
-from pipeline.transport.base import q, with_deadline
+from pipeline.transport.base import Executor, q, with_deadline
 
-if TYPE_CHECKING:
-    from pipeline.transport.transport import Transport
+
+class Probed(Protocol):
+    """What provisioning needs of a transport (pipeline.transport.transport.Transport is one): named
+    here so this module need not import the transport that calls it."""
+
+    executor: Executor
+    host: Host | None
+
+    def probe(self) -> dict[str, Any]: ...
 
 _CLAUSE = re.compile(r"^\s*(>=|<=|==|!=|>|<|~=)?\s*([0-9][0-9.]*)\s*$")
 
@@ -82,7 +89,7 @@ def check_probe(target: TargetSpec, probe: dict[str, Any], name: str, host: Host
                           f"{'; '.join(problems)}; {fix}")
 
 
-def provision(t: "Transport", target: TargetSpec) -> dict[str, Any]:
+def provision(t: Probed, target: TargetSpec) -> dict[str, Any]:
     """Create ``dirname(dirname(python))`` as a venv and pip-install the pinned packages there.
 
     Idempotent: when the probe already shows every pinned version, nothing runs. The caller holds
