@@ -6,6 +6,8 @@ Commands:
                              the device (device_build.py; cached, never timed), then each run in a
                              worker process of its own (its peak RSS is its own), timed in
                              interleaved rounds; prints {"device": ..., "results": [...]}
+  doctor                     what the board has for TensorRT builds and real measurements:
+                             TensorRT, CUDA driver, GPU, power sensor, clocks (one check a line)
   build --release DIR        only the device-side builds (fills the engine cache); prints
                              {"builds": {run id: block or {"error": reason}}}
   worker --release DIR --id RUN_ID   one run's worker, driven by ``run`` over stdin/stdout
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgeship_agent")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("probe")
+    sub.add_parser("doctor")
     p_run = sub.add_parser("run")
     p_run.add_argument("--release", required=True)
     p_run.add_argument("--only", action="append")
@@ -92,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd == "probe":
         out = probe()
+    elif args.cmd == "doctor":
+        from .doctor import doctor
+
+        out = doctor()
     elif args.cmd == "run":
         out = run_all(Path(args.release).resolve(), args.only, args.timeout)
     elif args.cmd == "build":

@@ -158,6 +158,30 @@ def probe_cmd(target_name: Annotated[str, typer.Argument(metavar="TARGET")], hos
     _fleet(target, host, fn, show, as_json)
 
 
+@devices_app.command("doctor")
+def doctor_cmd(target_name: Annotated[str, typer.Argument(metavar="TARGET")], host: HostOpt = None,
+               as_json: JsonOpt = False) -> None:
+    """Check each board for TensorRT, the CUDA driver and GPU, a power sensor and its clocks; one
+    line per check saying what is missing (exit 1 when something is)."""
+    from pipeline.transport.doctor import run_doctor
+
+    target = load_target(target_name)
+    missing: list[str] = []
+
+    def show(name: str, report: dict[str, Any]) -> None:
+        for c in report["checks"]:
+            typer.echo(f"{name}: {c['check']:<8} {'ok     ' if c['ok'] else 'MISSING'} {c['detail']}")
+
+    def fn(t: Any) -> dict[str, Any]:
+        report = run_doctor(t)
+        missing.extend(f"{t.name} {c['check']}" for c in report["checks"] if not c["ok"])
+        return report
+
+    _fleet(target, host, fn, show, as_json)
+    if missing:
+        raise DeviceError(f"missing on {target.name}: {', '.join(missing)}")
+
+
 @devices_app.command("provision")
 def provision_cmd(target_name: Annotated[str, typer.Argument(metavar="TARGET")], host: HostOpt = None,
                   as_json: JsonOpt = False) -> None:
