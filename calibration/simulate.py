@@ -62,6 +62,70 @@ class GatedModel:
         return np.concatenate(outs).astype(np.float32, copy=False)
 
 
+def _weight_twin(g: Any, node: Any, weight: str, wq: QParams, inits: dict[str, np.ndarray], i: int, gate: str,
+                 bias: dict[str, np.ndarray] | None) -> list[Any]:
+    """Nodes after ``node`` that add ``gate`` x (the quantized weight's error, and the bias
+    correction) through a twin of the node: the layer's output moves from float to int8 with the gate."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    w = inits[weight].astype(np.float32)
+    shape = [1] * w.ndim
+    shape[wq.axis if wq.axis is not None else 0] = -1
+    s = np.asarray(wq.scale, np.float32).reshape(shape if wq.axis is not None else ())
+    delta = (np.clip(np.round(w / s), -128, 127) * s - w).astype(np.float32)
+    dname = f"{weight}__edgeship_dq_delta_{i}"
+    g.initializer.append(numpy_helper.from_array(delta, dname))
+    y = node.output[0]
+    twin = onnx.NodeProto()
+    twin.CopyFrom(node)
+    twin.name = f"{node.name}__edgeship_delta"
+    del twin.input[2:]  # the main node adds the original bias once
+    b_name = node.input[2] if len(node.input) > 2 else ""
+    if bias and b_name in bias:
+        db = (bias[b_name] - inits[b_name]).astype(np.float32)
+        g.initializer.append(numpy_helper.from_array(db, f"{b_name}__edgeship_db_{i}"))
+        twin.input.append(f"{b_name}__edgeship_db_{i}")
+    twin.input[1] = dname
+    twin.output[0] = f"{y}__edgeship_delta"
+    node.output[0] = f"{y}__edgeship_main"
+    return [
+        twin,
+        helper.make_node("Mul", [twin.output[0], gate], [f"{y}__edgeship_delta_g"]),
+        helper.make_node("Add", [node.output[0], f"{y}__edgeship_delta_g"], [y]),
+    ]
+
+
+def _gated_inputs(g: Any, consumers: tuple[Any, ...], inputs: list[str], acts: dict[str, QParams], i: int,
+                  gate: str) -> list[Any]:
+    """Nodes before the layer that fake-quantize each of its ``inputs`` by ``gate``
+    (x + gate * (QDQ(x) - x)); ``consumers`` (the node and its weight twin) read the gated copy."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    pre: list[Any] = []
+    for x in inputs:
+        q = acts.get(x)
+        if q is None:
+            continue
+        base = f"{x}__edgeship_fq_{i}"
+        zp_type = onnx.TensorProto.INT8 if q.dtype == "int8" else onnx.TensorProto.UINT8
+        g.initializer.append(numpy_helper.from_array(np.array(q.scale, np.float32), f"{base}_s"))
+        g.initializer.append(helper.make_tensor(f"{base}_z", zp_type, [], [int(q.zero_point)]))
+        pre += [
+            helper.make_node("QuantizeLinear", [x, f"{base}_s", f"{base}_z"], [f"{base}_q"]),
+            helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_s", f"{base}_z"], [f"{base}_dq"]),
+            helper.make_node("Sub", [f"{base}_dq", x], [f"{base}_e"]),
+            helper.make_node("Mul", [f"{base}_e", gate], [f"{base}_eg"]),
+            helper.make_node("Add", [x, f"{base}_eg"], [f"{base}_x"]),
+        ]
+        for node_ in consumers:
+            for k, name in enumerate(node_.input):
+                if name == x:
+                    node_.input[k] = f"{base}_x"
+    return pre
+
+
 def build_gated_model(
     model: Any,
     layers: list[WeightedLayer],
@@ -99,56 +163,9 @@ def build_gated_model(
         gate_names.append(gate)
         g.input.append(helper.make_tensor_value_info(gate, onnx.TensorProto.FLOAT, []))
         node = by_name[layer.node]
-        pre: list[onnx.NodeProto] = []
         wq = weights.get(layer.weight)
-        post: list[onnx.NodeProto] = []
-        if wq is not None:
-            w = inits[layer.weight].astype(np.float32)
-            shape = [1] * w.ndim
-            shape[wq.axis if wq.axis is not None else 0] = -1
-            s = np.asarray(wq.scale, np.float32).reshape(shape if wq.axis is not None else ())
-            delta = (np.clip(np.round(w / s), -128, 127) * s - w).astype(np.float32)
-            dname = f"{layer.weight}__edgeship_dq_delta_{i}"
-            g.initializer.append(numpy_helper.from_array(delta, dname))
-            y = node.output[0]
-            twin = onnx.NodeProto()
-            twin.CopyFrom(node)
-            twin.name = f"{node.name}__edgeship_delta"
-            del twin.input[2:]  # the main node adds the original bias once
-            b_name = node.input[2] if len(node.input) > 2 else ""
-            if bias and b_name in bias:
-                db = (bias[b_name] - inits[b_name]).astype(np.float32)
-                g.initializer.append(numpy_helper.from_array(db, f"{b_name}__edgeship_db_{i}"))
-                twin.input.append(f"{b_name}__edgeship_db_{i}")
-            twin.input[1] = dname
-            twin.output[0] = f"{y}__edgeship_delta"
-            node.output[0] = f"{y}__edgeship_main"
-            post = [
-                twin,
-                helper.make_node("Mul", [twin.output[0], gate], [f"{y}__edgeship_delta_g"]),
-                helper.make_node("Add", [node.output[0], f"{y}__edgeship_delta_g"], [y]),
-            ]
-        for x in layer.inputs:
-            q = acts.get(x)
-            if q is None:
-                continue
-            base = f"{x}__edgeship_fq_{i}"
-            zp_type = onnx.TensorProto.INT8 if q.dtype == "int8" else onnx.TensorProto.UINT8
-            g.initializer.append(numpy_helper.from_array(np.array(q.scale, np.float32), f"{base}_s"))
-            g.initializer.append(
-                helper.make_tensor(f"{base}_z", zp_type, [], [int(q.zero_point)])
-            )
-            pre += [
-                helper.make_node("QuantizeLinear", [x, f"{base}_s", f"{base}_z"], [f"{base}_q"]),
-                helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_s", f"{base}_z"], [f"{base}_dq"]),
-                helper.make_node("Sub", [f"{base}_dq", x], [f"{base}_e"]),
-                helper.make_node("Mul", [f"{base}_e", gate], [f"{base}_eg"]),
-                helper.make_node("Add", [x, f"{base}_eg"], [f"{base}_x"]),
-            ]
-            for node_ in (node, *post[:1]):  # the main node and its weight-delta twin
-                for k, name in enumerate(node_.input):
-                    if name == x:
-                        node_.input[k] = f"{base}_x"
+        post = [] if wq is None else _weight_twin(g, node, layer.weight, wq, inits, i, gate, bias)
+        pre = _gated_inputs(g, (node, *post[:1]), layer.inputs, acts, i, gate)
         new_nodes[layer.node] = (pre, post)
     ordered: list[onnx.NodeProto] = []
     for n in g.node:

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,12 +115,28 @@ def write_qdq(
         CalibrationError: quantization failed, or a written scale differs from ours on a tensor
             ORT had no reason to change.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
-
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     floats = set(float_tensors)
+    _quantize_static(model_path, output, ranges, build_overrides(acts, weights), symmetric, per_channel,
+                     list(nodes_to_exclude), quantize_bias, keep_removable=bool(floats))
+    if floats:
+        strip_qdq(output, floats)
+    result = QdqResult(output)
+    result.activations, result.weights = read_qdq_params(output)
+    if verify:
+        result.mismatches = _compare(result, acts, weights)
+    return result
+
+
+def _quantize_static(model_path: Path, output: Path, ranges: dict[str, tuple[float, float]],
+                     overrides: dict[str, Any], symmetric: bool, per_channel: bool, nodes_to_exclude: list[str],
+                     quantize_bias: bool, keep_removable: bool) -> None:
+    """ONNX Runtime's QDQ writer, fed our ranges as its calibration cache and our exact scales as
+    tensor overrides (so it calibrates nothing itself)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
     with tempfile.TemporaryDirectory(prefix="edgeship-qdq-") as tmp:
         cache = Path(tmp) / "ranges.json"
         data = {
@@ -136,26 +153,19 @@ def write_qdq(
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 per_channel=per_channel,
-                nodes_to_exclude=list(nodes_to_exclude),
+                nodes_to_exclude=nodes_to_exclude,
                 calibration_cache_path=str(cache),
                 extra_options={
                     "ActivationSymmetric": symmetric,
                     "WeightSymmetric": True,
-                    "TensorQuantOverrides": build_overrides(acts, weights),
+                    "TensorQuantOverrides": overrides,
                     "QDQDisableWeightAdjustForInt32Bias": True,
                     "QuantizeBias": quantize_bias,
-                    "QDQKeepRemovableActivations": bool(floats),
+                    "QDQKeepRemovableActivations": keep_removable,
                 },
             )
         except (ValueError, RuntimeError, KeyError) as exc:
             raise CalibrationError(f"onnxruntime quantize_static failed on {str(model_path)!r}: {exc}") from exc
-    if floats:
-        strip_qdq(output, floats)
-    result = QdqResult(output)
-    result.activations, result.weights = read_qdq_params(output)
-    if verify:
-        result.mismatches = _compare(result, acts, weights)
-    return result
 
 
 def strip_qdq(path: Path, tensors: set[str]) -> int:
