@@ -1,10 +1,12 @@
 """`make bench`: fp32 vs fp16 vs int8, every available backend, both reference workloads.
 
-Everything runs in one go on this machine through the real pipeline (build -> local device ->
-agent in its own process). Latency is measured in ROUNDS interleaved rounds (each round runs
-every artifact once, in turn) and the median of the per-round p50/p90 is reported, so a noisy
-neighbour hits all precisions alike; the speed-up column is the ratio to fp32 of the same backend
-measured in the same rounds. Results: bench/results/bench.json and bench/results/bench.md.
+Everything runs in one go on this machine through the real pipeline (a cold build with a stage
+cache of its own -> local device -> the agent). The agent times every artifact in ROUNDS
+interleaved rounds (A B C, B C A, ...), each in its own worker process, so a noisy neighbour hits
+all precisions alike; p50 carries its 95 % bootstrap interval and n, the speed-up column is the
+ratio to fp32 of the same backend measured in the same rounds, and the build column is each
+artifact's convert stage from an empty cache (for int8: statistics, the search and the writer).
+Results: bench/results/bench.json and bench/results/bench.md.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -26,11 +27,25 @@ sys.path.insert(0, str(ROOT))
 from pipeline.registry import BACKENDS, get_backend  # noqa: E402
 from pipeline.spec import load_spec, load_target  # noqa: E402
 
-WORKLOADS = {"mnist": ROOT / "examples" / "mnist.yaml", "efficientnet-lite0": ROOT / "examples" / "efficientnet_lite0.yaml"}
-RUNS = {"mnist": (20, 300), "efficientnet-lite0": (5, 40)}
+WORKLOADS = {"mnist": ROOT / "examples" / "mnist.yaml",
+             "efficientnet-lite0": ROOT / "examples" / "efficientnet_lite0.yaml",
+             "mobilenet-v2": ROOT / "examples" / "mobilenet_v2.yaml"}
+RUNS = {"mnist": (20, 300), "efficientnet-lite0": (5, 60), "mobilenet-v2": (5, 60)}
 
 
-def bench_target(tmp: Path, workload: str, backends: list[str]) -> str:
+def runs_here(name: str) -> tuple[bool, str]:
+    """Whether this machine can build ``name`` and also run it (the bench's device is this machine:
+    a backend built on the device needs its runtime here too)."""
+    import importlib.util
+
+    backend = get_backend(name)
+    ok, why = backend.available()
+    if ok and backend.device_build({}) and importlib.util.find_spec(name) is None:
+        return False, f"{name} is built and run on the device, and {name} is not installed on this machine"
+    return ok, why
+
+
+def bench_target(tmp: Path, workload: str, backends: list[str], rounds: int) -> str:
     warmup, runs = RUNS[workload]
     tdir = tmp / "targets"
     tdir.mkdir(exist_ok=True)
@@ -38,7 +53,7 @@ def bench_target(tmp: Path, workload: str, backends: list[str]) -> str:
     (tdir / f"{name}.yaml").write_text(yaml.safe_dump({
         "extends": "local", "transport": {"root": str(tmp / "device" / workload)},
         "builds": [{"backend": b, "precisions": list(get_backend(b).precisions)} for b in backends],
-        "validation": {"warmup": warmup, "runs": runs}, "threads": 2}))
+        "validation": {"warmup": warmup, "runs": runs, "rounds": rounds}, "threads": 2}))
     return name
 
 
@@ -51,43 +66,50 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
 
-    from pipeline.deploy import deploy, validate_current
+    from pipeline.cache import Cache
+    from pipeline.deploy import deploy
 
-    backends = [b for b in BACKENDS if get_backend(b).available()[0]]
-    skipped = {b: get_backend(b).available()[1] for b in BACKENDS if b not in backends}
+    here = {b: runs_here(b) for b in BACKENDS}
+    backends = [b for b, (ok, _) in here.items() if ok]
+    skipped = {b: why for b, (ok, why) in here.items() if not ok}
     tmp = Path(tempfile.mkdtemp(prefix="edgeship-bench-"))
     os.environ["EDGESHIP_TARGETS_PATH"] = str(tmp / "targets")
     report = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.platform(),
               "cpu_count": os.cpu_count(), "rounds": args.rounds, "backends_skipped": skipped, "workloads": {}}
     for workload in args.workloads:
         spec = load_spec(WORKLOADS[workload])
-        target = load_target(bench_target(tmp, workload, backends))
+        target = load_target(bench_target(tmp, workload, backends, args.rounds))
         t0 = time.perf_counter()
-        first = deploy(spec, target, tmp / "build" / workload, log=lambda m: print(m, file=sys.stderr))
-        build_s = time.perf_counter() - t0
-        rounds = [first] + [validate_current(spec, target, tmp / "build" / workload, log=lambda m: None)
-                            for _ in range(args.rounds - 1)]
-        rows = []
-        for i, run in enumerate(first["runs"]):
-            per_round = [r["runs"][i]["latency_ms"] for r in rounds if r["runs"][i].get("latency_ms")]
-            rows.append({**{k: run.get(k) for k in ("backend", "precision", "accuracy", "accuracy_drop_pp",
-                                                      "top1_agreement", "sqnr_db", "peak_rss_mb", "model_rss_mb",
-                                                      "artifact_bytes", "error")},
-                         "p50_ms": statistics.median(p["p50"] for p in per_round) if per_round else None,
-                         "p90_ms": statistics.median(p["p90"] for p in per_round) if per_round else None,
-                         "calibration": run.get("calibration"), "gate": run["gate"]["passed"]})
-        for row in rows:
-            base = next((r for r in rows if r["backend"] == row["backend"] and r["precision"] == "fp32"), None)
-            row["speedup_vs_fp32"] = (round(base["p50_ms"] / row["p50_ms"], 2)
-                                      if base and base["p50_ms"] and row["p50_ms"] else None)
+        first = deploy(spec, target, tmp / "build" / workload, cache=Cache(tmp / "stages" / workload),
+                       log=lambda m: print(m, file=sys.stderr))
         report["workloads"][workload] = {"metric": spec.evaluation.metric, "reference": first["reference"],
-                                         "model": first.get("model"), "build_and_first_run_s": round(build_s, 1),
-                                         "rows": rows}
+                                         "model": first.get("model"), "build_and_first_run_s": round(time.perf_counter() - t0, 1),
+                                         "rows": bench_rows(first)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (args.out / "bench.md").write_text(markdown(report))
     print(markdown(report))
     return 0
+
+
+def bench_rows(results: dict) -> list[dict]:
+    """One row per run: accuracy, fidelity, latency with its interval and n, size, build time."""
+    build_s = {st["stage"]: st["seconds"] for st in results["stages"]}
+    rows = []
+    for run in results["runs"]:
+        lat = run.get("latency_ms") or {}
+        rows.append({**{k: run.get(k) for k in ("backend", "precision", "accuracy", "accuracy_drop_pp",
+                                                  "accuracy_drop_interval", "top1_agreement", "sqnr_db",
+                                                  "peak_rss_mb", "model_rss_mb", "artifact_bytes", "error")},
+                     "p50_ms": lat.get("p50"), "p50_low": lat.get("p50_low"), "p50_high": lat.get("p50_high"),
+                     "p90_ms": lat.get("p90"), "cv": lat.get("cv"), "n": lat.get("runs"),
+                     "build_s": build_s.get(f"{run['backend']} {run['precision']}"),
+                     "calibration": run.get("calibration"), "gate": run["gate"]["passed"]})
+    for row in rows:
+        base = next((r for r in rows if r["backend"] == row["backend"] and r["precision"] == "fp32"), None)
+        row["speedup_vs_fp32"] = (round(base["p50_ms"] / row["p50_ms"], 2)
+                                  if base and base["p50_ms"] and row["p50_ms"] else None)
+    return rows
 
 
 def markdown(report: dict) -> str:
@@ -103,17 +125,28 @@ def markdown(report: dict) -> str:
         lines += ["", f"### {name} ({metric}; fp32 reference {w['reference']['accuracy']:.2f}%, "
                       f"{w['reference'].get('samples')} samples, "
                       f"{m.get('params', 0) / 1e6:.2f} M params, {m.get('flops', 0) / 1e6:.1f} MFLOPs)", "",
-                  "| backend | precision | accuracy | drop pp | strict top-1 agree % | SQNR dB | p50 ms | p90 ms | "
-                  "speed-up vs fp32 | peak RSS MB | size kB | gate |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| backend | precision | accuracy | drop pp (95 % interval) | strict top-1 agree % | SQNR dB | "
+                  "p50 ms (95 % interval) | p90 ms | CV | speed-up vs fp32 | peak RSS MB | size kB | build s | gate |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in w["rows"]:
-            def f(v, fmt="{:.2f}"):
-                return "-" if v is None else fmt.format(v)
-            lines.append(f"| {r['backend']} | {r['precision']} | {f(r['accuracy'])} | {f(r['accuracy_drop_pp'], '{:+.2f}')} | "
-                         f"{f(r['top1_agreement'])} | {f(r['sqnr_db'], '{:.1f}')} | {f(r['p50_ms'], '{:.3f}')} | {f(r['p90_ms'], '{:.3f}')} | "
-                         f"{f(r['speedup_vs_fp32'], '{:.2f}x')} | {f(r['peak_rss_mb'], '{:.0f}')} | "
-                         f"{f((r['artifact_bytes'] or 0) / 1024, '{:.0f}')} | {'pass' if r['gate'] else 'FAIL'} |")
+            lines.append(_row(r))
     return "\n".join(lines) + "\n"
+
+
+def _f(v: object, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _row(r: dict) -> str:
+    iv = r.get("accuracy_drop_interval") or {}
+    drop = _f(r["accuracy_drop_pp"], "{:+.2f}") + (f" [{iv['low_pp']:+.2f}, {iv['high_pp']:+.2f}]" if iv else "")
+    p50 = _f(r["p50_ms"], "{:.3f}") + (f" [{r['p50_low']:.3f}, {r['p50_high']:.3f}] n={r['n']}"
+                                        if r.get("p50_low") is not None else "")
+    return (f"| {r['backend']} | {r['precision']} | {_f(r['accuracy'])} | {drop} | {_f(r['top1_agreement'])} | "
+            f"{_f(r['sqnr_db'], '{:.1f}')} | {p50} | {_f(r['p90_ms'], '{:.3f}')} | {_f(r.get('cv'))} | "
+            f"{_f(r['speedup_vs_fp32'], '{:.2f}x')} | {_f(r['peak_rss_mb'], '{:.0f}')} | "
+            f"{_f((r['artifact_bytes'] or 0) / 1024, '{:.0f}')} | {_f(r.get('build_s'), '{:.1f}')} | "
+            f"{'pass' if r['gate'] else 'FAIL'} |")
 
 
 if __name__ == "__main__":
