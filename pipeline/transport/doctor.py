@@ -1,16 +1,17 @@
 """``edgeship devices doctor TARGET``: the agent's checks (pipeline/agent/doctor.py) run on a board.
 
 A board is often checked before anything was ever deployed there, so the agent travels with the
-command: zipped in memory, sent as base64 on stdin, unpacked into a temporary folder on the device,
-run there with the runtime interpreter (``python -m edgeship_agent doctor`` from the zip) and
-removed again. Nothing is left on the device.
+command: zipped, uploaded into a fresh temporary folder on the device, run from the zip with the
+runtime interpreter (``python -m edgeship_agent doctor``) and removed again. Nothing is left on the
+device. (Uploaded, not piped to stdin: the SSH library feeds a non-terminal stdin one byte per
+tick, minutes for the agent.)
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import json
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,11 +36,22 @@ def agent_zip() -> bytes:
 
 def run_doctor(t: "Transport") -> dict[str, Any]:
     """``{"host", "checks": [{"check", "ok", "detail"}]}`` from the device, or DeviceError."""
-    py = t.agent_python
-    cmd = (f"d=$(mktemp -d) && trap 'rm -rf \"$d\"' EXIT && base64 -d > \"$d/agent.zip\" && "
-           f"if [ -x {q(py)} ]; then P={q(py)}; else P=$(command -v python3); fi && "
-           f"EDGESHIP_DEVICE_ROOT={q(t.root)} PYTHONPATH=\"$d/agent.zip\" \"$P\" -m edgeship_agent doctor")
-    r = t.executor.run(cmd, t.target.transport.command_timeout_s, stdin=base64.b64encode(agent_zip()).decode())
+    timeout = t.target.transport.command_timeout_s
+    made = t.executor.run("mktemp -d", 60)
+    folder = made.out.strip()
+    if made.rc != 0 or not folder.startswith("/"):
+        raise DeviceError(f"{t.executor.name}: cannot make a temporary folder for the doctor: {made.tail()}")
+    try:
+        with tempfile.NamedTemporaryFile(suffix=".zip") as local:
+            local.write(agent_zip())
+            local.flush()
+            t.executor.put(Path(local.name), f"{folder}/agent.zip", timeout)
+        py = t.agent_python
+        r = t.executor.run(f"if [ -x {q(py)} ]; then P={q(py)}; else P=$(command -v python3); fi && "
+                           f"EDGESHIP_DEVICE_ROOT={q(t.root)} PYTHONPATH={q(folder + '/agent.zip')} "
+                           "\"$P\" -m edgeship_agent doctor", timeout)
+    finally:
+        t.executor.run(f"rm -rf {q(folder)}", 60)
     lines = r.out.strip().splitlines()
     if r.rc != 0 or not lines:
         raise DeviceError(f"{t.executor.name}: doctor failed (exit {r.rc}): {r.tail(2)}")
