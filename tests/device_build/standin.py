@@ -87,6 +87,10 @@ TENSORRT_PY = textwrap.dedent('''
         def __init__(self):
             self.inputs = []
 
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
         def get_input(self, i):
             return self.inputs[i]
 
