@@ -344,23 +344,34 @@ def pick_subset(labels: Sequence[int] | np.ndarray | None, n: int, limit: int, s
 
 def _read_numpy(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """(x, y) of a .npy / .npz, headers checked first (see :meth:`CalibrationSet.from_numpy`)."""
+    arrays = read_npz_arrays(path, ("x",))
+    return arrays["x"], arrays.get("y")
+
+
+def read_npz_arrays(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (all required) and ``y`` (if present) of an .npz, or a .npy as the one
+    key when ``keys`` is one key; every header is checked before its data is read."""
     import zipfile
 
+    path = Path(path)
     try:
         if zipfile.is_zipfile(path):
             with np.load(path, allow_pickle=False) as npz:
-                if "x" not in npz.files:
+                missing = [k for k in keys if k not in npz.files]
+                if missing:
                     raise CalibrationDataError(
-                        f"{str(path)!r} has keys {npz.files}; an .npz needs key 'x' (and optional 'y')")
-                keys = ["x"] + (["y"] if "y" in npz.files else [])
-                for key in keys:
+                        f"{str(path)!r} has keys {npz.files}; an .npz needs key(s) {list(keys)} (and optional 'y')")
+                wanted = [*keys, *(["y"] if "y" in npz.files else [])]
+                for key in wanted:
                     with npz.zip.open(f"{key}.npy") as member:
                         _check_npy_header(member, f"{str(path)!r} array {key!r}")
-                x, y = npz["x"], npz["y"] if "y" in npz.files else None
-                return x, y
+                return {key: npz[key] for key in wanted}
+        if len(keys) != 1:
+            raise CalibrationDataError(f"{str(path)!r} is one array; a model with inputs {list(keys)} takes an "
+                                       ".npz with one array per input name (and optional 'y')")
         with open(path, "rb") as f:
             _check_npy_header(f, repr(str(path)))
-        return np.load(path, allow_pickle=False), None
+        return {keys[0]: np.load(path, allow_pickle=False)}
     except CalibrationDataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:

@@ -179,14 +179,13 @@ def _load_data(run: _Run) -> tuple[Samples, Samples]:
 
     spec, target = run.spec, run.target
     calib = run.timed("load calibration set", lambda: load_samples(spec, "calibration"),
-                      lambda s: f"{len(s.x)} samples sha256:{s.sha256[:12]}")
+                      lambda s: f"{len(s)} samples sha256:{s.sha256[:12]}")
     evals = run.timed("load evaluation set", lambda: load_samples(spec, "evaluation"),
-                      lambda s: f"{len(s.x)} samples sha256:{s.sha256[:12]}")
+                      lambda s: f"{len(s)} samples sha256:{s.sha256[:12]}")
     check_disjoint(calib, evals, spec)
     limit = (spec.validation or target.validation).samples
-    if limit and limit < len(evals.x):
-        evals = Samples(evals.x[:limit], None if evals.y is None else evals.y[:limit], evals.ids[:limit],
-                        f"{evals.sha256}[:{limit}]")
+    if limit and limit < len(evals):
+        evals = evals.head(limit, f"{evals.sha256}[:{limit}]")
         run.log(f"{'evaluation subset':<24} first {limit} samples (validation.samples of {target.name})")
     if spec.evaluation.metric == "top1" and evals.y is None:
         raise SpecError(f"{spec.source_path}: field 'evaluation.metric': top1 needs labels, the evaluation "
@@ -213,14 +212,15 @@ def _export(run: _Run, calib: Samples) -> tuple[Path, dict[str, Any], str]:
         weights = state_hash(run.torch_model())
         stage_name = "export onnx"
         export_fn = lambda d: _write_json(d / "info.json", export_onnx(spec, run.torch_model, calib.x, d).info)  # noqa: E731
-    export_parts = {"model": model_identity(spec), "weights": weights, "input": spec.input.model_dump(),
+    export_parts = {"model": model_identity(spec), "weights": weights,
+                    "input": [i.model_dump() for i in spec.input_specs()], "outputs": spec.outputs,
                     "export": spec.export, "torch": torch.__version__, "edgeship": __version__,
                     "code": source_digest("pipeline.stages.export")}
     exported = run.timed(stage_name, lambda: run.cache.get_or_build("export", export_parts, export_fn))
     return exported.path / "model.onnx", json.loads((exported.path / "info.json").read_text()), weights
 
 
-def _optimize(run: _Run, onnx_raw: Path, check_x: np.ndarray) -> tuple[Path, dict[str, Any]]:
+def _optimize(run: _Run, onnx_raw: Path, check_x: dict[str, np.ndarray]) -> tuple[Path, dict[str, Any]]:
     """Conv+BN folding, slimming and shape inference (cached), numerically checked on ``check_x``."""
     from pipeline.stages.optimize import optimize_onnx
 
@@ -243,7 +243,7 @@ def _convert_key(run: _Run, backend: Any, build_spec: Any, precision: str, onnx_
         "budget": [spec.accuracy.max_drop_pp, run.target.limits.max_accuracy_drop_pp],
         # the holdout's drop (method choice, fallback) counts ties within this margin
         **({"tie_margin": spec.evaluation.tie_margin} if spec.evaluation.tie_margin else {}),
-        "input": spec.input.model_dump(), "edgeship": __version__,
+        "input": [i.model_dump() for i in spec.input_specs()], "edgeship": __version__,
         "code": source_digest(type(backend).__module__.rpartition(".")[0], "pipeline.backends.checks",
                               "calibration", f"pipeline.agent.runners.{backend.name}"),
     }
@@ -262,11 +262,11 @@ def _convert_into(d: Path, backend: Any, precision: str, ctx: BuildContext) -> N
                                        "runner": art.runner, "runner_config": art.runner_config, "info": art.info})
 
 
-def _convert_all(run: _Run, onnx_opt: Path, weights: str, calib: Samples, check_x: np.ndarray,
-                 reference_check: np.ndarray) -> list[Artifact]:
+def _convert_all(run: _Run, onnx_opt: Path, weights: str, calib: Samples, check: Samples,
+                 reference_check: dict[str, np.ndarray]) -> list[Artifact]:
     """Every backend x precision of the target, each cached by :func:`_convert_key`."""
     onnx_sha = sha256_file(onnx_opt)
-    input_name, output_name = _io_names(onnx_opt)
+    input_names, output_names = _io_names(onnx_opt)
     artifacts: list[Artifact] = []
     for build_spec in run.target.builds:
         backend = get_backend(build_spec.backend)
@@ -275,8 +275,8 @@ def _convert_all(run: _Run, onnx_opt: Path, weights: str, calib: Samples, check_
 
             def convert(d: Path, backend=backend, precision=precision, build_spec=build_spec) -> None:
                 ctx = BuildContext(spec=run.spec, target=run.target, build=build_spec, workdir=d, onnx_fp32=onnx_opt,
-                                   input_name=input_name, output_name=output_name, calibration=calib,
-                                   check=Samples(check_x, None, calib.ids[:CHECK_SAMPLES], ""),
+                                   input_names=input_names, output_names=output_names, calibration=calib,
+                                   check=check,
                                    reference=reference_check, cache_dir=run.cache.root.parent,
                                    torch_model=run.torch_model, log=run.log)
                 _convert_into(d, backend, precision, ctx)
@@ -292,7 +292,7 @@ def _convert_all(run: _Run, onnx_opt: Path, weights: str, calib: Samples, check_
 def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
            log: Callable[[str], None]) -> BuildResult:
     from pipeline.analyze import analyze_onnx
-    from pipeline.stages.export import run_onnx
+    from pipeline.stages.export import first_output, run_onnx
     from pipeline.spec import check_spec_for_target
     from pipeline.stages.inputs import data_warnings
     from pipeline.stages.package import package_release
@@ -302,30 +302,27 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
     _check_builds(target)
     calib, evals = _load_data(run)
     onnx_raw, export_info, weights = _export(run, calib)
-    check_x = calib.x[:CHECK_SAMPLES]
-    onnx_opt, opt_info = _optimize(run, onnx_raw, check_x)
-    input_name, _ = _io_names(onnx_opt)
-    if input_name != spec.input.name:
-        raise SpecError(f"{spec.source_path}: field 'input.name': the model's input is called {input_name!r}, "
-                        f"not {spec.input.name!r}; set input.name: {input_name}")
+    check = calib.head(CHECK_SAMPLES, "")
+    onnx_opt, opt_info = _optimize(run, onnx_raw, check.x)
+    _check_input_names(spec, _io_names(onnx_opt)[0])
     batch = spec.input.shape[0]
-    reference_eval = run_onnx(onnx_opt, evals.x, batch, spec.input.name)
-    reference_check = run_onnx(onnx_opt, check_x, batch, spec.input.name)
+    reference_eval = run_onnx(onnx_opt, evals.x, batch)
+    reference_check = run_onnx(onnx_opt, check.x, batch)
     # classes known now: labels out of range are an error, doubtful data a warning the report shows
-    notes = data_warnings(spec, target, reference_eval, {"calibration": calib, "evaluation": evals})
+    notes = data_warnings(spec, target, first_output(reference_eval), {"calibration": calib, "evaluation": evals})
     ref_metric = _reference_metric(spec, reference_eval, evals) | ({"warnings": notes} if notes else {})
     log(f"{'fp32 reference':<24} {_fmt_metric(ref_metric)}")
     for note in notes:
         log(f"{'WARNING':<24} {note}")
-    artifacts = _convert_all(run, onnx_opt, weights, calib, check_x, reference_check)
+    artifacts = _convert_all(run, onnx_opt, weights, calib, check, reference_check)
     provenance = {
         "spec": {"name": spec.name, "path": str(spec.source_path), "sha256": sha256_file(spec.source_path)
                  if spec.source_path else None},
         "target": target.model_dump(mode="json"),
         "model": {"weights_sha256": weights, "onnx_sha256": sha256_file(onnx_opt), "export": export_info,
                   "optimize": opt_info, "analysis": analyze_onnx(onnx_opt)},
-        "calibration_set": {"sha256": calib.sha256, "samples": len(calib.x)},
-        "evaluation_set": {"sha256": evals.sha256, "samples": len(evals.x), "metric": spec.evaluation.metric},
+        "calibration_set": {"sha256": calib.sha256, "samples": len(calib)},
+        "evaluation_set": {"sha256": evals.sha256, "samples": len(evals), "metric": spec.evaluation.metric},
         "reference": ref_metric,
         "tools": _tool_versions(target),
     }
@@ -335,15 +332,25 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
     return BuildResult(spec, target, release_dir, release_id, manifest, artifacts, ref_metric, run.events)
 
 
-def _io_names(path: Path) -> tuple[str, str]:
+def _io_names(path: Path) -> tuple[list[str], list[str]]:
+    """The graph's inputs (initializers left out) and outputs, in order."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     inits = {t.name for t in graph.initializer}
-    inputs = [i.name for i in graph.input if i.name not in inits]
-    if len(inputs) != 1 or len(graph.output) < 1:
-        raise ConversionError(f"{path}: edgeship handles single-input models; this one has inputs {inputs}")
-    return inputs[0], graph.output[0].name
+    return [i.name for i in graph.input if i.name not in inits], [o.name for o in graph.output]
+
+
+def _check_input_names(spec: PipelineSpec, model_inputs: list[str]) -> None:
+    """The spec names the model's inputs, in order (an imported ONNX file keeps its own names)."""
+    names = [i.name for i in spec.input_specs()]
+    if names == model_inputs:
+        return
+    if len(names) == 1 and len(model_inputs) == 1:
+        raise SpecError(f"{spec.source_path}: field 'input.name': the model's input is called {model_inputs[0]!r}, "
+                        f"not {names[0]!r}; set input.name: {model_inputs[0]}")
+    raise SpecError(f"{spec.source_path}: field 'inputs': the model's inputs are {model_inputs}, the spec names "
+                    f"{names}; list them with these names, in this order")
 
 
 def _import_onnx(src: Path, out_dir: Path) -> dict[str, Any]:
@@ -356,7 +363,10 @@ def _import_onnx(src: Path, out_dir: Path) -> dict[str, Any]:
     return {"source": "onnx", "path": str(src), "opset": [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]}
 
 
-def _reference_metric(spec: PipelineSpec, reference: np.ndarray, evals: Samples) -> dict[str, Any]:
+def _reference_metric(spec: PipelineSpec, outputs: dict[str, np.ndarray], evals: Samples) -> dict[str, Any]:
+    from pipeline.stages.export import first_output
+
+    reference = first_output(outputs)
     pred = reference.reshape(len(reference), -1).argmax(1)
     if spec.evaluation.metric == "top1":
         assert evals.y is not None

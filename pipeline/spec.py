@@ -247,26 +247,86 @@ class ValidationSpec(_Strict):
                                                          "(slow or emulated devices); the fp32 reference uses the same N")
 
 
+class DeploySpec(_Strict):
+    recommend: Literal["fastest", "smallest", "most-accurate"] = Field(
+        "fastest", description="which run that passed the gate a release recommends: fastest (lowest latency p90), "
+                               "smallest (fewest artifact bytes) or most-accurate (highest accuracy)")
+
+
+_OUTPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,127}")
+
+
+def _output_names(names: list[str]) -> list[str]:
+    bad = next((n for n in names if not _OUTPUT_NAME.fullmatch(n)), None)
+    if bad is not None:
+        raise PydanticCustomError("bad_output_name", "an output name starts with a letter or '_' and holds letters, "
+                                  "digits, '_', '.', ':', '/' or '-' (it names an ONNX tensor); e.g. 'boxes'")
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise PydanticCustomError("dup_output_name", "outputs names '{dup}' twice; each output has its own name",
+                                  {"dup": dup})
+    return names
+
+
 class PipelineSpec(_Strict):
     name: SafeName
     description: str = ""
     model: ModelSource
-    input: InputSpec
+    input: InputSpec | None = Field(None, description="the model's input (one); several go in 'inputs'")
+    inputs: list[InputSpec] | None = Field(None, min_length=1, description="the model's inputs, in the order its "
+                                                                            "forward() takes them")
+    outputs: Annotated[list[str], AfterValidator(_output_names)] | None = Field(
+        None, min_length=1, description="names of the model's outputs in the order it returns them (tuple, list or "
+                                        "dict values); default: a dict's keys, else 'output' or output0, output1, ...")
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     calibration: CalibrationSpec
     evaluation: EvaluationSpec
     accuracy: AccuracySpec = Field(default_factory=AccuracySpec)
     validation: ValidationSpec | None = Field(None, description="overrides the target's validation")
+    deploy: DeploySpec = Field(default_factory=DeploySpec, description="what a deploy does with its runs")
     export: dict[str, Any] = Field(default_factory=lambda: {"opset": 18})
 
     # Filled by the loader, not by users.
     source_path: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
+    def _one_input_field(self) -> "PipelineSpec":
+        """``input`` (one) or ``inputs`` (several); afterwards ``input`` is the first of ``inputs``.
+
+        Both are filled once validated, so ``spec.input`` (the batch, the first input) works for
+        every spec; a dump of a validated spec (both, the first equal) validates again.
+        """
+        if self.input is None and self.inputs is None:
+            raise ValueError("give 'input' (the model's input: name, shape) or 'inputs' (a list of them)")
+        if self.input is not None and self.inputs is not None and self.inputs[0] != self.input:
+            raise ValueError("give 'input' (one input) or 'inputs' (several), not both")
+        inputs = self.inputs or [self.input]
+        names = [i.name for i in inputs]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ValueError(f"inputs name {dup!r} twice; give each input its own name (the model's)")
+        first = inputs[0]
+        other = next((i for i in inputs[1:] if (i.shape[0], i.batch) != (first.shape[0], first.batch)), None)
+        if other is not None:
+            raise ValueError(f"input {other.name!r} has batch {other.shape[0]} ({other.batch}), input {first.name!r} "
+                             f"{first.shape[0]} ({first.batch}); every input takes the same samples on axis 0")
+        object.__setattr__(self, "input", first)
+        object.__setattr__(self, "inputs", list(inputs))
+        return self
+
+    def input_specs(self) -> list[InputSpec]:
+        """Every input of the model, in order (one for a spec with ``input:``)."""
+        assert self.inputs is not None  # filled by _one_input_field
+        return self.inputs
+
+    @model_validator(mode="after")
     def _images_fit_the_input(self) -> "PipelineSpec":
         """An image folder's preprocessing must end at the input's size and channels."""
         if not any(isinstance(getattr(self, s).source, ImageFolderSource) for s in ("calibration", "evaluation")):
             return self
+        if len(self.input_specs()) > 1:
+            raise ValueError("image folders feed one input; a model with several inputs takes its data from a "
+                             "python or npz source (a dict input name -> array, or one npz array per input)")
         shape, layout = self.input.shape, self.input.layout
         if layout == "NC" or len(shape) != 4:
             raise ValueError("image folders need a 4-d image input (input.shape [N, C, H, W] with layout NCHW, "

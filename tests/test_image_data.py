@@ -225,7 +225,7 @@ def test_a_module_beside_the_spec_is_importable(tmp_path: Path) -> None:
 def _samples(n: int, labels: np.ndarray | None):
     from pipeline.backends.base import Samples
 
-    return Samples(np.zeros((n, 3, 8, 8), np.float32), labels, [f"s{i}" for i in range(n)], "x")
+    return Samples({"input": np.zeros((n, 3, 8, 8), np.float32)}, labels, [f"s{i}" for i in range(n)], "x")
 
 
 def test_warnings_chance_listing_and_small_holdout(tmp_path: Path) -> None:
@@ -258,7 +258,7 @@ def test_imagenet_images_example_reads_the_workload_s_exact_samples() -> None:
     ev, cal = load_samples(spec, "evaluation"), load_samples(spec, "calibration")
     x, y = effnet.evaluation_split()
     xc, yc = effnet.calibration_split()
-    assert np.array_equal(ev.x, x) and np.array_equal(ev.y, y) and len(ev.ids) == 400
-    assert np.array_equal(cal.x, xc) and np.array_equal(cal.y, yc) and len(cal.ids) == 200
+    assert np.array_equal(ev.x["input"], x) and np.array_equal(ev.y, y) and len(ev.ids) == 400
+    assert np.array_equal(cal.x["input"], xc) and np.array_equal(cal.y, yc) and len(cal.ids) == 200
     check_disjoint(cal, ev, spec)
     assert json.dumps(spec.calibration.source.include) == '["???[05]_*"]'

@@ -77,12 +77,13 @@ def test_export_and_optimize_mnist(tmp_path: Path, mnist_spec) -> None:
     calib = load_samples(mnist_spec, "calibration")
     art = export_onnx(mnist_spec, model_loader(mnist_spec), calib.x, tmp_path)
     assert art.info["export_check_max_abs_diff"] < 1e-3
-    info = optimize_onnx(art.path, tmp_path / "opt.onnx", calib.x[:16], 1)
+    x = calib.x["input"]
+    info = optimize_onnx(art.path, tmp_path / "opt.onnx", x[:16], 1)
     assert "BatchNormalization" not in count_ops(onnx.load(str(tmp_path / "opt.onnx")))
     model = model_loader(mnist_spec)()
     with torch.no_grad():
-        ref = model(torch.from_numpy(calib.x[:16].copy())).numpy()
-    got = run_onnx(tmp_path / "opt.onnx", calib.x[:16], 1)
+        ref = model(torch.from_numpy(x[:16].copy())).numpy()
+    got = run_onnx(tmp_path / "opt.onnx", x[:16], 1)["output"]
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
     assert info["ops_after"].get("Conv") == 3
 
@@ -99,11 +100,11 @@ def test_export_check_catches_a_wrong_export(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     torch.onnx.export(model, (torch.from_numpy(x[:1]),), str(path), dynamo=True, external_data=False,
                       input_names=["input"])
-    check_against_torch(model, path, x, "input", 1)  # agrees
+    check_against_torch(model, path, {"input": x}, 1)  # agrees
     with torch.no_grad():
         model[0].weight.add_(0.5)
     with pytest.raises(ConversionError, match="disagrees with PyTorch"):
-        check_against_torch(model, path, x, "input", 1)
+        check_against_torch(model, path, {"input": x}, 1)
 
 
 def test_cache_hit_and_atomic_failure(tmp_path: Path) -> None:
@@ -196,8 +197,8 @@ def test_dynamic_batch_export(tmp_path: Path, mnist_spec) -> None:
     art = export_onnx(spec, model_loader(spec), calib.x, tmp_path)
     dim0 = onnx.load(str(art.path)).graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param and not dim0.dim_value
-    one = run_onnx(art.path, calib.x[:14], 1)
-    seven = run_onnx(art.path, calib.x[:14], 7)
+    one = run_onnx(art.path, calib.x["input"][:14], 1)["output"]
+    seven = run_onnx(art.path, calib.x["input"][:14], 7)["output"]
     np.testing.assert_allclose(one, seven, rtol=1e-4, atol=1e-5)
 
 

@@ -36,7 +36,16 @@ def agreement_within_ties(reference: np.ndarray, pred: np.ndarray, tie_margin: f
     return float(np.mean(picked >= ref.max(axis=1) - tie_margin)) * 100.0
 
 
-def evaluate(runner: Any, x: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None,
+def batch_of(x: np.ndarray, start: int, batch: int) -> np.ndarray:
+    """Samples ``start`` .. ``start + batch`` as float32 (copied out of the memory map), the last
+    partial batch padded by repeating its last sample (a static batch takes whole batches)."""
+    chunk = np.array(x[start:start + batch], dtype=np.float32)
+    if chunk.shape[0] < batch:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - chunk.shape[0], axis=0)])
+    return chunk
+
+
+def evaluate(runner: Any, x: "np.ndarray | dict[str, np.ndarray]", labels: np.ndarray | None, reference: np.ndarray | None,
              batch: int, tie_margin: float = 0.0) -> dict[str, Any]:
     """Run every sample once; accuracy vs labels and fidelity vs the fp32 reference outputs.
 
@@ -44,13 +53,12 @@ def evaluate(runner: Any, x: np.ndarray, labels: np.ndarray | None, reference: n
     padding is dropped from the outputs. ``tie_margin`` > 0 adds ``agreement_within_ties``.
     """
     outs = []
-    n = x.shape[0]
+    inputs = x if isinstance(x, dict) else {"": x}
+    n = len(next(iter(inputs.values())))
     for start in range(0, n, batch):
-        chunk = np.array(x[start:start + batch], dtype=np.float32)  # copy out of the memory map
-        real = chunk.shape[0]
-        if real < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
-        out = runner.infer(chunk)
+        chunks = {k: batch_of(v, start, batch) for k, v in inputs.items()}
+        real = min(batch, n - start)
+        out = runner.infer(chunks if isinstance(x, dict) else chunks[""])
         outs.append(np.asarray(out, dtype=np.float32).reshape(batch, -1)[:real])
     logits = np.concatenate(outs, axis=0)
     pred = logits.argmax(axis=1)

@@ -116,10 +116,11 @@ def _apply_options(trt: Any, builder: Any, network: Any, cfg: Any, config: dict[
         cfg.default_device_type = trt.DeviceType.DLA
         cfg.DLA_core = int(opts["dla_core"])
         cfg.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers the DLA cannot run go to the GPU
-    if opts.get("profile"):
-        inp = network.get_input(0)
+    if opts.get("profile"):  # the batch range of every input (they share axis 0)
         profile = builder.create_optimization_profile()
-        profile.set_shape(inp.name, *_shapes(list(inp.shape), opts["profile"]))
+        for i in range(network.num_inputs):
+            inp = network.get_input(i)
+            profile.set_shape(inp.name, *_shapes(list(inp.shape), opts["profile"]))
         cfg.add_optimization_profile(profile)
 
 
@@ -175,9 +176,11 @@ def _trtexec_args(exe: str, onnx: Path, engine: Path, config: dict[str, Any]) ->
     if opts.get("dla_core") is not None:
         args += [f"--useDLACore={int(opts['dla_core'])}", "--allowGPUFallback"]
     if opts.get("profile"):
-        name, dims = config["input"], [int(d) for d in config["input_shape"]]
-        for flag, shape in zip(("min", "opt", "max"), _shapes(dims, opts["profile"])):
-            args.append(f"--{flag}Shapes={name}:{'x'.join(str(d) for d in shape)}")
+        shapes = config.get("input_shapes") or {config["input"]: config["input_shape"]}  # older configs: one
+        per_input = {name: _shapes([int(d) for d in dims], opts["profile"]) for name, dims in shapes.items()}
+        for k, flag in enumerate(("min", "opt", "max")):
+            spec = ",".join(f"{name}:{'x'.join(str(d) for d in s[k])}" for name, s in per_input.items())
+            args.append(f"--{flag}Shapes={spec}")
     return args
 
 

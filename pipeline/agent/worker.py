@@ -46,11 +46,13 @@ class _Loaded:
         data = release / self.cfg["eval_dir"]
         # Memory-mapped: the evaluation set never sits in the process's heap, so the peak RSS is
         # the runtime's and the model's, not the data's.
-        self.x, self.labels, self.reference = (
+        self.labels, self.reference = (
             np.load(data / f"{n}.npy", mmap_mode="r", allow_pickle=False) if (data / f"{n}.npy").is_file() else None
-            for n in ("x", "y", "reference"))
+            for n in ("y", "reference"))
+        self.x = _inputs(data, self.cfg.get("inputs"))
         self.batch = int(self.cfg.get("batch", 1))
-        self.first = np.array(self.x[:self.batch], dtype=np.float32)
+        self.first = ({k: np.array(v[:self.batch], dtype=np.float32) for k, v in self.x.items()}
+                      if isinstance(self.x, dict) else np.array(self.x[:self.batch], dtype=np.float32))
         self.baseline_rss_mb = _rss_mb()
         self.module = load_runner_module(run["runner"])
         self.runner = self.module.Runner(release / run["dir"], run["config"], int(self.cfg["threads"]))
@@ -71,6 +73,17 @@ class _Loaded:
             return evaluate(self.runner, self.x, self.labels, self.reference, self.batch,
                             float(self.cfg.get("tie_margin", 0.0)))
         return {"error": f"unknown command {what!r}"}
+
+
+def _inputs(data: Path, names: list[str] | None) -> "np.ndarray | dict[str, np.ndarray]":
+    """The evaluation samples, memory-mapped: one array (``x.npy``) for a one-input model, else
+    input name -> array (``x.npy``, ``x_1.npy``, ... in the order of the config's ``inputs``)."""
+    def load(i: int) -> np.ndarray:
+        return np.load(data / ("x.npy" if i == 0 else f"x_{i}.npy"), mmap_mode="r", allow_pickle=False)
+
+    if not names or len(names) == 1:
+        return load(0)
+    return {name: load(i) for i, name in enumerate(names)}
 
 
 def _send(channel: IO[str], doc: dict[str, Any]) -> None:

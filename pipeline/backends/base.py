@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from calibration.search import Candidate, CandidateBuilder, Holdout, Ranking, SearchReport
+from calibration.search import Arrays, Candidate, CandidateBuilder, Holdout, Ranking, SearchReport
 
 from pipeline.cache import sha256_file
 
@@ -34,12 +34,40 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 @dataclass
 class Samples:
-    """Preprocessed samples (N, *input_shape[1:]) float32, optional labels, stable ids and hash."""
+    """Preprocessed samples, stable ids and a content hash.
 
-    x: "np.ndarray"
-    y: "np.ndarray | None"
+    ``x``: input name -> (N, *shape[1:]) float32, one entry per model input, in the model's order.
+    ``y``: int class indices (N,), a list of N per-sample objects (e.g. detection boxes and
+    classes; they stay on the host), or None.
+    """
+
+    x: "Arrays"
+    y: "np.ndarray | list[Any] | None"
     ids: list[str]
     sha256: str
+
+    def __len__(self) -> int:
+        return int(len(next(iter(self.x.values()))))
+
+    def single(self, what: str) -> "np.ndarray":
+        """The only input's samples, for the routes that take one input (``what`` names the route)."""
+        if len(self.x) != 1:
+            from pipeline.errors import ConversionError
+
+            raise ConversionError(f"{what} takes a model with one input; this one has {len(self.x)} "
+                                  f"({', '.join(self.x)}): build it at fp32 or fp16")
+        return next(iter(self.x.values()))
+
+    def class_labels(self) -> "np.ndarray | None":
+        """``y`` when it holds class indices (an int array), else None."""
+        import numpy as np
+
+        return self.y if isinstance(self.y, np.ndarray) else None
+
+    def head(self, n: int, sha256: str | None = None) -> "Samples":
+        """The first ``n`` samples (every input, labels and ids follow)."""
+        return Samples({k: v[:n] for k, v in self.x.items()}, None if self.y is None else self.y[:n],
+                       self.ids[:n], self.sha256 if sha256 is None else sha256)
 
 
 @dataclass
@@ -53,17 +81,29 @@ class BuildContext:
     """Empty folder owned by this conversion; the artifact's files go here."""
     onnx_fp32: Path
     """Optimized fp32 ONNX model (Conv+BN folded, shapes inferred, simplified)."""
-    input_name: str
-    output_name: str
+    input_names: list[str]
+    """The model's inputs, in order (the ONNX graph's names, the spec's)."""
+    output_names: list[str]
+    """The model's outputs, in order (the ONNX graph's names: the spec's or generated)."""
     calibration: Samples
     check: Samples
     """A few real samples for the post-conversion numeric check (from the calibration split)."""
-    reference: "np.ndarray"
-    """fp32 ONNX Runtime outputs for ``check.x``: what the converted model is compared against."""
+    reference: "Arrays"
+    """fp32 ONNX Runtime outputs (name -> array) for ``check.x``: what the converted model is compared against."""
     cache_dir: Path
     torch_model: Callable[[], Any]
     """Returns the eval-mode PyTorch module (for routes that leave from PyTorch, e.g. TFLite)."""
     log: Callable[[str], None] = print
+
+    @property
+    def input_name(self) -> str:
+        """The first input (the routes that take one: INT8 calibration)."""
+        return self.input_names[0]
+
+    @property
+    def output_name(self) -> str:
+        """The first output."""
+        return self.output_names[0]
 
 
 @dataclass

@@ -30,7 +30,7 @@ def budget_pp(ctx: "BuildContext") -> float:
 def search_metric(ctx: "BuildContext") -> Metric:
     """What the INT8 search scores: accuracy when the calibration set has labels, else top-1
     agreement with fp32 (swaps within ``evaluation.tie_margin`` count as agreement)."""
-    return default_metric(ctx.calibration.y is not None, ctx.spec.evaluation.tie_margin)
+    return default_metric(ctx.calibration.class_labels() is not None, ctx.spec.evaluation.tie_margin)
 
 
 def spec_methods(ctx: "BuildContext", ort_default: tuple[str, ...]) -> tuple[str, ...]:
@@ -63,7 +63,8 @@ def calibration_set(ctx: "BuildContext") -> Any:
     """The build's calibration samples as a ``calibration.CalibrationSet`` (ids and labels kept)."""
     from calibration import CalibrationSet
 
-    return CalibrationSet(ctx.calibration.x, tuple(ctx.calibration.ids), ctx.calibration.y)
+    return CalibrationSet(ctx.calibration.single("INT8 calibration"), tuple(ctx.calibration.ids),
+                          ctx.calibration.class_labels())
 
 
 def split(ctx: "BuildContext") -> tuple[Any, Any]:

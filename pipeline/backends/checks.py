@@ -6,7 +6,7 @@ fp32 ONNX Runtime reference on real samples, and fails the build when the number
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -22,64 +22,129 @@ INT8_MIN_SQNR_DB = 12.0
 INT8_MIN_TOP1_AGREEMENT = 80.0
 
 
+Arrays = dict[str, np.ndarray]
+
+
 def compare(reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
+    """One output against its reference; ``top1_agreement`` only for scores shaped (N, classes)."""
     ref = reference.reshape(len(reference), -1)
     out = output.reshape(len(output), -1)
     scale = float(np.max(np.abs(ref))) or 1.0
-    return {
+    stats = {
         "max_abs_diff": float(np.max(np.abs(ref - out))),
         "rel_diff": float(np.max(np.abs(ref - out))) / scale,
         "sqnr_db": round(sqnr_db(ref, out), 3),
-        "top1_agreement": round(top1_agreement(ref, out), 3),
         "samples": int(len(ref)),
     }
+    if _class_scores(reference):
+        stats["top1_agreement"] = round(top1_agreement(ref, out), 3)
+    return stats
 
 
-def check_outputs(backend: str, precision: str, reference: np.ndarray, output: np.ndarray) -> dict[str, Any]:
-    """Compare and raise ConversionError (one line) when a threshold is broken."""
+def _class_scores(reference: np.ndarray) -> bool:
+    """(N, classes) with more than one class: the outputs whose top-1 means something."""
+    return reference.ndim == 2 and reference.shape[1] > 1
+
+
+def _as_arrays(values: Arrays | np.ndarray) -> Arrays:
+    return values if isinstance(values, dict) else {"output": values}
+
+
+def worst(per_output: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The check's headline over every output: the largest differences, the lowest SQNR and
+    agreement (the build holds every output to the thresholds, so the worst one decides)."""
+    stats = list(per_output.values())
+    out: dict[str, Any] = {"max_abs_diff": max(s["max_abs_diff"] for s in stats),
+                           "rel_diff": max(s["rel_diff"] for s in stats),
+                           "sqnr_db": min(s["sqnr_db"] for s in stats), "samples": stats[0]["samples"]}
+    agreements = [s["top1_agreement"] for s in stats if "top1_agreement" in s]
+    if agreements:
+        out["top1_agreement"] = min(agreements)
+    if len(per_output) > 1:
+        out["outputs"] = per_output
+    return out
+
+
+def check_outputs(backend: str, precision: str, reference: Arrays | np.ndarray,
+                  output: Arrays | np.ndarray) -> dict[str, Any]:
+    """Compare every output by name and raise ConversionError (one line naming the output) when a
+    threshold is broken; arrays stand for a one-output model."""
+    reference, output = _as_arrays(reference), _as_arrays(output)
+    if len(reference) == 1 and len(output) == 1:  # one output: whatever each side calls it
+        output = {next(iter(reference)): next(iter(output.values()))}
+    per_output = {}
+    for name, ref in reference.items():
+        if name not in output:
+            raise ConversionError(f"{backend} {precision}: output {name!r} is missing (got {', '.join(output)})")
+        per_output[name] = _check_one(f"{backend} {precision}" + (f" output {name!r}" if len(reference) > 1 else ""),
+                                      precision, ref, output[name])
+    return {"check": worst(per_output)}
+
+
+def _check_one(what: str, precision: str, reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
     if output.shape[0] != reference.shape[0] or output.size != reference.size:
-        raise ConversionError(f"{backend} {precision}: output shape {output.shape} differs from the "
-                              f"reference {reference.shape}")
+        raise ConversionError(f"{what}: output shape {output.shape} differs from the reference {reference.shape}")
     stats = compare(reference, output)
     if not np.all(np.isfinite(output)):
-        raise ConversionError(f"{backend} {precision}: outputs contain NaN or Inf")
+        raise ConversionError(f"{what}: outputs contain NaN or Inf")
     if precision in ("fp32", "fp16"):
         tol = FP32_REL_TOL if precision == "fp32" else FP16_REL_TOL
         if stats["rel_diff"] > tol:
-            raise ConversionError(f"{backend} {precision}: max abs diff {stats['max_abs_diff']:.3g} is "
+            raise ConversionError(f"{what}: max abs diff {stats['max_abs_diff']:.3g} is "
                                   f"{stats['rel_diff']:.2e} of the output scale, above the tolerance {tol:.0e}")
     else:
         if stats["sqnr_db"] < INT8_MIN_SQNR_DB:
-            raise ConversionError(f"{backend} {precision}: SQNR {stats['sqnr_db']:.1f} dB vs fp32 is below "
-                                  f"{INT8_MIN_SQNR_DB} dB")
-        if stats["top1_agreement"] < INT8_MIN_TOP1_AGREEMENT:
-            raise ConversionError(f"{backend} {precision}: top-1 agreement {stats['top1_agreement']:.1f}% "
+            raise ConversionError(f"{what}: SQNR {stats['sqnr_db']:.1f} dB vs fp32 is below {INT8_MIN_SQNR_DB} dB")
+        if stats.get("top1_agreement", 100.0) < INT8_MIN_TOP1_AGREEMENT:
+            raise ConversionError(f"{what}: top-1 agreement {stats['top1_agreement']:.1f}% "
                                   f"with fp32 is below {INT8_MIN_TOP1_AGREEMENT}%")
-    return {"check": stats}
+    return stats
 
 
-def run_runner(runner_name: str, workdir: Any, config: dict[str, Any], x: np.ndarray, batch: int,
-               threads: int = 2) -> np.ndarray:
-    """Run ``x`` through the agent's runner class on the host (the code the device runs)."""
+def run_runner_all(runner_name: str, workdir: Any, config: dict[str, Any], x: Arrays | np.ndarray, batch: int,
+                   threads: int = 2) -> Arrays:
+    """Every output (name -> (N, ...)) of ``x`` (input name -> array; an array for one input)
+    through the agent's runner class on the host (the code the device runs)."""
     from pipeline.agent.runners import load_runner_module
 
     runner = load_runner_module(runner_name).Runner(workdir, config, threads)
     runner.activate()
     try:
-        return run_batched(runner.infer, x, batch)
+        if not isinstance(x, dict):
+            x = {runner.inputs[0]: x}
+        return run_batched_all(runner.run, x, batch)
     finally:
         runner.deactivate()
 
 
+def run_runner(runner_name: str, workdir: Any, config: dict[str, Any], x: Arrays | np.ndarray, batch: int,
+               threads: int = 2) -> np.ndarray:
+    """The first output of :func:`run_runner_all`, (N, -1) float32 (a one-output model's outputs)."""
+    out = next(iter(run_runner_all(runner_name, workdir, config, x, batch, threads).values()))
+    return out.reshape(len(out), -1)
+
+
+def run_batched_all(infer: Callable[[Arrays], Arrays], x: Arrays, batch: int) -> Arrays:
+    """``infer`` (input name -> array in, output name -> array out) over ``x`` in chunks of a
+    static ``batch``; the last chunk is padded with its last sample and the padding dropped from
+    the outputs. Returns every output as (N, *per-sample shape) float32."""
+    n = len(next(iter(x.values())))
+    outs: dict[str, list[np.ndarray]] = {}
+    for i in range(0, n, batch):
+        real = min(batch, n - i)
+        feeds = {}
+        for name, arr in x.items():
+            chunk = arr[i:i + batch]
+            if real < batch:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
+            feeds[name] = np.ascontiguousarray(chunk, dtype=np.float32)
+        for name, out in infer(feeds).items():
+            out = np.asarray(out, dtype=np.float32)
+            outs.setdefault(name, []).append(out.reshape(batch, *out.shape[1:])[:real])
+    return {name: np.concatenate(parts) for name, parts in outs.items()}
+
+
 def run_batched(infer: Any, x: np.ndarray, batch: int) -> np.ndarray:
-    """``infer`` over ``x`` in chunks of a static ``batch``; the last chunk is padded with its last
-    sample and the padding dropped from the outputs. Returns (N, -1) float32."""
-    outs = []
-    for i in range(0, len(x), batch):
-        chunk = x[i:i + batch]
-        real = len(chunk)
-        if real < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
-        outs.append(np.asarray(infer(np.ascontiguousarray(chunk, dtype=np.float32)), dtype=np.float32)
-                    .reshape(batch, -1)[:real])
-    return np.concatenate(outs)
+    """:func:`run_batched_all` for a one-input, one-output ``infer`` (array in, array out). Returns (N, -1)."""
+    out = run_batched_all(lambda feeds: {"y": infer(feeds["x"])}, {"x": x}, batch)["y"]
+    return out.reshape(len(out), -1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import math
 import sys
 from collections import Counter
@@ -181,7 +182,12 @@ def state_hash(model: Any) -> str:
 
 
 def load_samples(spec: PipelineSpec, section: str) -> Samples:
-    """The calibration or evaluation samples, shape-checked against the spec's input."""
+    """The calibration or evaluation samples, shape-checked against the spec's inputs.
+
+    One input with class labels (or none) goes through ``CalibrationSet`` (stratified ``limit``,
+    image folders); several inputs, or per-sample label objects, through :func:`_dict_samples`.
+    """
+    from calibration.data import CalibrationSet
     from calibration.errors import CalibrationDataError
 
     cfg = getattr(spec, section)
@@ -189,6 +195,8 @@ def load_samples(spec: PipelineSpec, section: str) -> Samples:
     expected = tuple(spec.input.shape[1:])
     try:
         data = _read_source(spec, cfg.source, where, expected, cfg.limit)
+        if not isinstance(data, CalibrationSet):
+            return _dict_samples(spec, *data, where, cfg.limit)
     except CalibrationDataError as exc:
         raise InputFileError(f"{where} ({source_name(spec, cfg.source)}): {exc}") from None
     if tuple(data.samples.shape[1:]) != expected:
@@ -198,7 +206,85 @@ def load_samples(spec: PipelineSpec, section: str) -> Samples:
         from calibration.data import pick_subset
 
         data = data.subset(pick_subset(data.labels, len(data), cfg.limit))
-    return to_samples(data)
+    return to_samples(data, spec.input.name)
+
+
+RawData = tuple[dict[str, np.ndarray], Any, str]
+"""A source's samples by input name, its labels as given and the prefix of its sample ids."""
+
+
+def _dict_samples(spec: PipelineSpec, x: dict[str, Any], y: Any, prefix: str, where: str,
+                  limit: int | None) -> Samples:
+    """Samples of several inputs and/or per-sample label objects: every input checked against its
+    spec (shape, same N), NaN/Inf refused per input, the hash over every input and the labels."""
+    from calibration.data import CalibrationSet
+
+    names = [i.name for i in spec.input_specs()]
+    if sorted(x) != sorted(names):
+        raise SpecError(f"{where}: the data has inputs {sorted(x)}, the model takes {names}; key the samples "
+                        "(the callable's dict, the npz's arrays) by the inputs' names")
+    arrays: dict[str, np.ndarray] = {}
+    for spec_in in spec.input_specs():
+        arr = _float_array(x[spec_in.name], f"input {spec_in.name!r}")
+        if arr.ndim < 1 or tuple(arr.shape[1:]) != tuple(spec_in.shape[1:]):
+            raise SpecError(f"{where}: input {spec_in.name!r} samples have shape {tuple(arr.shape[1:])}, the model "
+                            f"expects {tuple(spec_in.shape[1:])} (its shape without the batch dim)")
+        arrays[spec_in.name] = arr
+    counts = {k: len(v) for k, v in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise InputFileError(f"{where}: the inputs hold different numbers of samples ({counts}); give every input "
+                             "the same samples on axis 0")
+    n = next(iter(counts.values()))
+    labels = read_labels(y, n, where)
+    if limit and limit < n:
+        arrays, n = {k: v[:limit] for k, v in arrays.items()}, limit
+        labels = None if labels is None else labels[:limit]
+    ids = [f"{prefix}[{i}]" for i in range(n)]
+    sets = {k: CalibrationSet(v, tuple(ids)) for k, v in arrays.items()}  # empty, NaN/Inf, per-sample digests
+    h = hashlib.sha256(b"edgeship-samples-v1")
+    for name in names:
+        h.update(name.encode() + b"\0" + sets[name].content_hash.encode())
+    h.update(labels_digest(labels).encode())
+    return Samples({k: sets[k].samples for k in names}, labels, ids, h.hexdigest())
+
+
+def _float_array(value: Any, what: str) -> np.ndarray:
+    from calibration.errors import CalibrationDataError
+
+    try:
+        return np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise CalibrationDataError(f"{what} is {type(value).__name__}, not an array of numbers ({exc}); "
+                                   "give numpy arrays, samples on axis 0") from None
+
+
+def read_labels(y: Any, n: int, where: str) -> "np.ndarray | list[Any] | None":
+    """Labels as given: int class indices (an int64 array), or one object per sample (a list, kept
+    on the host: e.g. ``{"boxes": [[x1, y1, x2, y2], ...], "classes": [...]}``), or None."""
+    if y is None:
+        return None
+    if isinstance(y, np.ndarray) and y.dtype != object:
+        if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+            raise InputFileError(f"{where}: labels are {y.dtype} of shape {y.shape}; give {n} integer class "
+                                 "indices, or a list of one label object per sample")
+        return y.astype(np.int64)
+    labels = list(y) if isinstance(y, (list, tuple, np.ndarray)) else None
+    if labels is None or len(labels) != n:
+        what = f"{len(labels)} labels" if labels is not None else type(y).__name__
+        raise InputFileError(f"{where}: {what} for {n} samples; give one label per sample")
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        return np.asarray(labels, dtype=np.int64)
+    return labels
+
+
+def labels_digest(labels: "np.ndarray | list[Any] | None") -> str:
+    """sha256 of the labels (class indices or JSON of the label objects): part of the set's hash."""
+    if labels is None:
+        return "none"
+    if isinstance(labels, np.ndarray):
+        return hashlib.sha256(labels.astype("<i8").tobytes()).hexdigest()
+    text = json.dumps(labels, sort_keys=True, default=lambda v: np.asarray(v).tolist())
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def source_name(spec: PipelineSpec, src: DataSource) -> str:
@@ -214,12 +300,20 @@ def check_labels(spec: PipelineSpec, reference: np.ndarray, sets: dict[str, Samp
     Called once the fp32 reference exists, so C is what the model really outputs. A label outside
     the range can never match, so the gate would compare 0 % with 0 % and pass.
     """
-    if spec.evaluation.metric != "top1" or reference.ndim < 2:
+    if spec.evaluation.metric != "top1":
         return
-    classes = int(np.prod(reference.shape[1:]))
+    if reference.ndim != 2:
+        raise SpecError(f"{spec.source_path}: field 'evaluation.metric': top1 reads class scores shaped (N, classes) "
+                        f"from the model's first output, which is shaped {('N', *reference.shape[1:])}; use metric: "
+                        "fidelity, or a metric of your own (metric: {callable: module:function})")
+    classes = int(reference.shape[1])
     for section, samples in sets.items():
         if samples.y is None:
             continue
+        if not isinstance(samples.y, np.ndarray):
+            raise InputFileError(f"{spec.source_path}: field '{section}.source' ({source_name(spec, getattr(spec, section).source)}): "
+                                 "top1 reads integer class indices, the labels are per-sample objects; return an int "
+                                 "array of labels, or name a metric that reads these labels")
         bad = np.flatnonzero((samples.y < 0) | (samples.y >= classes))
         if bad.size:
             i = int(bad[0])
@@ -246,7 +340,7 @@ def data_warnings(spec: PipelineSpec, target: TargetSpec, reference: np.ndarray,
     check_labels(spec, reference, sets)
     notes = [*_listing_warnings(spec, reference), *_chance_warning(spec, reference, sets.get("evaluation"))]
     if any(p == "int8" for _, p in target.runs()) and "calibration" in sets:
-        notes.extend(_holdout_warning(spec, target, len(sets["calibration"].x)))
+        notes.extend(_holdout_warning(spec, target, len(sets["calibration"])))
     return notes
 
 
@@ -305,46 +399,63 @@ def _holdout_warning(spec: PipelineSpec, target: TargetSpec, n: int) -> list[str
             f"{needed} held-out samples ({math.ceil(needed / fraction)} calibration samples at this fraction)"]
 
 
-def to_samples(data: "CalibrationSet") -> Samples:
-    return Samples(x=data.samples, y=data.labels, ids=list(data.ids), sha256=data.content_hash)
+def to_samples(data: "CalibrationSet", input_name: str) -> Samples:
+    return Samples(x={input_name: data.samples}, y=data.labels, ids=list(data.ids), sha256=data.content_hash)
+
+
+def _flat(samples: Samples) -> np.ndarray:
+    """Every input of a sample side by side (N, total): one row per sample, for content checks."""
+    return np.concatenate([v.reshape(len(v), -1) for v in samples.x.values()], axis=1)
 
 
 def check_disjoint(calibration: Samples, evaluation: Samples, spec: PipelineSpec) -> None:
-    """Refuse a calibration set that shares samples with the evaluation set (by content)."""
+    """Refuse a calibration set that shares samples with the evaluation set (by content, all inputs)."""
     from calibration.data import CalibrationSet, check_overlap
     from calibration.errors import CalibrationDataError
 
     try:
-        check_overlap(CalibrationSet(calibration.x, tuple(calibration.ids)),
-                      CalibrationSet(evaluation.x, tuple(evaluation.ids)))
+        check_overlap(CalibrationSet(_flat(calibration), tuple(calibration.ids)),
+                      CalibrationSet(_flat(evaluation), tuple(evaluation.ids)))
     except CalibrationDataError as exc:
         raise SpecError(f"{spec.source_path}: fields 'calibration' and 'evaluation': {exc}") from None
 
 
-def _read_python(src: PythonSource, where: str, shape: tuple[int, ...], beside: Path | None) -> "CalibrationSet":
-    """A ``python`` source: ``callable(**kwargs)`` returns ``x`` or ``(x, labels)``."""
+def _read_python(spec: PipelineSpec, src: PythonSource, where: str,
+                 shape: tuple[int, ...]) -> "CalibrationSet | RawData":
+    """A ``python`` source: ``callable(**kwargs)`` returns ``x`` or ``(x, labels)``; ``x`` an array
+    (one input) or a dict input name -> array. Class labels of one input take the CalibrationSet
+    route, everything else :func:`_dict_samples`."""
     from calibration.data import CalibrationSet
-    from calibration.errors import CalibrationDataError
 
-    out = call_user(src.callable, where, src.kwargs, beside)
+    out = call_user(src.callable, where, src.kwargs, spec_folder(spec))
     x, y = (out if isinstance(out, tuple) and len(out) == 2 else (out, None))
-    try:
-        x = np.asarray(x, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise CalibrationDataError(f"{src.callable} returned {type(x).__name__}, not an array of numbers "
-                                   f"({exc}); return x or (x, labels) as numpy arrays") from None
+    if isinstance(x, dict):
+        return x, y, src.callable
+    x = _float_array(x, f"{src.callable} returned x that")
+    if len(spec.input_specs()) > 1 or not (y is None or _class_indices(y)):
+        return {spec.input.name: x}, y, src.callable
     ids = [f"{src.callable}[{i}]" for i in range(len(x))] if x.ndim else None
     return CalibrationSet.from_arrays(x, labels=y, ids=ids, input_shape=shape)
 
 
+def _class_indices(y: Any) -> bool:
+    arr = np.asarray(y) if isinstance(y, (list, tuple, np.ndarray)) else None
+    return arr is not None and arr.dtype != object and arr.ndim == 1 and np.issubdtype(arr.dtype, np.integer)
+
+
 def _read_source(spec: PipelineSpec, src: DataSource, where: str, shape: tuple[int, ...],
-                 limit: int | None) -> "CalibrationSet":
-    from calibration.data import CalibrationSet, ImagePreprocess
+                 limit: int | None) -> "CalibrationSet | RawData":
+    from calibration.data import CalibrationSet, ImagePreprocess, read_npz_arrays
 
     if isinstance(src, PythonSource):
-        return _read_python(src, where[:-1] + ".callable'", shape, spec_folder(spec))
+        return _read_python(spec, src, where[:-1] + ".callable'", shape)
     if isinstance(src, NpzSource):
-        return CalibrationSet.from_numpy(spec.resolve_path(src.path), input_shape=shape)
+        names = [i.name for i in spec.input_specs()]
+        if len(names) == 1:
+            return CalibrationSet.from_numpy(spec.resolve_path(src.path), input_shape=shape)
+        path = spec.resolve_path(src.path)
+        arrays = read_npz_arrays(path, names)  # one array per input name, plus y (decisions.md)
+        return {n: arrays[n] for n in names}, arrays.get("y"), path.name
     assert isinstance(src, ImageFolderSource)
     pre = spec.preprocessing
     h, w = (shape[1], shape[2]) if spec.input.layout == "NCHW" else (shape[0], shape[1])

@@ -34,7 +34,7 @@ def run_id(backend: str, precision: str) -> str:
 
 
 def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artifacts: list[Artifact],
-                    evals: Samples, reference: np.ndarray, provenance: dict[str, Any]) -> tuple[Path, str, dict]:
+                    evals: Samples, reference: dict[str, np.ndarray], provenance: dict[str, Any]) -> tuple[Path, str, dict]:
     """Write ``out_dir/release`` atomically; returns (path, release id, manifest).
 
     The caller holds ``out_dir`` (pipeline.build.locked_out_dir), so any ``.release-*`` folder
@@ -46,9 +46,7 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".release-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    arrays: dict[str, np.ndarray] = {"x": evals.x.astype(np.float32), "reference": reference.astype(np.float32)}
-    if evals.y is not None:
-        arrays["y"] = evals.y.astype(np.int64)
+    arrays = eval_arrays(evals, reference)
     need = _release_bytes(artifacts, arrays)
     if shutil.disk_usage(out_dir).free < need:
         raise disk_full_error(out_dir, "the release", need)
@@ -78,7 +76,7 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
         agent = {"eval_dir": "data", "threads": target.threads, "warmup": validation.warmup,
                  "runs": validation.runs, "rounds": validation.rounds, "max_cv": validation.max_cv,
                  "retry_unstable": validation.retry_unstable, "batch": spec.input.shape[0],
-                 "metric": spec.evaluation.metric}
+                 "metric": spec.evaluation.metric, "inputs": list(evals.x)}
         if spec.evaluation.tie_margin > 0.0:
             agent["tie_margin"] = spec.evaluation.tie_margin
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -95,6 +93,23 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
             raise disk_full_error(out_dir, "the release", need) from exc
         raise
     return out_dir / "release", release_id, manifest
+
+
+def eval_file(index: int) -> str:
+    """The release's data file of input ``index``: ``x`` for the first, ``x_1``, ``x_2``, ... after it
+    (the agent reads the names from its config's ``inputs``, in this order)."""
+    return "x" if index == 0 else f"x_{index}"
+
+
+def eval_arrays(evals: Samples, reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the release ships of the evaluation set: every input, class labels (label objects stay
+    on the host) and the fp32 first output (what the device's top1/fidelity read)."""
+    arrays = {eval_file(i): x.astype(np.float32) for i, x in enumerate(evals.x.values())}
+    arrays["reference"] = next(iter(reference.values())).astype(np.float32)
+    labels = evals.class_labels()
+    if labels is not None:
+        arrays["y"] = labels.astype(np.int64)
+    return arrays
 
 
 def _release_bytes(artifacts: list[Artifact], arrays: dict[str, np.ndarray]) -> int:

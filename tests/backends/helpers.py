@@ -70,11 +70,11 @@ def make_context(tmp: Path, backend: str, factory: Callable[[], Any], calib: np.
     target = TargetSpec(name="host", arch="x86_64", builds=[build], threads=2)
 
     def samples(x: np.ndarray) -> Samples:
-        return Samples(x, None, [str(i) for i in range(len(x))], hashlib.sha256(x.tobytes()).hexdigest())
+        return Samples({"input": x}, None, [str(i) for i in range(len(x))], hashlib.sha256(x.tobytes()).hexdigest())
 
     return BuildContext(spec=spec, target=target, build=build, workdir=tmp / "out", onnx_fp32=onnx_path,
-                        input_name="input", output_name="logits", calibration=samples(calib),
-                        check=samples(check), reference=reference, cache_dir=tmp / "cache",
+                        input_names=["input"], output_names=["logits"], calibration=samples(calib),
+                        check=samples(check), reference={"logits": reference}, cache_dir=tmp / "cache",
                         torch_model=factory, log=lambda s: None)
 
 

@@ -34,7 +34,8 @@ def test_float_precisions_match_onnxruntime(convert: Callable[..., Artifact], pr
     assert sorted(art.files) == ["model.bin", "model.param"]
     assert sorted(p.name for p in art.workdir.iterdir()) == ["model.bin", "model.param"]  # no pnnx leftovers
     cfg = art.runner_config
-    assert (cfg["input"], cfg["output"], cfg["output_shape"]) == ("in0", "out0", [10])
+    assert (cfg["inputs"], cfg["outputs"], cfg["output_shapes"]) == (["input"], ["logits"], {"logits": [10]})
+    assert cfg["blobs"] == {"input": "in0", "logits": "out0"} and (cfg["input"], cfg["output"]) == ("in0", "out0")
     assert cfg["fp16"] is (precision == "fp16") and cfg["int8"] is False
     assert art.info["check"]["rel_diff"] < {"fp32": 1e-4, "fp16": 2e-3}[precision]
     # fp16 stores the weights as half floats: the .bin is about half the fp32 one

@@ -48,7 +48,7 @@ def test_conversions_match_the_fp32_reference(convert: Callable[..., Artifact], 
 def test_check_fails_when_the_model_diverges(tmp_path: Path) -> None:
     """The same conversion with a wrong fp32 reference must be refused, not shipped."""
     ctx = make_context(tmp_path, NAME, tiny_cnn, digits(32), digits(8, offset=32))
-    ctx.reference = ctx.reference + np.float32(5.0) * np.sign(ctx.reference)
+    ctx.reference = {k: v + np.float32(5.0) * np.sign(v) for k, v in ctx.reference.items()}
     with pytest.raises(ConversionError, match="onnxruntime fp32"):
         get_backend(NAME).convert(ctx, "fp32")
 

@@ -143,8 +143,8 @@ def test_check_fails_when_a_weight_is_corrupted(convert: Callable[..., Artifact]
 def test_unknown_precision_is_refused(tmp_path: Path) -> None:
     ok, _ = get_backend(NAME).available()
     ctx = BuildContext(spec=None, target=None, build=None, workdir=tmp_path, onnx_fp32=tmp_path,  # type: ignore[arg-type]
-                       input_name="i", output_name="o", calibration=None, check=None,  # type: ignore[arg-type]
-                       reference=np.zeros(1), cache_dir=tmp_path, torch_model=lambda: None)
+                       input_names=["i"], output_names=["o"], calibration=None, check=None,  # type: ignore[arg-type]
+                       reference={"o": np.zeros(1)}, cache_dir=tmp_path, torch_model=lambda: None)
     with pytest.raises(ConversionError, match="int4"):
         get_backend(NAME).convert(ctx, "int4")
     assert ok in (True, False)
@@ -177,7 +177,7 @@ def test_fallback_ranking_pairs_every_module_with_its_onnx_layer(tmp_path: Path)
     from pipeline.backends.tflite.sensitivity import pair_modules, rank_modules
 
     ctx = make_context(tmp_path, NAME, tiny_cnn, digits(40), digits(8, offset=40))
-    x = ctx.calibration.x
+    x = ctx.calibration.x["input"]
     values = onnx_activations(ctx.onnx_fp32, x[:2])
     model = load_model(ctx.onnx_fp32)
     ensure_node_names(model)

@@ -247,7 +247,7 @@ def _onnx_classifier(path: Path, classes: int = 10) -> Path:
 def _samples(y: np.ndarray | None):
     from pipeline.backends.base import Samples
 
-    return Samples(np.zeros((len(y), 1), np.float32), y, [f"eval.npz:{i}" for i in range(len(y))], "")
+    return Samples({"x": np.zeros((len(y), 1), np.float32)}, y, [f"eval.npz:{i}" for i in range(len(y))], "")
 
 
 @pytest.mark.parametrize("bad", [-1, 10, 1000])

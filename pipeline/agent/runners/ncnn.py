@@ -3,10 +3,13 @@
 ``config`` (written by pipeline/backends/ncnn at conversion time, from the .param file)::
 
     {"param": "model.param", "bin": "model.bin",
-     "input": "in0", "output": "out0",     # blob names read from the .param, never guessed
-     "output_shape": [10],                 # per-sample output shape (the model's, minus batch)
+     "inputs": ["image", "extra"], "outputs": ["logits"],   # the model's ONNX names, in order
+     "blobs": {"image": "in0", "extra": "in1", "logits": "out0"},  # read from the .param, never guessed
+     "output_shapes": {"logits": [10]},    # per-sample output shapes (the model's, minus batch)
      "fp16": false,                        # ncnn fp16 storage / packed / arithmetic options
      "int8": false}                        # int8 inference for layers that carry int8 scales
+
+Older configs name one ``input`` and ``output`` blob and one ``output_shape``.
 
 ncnn has no batch dimension: each sample of a batch is run through its own extractor and the
 outputs are stacked. Samples are passed in the model's own layout with the batch axis dropped
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from . import feeds, io_names
 
 
 def runtime_version() -> str:
@@ -34,9 +39,12 @@ class Runner:
     def __init__(self, run_dir: Path, config: dict[str, Any], threads: int) -> None:
         self.param = Path(run_dir) / config["param"]
         self.bin = Path(run_dir) / config["bin"]
-        self.input = config["input"]
-        self.output = config["output"]
-        self.output_shape = tuple(int(d) for d in config.get("output_shape") or ())
+        self.inputs = io_names(config, "input") or []
+        self.outputs = io_names(config, "output") or []
+        self.blobs = dict(config.get("blobs") or {})  # without it the names are the blobs
+        shapes = config.get("output_shapes") or ({self.outputs[0]: config["output_shape"]}
+                                                 if config.get("output_shape") else {})
+        self.output_shapes = {n: tuple(int(d) for d in s) for n, s in shapes.items()}
         self.fp16 = bool(config.get("fp16", False))
         self.int8 = bool(config.get("int8", False))
         self.light_mode = bool(config.get("light_mode", True))
@@ -65,30 +73,41 @@ class Runner:
             raise RuntimeError(f"ncnn could not load {self.bin} (weights do not match the param file)")
         self.net = net
 
-    def _one(self, sample: np.ndarray) -> np.ndarray:
+    def _one(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ncnn
 
-        data = np.ascontiguousarray(sample, dtype=np.float32)
         ex = self.net.create_extractor()
         ex.set_light_mode(self.light_mode)
-        # ncnn.Mat wraps ``data`` without copying: ``data`` must outlive the extraction
-        mat = ncnn.Mat(data)
-        ex.input(self.input, mat)
-        ret, out = ex.extract(self.output)
-        if ret != 0:
-            raise RuntimeError(f"ncnn extract of blob {self.output!r} failed with code {ret}")
-        result = np.array(out, dtype=np.float32)  # copy out of ncnn's allocator before it is reused
-        del mat, data
+        # ncnn.Mat wraps the data without copying: ``keep`` holds it until the extraction is done
+        keep = []
+        for name, arr in sample.items():
+            data = np.ascontiguousarray(arr, dtype=np.float32)
+            mat = ncnn.Mat(data)
+            keep.append((data, mat))
+            ex.input(self.blobs.get(name, name), mat)
+        result = {}
+        for name in self.outputs:
+            blob = self.blobs.get(name, name)
+            ret, out = ex.extract(blob)
+            if ret != 0:
+                raise RuntimeError(f"ncnn extract of blob {blob!r} (output {name!r}) failed with code {ret}")
+            result[name] = np.array(out, dtype=np.float32)  # copy out of ncnn's allocator before it is reused
+        del keep
         return result
 
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        """Float batch in (model layout), float outputs out, shape (batch, *output_shape)."""
+    def run(self, x: Any) -> dict[str, np.ndarray]:
+        """Every output by name, (batch, *output shape), for a batch (model layout) per input."""
         if self.net is None:
             raise RuntimeError("activate() first")
-        x = np.asarray(x, dtype=np.float32)
-        outs = [self._one(x[i]) for i in range(x.shape[0])]
-        shape = self.output_shape or outs[0].shape
-        return np.stack([o.reshape(shape) for o in outs])
+        batch = feeds(x, self.inputs)
+        n = len(next(iter(batch.values())))
+        outs = [self._one({k: v[i] for k, v in batch.items()}) for i in range(n)]
+        return {name: np.stack([o[name].reshape(self.output_shapes.get(name) or o[name].shape) for o in outs])
+                for name in self.outputs}
+
+    def infer(self, x: Any) -> np.ndarray:
+        """The first output of :meth:`run`."""
+        return next(iter(self.run(x).values()))
 
     def deactivate(self) -> None:
         """Release the net (its weights and allocators)."""

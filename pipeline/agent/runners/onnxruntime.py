@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import device_build
+from . import feeds, io_names
 
 
 def runtime_version() -> str:
@@ -22,13 +23,13 @@ def runtime_version() -> str:
 
 
 class Runner:
-    """Runs one ONNX model. ``config``: {"model": file name, "input": name, "output": name}."""
+    """Runs one ONNX model. ``config``: {"model": file name, "inputs": [names], "outputs": [names]}."""
 
     def __init__(self, run_dir: Path, config: dict[str, Any], threads: int) -> None:
         self.path = Path(run_dir) / config["model"]
         self.config = config
-        self.input = config.get("input")
-        self.output = config.get("output")
+        self.inputs = io_names(config, "input") or []
+        self.outputs = io_names(config, "output") or []
         self.threads = threads
         self.session = None
 
@@ -45,15 +46,17 @@ class Runner:
             # optimised already, for this CPU: optimising again would only cost load time
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        if self.input is None:
-            self.input = self.session.get_inputs()[0].name
-        if self.output is None:
-            self.output = self.session.get_outputs()[0].name
+        self.inputs = self.inputs or [i.name for i in self.session.get_inputs()]
+        self.outputs = self.outputs or [o.name for o in self.session.get_outputs()]
 
-    def infer(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: Any) -> dict[str, np.ndarray]:
+        """Every output by name for ``x`` (input name -> batch, or the batch of a one-input model)."""
         assert self.session is not None, "activate() first"
-        out = self.session.run([self.output], {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
-        return np.asarray(out, dtype=np.float32)
+        got = self.session.run(self.outputs, feeds(x, self.inputs))
+        return {n: np.asarray(o, dtype=np.float32) for n, o in zip(self.outputs, got)}
+
+    def infer(self, x: Any) -> np.ndarray:
+        return next(iter(self.run(x).values()))
 
     def deactivate(self) -> None:
         self.session = None

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import device_build, trt_build
+from . import feeds, io_names
 
 
 def runtime_version() -> str:
@@ -24,10 +25,12 @@ def runtime_version() -> str:
 
 
 class Runner:
+    """One engine; ``config``: {"onnx", "inputs": [names], "outputs": [names], "precision", ...}."""
+
     def __init__(self, run_dir: Path, config: dict[str, Any], threads: int) -> None:
         self.config = config
-        self.input = config["input"]
-        self.output = config["output"]
+        self.inputs = io_names(config, "input") or []
+        self.outputs = io_names(config, "output") or []
         self.engine = None
         self.context = None
 
@@ -41,20 +44,29 @@ class Runner:
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         self.context = self.engine.create_execution_context()
 
-    def infer(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: Any) -> dict[str, np.ndarray]:
+        """Every output by name: inputs copied to the GPU, shapes set, one enqueue, outputs copied back."""
         import torch
 
         assert self.context is not None, "activate() first"
-        inp = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).cuda()
-        self.context.set_input_shape(self.input, tuple(inp.shape))
-        out_shape = tuple(self.context.get_tensor_shape(self.output))
-        out = torch.empty(out_shape, dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address(self.input, inp.data_ptr())
-        self.context.set_tensor_address(self.output, out.data_ptr())
+        keep = []  # the device tensors must outlive the enqueue
+        for name, arr in feeds(x, self.inputs).items():
+            inp = torch.from_numpy(arr).cuda()
+            self.context.set_input_shape(name, tuple(inp.shape))
+            self.context.set_tensor_address(name, inp.data_ptr())
+            keep.append(inp)
+        outs = {}
+        for name in self.outputs:
+            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=torch.float32, device="cuda")
+            self.context.set_tensor_address(name, out.data_ptr())
+            outs[name] = out
         stream = torch.cuda.current_stream()
         self.context.execute_async_v3(stream.cuda_stream)
         stream.synchronize()
-        return out.cpu().numpy()
+        return {name: out.cpu().numpy() for name, out in outs.items()}
+
+    def infer(self, x: Any) -> np.ndarray:
+        return next(iter(self.run(x).values()))
 
     def deactivate(self) -> None:
         self.context = None

@@ -7,11 +7,17 @@ Runs on the device with numpy and one of the two interpreters, nothing else of e
 ``config`` (written by pipeline/backends/tflite at conversion time)::
 
     {"model": "model.tflite",
+     "inputs": ["image", "extra"], "outputs": ["logits"],   # the model's ONNX names, in order
+     "signature": {"image": "args_0", "extra": "args_1", "logits": "output_0"},  # their signature names
      "batch": 1,                      # the model's static batch (inputs are chunked to it)
      "data_layout": "NCHW",           # layout of the float samples the agent hands in
      "model_layout": "NCHW",          # layout of the model's input tensor
      "input_quant": null | {"scale": s, "zero_point": z, "dtype": "int8"},
      "output_quant": null | {"scale": s, "zero_point": z, "dtype": "int8"}}
+
+Tensors are found through the model's one signature (``serving_default``), not by position: the
+interpreter's input and output lists need not follow the model's order. Older configs (no
+``signature``) run the signature's first input and output.
 
 With ``input_quant`` set the model takes integer inputs: the runner quantizes the float samples
 (``q = clip(round(x / scale) + zero_point)``); with ``output_quant`` it dequantizes outputs.
@@ -24,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from . import feeds, io_names
 
 _INTERPRETERS = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
 _INT_RANGES = {"int8": (-128, 127, np.int8), "uint8": (0, 255, np.uint8), "int16": (-32768, 32767, np.int16)}
@@ -91,46 +99,65 @@ class Runner:
         self.axes = _transpose_for(config.get("data_layout", "NCHW"), config.get("model_layout", "NCHW"))
         self.input_quant = config.get("input_quant")
         self.output_quant = config.get("output_quant")
+        self.inputs = io_names(config, "input") or []
+        self.outputs = io_names(config, "output") or []
+        self.signature = dict(config.get("signature") or {})
         self.threads = threads
         self.interpreter: Any = None
-        self._in: dict[str, Any] = {}
-        self._out: dict[str, Any] = {}
+        self._in: dict[str, int] = {}
+        self._out: dict[str, int] = {}
 
     def activate(self) -> None:
-        """Load the model and allocate its tensors."""
+        """Load the model, allocate its tensors and find each input and output by its signature name."""
         mod = _interpreter_module()
         self.interpreter = mod.Interpreter(model_path=str(self.path), num_threads=self.threads)
         self.interpreter.allocate_tensors()
-        self._in = self.interpreter.get_input_details()[0]
-        self._out = self.interpreter.get_output_details()[0]
+        (sig_name, sig), = self.interpreter.get_signature_list().items()
+        runner = self.interpreter.get_signature_runner(sig_name)
+        ins, outs = runner.get_input_details(), runner.get_output_details()
+        if not self.signature:  # an older config: the one input and output
+            self.inputs, self.outputs = self.inputs[:1] or ["input"], self.outputs[:1] or ["output"]
+            self.signature = {self.inputs[0]: sig["inputs"][0], self.outputs[0]: sig["outputs"][0]}
+        self._in = {n: int(ins[self.signature[n]]["index"]) for n in self.inputs}
+        self._out = {n: int(outs[self.signature[n]]["index"]) for n in self.outputs}
+        first = ins[self.signature[self.inputs[0]]]
         want = np.dtype(np.float32) if self.input_quant is None else np.dtype(_INT_RANGES[self.input_quant["dtype"]][2])
-        if np.dtype(self._in["dtype"]) != want:
-            raise ValueError(f"{self.path.name}: input dtype {np.dtype(self._in['dtype'])} but config expects {want}")
+        if np.dtype(first["dtype"]) != want:
+            raise ValueError(f"{self.path.name}: input dtype {np.dtype(first['dtype'])} but config expects {want}")
 
-    def _invoke(self, chunk: np.ndarray) -> np.ndarray:
+    def _feed(self, chunk: np.ndarray) -> np.ndarray:
         if self.axes is not None:
             chunk = chunk.transpose(self.axes)
         if self.input_quant is not None:
-            chunk = quantize(chunk, self.input_quant)
-        else:
-            chunk = chunk.astype(np.float32, copy=False)
-        self.interpreter.set_tensor(self._in["index"], np.ascontiguousarray(chunk))
-        self.interpreter.invoke()
-        out = self.interpreter.get_tensor(self._out["index"])
-        if self.output_quant is not None:
-            return dequantize(out, self.output_quant)
-        return np.array(out, dtype=np.float32)  # copy: the interpreter reuses its buffer
+            return np.ascontiguousarray(quantize(chunk, self.input_quant))
+        return np.ascontiguousarray(chunk, dtype=np.float32)
 
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        """Float batch (data layout) in, float outputs out; chunked to the model's static batch."""
+    def _invoke(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, arr in chunk.items():
+            self.interpreter.set_tensor(self._in[name], self._feed(arr))
+        self.interpreter.invoke()
+        outs = {}
+        for name, index in self._out.items():
+            out = self.interpreter.get_tensor(index)
+            # dequantize or copy: the interpreter reuses its buffers
+            outs[name] = dequantize(out, self.output_quant) if self.output_quant is not None \
+                else np.array(out, dtype=np.float32)
+        return outs
+
+    def run(self, x: Any) -> dict[str, np.ndarray]:
+        """Every output by name; float batches (data layout) in, chunked to the model's static batch."""
         if self.interpreter is None:
             raise RuntimeError("activate() first")
-        x = np.asarray(x, dtype=np.float32)
-        if x.shape[0] == self.batch:
-            return self._invoke(x)
-        if x.shape[0] % self.batch:
-            raise ValueError(f"batch {x.shape[0]} is not a multiple of the model's batch {self.batch}")
-        return np.concatenate([self._invoke(x[i:i + self.batch]) for i in range(0, x.shape[0], self.batch)])
+        batch = feeds(x, self.inputs)
+        n = len(next(iter(batch.values())))
+        if n % self.batch:
+            raise ValueError(f"batch {n} is not a multiple of the model's batch {self.batch}")
+        parts = [self._invoke({k: v[i:i + self.batch] for k, v in batch.items()}) for i in range(0, n, self.batch)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in self.outputs}
+
+    def infer(self, x: Any) -> np.ndarray:
+        """The first output of :meth:`run`."""
+        return next(iter(self.run(x).values()))
 
     def deactivate(self) -> None:
         """Release the interpreter."""

@@ -62,7 +62,7 @@ class NcnnBackend:
             ConversionError: unsupported precision or model, pnnx failure, failed numeric check.
         """
         from pipeline.backends.base import Artifact
-        from pipeline.backends.checks import check_outputs, run_runner
+        from pipeline.backends.checks import check_outputs, run_runner_all
         from pipeline.backends.ncnn import paramfile
 
         if precision not in self.precisions:
@@ -78,12 +78,10 @@ class NcnnBackend:
         try:
             param_path, bin_path, info["onnx_rewrites"] = pnnx.run(ctx, scratch, fp16=precision == "fp16")
             model = paramfile.read(param_path)
-            inputs, outputs = model.inputs(), model.outputs()
-            if len(inputs) != 1 or len(outputs) != 1:
-                raise ConversionError(f"ncnn {precision}: expected one input and one output blob, got "
-                                      f"{inputs} and {outputs}")
-            config = {"param": PARAM, "bin": BIN, "input": inputs[0], "output": outputs[0],
-                      "output_shape": [int(d) for d in ctx.reference.shape[1:]],
+            blobs = blob_names(ctx, model.inputs(), model.outputs(), precision)
+            config = {"param": PARAM, "bin": BIN, "inputs": ctx.input_names, "outputs": ctx.output_names,
+                      "blobs": blobs, "input": blobs[ctx.input_name], "output": blobs[ctx.output_name],
+                      "output_shapes": {n: [int(d) for d in r.shape[1:]] for n, r in ctx.reference.items()},
                       "fp16": precision == "fp16", "int8": precision == "int8"}
             if precision == "int8":
                 from pipeline.backends.ncnn.quantize import build_int8
@@ -98,13 +96,26 @@ class NcnnBackend:
         info["size_bytes"] = (ctx.workdir / BIN).stat().st_size + (ctx.workdir / PARAM).stat().st_size
         info["convert_seconds"] = round(time.perf_counter() - t0, 2)
         # the same runner class the device uses, on real samples, against fp32 ONNX Runtime
-        got = run_runner("ncnn", ctx.workdir, config, ctx.check.x, 1, ctx.target.threads)
+        got = run_runner_all("ncnn", ctx.workdir, config, ctx.check.x, 1, ctx.target.threads)
         info.update(check_outputs(self.name, precision, ctx.reference, got))
         c = info["check"]
         ctx.log(f"ncnn {precision}: {info['size_bytes'] / 1024:.0f} KiB, check rel_diff={c['rel_diff']:.2e} "
                 f"sqnr={c['sqnr_db']:.1f}dB top1_agree={c['top1_agreement']:.1f}%")
         return Artifact(backend=self.name, precision=precision, workdir=ctx.workdir, files=[PARAM, BIN],
                         runner="ncnn", runner_config=config, info=info)
+
+
+def blob_names(ctx: "BuildContext", inputs: list[str], outputs: list[str], precision: str) -> dict[str, str]:
+    """ONNX input/output name -> ncnn blob, read from the .param file, never guessed: pnnx names the
+    model's i-th input ``in{i}`` and its i-th output ``out{i}``, and the file must hold exactly those
+    (the INT8 builder reads ``input``/``output``: the first of each)."""
+    want = {**{n: f"in{i}" for i, n in enumerate(ctx.input_names)},
+            **{n: f"out{i}" for i, n in enumerate(ctx.output_names)}}
+    if sorted(inputs) != sorted(f"in{i}" for i in range(len(ctx.input_names))) or \
+            sorted(outputs) != sorted(f"out{i}" for i in range(len(ctx.output_names))):
+        raise ConversionError(f"ncnn {precision}: the model's inputs {ctx.input_names} and outputs {ctx.output_names} "
+                              f"became blobs {inputs} and {outputs}; expected in0.. and out0.., one per tensor")
+    return want
 
 
 BACKEND = NcnnBackend()

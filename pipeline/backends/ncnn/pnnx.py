@@ -42,9 +42,10 @@ def run(ctx: "BuildContext", scratch: Path, fp16: bool, onnx_path: Path | None =
 
     src = scratch / "model.onnx"
     rewrites = fold_identity_gathers(Path(onnx_path or ctx.onnx_fp32), src)
-    shape = [1, *[int(d) for d in ctx.spec.input.shape[1:]]]  # ncnn has no batch axis
+    # every input's shape, in the model's order: pnnx names their blobs in0, in1, ... in this order
+    shapes = ",".join(f"[{','.join(map(str, [1, *i.shape[1:]]))}]" for i in ctx.spec.input_specs())
     param, binf = scratch / "model.ncnn.param", scratch / "model.ncnn.bin"
-    cmd = [str(executable()), src.name, f"inputshape=[{','.join(map(str, shape))}]", f"fp16={int(fp16)}",
+    cmd = [str(executable()), src.name, f"inputshape={shapes}", f"fp16={int(fp16)}",
            f"ncnnparam={param.name}", f"ncnnbin={binf.name}", "ncnnpy=model_ncnn.py",
            "pnnxparam=model.pnnx.param", "pnnxbin=model.pnnx.bin", "pnnxpy=model_pnnx.py",
            "pnnxonnx=model.pnnx.onnx"]

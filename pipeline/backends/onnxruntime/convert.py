@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.backends.base import Artifact, BuildContext, device_build_config
-from pipeline.backends.checks import check_outputs, run_runner
+from pipeline.backends.checks import check_outputs, run_runner_all
 from pipeline.errors import ConversionError
 
 
@@ -49,9 +49,9 @@ class OnnxRuntimeBackend:
         else:
             info["calibration"] = quantize_int8(ctx, out)
         info["convert_s"] = round(time.perf_counter() - t0, 3)
-        config = {"model": out.name, "input": ctx.input_name, "output": ctx.output_name}
+        config = {"model": out.name, "inputs": ctx.input_names, "outputs": ctx.output_names}
         batch = ctx.spec.input.shape[0]
-        got = run_runner("onnxruntime", ctx.workdir, config, ctx.check.x, batch, ctx.target.threads)
+        got = run_runner_all("onnxruntime", ctx.workdir, config, ctx.check.x, batch, ctx.target.threads)
         info.update(check_outputs(self.name, precision, ctx.reference, got))
         if self.device_build(ctx.build.options):  # checked above as shipped; the device optimises it for its CPU
             config["device_build"] = device_build_config(out, "model.optimized.onnx", ctx.build.options)
@@ -101,7 +101,7 @@ def _ort_default(ctx: BuildContext, out: Path) -> dict[str, Any]:
     import numpy as np
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
-    x = ctx.calibration.x
+    x = ctx.calibration.single("ONNX Runtime's quantize_static (method ort-default)")
     batch = ctx.spec.input.shape[0]
 
     class Reader(CalibrationDataReader):

@@ -68,8 +68,9 @@ class TensorRTBackend:
             onnx_file = ctx.workdir / "model.onnx"
             shutil.copyfile(ctx.onnx_fp32, onnx_file)
         files.insert(0, onnx_file.name)
-        config: dict[str, Any] = {"onnx": onnx_file.name, "input": ctx.input_name, "output": ctx.output_name,
-                                  "precision": precision, "input_shape": list(ctx.spec.input.shape)}
+        config: dict[str, Any] = {"onnx": onnx_file.name, "inputs": ctx.input_names, "outputs": ctx.output_names,
+                                  "input_shapes": {i.name: list(i.shape) for i in ctx.spec.input_specs()},
+                                  "precision": precision}
         if precision == "int8":
             config["calibration_cache"] = CALIBRATION_CACHE
         info.update(_host_check(ctx, precision, onnx_file))
@@ -104,10 +105,11 @@ def _quantize_qdq(ctx: BuildContext, out: Path) -> dict[str, Any]:
 def _host_check(ctx: BuildContext, precision: str, onnx_file: Path) -> dict[str, Any]:
     """The shipped ONNX run by ONNX Runtime against the fp32 reference (fp16 is checked as fp32:
     the precision is the device builder's)."""
-    from pipeline.backends.checks import check_outputs, run_runner
+    from pipeline.backends.checks import check_outputs, run_runner_all
 
-    config = {"model": onnx_file.name, "input": ctx.input_name, "output": ctx.output_name}
-    got = run_runner("onnxruntime", ctx.workdir, config, ctx.check.x, ctx.spec.input.shape[0], ctx.target.threads)
+    config = {"model": onnx_file.name, "inputs": ctx.input_names, "outputs": ctx.output_names}
+    got = run_runner_all("onnxruntime", ctx.workdir, config, ctx.check.x, ctx.spec.input.shape[0],
+                         ctx.target.threads)
     out = check_outputs("tensorrt", "int8" if precision == "int8" else "fp32", ctx.reference, got)
     out["check"]["runtime"] = "onnxruntime on the shipped ONNX (the engine is checked on the device)"
     return out

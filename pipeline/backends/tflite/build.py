@@ -29,7 +29,9 @@ class Prepared:
 
     module: Any
     sample: Any
-    """torch.Tensor in the model's input layout, batch = the spec's static batch."""
+    """torch.Tensor of the first input in the model's layout, batch = the spec's static batch."""
+    args: tuple[Any, ...]
+    """One such tensor per input, in forward()'s order (``sample`` first): what the model is traced with."""
     batch: int
     data_layout: str
     model_layout: str
@@ -47,18 +49,21 @@ def prepare(ctx: "BuildContext") -> Prepared:
     module = ctx.torch_model().eval()
     batch = int(ctx.spec.input.shape[0])
     data_layout = ctx.spec.input.layout
-    x = np.ascontiguousarray(ctx.calibration.x[:batch], dtype=np.float32)
-    if x.shape[0] != batch:
-        raise ValueError(f"need at least {batch} calibration samples to trace the model, got {x.shape[0]}")
+    xs = [np.ascontiguousarray(ctx.calibration.x[n][:batch], dtype=np.float32) for n in ctx.input_names]
+    if len(ctx.calibration) < batch:
+        raise ValueError(f"need at least {batch} calibration samples to trace the model, got {len(ctx.calibration)}")
     model_layout = data_layout
     if ctx.build.options.get("channels_last_io") and data_layout == "NCHW":
         import litert_torch
 
+        if len(xs) != 1:
+            raise ValueError("channels_last_io takes a model with one input")
         # NHWC input avoids the leading TRANSPOSE litert-torch otherwise inserts for NCHW models
         module = litert_torch.to_channel_last_io(module, args=[0])
-        x = x.transpose(0, 2, 3, 1).copy()
+        xs[0] = xs[0].transpose(0, 2, 3, 1).copy()
         model_layout = "NHWC"
-    return Prepared(module, torch.from_numpy(x), batch, data_layout, model_layout)
+    args = tuple(torch.from_numpy(x) for x in xs)
+    return Prepared(module, args[0], args, batch, data_layout, model_layout)
 
 
 def to_model_layout(p: Prepared, x: np.ndarray) -> np.ndarray:
@@ -72,7 +77,7 @@ def convert_fp32(p: Prepared) -> bytes:
     """Plain float32 conversion."""
     import litert_torch
 
-    return bytes(litert_torch.convert(p.module, (p.sample,)).model_content())
+    return bytes(litert_torch.convert(p.module, p.args).model_content())
 
 
 def cast_weights_fp16(fp32_model: bytes) -> tuple[bytes, dict[str, Any]]:
@@ -123,13 +128,18 @@ def _whole_batches(x: np.ndarray, batch: int) -> np.ndarray:
 
 
 def _run(module: Any, x: np.ndarray, batch: int) -> np.ndarray:
-    """(N, -1) float32 outputs of ``module`` on ``x`` in static batches (checks.run_batched)."""
+    """(N, -1) float32 first output of ``module`` on ``x`` in static batches (checks.run_batched):
+    what the INT8 search scores; the conversion's check holds every output."""
     import torch
 
     from pipeline.backends.checks import run_batched
+    from pipeline.stages.export import flatten_outputs
+
+    def first(chunk: np.ndarray) -> np.ndarray:
+        return flatten_outputs(module(torch.from_numpy(np.array(chunk))))[0][0].numpy()
 
     with torch.no_grad():  # np.array: a writable copy (the samples may be memory-mapped)
-        return run_batched(lambda chunk: module(torch.from_numpy(np.array(chunk))).numpy(), x, batch)
+        return run_batched(first, x, batch)
 
 
 @dataclass

@@ -66,7 +66,7 @@ class TFLiteBackend:
             ConversionError: unsupported precision, converter failure, or failed numeric check.
         """
         from pipeline.backends.base import Artifact
-        from pipeline.backends.checks import check_outputs, run_runner
+        from pipeline.backends.checks import check_outputs, run_runner_all
         from pipeline.backends.tflite import build, interface
 
         if precision not in self.precisions:
@@ -94,12 +94,12 @@ class TFLiteBackend:
             raise ConversionError(f"tflite {precision}: litert-torch conversion failed: {first}") from err
 
         io = interface.io_details(model)
-        if len(io["inputs"]) != 1 or len(io["outputs"]) != 1:
-            raise ConversionError(f"tflite {precision}: expected one input and one output, got "
-                                  f"{len(io['inputs'])} and {len(io['outputs'])}")
         input_quant = output_quant = None
         if precision == "int8":
             if opts.get("int8_io"):
+                if len(io["inputs"]) != 1 or len(io["outputs"]) != 1:
+                    raise ConversionError(f"tflite int8: int8_io takes a model with one input and one output, "
+                                          f"this one has {len(io['inputs'])} and {len(io['outputs'])}")
                 input_quant, output_quant = _quant_of(io["inputs"][0]), _quant_of(io["outputs"][0])
             else:
                 model = interface.add_float_io(model)
@@ -107,6 +107,9 @@ class TFLiteBackend:
         (ctx.workdir / MODEL_FILE).write_bytes(model)
         config = {
             "model": MODEL_FILE,
+            "inputs": ctx.input_names,
+            "outputs": ctx.output_names,
+            "signature": signature_names(ctx, prepared, model, precision),
             "batch": prepared.batch,
             "data_layout": prepared.data_layout,
             "model_layout": prepared.model_layout,
@@ -118,11 +121,45 @@ class TFLiteBackend:
         info["tensor_types"] = interface.tensor_types(model)
         info["size_bytes"] = len(model)
         # the same runner class the device uses, on real samples, against fp32 ONNX Runtime
-        got = run_runner("tflite", ctx.workdir, config, ctx.check.x, prepared.batch, ctx.target.threads)
+        got = run_runner_all("tflite", ctx.workdir, config, ctx.check.x, prepared.batch, ctx.target.threads)
         info.update(check_outputs(self.name, precision, ctx.reference, got))
         ctx.log(f"tflite {precision}: {len(model) / 1024:.0f} KiB, check {_summary(info['check'])}")
         return Artifact(backend=self.name, precision=precision, workdir=ctx.workdir, files=[MODEL_FILE],
                         runner="tflite", runner_config=config, info=info)
+
+
+def signature_names(ctx: "BuildContext", prepared: Any, model: bytes, precision: str) -> dict[str, str]:
+    """ONNX input/output name -> the model signature's name for it.
+
+    litert-torch names the i-th positional input ``args_i`` and the i-th output ``output_i``, or a
+    dict output's entries by their keys (its signature lists them sorted, so order says nothing):
+    the names are derived from the module's own output and then checked against the signature.
+    """
+    import torch
+
+    from pipeline.stages.export import flatten_outputs
+
+    with torch.no_grad():
+        flat, keys = flatten_outputs(prepared.module(*prepared.args))
+    outs = keys if keys is not None else [f"output_{i}" for i in range(len(flat))]
+    names = {**{n: f"args_{i}" for i, n in enumerate(ctx.input_names)}, **dict(zip(ctx.output_names, outs))}
+    sig = _signature(model)
+    if sorted(sig["inputs"]) != sorted(names[n] for n in ctx.input_names) or \
+            sorted(sig["outputs"]) != sorted(names[n] for n in ctx.output_names):
+        raise ConversionError(f"tflite {precision}: the model's signature has inputs {sig['inputs']} and outputs "
+                              f"{sig['outputs']}; expected {[names[n] for n in ctx.input_names]} and "
+                              f"{[names[n] for n in ctx.output_names]} for {ctx.input_names} and {ctx.output_names}")
+    return names
+
+
+def _signature(model: bytes) -> dict[str, list[str]]:
+    """The inputs and outputs of the model's one signature (litert-torch writes ``serving_default``)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    signatures = Interpreter(model_content=model).get_signature_list()
+    if len(signatures) != 1:
+        raise ConversionError(f"tflite: expected one signature in the converted model, found {sorted(signatures)}")
+    return next(iter(signatures.values()))
 
 
 def _quant_of(tensor: dict[str, Any]) -> dict[str, Any]:
