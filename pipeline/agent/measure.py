@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+from .outputs import concat, pack
 
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
@@ -45,24 +47,46 @@ def batch_of(x: np.ndarray, start: int, batch: int) -> np.ndarray:
     return chunk
 
 
-def evaluate(runner: Any, x: "np.ndarray | dict[str, np.ndarray]", labels: np.ndarray | None, reference: np.ndarray | None,
-             batch: int, tie_margin: float = 0.0) -> dict[str, Any]:
-    """Run every sample once; accuracy vs labels and fidelity vs the fp32 reference outputs.
+class KeepOutputs:
+    """What ``evaluate`` returns of the raw outputs: all of them, packed (outputs.py), float16 when
+    the host's metric allows, after ``postprocess`` (outputs -> outputs, numpy, per batch) if given."""
 
-    With a static batch > 1 the last partial batch is padded by repeating its last sample and the
-    padding is dropped from the outputs. ``tie_margin`` > 0 adds ``agreement_within_ties``.
-    """
-    outs = []
+    def __init__(self, float16: bool = False, postprocess: Callable[[dict], dict] | None = None) -> None:
+        self.float16 = float16
+        self.postprocess = postprocess
+
+
+def run_all(runner: Any, x: "np.ndarray | dict[str, np.ndarray]", batch: int,
+            postprocess: Callable[[dict], dict] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+    """Every sample once in batches: the first raw output (N, -1) and, with ``postprocess``, its
+    results over all batches. With a static batch > 1 the last partial batch is padded by
+    repeating its last sample and the padding is dropped from the outputs."""
     inputs = x if isinstance(x, dict) else {"": x}
     n = len(next(iter(inputs.values())))
+    firsts, kept = [], []
     for start in range(0, n, batch):
         chunks = {k: batch_of(v, start, batch) for k, v in inputs.items()}
         real = min(batch, n - start)
-        out = runner.infer(chunks if isinstance(x, dict) else chunks[""])
-        outs.append(np.asarray(out, dtype=np.float32).reshape(batch, -1)[:real])
-    logits = np.concatenate(outs, axis=0)
+        out = runner.run(chunks if isinstance(x, dict) else chunks[""])
+        out = {k: np.asarray(v)[:real] for k, v in out.items()}
+        firsts.append(np.asarray(next(iter(out.values())), dtype=np.float32).reshape(real, -1))
+        kept.append(postprocess(out) if postprocess is not None else out)
+    return np.concatenate(firsts, axis=0), concat(kept)
+
+
+def evaluate(runner: Any, x: "np.ndarray | dict[str, np.ndarray]", labels: np.ndarray | None,
+             reference: np.ndarray | None, batch: int, tie_margin: float = 0.0,
+             keep: KeepOutputs | None = None) -> dict[str, Any]:
+    """Run every sample once; accuracy vs labels and fidelity vs the fp32 reference outputs, both
+    on the first output (the device-side fast path of ``top1`` and ``fidelity``); with ``keep``
+    every output, packed, under ``outputs`` for the host to score. ``tie_margin`` > 0 adds
+    ``agreement_within_ties``."""
+    logits, outputs = run_all(runner, x, batch, keep.postprocess if keep is not None else None)
+    n = len(logits)
     pred = logits.argmax(axis=1)
     result: dict[str, Any] = {"samples": int(n), "predictions": pred.astype(int).tolist()}
+    if keep is not None and outputs is not None:
+        result["outputs"] = pack(outputs, keep.float16)
     if labels is not None:
         result["accuracy"] = round(float((pred == np.asarray(labels).reshape(-1)).mean()) * 100.0, 4)
     if reference is not None:

@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .measure import evaluate, time_batch
+from .measure import KeepOutputs, evaluate, time_batch
 from .runners import load_runner_module
 
 
@@ -53,6 +53,7 @@ class _Loaded:
         self.batch = int(self.cfg.get("batch", 1))
         self.first = ({k: np.array(v[:self.batch], dtype=np.float32) for k, v in self.x.items()}
                       if isinstance(self.x, dict) else np.array(self.x[:self.batch], dtype=np.float32))
+        self.keep = keep_outputs(release, self.cfg.get("outputs"))
         self.baseline_rss_mb = _rss_mb()
         self.module = load_runner_module(run["runner"])
         self.runner = self.module.Runner(release / run["dir"], run["config"], int(self.cfg["threads"]))
@@ -71,8 +72,28 @@ class _Loaded:
             return {"peak_rss_mb": _rss_mb()}
         if what == "evaluate":
             return evaluate(self.runner, self.x, self.labels, self.reference, self.batch,
-                            float(self.cfg.get("tie_margin", 0.0)))
+                            float(self.cfg.get("tie_margin", 0.0)), self.keep)
         return {"error": f"unknown command {what!r}"}
+
+
+def keep_outputs(release: Path, block: dict[str, Any] | None) -> KeepOutputs | None:
+    """The agent config's ``outputs`` block -> what ``evaluate`` returns of the raw outputs:
+    ``{"float16": bool, "postprocess": {"file": "postprocess/m.py", "function": "f"}}`` (the
+    postprocess module ships in the release, numpy only, and is loaded from its file)."""
+    if not block:
+        return None
+    post = None
+    if block.get("postprocess"):
+        import importlib.util
+
+        path = release / block["postprocess"]["file"]
+        spec = importlib.util.spec_from_file_location(f"edgeship_postprocess_{path.stem}", path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load the postprocess module {path}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        post = getattr(module, block["postprocess"]["function"])
+    return KeepOutputs(bool(block.get("float16", False)), post)
 
 
 def _inputs(data: Path, names: list[str] | None) -> "np.ndarray | dict[str, np.ndarray]":

@@ -37,7 +37,7 @@ def import_callable(ref: str, where: str, beside: Path | None = None) -> Callabl
         raise SpecError(f"{where}: cannot import module {module_name!r} ({exc}); check the name; a module "
                         "is found beside the spec or on PYTHONPATH") from None
     except Exception as exc:  # the module's own code raised while importing
-        raise _user_code_error(where, f"importing {module_name}", exc) from exc
+        raise user_code_error(where, f"importing {module_name}", exc) from exc
     _check_not_shadowed(module, module_name, beside, where)
     fn = getattr(module, attr, None)
     if not callable(fn):
@@ -91,10 +91,10 @@ def call_user(ref: str, where: str, kwargs: dict[str, Any], beside: Path | None 
     except EdgeshipError:
         raise
     except Exception as exc:  # user code: any type; KeyboardInterrupt still propagates
-        raise _user_code_error(where, ref, exc) from exc
+        raise user_code_error(where, ref, exc) from exc
 
 
-def _user_code_error(where: str, what: str, exc: Exception) -> UserCodeError:
+def user_code_error(where: str, what: str, exc: Exception) -> UserCodeError:
     text = str(exc).strip()
     detail = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
     return UserCodeError(f"{where}: {what} raised {detail}; fix that code (the spec names it)")
