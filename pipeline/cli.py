@@ -115,6 +115,10 @@ def deploy(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] 
            json_out: Optional[Path] = typer.Option(None, "--json", help="write machine-readable results here"),
            host: Optional[list[str]] = typer.Option(None, "--host", help="only these hosts of the target"),
            no_rollback: bool = typer.Option(False, "--no-rollback", help="keep a release that fails the gate"),
+           keep_passing: bool = typer.Option(False, "--keep-passing", help="keep the release when at least one run "
+                                             "passed (exit 3 still); results name the recommended run"),
+           require: Optional[str] = typer.Option(None, "--require", help="'all' runs must pass for the release to "
+                                                 "stay (the default), or 'any' (= --keep-passing)"),
            junit: Optional[Path] = JUNIT_OPT,
            backend: Optional[list[str]] = typer.Option(None, "--backend", help="only this backend's builds of the "
                                                        "target (repeatable)"),
@@ -126,12 +130,15 @@ def deploy(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] 
     from pipeline.deploy import deploy as run_deploy
     from pipeline.registry import select_builds
 
+    if require not in (None, "all", "any") or (keep_passing and require == "all"):
+        raise typer.BadParameter("'all' or 'any'; --keep-passing is --require any", param_hint="'--require'")
     s, t = _load(spec, target)
     t = select_builds(t, backend, skip_unavailable, log=_log)
     out_dir = _out(out, s, t)
     # The whole deploy, not just its build: a second run must not replace the release being uploaded.
     with locked_out_dir(out_dir, "deploy"):
-        results = run_deploy(s, t, out_dir, hosts=host, rollback_on_fail=not no_rollback, log=_log)
+        results = run_deploy(s, t, out_dir, hosts=host, rollback_on_fail=not no_rollback,
+                             require="any" if keep_passing else require or "all", log=_log)
         _finish(results, json_out, out_dir, junit)
 
 

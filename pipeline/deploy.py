@@ -1,8 +1,11 @@
 """Deploy + validate: ship a release to every device of a target, measure there, gate, roll back.
 
 Per device, under the device's lock: probe (refuse a mismatched architecture or runtime), upload
-the release (content-addressed: nothing moves if it is already there), switch ``current``, run
-the agent, gate its numbers, and switch back to the previous release when the gate fails.
+the release (content-addressed: nothing moves if it is already there), switch the spec's
+``current``, run the agent, gate each run, and switch back to the spec's previous good release
+when the gate fails (``require="all"``, the default) or when no run passed (``require="any"``,
+``deploy --keep-passing``). Releases are kept per spec on the device, so another spec's release
+is never touched. The gate's outcome is recorded on the device (``devices releases``, ``rollback``).
 Devices of a fleet run in parallel (bounded by ``transport.parallel``).
 """
 
@@ -14,11 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline.build import BuildResult, build
-from pipeline.cache import Cache
-from pipeline.errors import DeviceError, EdgeshipError, Interrupted
+from pipeline.cache import Cache, sha256_file
+from pipeline.errors import BadInput, DeviceError, EdgeshipError, Interrupted
 from pipeline.spec import Host, PipelineSpec, TargetSpec
 from pipeline.validate.gate import budget_pp, check_run, combine, run_row
 from pipeline.validate.paired import attach_drop_intervals
+from pipeline.validate.recommend import recommend, recommend_across
 from pipeline.validate.report import RESULTS_SCHEMA
 
 if TYPE_CHECKING:
@@ -26,18 +30,21 @@ if TYPE_CHECKING:
     from pipeline.transport.fleet import Rollout
 
 LOCK_WAIT_S = 600.0
+#: ``deploy --require``: ``all`` runs must pass for the release to stay (today's rule), or ``any``
+#: one (``--keep-passing``: ship what passed, ``recommended`` names the run to use).
+REQUIRE = ("all", "any")
 
 
 def deploy(spec: PipelineSpec, target: TargetSpec, out_dir: Path, *, cache: Cache | None = None,
-           hosts: list[str] | None = None, rollback_on_fail: bool = True,
+           hosts: list[str] | None = None, rollback_on_fail: bool = True, require: str = "all",
            log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build (cached), deploy to every host of ``target``, validate, gate. Returns the results doc."""
     built = build(spec, target, out_dir, cache=cache, log=log)
-    return deploy_release(built, hosts=hosts, rollback_on_fail=rollback_on_fail, log=log)
+    return deploy_release(built, hosts=hosts, rollback_on_fail=rollback_on_fail, require=require, log=log)
 
 
 def deploy_release(built: BuildResult, *, hosts: list[str] | None = None, rollback_on_fail: bool = True,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+                   require: str = "all", log: Callable[[str], None] = print) -> dict[str, Any]:
     """Ship ``built`` to the selected hosts (all of the target's by default), measure, gate, report.
 
     A fleet stops starting hosts once ``transport.max_failures`` of them failed (unreachable, or
@@ -49,7 +56,10 @@ def deploy_release(built: BuildResult, *, hosts: list[str] | None = None, rollba
     target = built.target
     rollout = Rollout()
     t0 = time.perf_counter()
-    outcomes = for_each_host(target, lambda h: _deploy_one(built, h, rollback_on_fail, log, rollout),
+    if require not in REQUIRE:
+        raise BadInput(f"--require must be one of {', '.join(REQUIRE)}, not {require!r}")
+    keep = "never" if not rollback_on_fail else require
+    outcomes = for_each_host(target, lambda h: _deploy_one(built, h, keep, log, rollout),
                              hosts=_select_hosts(target, hosts), failed=_failed, rollout=rollout)
     devices = [_device_outcome(name, out) for name, out in outcomes.items()]
     if len(devices) > 1:
@@ -90,32 +100,51 @@ def validate_current(spec: PipelineSpec, target: TargetSpec, out_dir: Path, *, h
     from pipeline.transport.fleet import Rollout, for_each_host
 
     rollout = Rollout()
+    versions: dict[str, Any] = {}
 
     def one(host: Host | None) -> dict[str, Any]:
         with open_transport(target, host) as tr, tr.lock(wait_s=LOCK_WAIT_S), \
                 rollout.stoppable(tr.name, tr.stop_agent):
             tr.cancel = rollout.cancelled
             name = tr.name
-            current = tr.verify_current()  # the bytes measured are the bytes that were verified
+            current = tr.verify_current(spec.name)  # the bytes measured are the bytes that were verified
+            manifest = json.loads(tr.read_current_manifest(spec.name))
+            _same_spec(spec, manifest, f"{name}: release {current[:12]}")
             try:
-                raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s)
+                raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s,
+                                   spec=spec.name)
             except EdgeshipError:
                 if rollout.cancelled.is_set():
                     raise Interrupted(f"{name}: validation stopped, {current[:12]} still current") from None
                 raise
-            manifest = json.loads(tr.read_current_manifest())
         versions.update(manifest["provenance"].get("tools") or {})
         return _device_result(spec, target, name, manifest, raw, {"release_id": current, "bytes_moved": 0},
                               _host_eval_dir(out_dir, manifest))
 
     outcomes = for_each_host(target, one, hosts=_select_hosts(target, hosts), rollout=rollout)
+    wrong = next((o for o in outcomes.values() if isinstance(o, BadInput)), None)
+    if wrong is not None:
+        raise wrong  # another spec's release: nothing was measured, and no report pretends otherwise
     devices = [_device_outcome(n, o) for n, o in outcomes.items()]
     gate = combine([d["gate"] for d in devices])
     ref = devices[0].get("reference", {}) if devices else {}
     return {"schema": RESULTS_SCHEMA, "spec": spec.name, "target": target.name, "release_id": None,
             "reference": ref, "budget_pp": budget_pp(spec, target),
             "accuracy_decision": spec.accuracy.decision, "versions": versions, "devices": devices,
-            "runs": devices[0]["runs"] if len(devices) == 1 else [], "gate": gate}
+            "runs": devices[0]["runs"] if len(devices) == 1 else [], "gate": gate,
+            "recommended": recommend_across(devices, spec.deploy.recommend)}
+
+
+def _same_spec(spec: PipelineSpec, manifest: dict[str, Any], where: str) -> None:
+    """Refuse to gate a release against a spec it was not built from (name, or the spec file's sha256)."""
+    built = (manifest.get("provenance") or {}).get("spec") or {}
+    name, sha = manifest.get("name") or built.get("name"), built.get("sha256")
+    mine = sha256_file(spec.source_path) if spec.source_path else None
+    if name != spec.name:
+        raise BadInput(f"{where} was built from spec {name!r}, not {spec.name!r}; deploy {spec.name} first")
+    if sha and mine and sha != mine:
+        raise BadInput(f"{where} was built from another version of spec {spec.name} ({built.get('path')}, sha256 "
+                       f"{sha[:12]}; {spec.source_path} is {mine[:12]}); deploy this spec first to validate it")
 
 
 def _host_eval_dir(out_dir: Path, manifest: dict[str, Any]) -> Path | None:
@@ -140,7 +169,7 @@ def _select_hosts(target: TargetSpec, names: list[str] | None) -> list[Host] | N
     return [known[n] for n in names]
 
 
-def _deploy_one(built: BuildResult, host: Host | None, rollback_on_fail: bool, log: Callable[[str], None],
+def _deploy_one(built: BuildResult, host: Host | None, keep: str, log: Callable[[str], None],
                 rollout: "Rollout") -> dict[str, Any]:
     from pipeline.transport import open_transport
 
@@ -148,36 +177,39 @@ def _deploy_one(built: BuildResult, host: Host | None, rollback_on_fail: bool, l
     with open_transport(built.target, host) as tr:
         tr.cancel = rollout.cancelled
         with tr.lock(wait_s=LOCK_WAIT_S), rollout.stoppable(tr.name, tr.stop_agent):
-            before = tr.current()
+            before = tr.current(built.spec.name)
             try:
-                result = _ship_and_gate(built, tr, rollback_on_fail, log)
+                result = _ship_and_gate(built, tr, keep, log)
             except EdgeshipError:
                 if rollout.cancelled.is_set():
-                    raise _restore(tr, before, log) from None
+                    raise _restore(tr, built.spec.name, before, log) from None
                 raise
     result["started_at"], result["finished_at"] = round(started, 3), round(time.time(), 3)
     return result
 
 
-def _restore(tr: "Transport", before: str | None, log: Callable[[str], None]) -> Interrupted:
-    """After an interrupt: no agent left running, and the release that was current is current again."""
+def _restore(tr: "Transport", spec: str, before: str | None, log: Callable[[str], None]) -> Interrupted:
+    """After an interrupt: no agent left running, and the spec's release that was current is current
+    again (none, when this was its first: an unvalidated release is not left current)."""
     stopped = tr.stop_agent()
-    now = tr.current()
+    now = tr.current(spec)
     if now == before:
         what = f"{before[:12] if before else 'nothing'} still current"
     elif before is not None:
-        tr.rollback(before)
+        tr.rollback(before, spec)
         what = f"rolled back to {before[:12]}"
     else:
-        what = f"{str(now)[:12]} stays current, never validated (there is no previous release)"
+        tr.clear(spec)
+        what = f"{str(now)[:12]} is no longer current, never validated (there is no earlier release of {spec})"
     msg = f"{tr.name}: {'agent stopped, ' if stopped else ''}{what}"
     log(msg)
     return Interrupted(msg)
 
 
-def _ship_and_gate(built: BuildResult, tr: "Transport", rollback_on_fail: bool,
+def _ship_and_gate(built: BuildResult, tr: "Transport", keep: str,
                    log: Callable[[str], None]) -> dict[str, Any]:
-    """Probe, upload and switch, measure, gate; roll back a failed gate. The caller holds the lock."""
+    """Probe, upload and switch, measure, gate; roll back a failed gate (``keep``: all | any |
+    never, see :func:`_settle`). The caller holds the lock."""
     target, spec, name = built.target, built.spec, tr.name
     probe = tr.probe()
     tr.check(target, probe)
@@ -188,22 +220,56 @@ def _ship_and_gate(built: BuildResult, tr: "Transport", rollback_on_fail: bool,
     log(f"{name}: release {built.release_id[:12]} {'uploaded' if dep.get('changed') else 'already there'}"
         f", {dep.get('bytes_moved', 0)} bytes moved" + (f", {repaired} damaged files of older releases repaired"
                                                          if repaired else ""))
-    raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s)
+    raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s, spec=spec.name)
     _log_device_builds(name, raw, log)
     result = _device_result(spec, target, name, built.manifest, raw, dep,
                             built.release_dir / built.manifest["agent"]["eval_dir"])
     result["probe"] = probe
-    if not result["gate"]["passed"] and rollback_on_fail:
-        previous = dep.get("previous")
-        if previous and previous != built.release_id:
-            tr.rollback(previous)
-            result["rolled_back"] = True
-            result["rolled_back_to"] = previous
-            log(f"{name}: gate failed, rolled back to {previous[:12]}")
-        else:
-            result["rolled_back"] = False
-            log(f"{name}: gate failed and there is no previous release to roll back to")
+    _settle(built, tr, result, keep, log)
     return result
+
+
+def _settle(built: BuildResult, tr: "Transport", result: dict[str, Any], keep: str,
+            log: Callable[[str], None]) -> None:
+    """Keep the release, or put the spec's previous good release back (none: the spec has no
+    current release); then record the gate's outcome on the device.
+
+    ``keep``: ``all`` keeps it when every run passed, ``any`` when at least one did (the results'
+    ``recommended`` names which to use), ``never`` (``--no-rollback``) always.
+    """
+    spec, rid, name = built.spec.name, built.release_id, tr.name
+    passed = sum(1 for r in result["runs"] if r["gate"]["passed"])
+    kept = result["gate"]["passed"] or keep == "never" or (keep == "any" and passed > 0)
+    result["kept"] = kept
+    if not kept:
+        good = _good_previous(tr, spec, rid)
+        if good is not None:
+            tr.rollback(good, spec)
+            result["rolled_back"], result["rolled_back_to"] = True, good
+            log(f"{name}: gate failed, rolled back to {good[:12]} (the previous good release of {spec})")
+        else:
+            tr.clear(spec)
+            result["rolled_back"], result["cleared"] = False, True
+            log(f"{name}: gate failed and {spec} has no earlier good release: nothing of {spec} is current now")
+    elif not result["gate"]["passed"]:
+        log(f"{name}: gate failed for {len(result['runs']) - passed} of {len(result['runs'])} runs; release "
+            f"{rid[:12]} kept" + (f", recommended run {result['recommended']['run']}" if result.get("recommended") else ""))
+    manifest_file = built.release_dir / "manifest.json"
+    tr.record(spec, rid, {
+        "gate": "passed" if result["gate"]["passed"] else "failed", "runs_passed": passed,
+        "runs": len(result["runs"]), "kept": kept, "at": round(time.time(), 3),
+        "built_at": round(manifest_file.stat().st_mtime, 3) if manifest_file.exists() else None,
+        "recommended": (result.get("recommended") or {}).get("run"), "reasons": result["gate"]["reasons"][:3]})
+
+
+def _good_previous(tr: "Transport", spec: str, rid: str) -> str | None:
+    """The spec's most recently current release other than ``rid`` that did not fail its gate
+    (kept ones count as good; one without a record was current before outcomes were recorded)."""
+    for d in tr.slot(spec)["details"]:
+        gate = d.get("gate") or {}
+        if d["id"] != rid and d.get("last_current") is not None and (gate.get("gate") != "failed" or gate.get("kept")):
+            return str(d["id"])
+    return None
 
 
 def _log_device_builds(name: str, raw: dict[str, Any], log: Callable[[str], None]) -> None:
@@ -228,7 +294,8 @@ def _device_result(spec: PipelineSpec, target: TargetSpec, name: str, manifest: 
         attach_drop_intervals(rows, raw, eval_dir, spec.evaluation.metric, spec.evaluation.tie_margin)
     gates = [check_run(row, spec, target) for row in rows]
     return {"device": name, "deploy": dep, "device_info": raw.get("device"), "conditions": raw.get("conditions"),
-            "runs": rows, "reference": reference, "gate": combine(gates), "rolled_back": False, "error": None}
+            "runs": rows, "reference": reference, "gate": combine(gates),
+            "recommended": recommend(rows, spec.deploy.recommend), "rolled_back": False, "error": None}
 
 
 def _results(built: BuildResult, devices: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -248,5 +315,7 @@ def _results(built: BuildResult, devices: list[dict[str, Any]], seconds: float) 
         # The single-device case, flat, for scripts: the first device's runs.
         "runs": devices[0]["runs"] if devices else [],
         "gate": gate,
+        # The run to use (deploy.recommend) among those that passed, on every device; null if none did.
+        "recommended": recommend_across(devices, built.spec.deploy.recommend),
         "deploy_seconds": round(seconds, 2),
     }

@@ -9,7 +9,6 @@ the host's fp32 outputs, and each metric's bad input is one line with its exit c
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,9 +59,10 @@ def test_agent_returns_every_output_and_host_top1_equals_the_device_fast_path(tm
     np.save(release / "data" / "y.npy", labels)
     post = release / "postprocess"
     post.mkdir()
-    (post / "pooled.py").write_text("import numpy as np\n\ndef pool(outputs):\n"
-                                    "    return {'scores': outputs['scores'], 'heat_mean': outputs['heat'].mean(axis=(2, 3))}\n")
-    results = _measure(release, {"float16": False, "postprocess": {"file": "postprocess/pooled.py", "function": "pool"}})
+    (post / "pooled.py").write_text("def pool(outputs):\n    return {'scores': outputs['scores'],\n"
+                                    "            'heat_mean': outputs['heat'].mean(axis=(2, 3))}\n")
+    keep = {"float16": False, "postprocess": {"file": "postprocess/pooled.py", "function": "pool"}}
+    results = _measure(release, keep)
     fp32_all = run_onnx(built.artifacts[0].workdir / "model.onnx", x, 1)
     for rid, res in results.items():
         got = unpack(res["outputs"])

@@ -177,7 +177,8 @@ def _trtexec_args(exe: str, onnx: Path, engine: Path, config: dict[str, Any]) ->
         args += [f"--useDLACore={int(opts['dla_core'])}", "--allowGPUFallback"]
     if opts.get("profile"):
         shapes = config.get("input_shapes") or {config["input"]: config["input_shape"]}  # older configs: one
-        per_input = {name: _shapes([int(d) for d in dims], opts["profile"]) for name, dims in shapes.items()}
+        order = config.get("inputs") or list(shapes)  # the model's order (the config's JSON sorts its keys)
+        per_input = {name: _shapes([int(d) for d in shapes[name]], opts["profile"]) for name in order}
         for k, flag in enumerate(("min", "opt", "max")):
             spec = ",".join(f"{name}:{'x'.join(str(d) for d in s[k])}" for name, s in per_input.items())
             args.append(f"--{flag}Shapes={spec}")

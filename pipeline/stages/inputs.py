@@ -311,7 +311,8 @@ def check_labels(spec: PipelineSpec, reference: np.ndarray, sets: dict[str, Samp
         if samples.y is None:
             continue
         if not isinstance(samples.y, np.ndarray):
-            raise InputFileError(f"{spec.source_path}: field '{section}.source' ({source_name(spec, getattr(spec, section).source)}): "
+            src = source_name(spec, getattr(spec, section).source)
+            raise InputFileError(f"{spec.source_path}: field '{section}.source' ({src}): "
                                  "top1 reads integer class indices, the labels are per-sample objects; return an int "
                                  "array of labels, or name a metric that reads these labels")
         bad = np.flatnonzero((samples.y < 0) | (samples.y >= classes))

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from pipeline.errors import DeviceError, EdgeshipError
+from pipeline.errors import BadInput, DeviceError, EdgeshipError
 from pipeline.spec import Host, TargetSpec, list_target_names, load_target
 
 devices_app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -196,25 +196,78 @@ def provision_cmd(target_name: Annotated[str, typer.Argument(metavar="TARGET")],
     _fleet(target, host, lambda t: t.provision(target), show, as_json)
 
 
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
+def _outcome(gate: dict[str, Any] | None) -> str:
+    """The gate outcome recorded on the device, in a few words."""
+    if not gate:
+        return "gate not recorded"
+    if gate.get("gate") == "passed":
+        return f"passed ({gate.get('runs_passed')}/{gate.get('runs')} runs)"
+    return (f"FAILED ({gate.get('runs_passed')}/{gate.get('runs')} runs passed), "
+            + ("kept" if gate.get("kept") else "rolled back"))
+
+
 @devices_app.command("releases")
 def releases_cmd(target_name: Annotated[str, typer.Argument(metavar="TARGET")], host: HostOpt = None,
                  as_json: JsonOpt = False) -> None:
-    """Releases on each device, most recent first; marks current (*) and previous (-)."""
+    """Releases on each device by spec, most recent first: current (*), previous (-), build time and
+    the gate outcome of the deploy that shipped each."""
     target = load_target(target_name)
 
-    def show(name: str, st: dict[str, Any]) -> None:
-        typer.echo(f"{name}:" + ("" if st["details"] else " no releases"))
-        for d in st["details"]:
-            mark = "*" if d["id"] == st["current"] else "-" if d["id"] == st["previous"] else " "
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(d["last_current"])) if d["last_current"] else "never"
-            typer.echo(f"  {mark} {d['id']:<40} {d['bytes'] / 2**20:8.1f} MiB  last current {when}")
+    def show(name: str, specs: dict[str, dict[str, Any]]) -> None:
+        typer.echo(f"{name}:" + ("" if any(st["details"] for st in specs.values()) else " no releases"))
+        for spec, st in specs.items():
+            if not st["details"]:
+                continue
+            typer.echo(f"  {spec}" + ("" if st["current"] else " (nothing current)"))
+            for d in st["details"]:
+                mark = "*" if d["id"] == st["current"] else "-" if d["id"] == st["previous"] else " "
+                gate = d.get("gate") or {}
+                typer.echo(f"    {mark} {d['id'][:16]:<16} {d['bytes'] / 2**20:8.1f} MiB  built {_when(gate.get('built_at'))}"
+                           f"  last current {_when(d['last_current'])}  {_outcome(d.get('gate'))}")
 
-    _fleet(target, host, lambda t: t.store.state(), show, as_json)
+    _fleet(target, host, lambda t: t.state(), show, as_json)
+
+
+def _checked_rollback(t: Any, spec: str | None, to: str | None, force: bool, may_ask: bool) -> str | None:
+    """Roll ``spec`` back on one device, under its lock; a release whose gate failed needs --force
+    (or, on a terminal with one device, a yes to the question)."""
+    with t.lock(t.lock_wait_s):
+        slot = t.slot(spec)
+        dest = to or slot["previous"]
+        gate = next((d.get("gate") for d in slot["details"] if d["id"] == dest), None) or {}
+        if dest and gate.get("gate") == "failed":
+            why = "; ".join(gate.get("reasons") or []) or "no reason recorded"
+            warning = (f"{t.name}: release {dest[:12]} of {slot['spec']} failed its gate on {_when(gate.get('at'))} "
+                       f"({_outcome(gate)}: {why})")
+            if force:
+                typer.echo(f"warning: {warning}; switching to it (--force)", err=True)
+            elif not may_ask:
+                raise BadInput(f"{warning}; not switched: rerun with --force to switch to it anyway")
+            else:
+                typer.echo(f"warning: {warning}", err=True)
+                if not typer.confirm("Switch to it anyway?", default=False):
+                    raise BadInput(f"{t.name}: rollback to {dest[:12]} declined; nothing was switched")
+        return t.rollback(dest, slot["spec"])
 
 
 def rollback(target_name: Annotated[str, typer.Argument(metavar="TARGET")],
+             spec: Annotated[Optional[str], typer.Option("--spec", help="Which spec's releases (the spec's name; "
+                                                         "default: the only spec on the device).")] = None,
              to: Annotated[Optional[str], typer.Option("--to", help="Release id (default: the previous one).")] = None,
+             force: Annotated[bool, typer.Option("--force", help="Switch even to a release whose gate failed.")] = False,
              host: HostOpt = None) -> None:
-    """Switch each device of TARGET back to its previous release (or --to ID), atomically."""
+    """Switch a spec's current release on each device of TARGET back to its previous one (or --to ID).
+
+    Switching to a release whose gate failed is refused without --force: on a terminal with one
+    device you are asked; otherwise (scripts, CI, fleets) the command stops with exit 2, since an
+    unattended switch to a release known to fail its limits is almost always a mistake.
+    """
     target = load_target(target_name)
-    _fleet(target, host, lambda t: t.rollback(to), lambda n, cur: typer.echo(f"{n}: current is now {cur}"), False)
+    hosts = _hosts(target, host) or target.transport.hosts
+    may_ask = sys.stdin.isatty() and sys.stdout.isatty() and len(hosts) <= 1
+    _fleet(target, host, lambda t: _checked_rollback(t, spec, to, force, may_ask),
+           lambda n, cur: typer.echo(f"{n}: current{f' of {spec}' if spec else ''} is now {cur}"), False)

@@ -2,20 +2,28 @@
 
 The host never manipulates the release store with ad-hoc shell lines; it sends this file's source
 to the device (``python3 -c <source> <op> <json-args>``) and reads one JSON document back. Local
-and SSH transports run the very same program, so the layout and its invariants live in one place:
+and SSH transports run the very same program, so the layout and its invariants live in one place.
 
-    <root>/releases/<release_id>/           immutable, verified releases
-    <root>/releases/<id>/.edgeship-sha256sums   the verified file list (``sha256sum -c`` format)
-    <root>/staging/<release_id>.<nonce>/    an upload in progress (resumable); it lives in
+Releases are kept per spec name (a "slot"), so that deploying model B never replaces model A and
+a failed B goes back to the previous B, never to A:
+
+    <root>/<spec>/releases/<release_id>/     immutable, verified releases
+    <root>/<spec>/releases/<id>/.edgeship-sha256sums   the verified file list (``sha256sum -c`` format)
+    <root>/<spec>/staging/<id>.<nonce>/      an upload in progress (resumable); it lives in
                                              releases/.staging/ instead when releases/ is its own
                                              filesystem, so the final move stays one rename(2)
-    <root>/current -> releases/<id>          switched atomically (symlink + rename)
-    <root>/history                           one line per switch: "<unix time> <id>" (the time is
+    <root>/<spec>/current -> releases/<id>   switched atomically (symlink + rename)
+    <root>/<spec>/history                    one line per switch: "<unix time> <id>" (the time is
                                              shown, never decided on: the line order is)
-    <root>/.lock, .lock.owner                the per-device deploy lock (see lock.py)
+    <root>/<spec>/gates.json                 {id: the gate outcome of the deploy that shipped it}
+    <root>/.lock, .lock.owner                the per-device deploy lock (see lock.py), one per root
     <root>/.edgeship-root                    the marker: this folder is edgeship's (``_claim``)
     <root>/.agent.pid                        "<process group> <token>" of the last agent started
     <root>/engines/<key>/                    artifacts built on the device (agent/device_build.py)
+
+A root written before slots existed (``<root>/releases``, ``<root>/current`` at the top) is
+migrated once, under the deploy lock (``_migrate``): each release moves under the spec name its
+manifest names.
 
 Nothing here may import anything outside the standard library, and the code must stay compatible
 with the oldest device Python we support (3.9): no ``match``, no ``X | Y`` at runtime.
@@ -41,6 +49,9 @@ _STAGING_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.[0-9a-f]{8}(\.da
 #: older edgeship's, claimed as is; anything else there is someone's data).
 _ROOT_ENTRIES = ("releases", "staging", "current", "current.tmp", "history", "history.tmp", ".lock",
                  ".lock.owner", "venv", "engines", AGENT_PID, MARKER)
+GATES = "gates.json"
+#: The slot of a migrated release whose manifest names no spec (hand-made, or unreadable).
+UNNAMED = "unnamed"
 
 
 def _sha256(path, sync=False):
@@ -65,8 +76,43 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+class Refused(Exception):
+    """An operation that cannot run as asked (say why in one line); nothing was changed."""
+
+
+def _slot(a, empty_ok=False):
+    """The slot folder of the operation's spec: ``a["spec"]``, or the only spec holding releases
+    (with ``empty_ok``, None when there is none).
+
+    Spec names are folder names here, so one that is also a name edgeship uses at the top of the
+    root (``releases``, ``engines``, ``venv``, ...) is refused rather than mixed with it.
+    """
+    root, spec = a["root"], a.get("spec")
+    if spec is None:
+        specs = [s for s in _slots(root) if _releases(os.path.join(root, s))]
+        if not specs and empty_ok:
+            return None
+        if not specs:
+            raise Refused("no release deployed under %s; run `edgeship deploy` first" % root)
+        if len(specs) > 1:
+            raise Refused("%s holds releases of %d specs (%s); name one with --spec" % (root, len(specs), ", ".join(specs)))
+        spec = specs[0]
+    if not _RELEASE_ID.match(spec) or spec in _ROOT_ENTRIES:
+        raise Refused("spec name %r is reserved on the device (edgeship's own folder under transport.root); "
+                      "rename the spec" % spec)
+    return os.path.join(root, spec)
+
+
+def _slots(root):
+    """Spec names with a slot under ``root`` (a folder holding releases/), sorted."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if _RELEASE_ID.match(d) and d not in _ROOT_ENTRIES
+                  and os.path.isdir(os.path.join(root, d, "releases")))
+
+
 def _history(root):
-    """[(time, id), ...] oldest first; tolerant of a torn last line."""
+    """[(time, id), ...] oldest first; tolerant of a torn last line. ``root``: a slot (or an old root)."""
     out = []
     try:
         with open(os.path.join(root, "history"), encoding="utf-8") as fh:
@@ -207,14 +253,47 @@ def _state(root):
     return {"current": cur, "previous": _previous(root, cur, existing), "releases": existing}
 
 
-def _switch(root, rid):
-    """Point ``current`` at releases/<rid> atomically: new symlink, then rename(2) over the old."""
-    tmp = os.path.join(root, "current.tmp")
+def _point(slot, rid):
+    """Point the slot's ``current`` at releases/<rid> atomically: new symlink, rename(2) over the old."""
+    tmp = os.path.join(slot, "current.tmp")
     if os.path.lexists(tmp):
         os.remove(tmp)
     os.symlink(os.path.join("releases", rid), tmp)
-    os.replace(tmp, os.path.join(root, "current"))
-    _fsync_dir(root)
+    os.replace(tmp, os.path.join(slot, "current"))
+    _fsync_dir(slot)
+
+
+def _unlink_current(slot):
+    """The slot has no current release any more (its only release failed its gate)."""
+    try:
+        os.remove(os.path.join(slot, "current"))
+    except OSError:
+        pass  # there was none
+    _fsync_dir(slot)
+
+
+def _write_atomic(path, text):
+    """Replace ``path`` by ``text`` in one rename(2), durable (a torn file would lose every entry)."""
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _gates(slot):
+    """{release id: gate outcome} recorded by the deploys that shipped them ({} when none or torn)."""
+    try:
+        with open(os.path.join(slot, GATES), encoding="utf-8") as fh:
+            out = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def _switch(root, rid):
+    """Make releases/<rid> current in the slot ``root`` and append the switch to its history."""
+    _point(root, rid)
     path = os.path.join(root, "history")
     with open(path, "a", encoding="utf-8") as fh:
         fh.write("%.3f %s\n" % (time.time(), rid))
@@ -240,6 +319,9 @@ def _prune(root, keep):
         if rid not in protected:
             shutil.rmtree(os.path.join(root, "releases", rid))
             pruned.append(rid)
+    gates = _gates(root)
+    if any(rid in gates for rid in pruned):
+        _write_atomic(os.path.join(root, GATES), json.dumps(dict((k, v) for k, v in gates.items() if k not in pruned)))
     return pruned
 
 
@@ -269,25 +351,28 @@ def _staging_root(root):
 def _link_index(root, skip):
     """sha256 -> [paths of files other releases list with that hash] (link candidates, unverified).
 
-    A listed hash is what the file held when its release was verified, not what it holds now: the
-    caller re-hashes a candidate before linking to it (see ``_linkable``).
+    Every spec's releases count (models of one device share the agent and often data). A listed
+    hash is what the file held when its release was verified, not what it holds now: the caller
+    re-hashes a candidate before linking to it (see ``_linkable``). ``skip``: a release folder.
     """
     index = {}
-    for rid in _releases(root):
-        if rid == skip:
-            continue
-        folder = os.path.join(root, "releases", rid)
-        for rel, sha in sorted((_read_sums(folder) or {}).items()):
-            index.setdefault(sha, []).append(os.path.join(folder, rel))
+    for spec in _slots(root):
+        slot = os.path.join(root, spec)
+        for rid in _releases(slot):
+            folder = os.path.join(slot, "releases", rid)
+            if folder == skip:
+                continue
+            for rel, sha in sorted((_read_sums(folder) or {}).items()):
+                index.setdefault(sha, []).append(os.path.join(folder, rel))
     return index
 
 
-def _linkable(releases, candidates, sha, size, seen, damaged):
+def _linkable(root, candidates, sha, size, seen, damaged):
     """The first candidate whose bytes hash to ``sha`` now, or None.
 
     Releases hard-link identical files, so one damaged inode shows up in several releases: it is
-    hashed once (``seen``: inode -> ok) and every path holding it goes to ``damaged`` (rel to
-    releases/, sha) so that finalize can repair them from the fresh upload.
+    hashed once (``seen``: inode -> ok) and every path holding it goes to ``damaged`` (rel to the
+    device root, sha) so that finalize can repair them from the fresh upload.
     """
     found = None
     for src in candidates:
@@ -304,24 +389,41 @@ def _linkable(releases, candidates, sha, size, seen, damaged):
             except OSError:
                 seen[key] = False
         if not seen[key]:
-            damaged.append([os.path.relpath(src, releases), sha])
+            damaged.append([os.path.relpath(src, root), sha])
         elif found is None:
             found = src
     return found
 
 
-def op_list(a):
-    """What the store holds: current, previous, every release with its size and last switch time."""
-    root = a["root"]
-    st = _state(root)
+def _listing(slot):
+    """One slot: current, previous, every release with its size, last switch time and gate outcome."""
+    st = _state(slot)
     last = {}
-    for t, rid in _history(root):
+    for t, rid in _history(slot):
         last[rid] = t
+    gates = _gates(slot)
     st["details"] = [
-        {"id": r, "bytes": _tree_bytes(os.path.join(root, "releases", r)), "last_current": last.get(r)}
-        for r in _by_recency(root, st["releases"])
+        {"id": r, "bytes": _tree_bytes(os.path.join(slot, "releases", r)), "last_current": last.get(r),
+         "gate": gates.get(r)}
+        for r in _by_recency(slot, st["releases"])
     ]
     return st
+
+
+def op_list(a):
+    """What the store holds, per spec: ``{"specs": {name: listing}, "legacy": bool}``.
+
+    With a ``spec`` argument (null: the only spec), ``{"slot": listing, "legacy"}`` instead.
+    ``legacy``: the root still has the old layout (read-only here; the host migrates it under the
+    lock and lists again).
+    """
+    root = a["root"]
+    if "spec" in a:  # one spec's listing (the only spec's, for null), as "slot"
+        slot = _slot(a, empty_ok=True)
+        one = _listing(slot) if slot else {"current": None, "previous": None, "releases": [], "details": []}
+        one["spec"] = os.path.basename(slot) if slot else None
+        return {"legacy": _old_layout(root), "slot": one}
+    return {"legacy": _old_layout(root), "specs": dict((s, _listing(os.path.join(root, s))) for s in _slots(root))}
 
 
 def op_prepare(a):
@@ -331,22 +433,22 @@ def op_prepare(a):
     Returns ``state="present"`` when a verified copy already sits in releases/ (nothing to upload),
     else ``state="staged"`` with ``staging`` and ``need`` {rel: resume offset}.
     """
-    root, rid, files = a["root"], a["id"], a["files"]
-    staging_root = _staging_root(root)
+    root, slot, rid, files = a["root"], _slot(a), a["id"], a["files"]
+    staging_root = _staging_root(slot)
     expected = dict((rel, v[0]) for rel, v in files.items())
-    target = os.path.join(root, "releases", rid)
+    target = os.path.join(slot, "releases", rid)
     broken = None
     if os.path.isdir(target):
         bad = _verify(target, expected)
         if not bad:
-            out = _state(root)
-            out.update(state="present", free_bytes=_free_bytes(os.path.join(root, "releases")))
+            out = _state(slot)
+            out.update(state="present", free_bytes=_free_bytes(os.path.join(slot, "releases")))
             return out
         # Same id, other bytes. A copy that fails its own verified list is damaged: never link
         # from it. One that passes is intact (e.g. repackaged): its unchanged files are reused.
         own = _read_sums(target)
         if own is None or _verify(target, own):
-            broken = rid
+            broken = target
 
     # Only the newest staging folder of this release survives (it is resumed); staging folders of
     # other releases belong to abandoned deploys (we hold the lock) and only take space.
@@ -368,7 +470,7 @@ def op_prepare(a):
                 os.remove(os.path.join(dirpath, n))
 
     index = _link_index(root, broken)
-    releases = os.path.join(root, "releases")
+    releases = os.path.join(slot, "releases")
     need, linked, resumed, seen, damaged = {}, 0, 0, {}, []
     for rel, (sha, size) in sorted(files.items()):
         path = os.path.join(stage, rel)
@@ -382,7 +484,7 @@ def op_prepare(a):
                 resumed += 1
                 continue
             os.remove(path)
-        src = _linkable(releases, index.get(sha, []), sha, size, seen, damaged)
+        src = _linkable(root, index.get(sha, []), sha, size, seen, damaged)
         if src is not None:
             # Releases are immutable, so an identical file is shared, not copied again.
             try:
@@ -392,25 +494,26 @@ def op_prepare(a):
             linked += 1
             continue
         need[rel] = 0
-    out = _state(root)
+    out = _state(slot)
     out.update(state="staged", staging=stage, need=need, linked=linked, resumed=resumed, damaged=damaged,
                free_bytes=_free_bytes(releases))
     return out
 
 
-def _repair(root, rid, damaged, expected):
-    """Replace other releases' damaged files (prepare's ``damaged``) by links to release ``rid``'s.
+def _repair(root, folder, damaged, expected):
+    """Replace other releases' damaged files (prepare's ``damaged``) by links to ``folder``'s.
 
-    ``rid`` was just verified, so its file with the same sha256 holds the right bytes; a damaged
-    copy elsewhere is swapped for it atomically (link, then rename(2) over the bad one), which
-    keeps those releases whole for a rollback. Returns the paths repaired (relative to releases/).
+    The release in ``folder`` was just verified, so its file with the same sha256 holds the right
+    bytes; a damaged copy elsewhere (any spec's) is swapped for it atomically (link, then rename(2)
+    over the bad one), which keeps those releases whole for a rollback. Returns the paths repaired
+    (relative to the device root).
     """
-    releases = os.path.join(root, "releases")
-    good = dict((sha, os.path.join(releases, rid, rel)) for rel, sha in expected.items())
+    good = dict((sha, os.path.join(folder, rel)) for rel, sha in expected.items())
     repaired = []
     for rel, sha in damaged:
-        path = os.path.normpath(os.path.join(releases, rel))
-        if sha not in good or not path.startswith(releases + os.sep) or not os.path.isfile(path):
+        path = os.path.normpath(os.path.join(root, rel))
+        parts = os.path.relpath(path, root).split(os.sep)
+        if sha not in good or len(parts) < 4 or parts[1] != "releases" or not os.path.isfile(path):
             continue  # not ours to touch, or pruned meanwhile
         try:
             if _sha256(path) == sha:
@@ -433,7 +536,7 @@ def op_finalize(a):
     A file whose hash differs is deleted from staging (so the next deploy uploads it again) and
     the release is refused: ``ok=false`` with ``bad`` naming the files; nothing else changes.
     """
-    root, rid, stage, files = a["root"], a["id"], a["staging"], a["files"]
+    root, slot, rid, stage, files = a["root"], _slot(a), a["id"], a["staging"], a["files"]
     expected = dict((rel, v[0]) for rel, v in files.items())
     bad = _verify(stage, expected, sync=True)
     if bad:
@@ -442,7 +545,7 @@ def op_finalize(a):
                 os.remove(os.path.join(stage, rel))
             except OSError:
                 pass  # missing files are among the bad ones: nothing to discard
-        out = _state(root)
+        out = _state(slot)
         out.update(ok=False, bad=bad)
         return out
     with open(os.path.join(stage, SUMS), "w", encoding="utf-8") as fh:
@@ -450,7 +553,7 @@ def op_finalize(a):
             fh.write("%s  %s\n" % (expected[rel], rel))
         fh.flush()
         os.fsync(fh.fileno())
-    target = os.path.join(root, "releases", rid)
+    target = os.path.join(slot, "releases", rid)
     if os.path.isdir(target):
         # A damaged copy of the same id (prepare found it bad): move it aside first. If it was
         # current, ``current`` dangles between the two renames; it pointed at bad bytes anyway.
@@ -460,11 +563,11 @@ def op_finalize(a):
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(stage, target)
-    _fsync_dir(os.path.join(root, "releases"))
-    _switch(root, rid)
-    pruned = _prune(root, int(a["keep"]))
-    repaired = _repair(root, rid, a.get("repair") or [], expected)
-    out = _state(root)
+    _fsync_dir(os.path.join(slot, "releases"))
+    _switch(slot, rid)
+    pruned = _prune(slot, int(a["keep"]))
+    repaired = _repair(root, target, a.get("repair") or [], expected)
+    out = _state(slot)
     out.update(ok=True, pruned=pruned, repaired=repaired)
     return out
 
@@ -472,10 +575,16 @@ def op_finalize(a):
 def op_switch(a):
     """Make an existing release current (rollback) after re-verifying its files.
 
-    Args (JSON): root, to (a release id or null for the previous one).
+    Args (JSON): root, spec, to (a release id or null for the previous one), clear (with to null:
+    leave the spec with no current release, e.g. its first release failed its gate).
     """
-    root = a["root"]
-    st = _state(root)
+    slot = _slot(a)
+    st = _state(slot)
+    if a.get("clear") and not a.get("to"):
+        _unlink_current(slot)
+        out = _state(slot)
+        out.update(ok=True)
+        return out
     to = a.get("to") or st["previous"]
     if to is None:
         st.update(ok=False, error="no previous release to roll back to")
@@ -483,15 +592,15 @@ def op_switch(a):
     if to not in st["releases"]:
         st.update(ok=False, error="release %s is not on the device" % to)
         return st
-    folder = os.path.join(root, "releases", to)
+    folder = os.path.join(slot, "releases", to)
     sums = _read_sums(folder)
     bad = ["(no %s)" % SUMS] if sums is None else _verify(folder, sums)
     if bad:
         st.update(ok=False, error="release %s is damaged: %s %s its recorded sha256; deploy release %s again "
                   "to repair it" % (to, ", ".join(bad[:3]), "does not match" if len(bad) == 1 else "do not match", to))
         return st
-    _switch(root, to)
-    out = _state(root)
+    _switch(slot, to)
+    out = _state(slot)
     out.update(ok=True)
     return out
 
@@ -517,11 +626,11 @@ def op_verify(a):
     Returns ``ok``, ``release`` and ``bad`` (files missing or with other bytes). Measuring a
     release whose bytes changed since it was verified would gate something that was never built.
     """
-    root = a["root"]
-    rid = _current(root)
+    slot = _slot(a)
+    rid = _current(slot)
     if rid is None:
         return {"ok": False, "release": None, "bad": [], "error": "nothing is deployed"}
-    folder = os.path.join(root, "releases", rid)
+    folder = os.path.join(slot, "releases", rid)
     expected = _read_sums(folder)
     if expected is None:
         return {"ok": False, "release": rid, "bad": [SUMS]}
@@ -602,22 +711,117 @@ def op_stop_agent(a):
     return {"ok": not left, "stopped": count, "left": left or []}
 
 
+def op_record(a):
+    """Record the gate outcome of the deploy that shipped release ``id`` of the spec (``gates.json``).
+
+    Args (JSON): root, spec, id, outcome {"gate": passed | partial | failed, ...}. The first
+    ``built_at`` seen for an id is kept: a redeploy of the same bytes does not rebuild them.
+    """
+    slot, rid = _slot(a), a["id"]
+    if rid not in _releases(slot):
+        raise Refused("release %s is not on the device" % rid)
+    gates = _gates(slot)
+    entry = dict(a["outcome"])
+    if (gates.get(rid) or {}).get("built_at"):
+        entry["built_at"] = gates[rid]["built_at"]
+    gates[rid] = entry
+    _write_atomic(os.path.join(slot, GATES), json.dumps(gates, sort_keys=True))
+    return {"ok": True}
+
+
+def _old_layout(root):
+    """The root still holds releases the way edgeship wrote them before per-spec slots."""
+    return bool(_releases(root)) or os.path.islink(os.path.join(root, "current")) or \
+        os.path.isfile(os.path.join(root, "history"))
+
+
+def _manifest_spec(folder):
+    """The spec name a release's manifest.json names (``name``), or UNNAMED."""
+    try:
+        with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as fh:
+            name = json.load(fh).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    ok = isinstance(name, str) and _RELEASE_ID.match(name) and name not in _ROOT_ENTRIES
+    return name if ok else UNNAMED
+
+
+def _migrate(root):
+    """Move an old-layout root into per-spec slots; runs under the deploy lock, once.
+
+    Safe to repeat after a crash at any point: releases already moved are found in their slots,
+    each slot's history is rewritten whole from the old one (which goes last), and every move is
+    one rename(2). Abandoned staging folders go; anything else edgeship did not write stays.
+    Returns the specs that received releases.
+    """
+    if not _old_layout(root):
+        return []
+    owner = {}
+    for spec in _slots(root):  # moved by an interrupted migration
+        for rid in _releases(os.path.join(root, spec)):
+            owner[rid] = spec
+    for rid in _releases(root):
+        owner[rid] = _manifest_spec(os.path.join(root, "releases", rid))
+    entries, cur = _history(root), _current(root)
+    for spec in sorted(set(owner.values())):
+        os.makedirs(os.path.join(root, spec, "releases"), exist_ok=True)
+        _write_atomic(os.path.join(root, spec, "history"),
+                      "".join("%.3f %s\n" % e for e in entries if owner.get(e[1]) == spec))
+    for rid in _releases(root):
+        # shutil.move: one rename, or a copy when releases/ was a filesystem of its own
+        shutil.move(os.path.join(root, "releases", rid), os.path.join(root, owner[rid], "releases", rid))
+    if cur in owner:
+        _point(os.path.join(root, owner[cur]), cur)
+    for name in ("current", "current.tmp", "history", "history.tmp"):
+        if os.path.lexists(os.path.join(root, name)):
+            os.remove(os.path.join(root, name))
+    for d in (os.path.join(root, "staging"), os.path.join(root, "releases", ".staging")):
+        if os.path.isdir(d):
+            for n in os.listdir(d):
+                if _STAGING_NAME.match(n):
+                    shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+    for d in (os.path.join(root, "releases", ".staging"), os.path.join(root, "staging"), os.path.join(root, "releases")):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass  # not empty (someone's files: kept), or a mount point
+    _fsync_dir(root)
+    return sorted(set(owner.values()))
+
+
+def op_migrate(a):
+    """Migrate an old-layout root (the host calls this under the lock when ``list`` says legacy)."""
+    return {"ok": True, "migrated": _migrate(a["root"])}
+
+
 def op_claim(a):
     """Claim the root (see ``_claim``); mutating ops do this themselves first."""
     return {"ok": True}
 
 
 #: Operations that write or delete under the root: each claims it first.
-_MUTATING = ("claim", "prepare", "finalize", "switch")
+_MUTATING = ("claim", "prepare", "finalize", "switch", "record", "migrate")
+#: Operations the host only runs under the deploy lock: an old-layout root is migrated first.
+_MIGRATING = ("prepare", "finalize", "switch", "record", "migrate", "verify")
 
 OPS = {"claim": op_claim, "verify": op_verify, "stop_agent": op_stop_agent, "list": op_list,
-       "prepare": op_prepare, "finalize": op_finalize, "switch": op_switch}
+       "prepare": op_prepare, "finalize": op_finalize, "switch": op_switch, "record": op_record,
+       "migrate": op_migrate}
 
 
 def main(argv):
     op, args = argv[1], json.loads(argv[2])
-    refused = _claim(args["root"]) if op in _MUTATING else None
-    out = {"ok": False, "not_ours": refused} if refused else OPS[op](args)
+    root = args["root"]
+    refused = _claim(root) if op in _MUTATING else None
+    if refused:
+        out = {"ok": False, "not_ours": refused}
+    else:
+        try:
+            if op in _MIGRATING and os.path.isfile(os.path.join(root, MARKER)):
+                _migrate(root)
+            out = OPS[op](args)
+        except Refused as exc:
+            out = {"ok": False, "refused": str(exc)}
     sys.stdout.write(json.dumps(out) + "\n")
     return 0
 

@@ -5,8 +5,9 @@ A deploy is: read the release's file list (manifest.json ``files``) -> ``prepare
 already hold once their bytes are re-hashed, report free space and damaged copies) -> free-space check -> upload what is missing, file by file, each
 under the transfer deadline -> [fault hook] -> ``finalize`` on the device (sha256 of every file
 against the manifest, atomic move into releases/, atomic ``current`` switch, prune, repair other releases' damaged
-copies from the fresh one). The device
-half lives in ``device_ops.py``; both transports run it unchanged.
+copies from the fresh one). Releases are kept per spec (the manifest's ``name``): each spec has its
+own ``current``, history and rollback on the device. The device half lives in ``device_ops.py``;
+both transports run it unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from pipeline.errors import DeviceError
+from pipeline.errors import DeviceError, SpecError
 from pipeline.transport import device_ops
 from pipeline.transport.base import Executor, ProgressFn, q
 
@@ -103,6 +104,21 @@ def release_files(release_dir: Path) -> dict[str, tuple[str, int]]:
     return files
 
 
+def release_spec(release_dir: Path) -> str:
+    """The spec a release was built from (manifest.json ``name``): its slot on the device."""
+    path = release_dir / MANIFEST
+    try:
+        name = json.loads(path.read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DeviceError(f"{path}: cannot read the release manifest ({exc}); rebuild the release") from None
+    if not isinstance(name, str) or not _RELEASE_ID.match(name):
+        raise DeviceError(f"{path}: names no spec ('name'); rebuild the release")
+    if name in device_ops._ROOT_ENTRIES:
+        raise SpecError(f"spec name {name!r} is a folder edgeship keeps at the top of transport.root on the device; "
+                        "rename the spec")
+    return name
+
+
 @dataclass
 class FaultHooks:
     """Fault injection for tests of things that cannot be produced for real deterministically.
@@ -138,11 +154,17 @@ class ReleaseStore:
         if out.get("not_ours"):
             raise DeviceError(f"{self.ex.name}: transport.root {out['not_ours']}; nothing was changed; point "
                               "transport.root at an empty or new folder (edgeship claims it on first use)")
+        if out.get("refused"):
+            raise DeviceError(f"{self.ex.name}: {out['refused']}")
         return out
 
-    def state(self) -> dict[str, Any]:
-        """``{"current", "previous", "releases", "details"}``."""
+    def listing(self) -> dict[str, Any]:
+        """``{"legacy": bool, "specs": {spec: {"current", "previous", "releases", "details"}}}``."""
         return self.op("list", {})
+
+    def record(self, spec: str, release_id: str, outcome: dict[str, Any]) -> None:
+        """Keep the gate outcome of the deploy that shipped ``release_id`` on the device (the caller locks)."""
+        self.op("record", {"spec": spec, "id": release_id, "outcome": outcome})
 
     def deploy(self, release_dir: Path, release_id: str, *, keep: int, transfer_timeout_s: float,
                ensure_locked: Callable[[], None], progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -150,16 +172,17 @@ class ReleaseStore:
         if not _RELEASE_ID.match(release_id):
             raise DeviceError(f"release id {release_id!r} must be letters, digits, '.', '_' or '-'")
         files = release_files(release_dir)
+        slot = release_spec(release_dir)
         spec = {rel: [sha, size] for rel, (sha, size) in files.items()}
-        plan = self.op("prepare", {"id": release_id, "nonce": secrets.token_hex(4), "files": spec})
-        path = f"{self.root}/releases/{release_id}"
-        base = {"release_id": release_id, "path": path, "files": len(files),
+        plan = self.op("prepare", {"spec": slot, "id": release_id, "nonce": secrets.token_hex(4), "files": spec})
+        path = f"{self.root}/{slot}/releases/{release_id}"
+        base = {"release_id": release_id, "spec": slot, "path": path, "files": len(files),
                 "release_bytes": sum(size for _, size in files.values())}
         if plan["state"] == "present":
             changed = plan["current"] != release_id
             if changed:
                 ensure_locked()
-                plan = self._switch(release_id)
+                plan = self._switch(slot, release_id)
             return {**base, "bytes_moved": 0, "uploaded_files": 0, "linked_files": 0, "changed": changed,
                     "previous": plan["previous"]}
 
@@ -184,7 +207,7 @@ class ReleaseStore:
         if self.hooks.before_verify is not None:
             self.hooks.before_verify(plan["staging"])
         ensure_locked()
-        fin = self.op("finalize", {"id": release_id, "staging": plan["staging"], "files": spec, "keep": keep,
+        fin = self.op("finalize", {"spec": slot, "id": release_id, "staging": plan["staging"], "files": spec, "keep": keep,
                                    "repair": plan.get("damaged", [])})
         if not fin["ok"]:
             bad = fin["bad"]
@@ -196,13 +219,20 @@ class ReleaseStore:
                 "resumed_files": plan["resumed"], "changed": True, "previous": fin["previous"],
                 "pruned": fin["pruned"], "repaired_files": fin.get("repaired", [])}
 
-    def _switch(self, to: str | None) -> dict[str, Any]:
-        st = self.op("switch", {"to": to})
+    def _switch(self, spec: str | None, to: str | None, clear: bool = False) -> dict[str, Any]:
+        st = self.op("switch", {"spec": spec, "to": to, "clear": clear})
         if not st["ok"]:
             raise DeviceError(f"{self.ex.name}: cannot switch: {st['error']} (current: {st['current']})")
         return st
 
-    def rollback(self, to: str | None, ensure_locked: Callable[[], None]) -> str:
-        """Switch ``current`` to ``to`` (default: the previous release). Returns the new current."""
+    def rollback(self, spec: str | None, to: str | None, ensure_locked: Callable[[], None]) -> str | None:
+        """Switch the spec's ``current`` to ``to`` (default: its previous release). Returns the new
+        current. ``spec`` None: the only spec on the device."""
         ensure_locked()
-        return str(self._switch(to)["current"])
+        cur = self._switch(spec, to)["current"]
+        return None if cur is None else str(cur)
+
+    def clear(self, spec: str, ensure_locked: Callable[[], None]) -> None:
+        """Leave ``spec`` with no current release (its first release failed: there is nothing to go back to)."""
+        ensure_locked()
+        self._switch(spec, None, clear=True)

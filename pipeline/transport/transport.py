@@ -159,22 +159,51 @@ class Transport:
                                      transfer_timeout_s=ts.transfer_timeout_s,
                                      ensure_locked=self._ensure_deployable, progress=progress)
 
-    def rollback(self, to: str | None = None) -> str:
-        """Switch ``current`` back to the previous (or the given) release; returns its id."""
+    def rollback(self, to: str | None = None, spec: str | None = None) -> str | None:
+        """Switch the spec's ``current`` back to its previous (or the given) release; returns its id.
+        ``spec`` None: the only spec with releases on the device."""
         with self.lock(self.lock_wait_s):
-            return self.store.rollback(to, self._ensure_locked)
+            return self.store.rollback(spec, to, self._ensure_locked)
 
-    def current(self) -> str | None:
-        return self.store.state()["current"]
+    def clear(self, spec: str) -> None:
+        """Leave ``spec`` with no current release on the device (nothing good to go back to)."""
+        with self.lock(self.lock_wait_s):
+            self.store.clear(spec, self._ensure_locked)
 
-    def releases(self) -> list[str]:
-        return list(self.store.state()["releases"])
+    def record(self, spec: str, release_id: str, outcome: dict[str, Any]) -> None:
+        """Keep the gate outcome of the deploy that shipped ``release_id`` on the device."""
+        with self.lock(self.lock_wait_s):
+            self.store.record(spec, release_id, outcome)
 
-    def verify_current(self) -> str:
-        """Re-hash the current release's files on the device; its id, or DeviceError naming a bad file."""
-        res = self.store.op("verify", {})
+    def _list(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The store's listing; an old-layout root is migrated first (once, under the lock)."""
+        out = self.store.op("list", args)
+        if out.get("legacy"):
+            with self.lock(self.lock_wait_s):
+                self.store.op("migrate", {})
+            out = self.store.op("list", args)
+        return out
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Every spec's releases: ``{spec: {"current", "previous", "releases", "details"}}``."""
+        return dict(self._list({})["specs"])
+
+    def slot(self, spec: str | None = None) -> dict[str, Any]:
+        """One spec's ``{"spec", "current", "previous", "releases", "details"}`` (None: the only spec)."""
+        return dict(self._list({"spec": spec})["slot"])
+
+    def current(self, spec: str | None = None) -> str | None:
+        return self.slot(spec)["current"]
+
+    def releases(self, spec: str | None = None) -> list[str]:
+        return list(self.slot(spec)["releases"])
+
+    def verify_current(self, spec: str | None = None) -> str:
+        """Re-hash the spec's current release on the device; its id, or DeviceError naming a bad file."""
+        res = self.store.op("verify", {"spec": spec})
         if res.get("release") is None:
-            raise DeviceError(f"{self.executor.name}: no release deployed under {self.root}; run `edgeship deploy` first")
+            raise DeviceError(f"{self.executor.name}: no release {f'of spec {spec} ' if spec else ''}is current "
+                              f"under {self.root}; run `edgeship deploy` first")
         if not res["ok"]:
             bad = res["bad"]
             raise DeviceError(f"{self.executor.name}: release {res['release']} is damaged: {', '.join(bad[:3])}"
@@ -190,26 +219,32 @@ class Transport:
                               "check the device")
         return int(res["stopped"])
 
-    def read_current_manifest(self) -> str:
-        """Text of the current release's manifest.json (DeviceError when nothing is deployed)."""
-        if self.current() is None:
-            raise DeviceError(f"{self.executor.name}: no release deployed under {self.root}; run `edgeship deploy` first")
-        return self.executor.get(f"{self.root}/current/manifest.json", self.target.transport.command_timeout_s).decode()
+    def read_current_manifest(self, spec: str | None = None) -> str:
+        """Text of the spec's current manifest.json (DeviceError when nothing is deployed)."""
+        slot = self.slot(spec)
+        if slot["current"] is None:
+            raise DeviceError(f"{self.executor.name}: no release {f'of spec {spec} ' if spec else ''}is current "
+                              f"under {self.root}; run `edgeship deploy` first")
+        return self.executor.get(f"{self.root}/{slot['spec']}/current/manifest.json",
+                                 self.target.transport.command_timeout_s).decode()
 
-    def run_agent(self, args: list[str], timeout_s: float) -> dict[str, Any]:
-        """``<python> -m edgeship_agent <args>`` in the current release (pass ``--release .``).
+    def run_agent(self, args: list[str], timeout_s: float, spec: str | None = None) -> dict[str, Any]:
+        """``<python> -m edgeship_agent <args>`` in the spec's current release (pass ``--release .``);
+        ``spec`` None: the only spec on the device.
 
         Runs in the release folder ``current`` resolves to at start, so a later switch does not
         change a running validation. Returns the agent's JSON; DeviceError otherwise.
         """
         self._not_cancelled()
+        spec = spec or self.slot(None)["spec"]
+        current = q(f"{self.root}/{spec}/current")
         root = q(self.root)
         argv = " ".join(q(a) for a in args)
         token = secrets.token_hex(8)
         # The shell's pid is the agent's process group (sshd and the local executor start each
         # command in a session of its own; exec keeps the pid): stop_agent() kills that group.
-        cmd = (f"[ -e {root}/current ] || {{ echo 'no release deployed' >&2; exit 97; }}; "
-               f"cd {root}/current && cd \"$(pwd -P)\" && export PYTHONPATH=\"$PWD\" "
+        cmd = (f"[ -e {current} ] || {{ echo 'no release deployed' >&2; exit 97; }}; "
+               f"cd {current} && cd \"$(pwd -P)\" && export PYTHONPATH=\"$PWD\" "
                f"EDGESHIP_DEVICE_ROOT={root} EDGESHIP_AGENT_TOKEN={token} && "
                f"echo \"$$ {token}\" > {root}/.agent.pid && "
                + with_deadline(f"{q(self.agent_python)} -m edgeship_agent {argv}", timeout_s))

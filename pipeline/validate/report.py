@@ -93,6 +93,8 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
         style = None if row[-1] == "pass" else "red"
         table.add_row(*row, style=style)
     console.print(table)
+    if line := recommended_line(results):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     for dev in results["devices"]:
         dep = dev.get("deploy") or {}
         if dep:
@@ -123,6 +125,18 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
             console.print(f"  [red]- {reason}[/red]")
 
 
+def recommended_line(results: dict[str, Any]) -> str | None:
+    """The run to use (results' ``recommended``, chosen by the spec's deploy.recommend), or why none."""
+    if "recommended" not in results or not any(d.get("runs") for d in results["devices"]):
+        return None
+    rec = results["recommended"]
+    if not rec:
+        return "recommended: none (no run passed the gate on every device)"
+    figure = {"fastest": f"p90 {_f(rec.get('p90_ms'))} ms", "smallest": f"{_size(rec.get('artifact_bytes') or 0)}",
+              "most-accurate": f"accuracy {_f(rec.get('accuracy'))}%"}.get(rec["policy"], "")
+    return f"recommended: {rec['run']} ({rec['policy']}: {figure}, within every limit)"
+
+
 def _worst(tensors: list[dict[str, Any]]) -> str:
     return ", ".join(f"{t['tensor']} {float(t['sqnr_db']):.1f} dB" for t in tensors)
 
@@ -130,6 +144,7 @@ def _worst(tensors: list[dict[str, Any]]) -> str:
 def markdown(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
+    lines += ["", line] if (line := recommended_line(results)) else []
     rule = budget_rule(results)
     if rule:  # the verdict under a rule other than the default, with its reasons (inconclusive runs say N)
         gate = results.get("gate") or {}

@@ -5,6 +5,7 @@ every output by name with the device's runner, and the release shipping every in
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ def test_two_inputs_samples_keyed_by_input_name(tmp_path: Path) -> None:
     assert list(samples.x) == ["image", "extra"] and len(samples) == 24
     assert samples.y.dtype == np.int64
     spec.inputs[1].name = "extras"
-    with pytest.raises(SpecError, match=r"the data has inputs \['extra', 'image'\], the model takes \['image', 'extras'\]"):
+    with pytest.raises(SpecError, match=r"data has inputs \['extra', 'image'\], the model takes \['image', 'extras'\]"):
         load_samples(spec, "evaluation")
 
 
@@ -166,3 +167,49 @@ def test_npz_holds_one_array_per_input_name(tmp_path: Path) -> None:
     samples = load_samples(spec, "evaluation")
     np.testing.assert_array_equal(samples.x["extra"], x["extra"])
     np.testing.assert_array_equal(samples.y, y)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({}, "give 'input' (the model's input: name, shape) or 'inputs' (a list of them)"),
+    ({"inputs": [IMAGE, {**EXTRA, "name": "image"}]}, "inputs name 'image' twice"),
+    ({"inputs": [IMAGE, {**EXTRA, "shape": [2, 4]}]}, "input 'extra' has batch 2 (static), input 'image' 1"),
+    ({"input": IMAGE, "inputs": [EXTRA]}, "give 'input' (one input) or 'inputs' (several), not both"),
+    ({"input": IMAGE, "outputs": ["boxes", "boxes"]}, "outputs names 'boxes' twice"),
+])
+def test_inputs_and_outputs_refused_in_one_line(tmp_path: Path, fields: dict, message: str) -> None:
+    from pipeline.errors import SpecError
+    from pipeline.spec import load_spec
+
+    src = {"source": {"kind": "python", "callable": "usermodel:three_output_data"}}
+    path = write_spec(tmp_path, "bad", model={"factory": "usermodel:three_outputs"}, calibration=src,
+                      evaluation=src, **fields)
+    with pytest.raises(SpecError, match=re.escape(message)) as err:
+        load_spec(path)
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_int8_of_two_inputs_is_refused_in_one_line(tmp_path: Path) -> None:
+    from pipeline.errors import ConversionError
+
+    with pytest.raises(ConversionError, match=r"INT8 calibration takes a model with one input; this one has 2 "
+                                              r"\(image, extra\): build it at fp32 or fp16") as err:
+        build_on("onnxruntime", two_input_spec(tmp_path), tmp_path, ["int8"])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_two_inputs_tensorrt_host_side_and_profiles_per_input(tmp_path: Path) -> None:
+    """The host's half of a TensorRT build (the ONNX shipped, checked with ONNX Runtime) names every
+    input; the device's trtexec gets a batch profile for each of them."""
+    from pipeline.agent.trt_build import _trtexec_args
+
+    result = build_on("tensorrt", two_input_spec(tmp_path), tmp_path, ["fp16"])
+    (art,) = result.artifacts
+    cfg = art.runner_config
+    assert cfg["inputs"] == ["image", "extra"] and cfg["outputs"] == ["output"]
+    assert cfg["input_shapes"] == {"image": [1, 1, 8, 8], "extra": [1, 4]}
+    profile = {"options": {"profile": {"min": 1, "opt": 2, "max": 4}}}
+    args = _trtexec_args("trtexec", Path("m.onnx"), tmp_path / "e.plan",
+                         {**cfg, "device_build": {**cfg["device_build"], **profile}})
+    assert "--maxShapes=image:4x1x8x8,extra:4x4" in args and "--minShapes=image:1x1x8x8,extra:1x4" in args

@@ -15,7 +15,7 @@ import pytest
 from pipeline.errors import DeviceError
 from pipeline.spec import TargetSpec
 from pipeline.transport import open_transport
-from tests.transport.helpers import make_release
+from tests.transport.helpers import SPEC, make_release
 
 SHARED = "edgeship_agent/measure.py"
 
@@ -46,7 +46,7 @@ def test_flipped_byte_in_a_shared_file_redeploy_repairs_and_rollback_works(any_t
         t.deploy(a, "A")
         second = t.deploy(b, "B")
         assert second["linked_files"] > 0
-        in_a, in_b = root / "releases" / "A" / SHARED, root / "releases" / "B" / SHARED
+        in_a, in_b = root / SPEC / "releases" / "A" / SHARED, root / SPEC / "releases" / "B" / SHARED
         assert os.stat(in_a).st_ino == os.stat(in_b).st_ino  # one inode, two releases
         _flip_byte(in_b)
 
@@ -58,7 +58,7 @@ def test_flipped_byte_in_a_shared_file_redeploy_repairs_and_rollback_works(any_t
 
         # The redeploy re-hashes link candidates: the damaged inode is not linked, it is uploaded.
         fixed = t.deploy(b, "B")
-        assert fixed["changed"] and SHARED in [r.split("/", 1)[1] for r in fixed["repaired_files"]]
+        assert fixed["changed"] and SHARED in [r.split("/", 3)[3] for r in fixed["repaired_files"]]
         assert in_b.read_bytes() == (b / SHARED).read_bytes()
         assert t.current() == "B"
 
@@ -73,9 +73,9 @@ def test_damaged_file_only_in_an_older_release_is_not_linked(any_target: TargetS
     root = Path(any_target.transport.root)
     with open_transport(any_target) as t:
         t.deploy(make_release(tmp_path / "A", "A", 10_000), "A")
-        _flip_byte(root / "releases" / "A" / SHARED)
+        _flip_byte(root / SPEC / "releases" / "A" / SHARED)
         c = make_release(tmp_path / "C", "C", 20_000)
         info = t.deploy(c, "C")  # before the fix: finalize refused it (the damaged inode was linked)
-        assert (root / "releases" / "C" / SHARED).read_bytes() == (c / SHARED).read_bytes()
-        assert info["repaired_files"] == [f"A/{SHARED}"]
+        assert (root / SPEC / "releases" / "C" / SHARED).read_bytes() == (c / SHARED).read_bytes()
+        assert info["repaired_files"] == [f"{SPEC}/releases/A/{SHARED}"]
         assert t.rollback("A") == "A"

@@ -9,7 +9,7 @@ import pytest
 from pipeline.errors import DeviceError
 from pipeline.spec import TargetSpec
 from pipeline.transport import open_transport
-from tests.transport.helpers import make_release, snapshot
+from tests.transport.helpers import SPEC, make_release, old_layout_root, snapshot
 
 
 def _user_folder(root: Path) -> None:
@@ -42,24 +42,23 @@ def test_new_root_is_marked_and_foreign_release_folders_are_never_pruned(local_t
         t.deploy(make_release(tmp_path / "r1", "r1", 1000), "r1")
         assert (root / ".edgeship-root").is_file()
         # Later, something that is not a release lands under releases/ and staging/ of our root.
-        (root / "releases" / "keepme").mkdir()
-        (root / "releases" / "keepme" / "data.bin").write_bytes(b"x" * 10)
-        (root / "releases" / "r0-not-finalized").mkdir()
-        (root / "staging" / "notes").mkdir(parents=True, exist_ok=True)
-        (root / "staging" / "notes" / "todo.txt").write_text("keep")
+        (root / SPEC / "releases" / "keepme").mkdir()
+        (root / SPEC / "releases" / "keepme" / "data.bin").write_bytes(b"x" * 10)
+        (root / SPEC / "releases" / "r0-not-finalized").mkdir()
+        (root / SPEC / "staging" / "notes").mkdir(parents=True, exist_ok=True)
+        (root / SPEC / "staging" / "notes" / "todo.txt").write_text("keep")
         for rid in ("r2", "r3", "r4"):
             t.deploy(make_release(tmp_path / rid, rid, 1000), rid)
         assert t.releases() == ["r3", "r4"]  # r1, r2 pruned as releases; the others are not releases
-        assert (root / "releases" / "keepme" / "data.bin").read_bytes() == b"x" * 10
-        assert (root / "releases" / "r0-not-finalized").is_dir()
-        assert (root / "staging" / "notes" / "todo.txt").read_text() == "keep"
+        assert (root / SPEC / "releases" / "keepme" / "data.bin").read_bytes() == b"x" * 10
+        assert (root / SPEC / "releases" / "r0-not-finalized").is_dir()
+        assert (root / SPEC / "staging" / "notes" / "todo.txt").read_text() == "keep"
 
 
 def test_root_of_an_older_edgeship_is_claimed_not_refused(local_target: TargetSpec, tmp_path: Path) -> None:
     root = Path(local_target.transport.root)
-    with open_transport(local_target) as t:
-        t.deploy(make_release(tmp_path / "A", "A"), "A")
-    (root / ".edgeship-root").unlink()  # what a root written before the marker existed looks like
+    # What a root written before the marker (and before per-spec slots) existed looks like.
+    old_layout_root(root, [make_release(tmp_path / "A", "A")], "A", ["A"])
     with open_transport(local_target) as t:
         assert t.deploy(make_release(tmp_path / "B", "B"), "B")["previous"] == "A"
         assert t.rollback() == "A"

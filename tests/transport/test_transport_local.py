@@ -15,7 +15,7 @@ import pytest
 from pipeline.errors import DeviceError
 from pipeline.spec import TargetSpec
 from pipeline.transport import open_transport, release_files
-from tests.transport.helpers import make_release
+from tests.transport.helpers import SPEC, make_release
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def test_deploy_switch_rollback_and_unchanged_redeploy(local_target: TargetSpec,
         first = t.deploy(a, "A")
         assert first["changed"] and first["previous"] is None
         assert first["bytes_moved"] == first["release_bytes"]
-        assert t.current() == "A" and os.readlink(root / "current") == "releases/A"
+        assert t.current() == "A" and os.readlink(root / SPEC / "current") == "releases/A"
 
         again = t.deploy(a, "A")
         assert again["bytes_moved"] == 0 and not again["changed"]
@@ -153,7 +153,7 @@ def test_redeploy_repairs_a_damaged_release(local_target: TargetSpec, tmp_path: 
     root = Path(local_target.transport.root)
     with open_transport(local_target) as t:
         t.deploy(rel, "A")
-        blob = root / "releases" / "A" / "data" / "blob.bin"
+        blob = root / SPEC / "releases" / "A" / "data" / "blob.bin"
         blob.write_bytes(b"bit rot")  # the device's copy went bad at rest
         fixed = t.deploy(rel, "A")
         assert fixed["changed"] and fixed["bytes_moved"] == fixed["release_bytes"]  # nothing trusted from it

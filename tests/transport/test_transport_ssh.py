@@ -15,7 +15,7 @@ import pytest
 from pipeline.errors import DeviceError
 from pipeline.spec import TargetSpec
 from pipeline.transport import for_each_host, open_transport
-from tests.transport.helpers import make_release, snapshot
+from tests.transport.helpers import SPEC, make_release, snapshot
 
 pytestmark = pytest.mark.device
 MiB = 1 << 20
@@ -33,13 +33,13 @@ def test_deploy_probe_check_and_agent(ssh_target: Callable[..., TargetSpec], tmp
         rel = make_release(tmp_path / "A", "A", 2 * MiB)
         first = t.deploy(rel, "A")
         assert first["changed"] and first["bytes_moved"] == first["release_bytes"]
-        assert (root / "current").resolve() == root / "releases" / "A"
+        assert (root / SPEC / "current").resolve() == root / SPEC / "releases" / "A"
         assert t.deploy(rel, "A")["bytes_moved"] == 0  # unchanged: nothing uploaded
 
         out = t.run_agent(["probe"], timeout_s=60)  # edgeship_agent from the release, on the device
         assert out["arch"] == probe["arch"]
         # The device checked the files: its list matches what sha256sum computes there.
-        sums = subprocess.run(["sha256sum", "-c", "--quiet", ".edgeship-sha256sums"], cwd=root / "releases" / "A")
+        sums = subprocess.run(["sha256sum", "-c", "--quiet", ".edgeship-sha256sums"], cwd=root / SPEC / "releases" / "A")
         assert sums.returncode == 0
 
 
@@ -90,11 +90,11 @@ def test_upload_killed_mid_transfer_keeps_current_and_resumes(ssh_target: Callab
         with pytest.raises(DeviceError, match="nothing was switched"):
             t.deploy(big, "B", progress=kill_midway)
     assert killed.is_set()
-    assert (root / "current").resolve() == root / "releases" / "A"
-    assert not (root / "releases" / "B").exists()
+    assert (root / SPEC / "current").resolve() == root / SPEC / "releases" / "A"
+    assert not (root / SPEC / "releases" / "B").exists()
     with open_transport(target) as t:
         again = t.deploy(big, "B")
-    assert again["changed"] and (root / "current").resolve() == root / "releases" / "B"
+    assert again["changed"] and (root / SPEC / "current").resolve() == root / SPEC / "releases" / "B"
     # Resumed: files that arrived are skipped, the blob continues from where it stopped.
     assert again["resumed_files"] + again["uploaded_files"] >= 1
     assert again["bytes_moved"] < again["release_bytes"] - 4 * MiB
@@ -105,7 +105,7 @@ def test_corrupted_upload_refused_by_on_device_hash(ssh_target: Callable[..., Ta
     root = Path(target.transport.root)
     with open_transport(target) as t:
         t.deploy(make_release(tmp_path / "A", "A"), "A")
-        before = snapshot(root / "releases" / "A")
+        before = snapshot(root / SPEC / "releases" / "A")
         rel = make_release(tmp_path / "B", "B", 512 * 1024)
 
         # Fault injection: a bit flips in a staged file after the upload and before the check
@@ -120,7 +120,7 @@ def test_corrupted_upload_refused_by_on_device_hash(ssh_target: Callable[..., Ta
         with pytest.raises(DeviceError, match=r"on-device sha256 check refused release B \(data/blob.bin differ\)"):
             t.deploy(rel, "B")
         assert t.current() == "A" and t.releases() == ["A"]
-        assert snapshot(root / "releases" / "A") == before
+        assert snapshot(root / SPEC / "releases" / "A") == before
         t.hooks.before_verify = None
         again = t.deploy(rel, "B")
         assert again["changed"] and t.current() == "B"
@@ -129,15 +129,16 @@ def test_corrupted_upload_refused_by_on_device_hash(ssh_target: Callable[..., Ta
 
 @pytest.fixture
 def small_releases_disk(tmp_path: Path) -> Path:
-    """A device root whose releases/ is a 3 MiB tmpfs (like a nearly full SD card)."""
+    """A device root (claimed already) whose releases/ of the spec is a 3 MiB tmpfs (like a nearly full SD card)."""
     root = tmp_path / "small-device"
-    (root / "releases").mkdir(parents=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(root / "releases")],
+    (root / SPEC / "releases").mkdir(parents=True)
+    (root / ".edgeship-root").write_text("claimed")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(root / SPEC / "releases")],
                            capture_output=True, text=True)
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
     yield root
-    subprocess.run(["umount", "-l", str(root / "releases")], check=True)
+    subprocess.run(["umount", "-l", str(root / SPEC / "releases")], check=True)
 
 
 def test_disk_too_small_is_a_clean_error(ssh_target: Callable[..., TargetSpec], small_releases_disk: Path,
@@ -145,16 +146,16 @@ def test_disk_too_small_is_a_clean_error(ssh_target: Callable[..., TargetSpec], 
     target = ssh_target(root=small_releases_disk)
     with open_transport(target) as t:
         t.deploy(make_release(tmp_path / "A", "A", 1 * MiB), "A")
-        before = snapshot(small_releases_disk / "releases" / "A")
+        before = snapshot(small_releases_disk / SPEC / "releases" / "A")
         t0 = time.monotonic()
         with pytest.raises(DeviceError, match=r"needs 4\.\d MiB more under .* but only \d\.\d MiB is free; "
                                               r"nothing was changed \(current: A\)"):
             t.deploy(make_release(tmp_path / "B", "B", 4 * MiB), "B")
         assert time.monotonic() - t0 < 10
         assert t.current() == "A" and t.releases() == ["A"]
-        assert snapshot(small_releases_disk / "releases" / "A") == before
+        assert snapshot(small_releases_disk / SPEC / "releases" / "A") == before
         # releases/ is its own filesystem here, so staging moved next to it (atomic rename).
-        assert (small_releases_disk / "releases" / ".staging").is_dir()
+        assert (small_releases_disk / SPEC / "releases" / ".staging").is_dir()
         assert t.deploy(make_release(tmp_path / "C", "C", 512 * 1024), "C")["changed"]
 
 
