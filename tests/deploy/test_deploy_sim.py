@@ -44,6 +44,10 @@ def test_deploy_validate_on_emulated_device(sim_workspace: Path, device: str) ->
     assert dev["error"] is None and dev["device_info"]["arch"] == sim.device_info(device).arch
     assert {r["precision"] for r in res["runs"]} == {"fp32", "int8"}
     assert all(r["accuracy"] > 90 and r["latency_ms"]["runs"] == 5 for r in res["runs"])
+    # The emulated board has no power sensor and says so (power null, the estimate labelled as
+    # one); its clocks and load are read from what the chroot shows.
+    assert all(r["power"] is None for r in res["runs"])
+    assert dev["conditions"]["before"]["cpus"] and "flags" in dev["conditions"]
     target = load_target(f"e2e-{device}")
     with open_transport(target) as t:
         assert t.current() == res["release_id"]
