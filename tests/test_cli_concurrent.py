@@ -58,7 +58,7 @@ def test_second_deploy_of_the_same_folder_is_refused_and_the_first_succeeds(
     stdout, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr
     release_id = _release_intact(out / "release")
-    current = tmp_path / "device" / "current"
+    current = tmp_path / "device" / "mnist-cnn" / "current"
     assert json.loads((current / "manifest.json").read_text())["release_id"] == release_id
     # Once the first is done, the folder is free again.
     assert edgeship(args, env).returncode == 0

@@ -74,7 +74,7 @@ def test_deploy_local_passes_and_writes_results(workspace: Path) -> None:
     assert int8["artifact_bytes"] < fp32["artifact_bytes"]  # int8 weights are smaller
     assert "<img" in (workspace / "build" / "report.html").read_text()  # beside report.md
     # The release is on the "device": a separate folder, switched atomically.
-    current = workspace / "device" / "current"
+    current = workspace / "device" / "mnist-cnn" / "current"
     assert current.is_symlink() and json.loads((current / "manifest.json").read_text())["release_id"] == res["release_id"]
 
     # Unchanged: the second deploy hits every cache and moves no bytes.
@@ -109,7 +109,7 @@ def test_gate_fails_on_model_calibrated_on_noise_and_rolls_back(workspace: Path)
     assert int8["accuracy_drop_pp"] > 1.0
     dev = res["devices"][0]
     assert dev["rolled_back"] is True and dev["rolled_back_to"] == good_id
-    current = workspace / "device" / "current"
+    current = workspace / "device" / "mnist-cnn" / "current"
     assert json.loads((current / "manifest.json").read_text())["release_id"] == good_id
 
 

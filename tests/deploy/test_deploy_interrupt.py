@@ -27,7 +27,7 @@ def test_interrupt_while_the_agent_measures_restores_the_device(sig: signal.Sign
     out = ["--spec", str(MNIST), "--out", str(tmp_path / "build")]
     ok = edgeship(["deploy", "--target", str(first), *out], env)
     assert ok.returncode == 0, ok.stderr
-    previous = os.readlink(device / "current")
+    previous = os.readlink(device / "mnist-cnn" / "current")
 
     # The same device, a release whose validation takes minutes: the interrupt lands mid-measurement.
     slow = local_target(tmp_path / "t2", device, validation={"warmup": 1, "runs": 5_000_000})
@@ -36,11 +36,11 @@ def test_interrupt_while_the_agent_measures_restores_the_device(sig: signal.Sign
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            if os.readlink(device / "current") != previous and len(agent_pids(device)) >= 2:
+            if os.readlink(device / "mnist-cnn" / "current") != previous and len(agent_pids(device)) >= 2:
                 break  # switched, and the agent's `run` has started its measuring child
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
-        assert os.readlink(device / "current") != previous, "the new release must be current while it is measured"
+        assert os.readlink(device / "mnist-cnn" / "current") != previous, "the new release must be current while it is measured"
         measuring = agent_pids(device)
         time.sleep(1.0)
         proc.send_signal(sig)
@@ -50,7 +50,7 @@ def test_interrupt_while_the_agent_measures_restores_the_device(sig: signal.Sign
             proc.kill()
     tail = "\n".join(stderr.splitlines()[-12:])
     assert proc.returncode == 130, tail
-    assert os.readlink(device / "current") == previous, tail
+    assert os.readlink(device / "mnist-cnn" / "current") == previous, tail
     assert agent_pids(device) == [], f"agent processes left running (were {measuring})"
     assert last_line(stderr).startswith("edgeship: interrupted: cheapdev"), stderr
     assert "rolled back to" in last_line(stderr) and "Traceback" not in stderr

@@ -27,13 +27,13 @@ def test_validate_refuses_a_flipped_byte_naming_the_file(tmp_path: Path) -> None
     assert all(r["accuracy_drop_interval"]["n"] == 1500 for r in valid["runs"])
     assert valid["versions"]["edgeship"]
 
-    models = sorted((device / "current").resolve().rglob("*.onnx"))
+    models = sorted((device / "mnist-cnn" / "current").resolve().rglob("*.onnx"))
     assert models, "the release ships an ONNX model"
     model = models[0]
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit in the middle of the weights
     model.write_bytes(data)
-    rel = model.relative_to((device / "current").resolve()).as_posix()
+    rel = model.relative_to((device / "mnist-cnn" / "current").resolve()).as_posix()
 
     bad = edgeship(["validate", *args], env)
     assert bad.returncode == 1, bad.stdout + bad.stderr

@@ -107,6 +107,6 @@ def test_rollout_stops_at_the_threshold_with_a_report_per_host(max_failures: int
     # Hosts that passed before the threshold keep the release; the ones never started were never touched.
     homes = [home for _, home in fleet_sshd]
     for home in homes[:4]:
-        assert (home / "current").resolve().name == results["release_id"]
+        assert (home / "mnist-cnn" / "current").resolve().name == results["release_id"]
     for home in homes[4:]:
         assert list(home.iterdir()) == []

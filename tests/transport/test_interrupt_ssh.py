@@ -44,7 +44,7 @@ def test_sigint_over_ssh_stops_the_remote_agent_and_rolls_back(ssh_target: Calla
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            if (root / "current").resolve().name != previous and len(agent_pids(root)) >= 2:
+            if (root / "mnist-cnn" / "current").resolve().name != previous and len(agent_pids(root)) >= 2:
                 break
             time.sleep(0.2)
         assert proc.poll() is None and agent_pids(root), proc.communicate()
@@ -56,6 +56,6 @@ def test_sigint_over_ssh_stops_the_remote_agent_and_rolls_back(ssh_target: Calla
             proc.kill()
     tail = "\n".join(stderr.splitlines()[-12:])
     assert proc.returncode == 130, tail
-    assert (root / "current").resolve().name == previous, tail
+    assert (root / "mnist-cnn" / "current").resolve().name == previous, tail
     assert agent_pids(root) == [], "the agent kept running on the device after the deploy ended"
     assert last_line(stderr).startswith("edgeship: interrupted: testdev") and "rolled back to" in last_line(stderr)
