@@ -135,7 +135,7 @@ def up(name: str, install_deps: bool = False, rebuild: bool = False,
             sshd.configure(root)
             rootfs.mount_api_fs(root)
             if releases_mb is not None:
-                _apply_quota(root, releases_mb)
+                _apply_quota(_quota_point(root, None), releases_mb)
             sshd.start(spec, root)
         except BaseException:
             if not was_up:
@@ -152,8 +152,8 @@ def _down_locked(spec: SimSpec) -> None:
         return
     sshd.stop(root)
     kill_root(root)  # sessions and commands still running inside the chroot
-    if is_mounted(inside(root, DEVICE_RELEASES)):
-        _apply_quota(root, None)  # keep deployed releases: copy them out of the tmpfs
+    for point in _quota_points(root):
+        _apply_quota(point, None)  # keep deployed releases: copy them out of the tmpfs
     unmount_all(root)
 
 
@@ -184,11 +184,21 @@ def host_public_key(name: str) -> str:
     return sshd.host_public_key_line(rootfs_path(name))
 
 
+def _quota_point(root: Path, spec: str | None) -> Path:
+    """The release folder a quota mounts over: one spec's slot (``<root>/<spec>/releases``, where
+    a deploy of that spec writes) or, without a spec, the device root's own ``releases``."""
+    return inside(root, f"{DEVICE_ROOT}/{spec}/releases" if spec else DEVICE_RELEASES)
+
+
+def _quota_points(root: Path) -> list[Path]:
+    """The release folders that carry a quota now (tmpfs mounts)."""
+    candidates = [inside(root, DEVICE_RELEASES), *sorted(inside(root, DEVICE_ROOT).glob("*/releases"))]
+    return [p for p in candidates if is_mounted(p)]
+
+
 def _releases_mb(root: Path) -> int | None:
-    point = inside(root, DEVICE_RELEASES)
-    if not is_mounted(point):
-        return None
-    return shutil.disk_usage(point).total // (1024 * 1024)
+    points = _quota_points(root)
+    return shutil.disk_usage(points[0]).total // (1024 * 1024) if points else None
 
 
 def status(name: str, probe: bool = True) -> dict[str, object]:
@@ -233,14 +243,13 @@ def known_devices() -> list[str]:
 
 # ---- faults -----------------------------------------------------------------------------
 
-def _apply_quota(root: Path, megabytes: int | None) -> None:
-    """(Re)mount /opt/edgeship/releases as a ``megabytes`` tmpfs, or back to the rootfs disk.
+def _apply_quota(point: Path, megabytes: int | None) -> None:
+    """(Re)mount the release folder ``point`` as a ``megabytes`` tmpfs, or back to the rootfs disk.
 
     Existing releases are carried over, so "release N installed, N+1 does not fit" can be staged.
     """
-    point = inside(root, DEVICE_RELEASES)
     point.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root.parent, prefix="releases-stash-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgeship-releases-stash-") as tmp:
         stash = Path(tmp) / "r"
         shutil.copytree(point, stash, symlinks=True)
         if is_mounted(point):
@@ -261,12 +270,13 @@ def _apply_quota(root: Path, megabytes: int | None) -> None:
             raise SimError(f"existing releases do not fit in {megabytes} MB: {err}") from err
 
 
-def set_releases_quota(name: str, megabytes: int | None) -> None:
+def set_releases_quota(name: str, megabytes: int | None, spec: str | None = None) -> None:
     """Shrink the free disk of a running device's release area (fault injection).
 
-    Mounts a tmpfs of ``megabytes`` MB at ``/opt/edgeship/releases`` (existing releases are
-    copied in), so a deploy that needs more fails with ENOSPC like a full SD card. ``None``
-    removes the quota and copies the releases back onto the rootfs. ``down`` also removes it.
+    Mounts a tmpfs of ``megabytes`` MB at ``/opt/edgeship/<spec>/releases`` (the slot a deploy of
+    ``spec`` writes to; ``/opt/edgeship/releases`` without a spec; existing releases are copied
+    in), so a deploy that needs more fails with ENOSPC like a full SD card. ``None`` removes the
+    quota and copies the releases back onto the rootfs. ``down`` also removes it.
 
     Raises:
         SimError: Device not up, or the existing releases do not fit.
@@ -276,7 +286,7 @@ def set_releases_quota(name: str, megabytes: int | None) -> None:
         root = rootfs_path(name)
         if sshd.running_pid(root) is None:
             raise SimError(f"{name} is not up: run `edgeship sim up {name}` first")
-        _apply_quota(root, megabytes)
+        _apply_quota(_quota_point(root, spec), megabytes)
 
 
 def freeze(name: str, running: bool = True) -> list[int]:

@@ -15,7 +15,7 @@ from pipeline.cli import main
 from pipeline.errors import DeviceError
 from pipeline.spec import load_target
 from pipeline.transport import open_transport
-from tests.transport.helpers import make_release
+from tests.transport.helpers import SPEC, make_release
 
 ROOT = Path(__file__).resolve().parents[2]
 MNIST = ROOT / "examples" / "mnist.yaml"
@@ -64,23 +64,24 @@ def test_full_device_disk_is_a_clean_error(sim_workspace: Path, tmp_path: Path) 
     device = "sim-x86"
     target = load_target(f"e2e-{device}")
     with open_transport(target) as t:
-        before = t.current()
+        before = t.current(SPEC)
         small = t.deploy(make_release(tmp_path / "small", f"small-{os.getpid()}", 256 * 1024),
                          f"small-{os.getpid()}")
-        used = sum(d["bytes"] for d in t.store.state()["details"])
+        used = sum(d["bytes"] for d in t.slot(SPEC)["details"])
     quota_mb = used // MiB + 3
-    sim.set_releases_quota(device, quota_mb)  # releases/ becomes a small tmpfs: a nearly full card
+    # The spec's releases/ becomes a small tmpfs: a nearly full card
+    sim.set_releases_quota(device, quota_mb, spec=SPEC)
     try:
         with open_transport(target) as t:
             with pytest.raises(DeviceError, match=r"needs \d+\.\d MiB more under /opt/edgeship but only"):
                 t.deploy(make_release(tmp_path / "big", "big", (quota_mb + 4) * MiB), "big")
-            assert t.current() == small["release_id"]
-            assert t.run_agent(["probe"], timeout_s=120)["arch"]  # the old release still works
+            assert t.current(SPEC) == small["release_id"]
+            assert t.run_agent(["probe"], timeout_s=120, spec=SPEC)["arch"]  # the old release still works
     finally:
-        sim.set_releases_quota(device, None)
+        sim.set_releases_quota(device, None, spec=SPEC)
     if before is not None:
         with open_transport(target) as t:
-            t.rollback(before)  # leave the shared device as we found it
+            t.rollback(before, spec=SPEC)  # leave the shared device as we found it
 
 
 def test_frozen_device_is_a_device_error_within_deadline(sim_workspace: Path) -> None:
