@@ -21,7 +21,7 @@ from pipeline.paths import contained
 from pipeline.spec import load_spec, load_target
 from pipeline.validate.baseline import baseline_regressions, read_baseline
 from pipeline.validate.stats import MAX_LATENCY_REGRESSION_PCT, latency_regression
-from pipeline.validate.timings import keyed_rows
+from pipeline.validate.timings import keyed_rows, unstable
 from pipeline.validate.trend import read_history
 
 # Pinned baselines, in the project (meant to be committed): baselines/<spec>/<target>.json
@@ -47,7 +47,7 @@ def last_good(path: Path) -> dict[str, dict[str, Any]]:
 def _slower(key: str, row: dict[str, Any], prev: dict[str, Any], limit_pct: float) -> list[str]:
     """A latency regression against the last good run: Mann-Whitney on both nights' raw timings
     significant and the p50 slower than ``limit_pct`` (a night of jitter is neither)."""
-    if not row.get("timings_ms") or not prev.get("timings_ms"):
+    if not row.get("timings_ms") or not prev.get("timings_ms") or unstable(row) or unstable(prev):
         return []
     lat = latency_regression(prev["timings_ms"], row["timings_ms"], max_regression_pct=limit_pct)
     if not lat["regressed"]:

@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.errors import BadInput
 from pipeline.validate.stats import MAX_LATENCY_REGRESSION_PCT, discordant, latency_regression, paired_drop_interval
-from pipeline.validate.timings import keyed_rows, row_timings
+from pipeline.validate.timings import keyed_rows, row_timings, unstable
 
 BASELINE_SCHEMA = "edgeship.baseline/1"
 MAX_GROWTH_PCT = 10.0
@@ -54,6 +54,7 @@ def baseline_run(row: dict[str, Any], outcomes: Sequence[bool] | np.ndarray | No
         out["outcomes"] = pack_outcomes(outcomes)
     if timings_ms is not None:
         out["timings_ms"] = [round(float(t), 4) for t in timings_ms]
+        out["unstable"] = unstable(row)
     return out
 
 
@@ -93,7 +94,7 @@ def compare_run(key: str, base: dict[str, Any], row: dict[str, Any], outcomes: S
                 max_growth_pct: float = MAX_GROWTH_PCT) -> list[str]:
     """Why tonight's run ``key`` regressed against its baseline ``base`` (empty: it did not)."""
     found = _accuracy(key, base, None if outcomes is None else np.asarray(outcomes, dtype=bool), tolerance_pp)
-    if timings_ms is not None and base.get("timings_ms"):
+    if timings_ms is not None and base.get("timings_ms") and not unstable(row) and not unstable(base):
         lat = latency_regression(base["timings_ms"], timings_ms, max_regression_pct=max_latency_regression_pct)
         if lat["regressed"]:
             found.append(f"{key}: p50 {lat['p50_current']} ms is {lat['slower_pct']:.1f} % slower than the baseline's "

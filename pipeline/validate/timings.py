@@ -65,3 +65,12 @@ def row_timings(results: dict[str, Any], folder: Path | None) -> dict[str, np.nd
         return found
     with np.load(folder / name, allow_pickle=False) as data:
         return {key: np.asarray(data[key], dtype=np.float64) for key in data.files}
+
+
+def unstable(row: dict[str, Any]) -> bool:
+    """Whether a run's (or a pinned baseline run's) timings were flagged unstable: its spread over
+    validation.max_cv or the device under load, throttled or on the powersave governor. Such
+    timings say how busy the machine was, not how fast the model is, so the nightly compares no
+    latency across nights with them (the flag itself is in the table and the reports)."""
+    return bool((row.get("latency_ms") or {}).get("unstable") or row.get("unstable"))
+

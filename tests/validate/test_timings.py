@@ -89,3 +89,17 @@ def test_reports_say_under_which_conditions_the_device_was_measured() -> None:
     assert want in markdown(doc)
     assert "FLAGGED: powersave governor, load above cores" in report_html(doc)
     assert "measured with" not in markdown(_doc())  # no conditions reported: no line
+
+
+def test_unstable_timings_are_not_compared_across_nights(tmp_path: Path) -> None:
+    """A night measured under load says how busy the machine was: no latency verdict either way."""
+    good = {f"local/{r['id']}": {**r, "when": "last night"} for r in _doc()["runs"]}
+    slow = _doc(scale=1.3, seed=5)
+    for r in slow["runs"]:
+        r["latency_ms"].update(unstable=True, unstable_why=["load above cores"])
+    assert regressions_by_run(slow, good, 0.5, 10.0) == {}
+    write_reports(_doc(), tmp_path / "out")
+    pinned = json.loads(pin_results_file(tmp_path / "out" / "results.json", tmp_path / "b.json").read_text())
+    assert baseline_regressions(slow, pinned, tolerance_pp=0.5) == {}
+    calm = _doc(scale=1.3, seed=5)  # the same slowdown, measured calmly: caught
+    assert set(regressions_by_run(calm, good, 0.5, 10.0)) == {"local/onnxruntime-fp32", "local/onnxruntime-int8"}
