@@ -18,7 +18,7 @@ help:
 	@echo "make deploy TARGET=local   build + deploy + validate + gate the default example (MNIST-5k CNN)"
 	@echo "make test                  run the test suite"
 	@echo "make bench                 fp32 vs fp16 vs int8, both workloads, side by side -> bench/results/"
-	@echo "make bench-calibration     edgeship calibration vs onnxruntime defaults -> bench/results/"
+	@echo "make bench-calibration     edgeship INT8 vs ONNX Runtime, NNCF and litert-torch on ImageNet -> bench/results/"
 	@echo "make devices               start the emulated devices (sim-arm64, sim-x86; needs root)"
 	@echo "make nightly               deploy every nightly target, keep history, fail on accuracy regressions"
 
@@ -51,7 +51,9 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench.py
 
+# The peers (NNCF) are a bench-only extra: installed here, not by `make venv`.
 bench-calibration: $(STAMP)
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[bench]"
 	$(PY) bench/bench_calibration.py
 
 devices: $(STAMP)

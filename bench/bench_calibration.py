@@ -1,13 +1,22 @@
-"""Calibration bench: edgeship INT8 vs ONNX Runtime's quantize_static defaults, side by side.
+"""`make bench-calibration`: edgeship's INT8 against the peers, side by side, on real labelled ImageNet.
 
-For each reference workload (MNIST-5k CNN, EfficientNet-Lite0) on ONNX Runtime:
-fp32; ``quantize_static`` with pure defaults; edgeship with each observer; edgeship ``auto`` with
-the accuracy-aware fallback. Columns: accuracy (MNIST) or top-1 agreement and output SQNR vs
-fp32 on the *evaluation* split, drop vs fp32, latency p50 (batch 1, 2 threads, warm-up, then
-interleaved rounds so every model sees the same machine load), model size, calibration time.
+Per model (EfficientNet-Lite0, MobileNetV2; MNIST with --workloads mnist), on the same fp32 ONNX
+model (the pipeline's own export + optimize, the onnxruntime fp32 artifact) and the same 200
+calibration images (class index % 5 == 0), judged on the same 400 evaluation images
+(index % 5 in {1, 2}) against their labels:
 
-    python bench/bench_calibration.py            # writes bench/results/calibration.{md,json}
-    python bench/bench_calibration.py --quick    # fewer latency rounds (smoke run)
+* ONNX Runtime ``quantize_static`` with pure defaults (QDQ, per-tensor, U8 activations, MinMax);
+* ONNX Runtime's careful settings: ``quant_pre_process`` then per-channel QDQ with MinMax,
+  Percentile or Entropy and U8 activations, and MinMax with S8 activations;
+* NNCF ``nncf.quantize`` with its defaults and with ``fast_bias_correction=False``;
+* litert-torch's default PT2E int8 (``get_symmetric_quantization_config()``) for TFLite;
+* edgeship's int8 build on each CPU backend (exactly the artifacts the pipeline ships, run with
+  the device agent's runners).
+
+Columns: top-1, the drop vs fp32 with its exact paired 95 % interval, agreement with fp32, output
+SQNR, p50 (batch 1, 2 threads) with n, the int8/fp32 speed ratio on the same runtime (all models
+timed in interleaved rounds), size and calibration time (edgeship: its cold int8 stage).
+Writes bench/results/calibration.{md,json}. Peers that are not installed are skipped and named.
 """
 
 from __future__ import annotations
@@ -15,183 +24,334 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calibration import CalibrationConfig, CalibrationSet, check_overlap, quantize_onnx  # noqa: E402
-from calibration.config import METHODS  # noqa: E402
-from calibration.metrics import fidelity  # noqa: E402
-from calibration.runtime import make_session, predict  # noqa: E402
+from calibration.metrics import sqnr_db  # noqa: E402
+from pipeline.validate.stats import discordant, p50_interval, paired_drop_interval  # noqa: E402
 
-#: holdout budget for auto+fallback: MNIST accuracy drop; EfficientNet top-1 disagreement on
-#: the 20 % holdout of its (small) calibration set
-BUDGETS = {"mnist": 0.3, "effnet": 5.0}
-
-
-def export(workload: str, work: Path) -> Path:
-    """PyTorch -> ONNX (dynamo, dynamic batch) -> the pipeline's optimize stage (fold Conv+BN)."""
-    import torch
-
-    from pipeline.stages.optimize import optimize_onnx
-    from pipeline.workloads import effnet, mnist
-
-    mod = mnist if workload == "mnist" else effnet
-    model = mod.pretrained_model()
-    xc, _ = mod.calibration_split()
-    raw = work / f"{workload}_raw.onnx"
-    torch.onnx.export(
-        model, (torch.from_numpy(xc[:2].copy()),), str(raw), dynamo=True, external_data=False,
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=256)},), verbose=False,
-    )
-    out = work / f"{workload}_fp32.onnx"
-    optimize_onnx(raw, out, xc[:4], 4)
-    return out
+SPECS = {"efficientnet-lite0": ROOT / "examples" / "efficientnet_lite0.yaml",
+         "mobilenet-v2": ROOT / "examples" / "mobilenet_v2.yaml",
+         "mnist": ROOT / "examples" / "mnist.yaml"}
+BACKENDS = ("onnxruntime", "tflite", "ncnn")
+ORT_CAREFUL = {"ort-pc-minmax-u8": ("MinMax", "QUInt8"), "ort-pc-percentile-u8": ("Percentile", "QUInt8"),
+               "ort-pc-entropy-u8": ("Entropy", "QUInt8"), "ort-pc-minmax-s8": ("MinMax", "QInt8")}
 
 
-def ort_default(fp32: Path, out: Path, calib: np.ndarray) -> float:
-    """quantize_static with nothing but a calibration reader (its defaults: QDQ, U8S8, MinMax)."""
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+@dataclass
+class Model:
+    """One measured model: how it runs (a runner with ``infer``), where its file is, its family."""
 
-    name = make_session(fp32).get_inputs()[0].name
+    name: str
+    runtime: str  # the runtime it runs on: its fp32 is the speed reference
+    runner: Any
+    path: Path
+    calib_s: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class _Session:
+    """An ONNX Runtime session with the runners' interface (batch 1, 2 threads)."""
+
+    def __init__(self, path: Path) -> None:
+        from calibration.runtime import make_session
+
+        self.session = make_session(path, threads=2)
+        self.input = self.session.get_inputs()[0].name
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input: x})[0], dtype=np.float32)
+
+
+class _Interpreter:
+    """A .tflite model run by LiteRT on NCHW float input (litert-torch's default keeps NCHW); an
+    integer input or output (its default int8 model has int8 I/O) is (de)quantized with the
+    tensor's own scale and zero point, as an application would."""
+
+    def __init__(self, path: Path) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interp = Interpreter(model_path=str(path), num_threads=2)
+        self.interp.allocate_tensors()
+        self.inp = self.interp.get_input_details()[0]
+        self.out = self.interp.get_output_details()[0]
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.inp["dtype"] != np.float32:
+            scale, zero = self.inp["quantization"]
+            info = np.iinfo(self.inp["dtype"])
+            x = np.clip(np.round(x / scale) + zero, info.min, info.max).astype(self.inp["dtype"])
+        self.interp.set_tensor(self.inp["index"], x)
+        self.interp.invoke()
+        y = self.interp.get_tensor(self.out["index"])
+        if self.out["dtype"] != np.float32:
+            scale, zero = self.out["quantization"]
+            return (y.astype(np.float32) - zero) * scale
+        return np.asarray(y, dtype=np.float32).copy()
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ---- the pipeline's own artifacts ---------------------------------------------------------------
+
+def edgeship_models(workload: str, work: Path) -> tuple[list[Model], Path, Any]:
+    """Build fp32 + int8 on every CPU backend with the pipeline (cold stage cache) and wrap each
+    artifact in the device agent's runner; returns them, the fp32 ONNX and the spec."""
+    import yaml
+
+    from pipeline.agent.runners import load_runner_module
+    from pipeline.build import build
+    from pipeline.cache import Cache
+    from pipeline.registry import get_backend
+    from pipeline.spec import load_spec, load_target
+
+    spec = load_spec(SPECS[workload])
+    (work / "targets").mkdir(parents=True, exist_ok=True)
+    backends = [b for b in BACKENDS if get_backend(b).available()[0]]
+    (work / "targets" / "bench-calib.yaml").write_text(yaml.safe_dump({
+        "extends": "local", "name": "bench-calib", "threads": 2,
+        "builds": [{"backend": b, "precisions": ["fp32", "int8"]} for b in backends]}))
+    result = build(spec, load_target(str(work / "targets" / "bench-calib.yaml")), work / "build",
+                   cache=Cache(work / "stages"), log=lambda m: print(m, file=sys.stderr))
+    stage_s = {e.stage: e.seconds for e in result.events}
+    models, fp32_onnx = [], None
+    for art in result.artifacts:
+        runner = load_runner_module(art.runner).Runner(art.workdir, art.runner_config, 2)
+        runner.activate()
+        path = art.workdir / art.files[0]
+        models.append(Model(f"edgeship {art.backend} {art.precision}", art.backend, runner, path,
+                            stage_s.get(f"{art.backend} {art.precision}") if art.precision == "int8" else None,
+                            {"calibration": (art.info or {}).get("calibration")}))
+        if art.backend == "onnxruntime" and art.precision == "fp32":
+            fp32_onnx = path
+    assert fp32_onnx is not None, "the onnxruntime fp32 artifact is the peers' input"
+    return models, fp32_onnx, spec
+
+
+# ---- the peers ------------------------------------------------------------------------------------
+
+def _reader(name: str, calib: np.ndarray) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.it = iter({name: calib[i : i + 16]} for i in range(0, len(calib), 16))
+            self.it = iter({name: calib[i:i + 1]} for i in range(len(calib)))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.it, None)
 
+    return Reader()
+
+
+def ort_peers(fp32: Path, calib: np.ndarray, work: Path, which: list[str]) -> list[Model]:
+    """quantize_static with its defaults, then with the careful settings (pre-processed model)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    name = _Session(fp32).input
+    out = []
+    if "ort-default" in which:
+        path = work / "ort-default.onnx"
+        secs = _timed(lambda: quantize_static(str(fp32), str(path), _reader(name, calib)))
+        out.append(Model("ort-default", "onnxruntime", _Session(path), path, secs))
+    pre = work / "ort-pre.onnx"
+    if any(k in which for k in ORT_CAREFUL):
+        quant_pre_process(str(fp32), str(pre))
+    for key, (method, act) in ORT_CAREFUL.items():
+        if key not in which:
+            continue
+        path = work / f"{key}.onnx"
+        secs = _timed(lambda: quantize_static(
+            str(pre), str(path), _reader(name, calib), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=getattr(QuantType, act), weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, method)))
+        out.append(Model(key, "onnxruntime", _Session(path), path, secs))
+    return out
+
+
+def nncf_peers(fp32: Path, calib: np.ndarray, work: Path, which: list[str]) -> list[Model]:
+    """nncf.quantize on the ONNX model: defaults, and with the full (not fast) bias correction."""
+    try:
+        import nncf
+        import onnx
+    except ImportError:
+        print("nncf is not installed: `make bench-calibration` installs the bench extra", file=sys.stderr)
+        return []
+    model = onnx.load(str(fp32))
+    name = model.graph.input[0].name
+    dataset = nncf.Dataset([{name: calib[i:i + 1]} for i in range(len(calib))])
+    out = []
+    for key, kwargs in (("nncf-default", {}), ("nncf-full-bias-correction", {"fast_bias_correction": False})):
+        if key not in which:
+            continue
+        path = work / f"{key}.onnx"
+        t0 = time.perf_counter()
+        onnx.save(nncf.quantize(model, dataset, subset_size=len(calib), **kwargs), str(path))
+        out.append(Model(key, "onnxruntime", _Session(path), path, time.perf_counter() - t0))
+    return out
+
+
+def litert_default(spec: Any, calib: np.ndarray, work: Path) -> list[Model]:
+    """litert-torch's default PT2E int8 on the PyTorch model, calibrated on the same images."""
+    import torch
+    import litert_torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from pipeline.stages.inputs import model_loader
+
     t0 = time.perf_counter()
-    quantize_static(str(fp32), str(out), Reader())
-    return time.perf_counter() - t0
+    model = model_loader(spec)().eval()
+    sample = (torch.from_numpy(calib[:1].copy()),)
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config())
+    graph = prepare_pt2e(torch.export.export(model, sample).module(), quantizer)
+    with torch.no_grad():
+        for i in range(len(calib)):
+            graph(torch.from_numpy(calib[i:i + 1].copy()))
+    graph = convert_pt2e(graph, fold_quantize=False)
+    path = work / "litert-default-int8.tflite"
+    path.write_bytes(bytes(litert_torch.convert(graph, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+                           .model_content()))
+    secs = time.perf_counter() - t0
+    fp32 = work / "litert-fp32.tflite"
+    fp32.write_bytes(bytes(litert_torch.convert(model, sample).model_content()))
+    return [Model("litert-default int8", "litert-nchw", _Interpreter(path), path, secs),
+            Model("litert fp32", "litert-nchw", _Interpreter(fp32), fp32)]
 
 
-def latency_p50(
-    paths: dict[str, Path], x: np.ndarray, rounds: int, warmup: int = 10
-) -> tuple[dict[str, float], dict[str, float]]:
-    """p50 ms per model, and the median per-round time ratio to ORT's default model.
+# ---- measuring --------------------------------------------------------------------------------------
 
-    Models run in interleaved rounds so load spikes hit all of them; the per-round ratio is the
-    robust number on a shared machine (absolute milliseconds move with other people's jobs).
-    """
-    sessions = {k: make_session(p, threads=2) for k, p in paths.items()}
-    names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
-    sample = x[:1]
-    for k, s in sessions.items():
+def predict(m: Model, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(m.runner.infer(x[i:i + 1]), np.float32).reshape(1, -1) for i in range(len(x))])
+
+
+def latency(models: list[Model], x: np.ndarray, rounds: int, per_round: int, warmup: int = 5) -> dict[str, list[float]]:
+    """Raw ms per model, every model timed in each of ``rounds`` interleaved rounds."""
+    sample = np.ascontiguousarray(x[:1], dtype=np.float32)
+    for m in models:
         for _ in range(warmup):
-            s.run(None, {names[k]: sample})
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, {names[k]: sample})
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    base = np.array(times["ort_default"])
-    ratio = {k: float(np.median(np.array(v) / base)) for k, v in times.items()}
-    return {k: float(np.percentile(v, 50)) for k, v in times.items()}, ratio
+            m.runner.infer(sample)
+    times: dict[str, list[float]] = {m.name: [] for m in models}
+    for r in range(rounds):
+        for m in models[r % len(models):] + models[:r % len(models)]:
+            m.runner.infer(sample)  # untimed: the caches after switching models
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                m.runner.infer(sample)
+                times[m.name].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
-def bench_workload(workload: str, work: Path, rounds: int) -> dict[str, Any]:
-    from pipeline.workloads import effnet, mnist
+def row(m: Model, out: np.ndarray, ref: np.ndarray, labels: np.ndarray, times: list[float],
+        fp32_p50: float | None) -> dict[str, Any]:
+    ok_ref, ok = ref.argmax(1) == labels, out.argmax(1) == labels
+    iv = paired_drop_interval(*discordant(ok_ref, ok))
+    p50, low, high = p50_interval(times)
+    return {"model": m.name, "runtime": m.runtime, "top1": round(float(ok.mean()) * 100, 2),
+            "drop_pp": round(float(iv["drop_pp"]), 2), "drop_low_pp": round(float(iv["low_pp"]), 2),
+            "drop_high_pp": round(float(iv["high_pp"]), 2), "n": int(labels.size),
+            "agreement": round(float((out.argmax(1) == ref.argmax(1)).mean()) * 100, 2),
+            "sqnr_db": round(sqnr_db(ref, out), 2), "p50_ms": round(p50, 3), "p50_low": round(low, 3),
+            "p50_high": round(high, 3), "timings_n": len(times),
+            "speedup_vs_fp32": round(fp32_p50 / p50, 2) if fp32_p50 else None,
+            "size_kb": round(m.path.stat().st_size / 1024), "calib_s": None if m.calib_s is None else round(m.calib_s, 1),
+            **({"edgeship": m.info} if m.info.get("calibration") else {})}
 
-    mod = mnist if workload == "mnist" else effnet
-    xc, yc = mod.calibration_split()
-    xe, ye = mod.evaluation_split()
-    calib = CalibrationSet.from_arrays(xc, labels=yc)
-    evals = CalibrationSet.from_arrays(xe, labels=ye)
-    check_overlap(calib, evals)
-    fp32 = export(workload, work)
-    ref = predict(make_session(fp32), xe)
-    rows: dict[str, dict[str, Any]] = {"fp32": {"calib_s": 0.0}}
-    paths = {"fp32": fp32}
 
-    paths["ort_default"] = work / f"{workload}_ort_default.onnx"
-    rows["ort_default"] = {"calib_s": ort_default(fp32, paths["ort_default"], xc)}
+FP32_OF = {"onnxruntime": "edgeship onnxruntime fp32", "tflite": "edgeship tflite fp32",
+           "ncnn": "edgeship ncnn fp32", "litert-nchw": "litert fp32"}
 
-    cache = work / "stats-cache"
-    for m in METHODS:
-        paths[m] = work / f"{workload}_{m}.onnx"
-        rep = quantize_onnx(fp32, paths[m], calib, CalibrationConfig(method=m), cache)
-        rows[m] = {"calib_s": rep.calibration_time_s, "stats_cache_hit": rep.stats_cache_hit}
-    paths["auto+fallback"] = work / f"{workload}_auto.onnx"
-    rep = quantize_onnx(
-        fp32, paths["auto+fallback"], calib,
-        CalibrationConfig(method="auto", max_drop_pp=BUDGETS[workload], max_fallback_layers=8), cache,
-    )
-    rows["auto+fallback"] = {
-        "calib_s": rep.calibration_time_s, "stats_cache_hit": rep.stats_cache_hit,
-        "method": rep.method, "reason": rep.reason, "method_scores": rep.method_scores,
-        "fallback_layers": [f.name for f in rep.fallback_layers], "budget_met": rep.budget_met,
-        "budget_reason": rep.budget_reason, "holdout": rep.holdout,
-    }
 
-    for k, p in paths.items():
-        out = predict(make_session(p), xe)
-        f = fidelity(ref, out, ye)
-        rows[k].update(
-            sqnr_db=round(f["sqnr_db"], 2) if k != "fp32" else None,
-            top1_agreement=round(f["top1_agreement"], 2),
-            accuracy=round(f["accuracy"], 2) if ye is not None else None,
-            drop_pp=round(f["drop_pp"], 3),
-            size_kb=round(p.stat().st_size / 1024, 1),
-        )
-    lat, ratio = latency_p50(paths, xe, rounds)
-    for k, v in lat.items():
-        rows[k]["p50_ms"] = round(v, 3)
-        rows[k]["time_vs_ort_default"] = round(ratio[k], 3)
-    return {"workload": workload, "n_calib": len(calib), "n_eval": len(evals), "budget_pp": BUDGETS[workload],
-            "rows": rows}
+def bench_workload(workload: str, work: Path, peers: list[str], rounds: int, per_round: int) -> dict[str, Any]:
+    from pipeline.stages.inputs import load_samples
+
+    models, fp32_onnx, spec = edgeship_models(workload, work)
+    calib = np.asarray(load_samples(spec, "calibration").single("the calibration bench"), dtype=np.float32)
+    evals = load_samples(spec, "evaluation")
+    x, labels = np.asarray(evals.single("the calibration bench"), dtype=np.float32), np.asarray(evals.y).reshape(-1)
+    models += ort_peers(fp32_onnx, calib, work, peers) + nncf_peers(fp32_onnx, calib, work, peers)
+    if "litert-default" in peers:
+        models += litert_default(spec, calib, work)
+    outs = {m.name: predict(m, x) for m in models}
+    ref = outs["edgeship onnxruntime fp32"]
+    times = latency(models, x, rounds, per_round)
+    p50 = {k: float(np.median(v)) for k, v in times.items()}
+    rows = [row(m, outs[m.name], ref, labels, times[m.name], p50.get(FP32_OF[m.runtime])) for m in models]
+    return {"workload": workload, "n_calib": int(len(calib)), "n_eval": int(labels.size),
+            "fp32_top1": round(float((ref.argmax(1) == labels).mean()) * 100, 2), "rows": rows}
 
 
 def to_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = ["# Calibration bench: edgeship INT8 vs ONNX Runtime quantize_static defaults", "",
-             f"Machine: {meta['machine']}; onnxruntime {meta['onnxruntime']}; latency = batch 1, 2 threads, "
-             f"p50 of {meta['rounds']} interleaved rounds after warm-up; 'time / ORT default' is the median per-round ratio (robust to load from other jobs on a shared machine). Metrics on the evaluation split "
-             "(never seen by calibration). drop = fp32 accuracy - int8 accuracy (MNIST) or 100 - top-1 "
-             "agreement (EfficientNet-Lite0, no labels).", ""]
+    lines = ["# INT8 against the peers, on real labelled ImageNet", "",
+             f"Measured {meta['when']} on {meta['machine']} ({meta['cores']} cores); onnxruntime {meta['onnxruntime']}, "
+             f"nncf {meta.get('nncf') or 'not installed'}. Same fp32 ONNX model and the same calibration images for "
+             "every method; top-1 on the evaluation images' labels; drop = fp32 top-1 - top-1 with its exact paired "
+             "95 % interval; agreement and SQNR against the fp32 outputs; p50 at batch 1, 2 threads, every model "
+             f"timed in {meta['rounds']} interleaved rounds of {meta['per_round']}; speed-up = fp32 p50 / p50 on the "
+             "same runtime (litert-default against litert-torch's own fp32, NCHW). calib s: the peer's quantization "
+             "call; edgeship's cold int8 stage (statistics, method search, fallback, writer).", ""]
     for r in results:
-        lines += [f"## {r['workload']} (calibration {r['n_calib']}, evaluation {r['n_eval']})", "",
-                  "| model | accuracy % | top-1 agree % | SQNR dB | drop pp | p50 ms | time / ORT default | size KB | calib s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for k, row in r["rows"].items():
-            acc = "" if row["accuracy"] is None else f"{row['accuracy']:.2f}"
-            sq = "" if row["sqnr_db"] is None else f"{row['sqnr_db']:.2f}"
-            lines.append(f"| {k} | {acc} | {row['top1_agreement']:.2f} | {sq} | {row['drop_pp']:.2f} | "
-                         f"{row['p50_ms']:.3f} | {row['time_vs_ort_default']:.2f} | {row['size_kb']:.0f} | {row['calib_s']:.1f} |")
-        auto = r["rows"]["auto+fallback"]
-        lines += ["", f"auto chose **{auto['method']}**: {auto['reason']}.",
-                  f"Fallback (holdout budget {r['budget_pp']} pp): layers in float {auto['fallback_layers'] or 'none'}, "
-                  f"budget met: {auto['budget_met']} {auto['budget_reason']}", ""]
+        lines += [f"## {r['workload']} (fp32 top-1 {r['fp32_top1']:.2f} %, calibration {r['n_calib']}, "
+                  f"evaluation {r['n_eval']})", "",
+                  "| model | top-1 % | drop pp [95 % interval] | agreement % | SQNR dB | p50 ms [95 %] (n) | "
+                  "speed-up vs fp32 | size kB | calib s |", "|---|---|---|---|---|---|---|---|---|"]
+        for w in r["rows"]:
+            lines.append(f"| {w['model']} | {w['top1']:.2f} | {w['drop_pp']:+.2f} [{w['drop_low_pp']:+.2f}, "
+                         f"{w['drop_high_pp']:+.2f}] | {w['agreement']:.2f} | {w['sqnr_db']:.1f} | "
+                         f"{w['p50_ms']:.3f} [{w['p50_low']:.3f}, {w['p50_high']:.3f}] ({w['timings_n']}) | "
+                         f"{'-' if w['speedup_vs_fp32'] is None else format(w['speedup_vs_fp32'], '.2f') + 'x'} | "
+                         f"{w['size_kb']} | {'-' if w['calib_s'] is None else w['calib_s']} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     import onnxruntime
 
+    peers_all = ["ort-default", *ORT_CAREFUL, "nncf-default", "nncf-full-bias-correction", "litert-default"]
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="30 latency rounds instead of 200")
-    ap.add_argument("--workloads", default="mnist,effnet")
+    ap.add_argument("--workloads", default="efficientnet-lite0,mobilenet-v2")
+    ap.add_argument("--peers", default=",".join(peers_all), help="comma-separated subset of " + ", ".join(peers_all))
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
-    rounds = 30 if args.quick else 200
     t0 = time.perf_counter()
-    results = []
-    with tempfile.TemporaryDirectory(prefix="edgeship-bench-calib-") as tmp:
-        for w in args.workloads.split(","):
-            results.append(bench_workload(w, Path(tmp), rounds))
-    meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "onnxruntime": onnxruntime.__version__,
-            "rounds": rounds, "wall_s": round(time.perf_counter() - t0, 1)}
+    work = Path(tempfile.mkdtemp(prefix="edgeship-bench-calib-"))
+    try:
+        results = [bench_workload(w, work / w, args.peers.split(","), args.rounds, args.per_round)
+                   for w in args.workloads.split(",")]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    try:
+        import nncf
+        nncf_version = nncf.__version__
+    except ImportError:
+        nncf_version = None
+    import os
+
+    meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
+            "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "nncf": nncf_version,
+            "rounds": args.rounds, "per_round": args.per_round, "wall_s": round(time.perf_counter() - t0, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    (out / "calibration.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str) + "\n")
     (out / "calibration.md").write_text(to_markdown(results, meta) + f"\nBench wall time {meta['wall_s']} s.\n")
     print((out / "calibration.md").read_text())
 
