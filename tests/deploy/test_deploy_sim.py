@@ -8,35 +8,24 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline import sim
 from pipeline.cli import main
 from pipeline.errors import DeviceError
 from pipeline.spec import load_target
 from pipeline.transport import open_transport
+from tests.deploy.cli import small_spec
 from tests.transport.helpers import SPEC, make_release
 
-ROOT = Path(__file__).resolve().parents[2]
-MNIST = ROOT / "examples" / "mnist.yaml"
 MiB = 1 << 20
 pytestmark = [pytest.mark.device, pytest.mark.slow, pytest.mark.backend("onnxruntime")]
-
-
-def _small_spec(tmp: Path) -> Path:
-    """The MNIST example on 300 evaluation digits: one inference costs ~0.1 s under QEMU."""
-    data = yaml.safe_load(MNIST.read_text())
-    data["evaluation"]["limit"] = 300
-    path = tmp / "mnist-300.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 @pytest.mark.parametrize("device", ["sim-x86", "sim-arm64"])
 def test_deploy_validate_on_emulated_device(sim_workspace: Path, device: str) -> None:
     out = sim_workspace / f"results-{device}.json"
     # --no-rollback: this test is about shipping and running, not about the accuracy gate on 300 digits.
-    args = ["deploy", "--spec", str(_small_spec(sim_workspace)), "--target", f"e2e-{device}",
+    args = ["deploy", "--spec", str(small_spec(sim_workspace)), "--target", f"e2e-{device}",
             "--out", str(sim_workspace / "build"), "--json", str(out), "--no-rollback"]
     assert main(args) in (0, 3)  # 3: the gate refused, which is not this test's business
     res = json.loads(out.read_text())

@@ -22,17 +22,9 @@ import yaml
 from pipeline.cli import main
 from pipeline.spec import load_target
 from pipeline.transport import open_transport
-from tests.deploy.cli import EDGESHIP, MNIST, last_line
+from tests.deploy.cli import EDGESHIP, MNIST, last_line, small_spec
 
 pytestmark = [pytest.mark.device, pytest.mark.slow, pytest.mark.backend("onnxruntime")]
-
-
-def _small_spec(tmp: Path) -> Path:
-    data = yaml.safe_load(MNIST.read_text())
-    data["evaluation"]["limit"] = 300
-    path = tmp / "mnist-300.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def _target(ws: Path, name: str, data: dict[str, Any]) -> str:
@@ -65,7 +57,7 @@ def test_onnxruntime_optimized_on_device_is_cached_and_gated(sim_workspace: Path
     with open_transport(load_target(name)) as t, t.lock(wait_s=120):
         t.executor.run(f"rm -rf {t.root}/engines", 60)  # a fresh cache: the first deploy must build
     out = sim_workspace / f"odb-{device}.json"
-    args = ["deploy", "--spec", str(_small_spec(sim_workspace)), "--target", name,
+    args = ["deploy", "--spec", str(small_spec(sim_workspace)), "--target", name,
             "--out", str(sim_workspace / "build-odb"), "--json", str(out)]
     first_code = main(args)
     first = json.loads(out.read_text())
