@@ -23,6 +23,7 @@ lower-is-better metric), the quantity the budget is checked against.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,10 @@ from calibration.sensitivity import LayerSensitivity, choose_fallback
 
 #: name -> array, samples on axis 0 (model inputs or outputs)
 Arrays = dict[str, np.ndarray]
+
+# Each method tried and each fallback set checked is a sub-step a user waits on (minutes on a
+# large model): one INFO record each, ``progress`` (done, total) where the total is known.
+_LOG = logging.getLogger(__name__)
 
 #: the report keys results.json keeps per run (README, results schema: ``calibration``)
 SUMMARY_KEYS = ("method", "reason", "budget_met", "budget_reason", "fallback_layers", "calibration_time_s",
@@ -266,8 +271,13 @@ def search(builder: CandidateBuilder, holdout: Holdout, reference: Arrays, optio
         metric: what is scored and budgeted.
     """
     t0 = time.perf_counter()
-    candidates = {m: builder.candidate(m, ()) for m in options.methods}
-    scores = {m: score(c.run(holdout.x), reference, holdout, metric) for m, c in candidates.items()}
+    candidates: dict[str, Candidate] = {}
+    scores: dict[str, dict[str, float]] = {}
+    for i, m in enumerate(options.methods, 1):
+        candidates[m] = builder.candidate(m, ())
+        scores[m] = score(candidates[m].run(holdout.x), reference, holdout, metric)
+        _LOG.info("method %s (%d/%d): holdout SQNR %.2f dB, drop %.2f pp", m, i, len(options.methods),
+                  scores[m]["sqnr_db"], scores[m]["drop_pp"], extra={"progress": (i, len(options.methods))})
     method, reason = _choose(scores, metric, len(holdout))
     report = SearchReport(metric=metric.name, method=method, reason=reason, method_scores=scores,
                           budget_pp=options.budget_pp, holdout=scores[method], holdout_samples=len(holdout))
@@ -285,12 +295,17 @@ def search(builder: CandidateBuilder, holdout: Holdout, reference: Arrays, optio
 def _fallback(builder: CandidateBuilder, base: Candidate, holdout: Holdout, reference: Arrays,
               options: SearchOptions, metric: Metric, report: SearchReport) -> Candidate:
     """Rank, then ``choose_fallback`` with real candidates; fill the report; the one to ship."""
+    _LOG.info("holdout drop %.2f pp > budget %.2f pp: ranking layers for the float fallback",
+              report.holdout["drop_pp"], float(options.budget_pp or 0.0))
     ranking = builder.rank(base.method, holdout, reference)
     built: dict[tuple[str, ...], Candidate] = {}
 
     def evaluate(names: list[str]) -> dict[str, float]:
         built[tuple(names)] = cand = builder.candidate(base.method, tuple(names))
-        return score(cand.run(holdout.x), reference, holdout, metric)
+        figures = score(cand.run(holdout.x), reference, holdout, metric)
+        _LOG.info("fallback: %d of %d layers in float: holdout drop %.2f pp", len(names), len(ranking.layers),
+                  figures["drop_pp"])
+        return figures
 
     budget = float(options.budget_pp or 0.0)
     result = choose_fallback(ranking.layers, evaluate, report.holdout, budget, options.max_fallback_layers)

@@ -24,21 +24,13 @@ from pipeline import __version__
 from pipeline.backends.base import Artifact, BuildContext, Samples
 from pipeline.cache import Cache, sha256_file, source_digest
 from pipeline.errors import ConversionError, EdgeshipError, SpecError
+from pipeline.output import step
 from pipeline.registry import get_backend, require_available
 from pipeline.spec import PipelineSpec, TargetSpec
 
 OPTIMIZE_PASSES = ("fold_conv_bn", "onnxslim", "infer_shapes")
 CHECK_SAMPLES = 32
 LOCK_WAIT_S = 3.0  # a second run on the same output folder waits this long, then says who holds it
-
-
-# How a long stage shows progress (the CLI installs a spinner); a no-op by default.
-_STATUS: list[Callable[[str], Any]] = [lambda stage: contextlib.nullcontext()]
-
-
-def set_status(factory: Callable[[str], Any]) -> None:
-    """Install ``factory(stage) -> context manager`` shown while each stage runs."""
-    _STATUS[0] = factory
 
 
 # Output folders this process holds (resolved path -> depth): the CLI holds a deploy's folder for
@@ -121,7 +113,7 @@ def _cache_detail(result: Any) -> str:
 def _timed(events: list[StageEvent], log: Callable[[str], None], stage: str, fn: Callable[[], Any],
            detail: Callable[[Any], str] = lambda r: "") -> Any:
     t0 = time.perf_counter()
-    with _STATUS[0](stage):
+    with step(stage):  # a spinner on a terminal, a start line on a pipe when it takes a while
         result = fn()
     cached = bool(getattr(result, "hit", False))
     ev = StageEvent(stage, cached, time.perf_counter() - t0, detail(result))

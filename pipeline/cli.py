@@ -12,8 +12,9 @@ import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 import typer
 from rich.console import Console
@@ -36,6 +37,17 @@ TARGET_OPT = typer.Option("local", "--target", "-t", help="target name (targets/
 OUT_OPT = typer.Option(None, "--out", "-o", help="output folder (default build/<spec>/<target>)")
 JUNIT_OPT = typer.Option(None, "--junit", help="write JUnit XML here: one test case per device x backend x "
                          "precision, failures carrying the gate's reasons")
+JSON_OPT = typer.Option(None, "--json", help="write machine-readable results here ('-': to stdout, and "
+                        "nothing else goes to stdout)")
+VERBOSE_OPT = typer.Option(False, "--verbose", "-v", help="also show what converters and libraries print "
+                           "(the log file, as it is written)")
+QUIET_OPT = typer.Option(False, "--quiet", "-q", help="print errors and the gate's verdict only")
+LOG_FILE_OPT = typer.Option(None, "--log-file", help="the run's log: edgeship's lines and everything "
+                            "converters and libraries print (default <out>/log.txt)")
+
+
+class _GateFailed(AccuracyRegression):
+    """The gate failed and the report just printed says why: exit 3 without saying it again."""
 
 
 def _version(value: bool) -> None:
@@ -67,52 +79,93 @@ def _out(out: Optional[Path], spec: Any, target: Any) -> Path:
 
 
 def _log(msg: str) -> None:
-    console.print(f"[dim]{msg}[/dim]", highlight=False)
+    from pipeline.output import say
+
+    say(msg)
+
+
+def _captured(out_dir: Path, log_file: Optional[Path], verbose: bool, quiet: bool) -> ContextManager[None]:
+    """The run's output capture (pipeline/output.py): third-party output into the log file,
+    our lines onto the console as -v / -q say. Entered after the output folder's lock, so a run
+    refused by the lock does not truncate the log of the run that holds it."""
+    from pipeline.output import NORMAL, QUIET, VERBOSE, captured
+
+    if verbose and quiet:
+        raise typer.BadParameter("choose one of them", param_hint="'--verbose' / '--quiet'")
+    header = f"edgeship {__version__}: {' '.join(sys.argv[1:])} ({time.strftime('%Y-%m-%d %H:%M:%S')})"
+    return captured(log_file or out_dir / "log.txt", VERBOSE if verbose else QUIET if quiet else NORMAL,
+                    console, out_console, header)
 
 
 @app.command()
-def build(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] = OUT_OPT) -> None:
+def build(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] = OUT_OPT,
+          verbose: bool = VERBOSE_OPT, quiet: bool = QUIET_OPT, log_file: Optional[Path] = LOG_FILE_OPT) -> None:
     """Export, optimize, calibrate and convert for every backend x precision of the target."""
+    from pipeline.build import CHECK_SAMPLES, locked_out_dir
     from pipeline.build import build as run_build
+    from pipeline.validate.report import print_table
 
     s, t = _load(spec, target)
-    result = run_build(s, t, _out(out, s, t), log=_log)  # holds the output folder while it runs
-    for art in result.artifacts:
-        check = art.info.get("check", {})
-        out_console.print(f"{art.backend:<12} {art.precision:<5} SQNR {check.get('sqnr_db', '-'):>6} dB  "
-                          f"top-1 agreement {check.get('top1_agreement', '-')}%")
-    out_console.print(f"release {result.release_id[:12]} -> {result.release_dir}")
+    out_dir = _out(out, s, t)
+    with locked_out_dir(out_dir, "build"), _captured(out_dir, log_file, verbose, quiet):
+        result = run_build(s, t, out_dir, log=_log)
+        if quiet:
+            return
+        checks = [(a, a.info.get("check", {})) for a in result.artifacts]
+        rows = [[a.backend, a.precision, _num(c.get("sqnr_db"), "{:.1f}"), _num(c.get("top1_agreement"), "{:.2f}")]
+                for a, c in checks]
+        print_table(out_console, f"{s.name} for {t.name}: each artifact against fp32 on {CHECK_SAMPLES} "
+                    "calibration samples", ("backend", "precision", "SQNR dB", "top-1 agreement %"), rows,
+                    [False] * len(rows), left=("backend", "precision"))
+        out_console.print(f"release {result.release_id[:12]} -> {result.release_dir}", highlight=False, soft_wrap=True)
 
 
-def _finish(results: dict[str, Any], json_out: Optional[Path], out_dir: Path, junit: Optional[Path] = None) -> None:
-    from pipeline.validate.junit import write_junit
-    from pipeline.validate.report import print_report
+def _num(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _write_json(results: dict[str, Any], json_out: Path, out_dir: Path) -> None:
+    """``--json FILE``, or ``--json -``: the document alone on stdout (the report goes to stderr)."""
     from pipeline.validate.timings import split_timings
+
+    doc, _ = split_timings(results)
+    if doc.get("timings_file"):  # the side file written beside results.json, by its full path
+        doc["timings_file"] = str((out_dir / doc["timings_file"]).resolve())
+    text = json.dumps(doc, indent=1, default=str) + "\n"
+    if str(json_out) == "-":
+        out_console.file.write(text)
+        out_console.file.flush()
+        return
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(text)
+
+
+def _finish(results: dict[str, Any], json_out: Optional[Path], out_dir: Path, junit: Optional[Path] = None,
+            quiet: bool = False) -> None:
+    from pipeline.validate.junit import write_junit
+    from pipeline.validate.report import print_gate, print_report
     from pipeline.validate.write import write_reports
 
     write_reports(results, out_dir)  # results.json, report.md, report.html
     if junit:
         write_junit(junit, [results])
     if json_out:
-        doc, _ = split_timings(results)
-        if doc.get("timings_file"):  # the side file written beside results.json, by its full path
-            doc["timings_file"] = str((out_dir / doc["timings_file"]).resolve())
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        _write_json(results, json_out, out_dir)
+    shown = console if json_out and str(json_out) == "-" else out_console
     if any(d.get("runs") for d in results["devices"]):
-        print_report(results, out_console)
+        (print_gate if quiet else print_report)(results, shown)
     errors = [f"{d['device']}: {d['error']}" if not str(d["error"]).startswith(d["device"]) else str(d["error"])
               for d in results["devices"] if d.get("error")]
     if errors:
         # The device could not be measured (connection, host key, disk, ...): not a gate verdict.
         raise DeviceError("; ".join(errors[:3]) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""))
     if not results["gate"]["passed"]:
-        raise AccuracyRegression("; ".join(results["gate"]["reasons"][:3]) or "gate failed")
+        raise _GateFailed("; ".join(results["gate"]["reasons"][:3]) or "gate failed")
 
 
 @app.command()
 def deploy(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] = OUT_OPT,
-           json_out: Optional[Path] = typer.Option(None, "--json", help="write machine-readable results here"),
+           json_out: Optional[Path] = JSON_OPT,
            host: Optional[list[str]] = typer.Option(None, "--host", help="only these hosts of the target"),
            no_rollback: bool = typer.Option(False, "--no-rollback", help="keep a release that fails the gate"),
            keep_passing: bool = typer.Option(False, "--keep-passing", help="keep the release when at least one run "
@@ -124,7 +177,8 @@ def deploy(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] 
                                                        "target (repeatable)"),
            skip_unavailable: bool = typer.Option(False, "--skip-unavailable", help="skip builds whose converter "
                                                  "is not available on this host (a device without a runtime "
-                                                 "still fails its runs)")) -> None:
+                                                 "still fails its runs)"),
+           verbose: bool = VERBOSE_OPT, quiet: bool = QUIET_OPT, log_file: Optional[Path] = LOG_FILE_OPT) -> None:
     """Build, ship to the target's devices, measure there, gate (exit 3 when the gate fails)."""
     from pipeline.build import locked_out_dir
     from pipeline.deploy import deploy as run_deploy
@@ -136,37 +190,42 @@ def deploy(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] 
     t = select_builds(t, backend, skip_unavailable, log=_log)
     out_dir = _out(out, s, t)
     # The whole deploy, not just its build: a second run must not replace the release being uploaded.
-    with locked_out_dir(out_dir, "deploy"):
+    with locked_out_dir(out_dir, "deploy"), _captured(out_dir, log_file, verbose, quiet):
         results = run_deploy(s, t, out_dir, hosts=host, rollback_on_fail=not no_rollback,
                              require="any" if keep_passing else require or "all", log=_log)
-        _finish(results, json_out, out_dir, junit)
+        _finish(results, json_out, out_dir, junit, quiet)
 
 
 @app.command()
 def validate(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path] = OUT_OPT,
-             json_out: Optional[Path] = typer.Option(None, "--json", help="write machine-readable results here"),
+             json_out: Optional[Path] = JSON_OPT,
              host: Optional[list[str]] = typer.Option(None, "--host"),
-             junit: Optional[Path] = JUNIT_OPT) -> None:
+             junit: Optional[Path] = JUNIT_OPT, verbose: bool = VERBOSE_OPT, quiet: bool = QUIET_OPT,
+             log_file: Optional[Path] = LOG_FILE_OPT) -> None:
     """Re-measure the release deployed on the target's devices now and gate it (no build, no upload)."""
     from pipeline.build import locked_out_dir
     from pipeline.deploy import validate_current
 
     s, t = _load(spec, target)
     out_dir = _out(out, s, t)
-    with locked_out_dir(out_dir, "validate"):
-        _finish(validate_current(s, t, out_dir, hosts=host, log=_log), json_out, out_dir, junit)
+    with locked_out_dir(out_dir, "validate"), _captured(out_dir, log_file, verbose, quiet):
+        _finish(validate_current(s, t, out_dir, hosts=host, log=_log), json_out, out_dir, junit, quiet)
 
 
 @app.command()
-def analyze(spec: Path = SPEC_OPT) -> None:
+def analyze(spec: Path = SPEC_OPT, verbose: bool = VERBOSE_OPT, quiet: bool = QUIET_OPT,
+            log_file: Optional[Path] = LOG_FILE_OPT) -> None:
     """Parameters, FLOPs and activation memory of the model (exported and optimized, cached)."""
     from pipeline.analyze import format_count
     from pipeline.spec import load_spec, load_target
     from pipeline.build import build as run_build
+    from pipeline.build import locked_out_dir
 
     s = load_spec(spec)
     t = load_target("local").model_copy(update={"builds": []})  # export + optimize only
-    result = run_build(s, t, _out(None, s, t.model_copy(update={"name": "analyze"})), log=_log)
+    out_dir = _out(None, s, t.model_copy(update={"name": "analyze"}))
+    with locked_out_dir(out_dir, "analyze"), _captured(out_dir, log_file, verbose, quiet):
+        result = run_build(s, t, out_dir, log=_log)
     a = result.manifest["provenance"]["model"]["analysis"]
     opt = result.manifest["provenance"]["model"]["optimize"]
     out_console.print(f"params {format_count(a['params'])} ({a['param_bytes'] / 2**20:.2f} MB fp32), "
@@ -183,13 +242,15 @@ def nightly(spec: Optional[list[Path]] = typer.Option(None, "--spec", "-s", help
             history: Path = typer.Option(Path("build/history"), "--history", help="where the history is kept"),
             tolerance_pp: float = typer.Option(0.5, "--tolerance-pp",
                                                help="allowed fall below the last good run, pp"),
-            junit: Optional[Path] = JUNIT_OPT) -> None:
+            junit: Optional[Path] = JUNIT_OPT, verbose: bool = VERBOSE_OPT, quiet: bool = QUIET_OPT,
+            log_file: Optional[Path] = LOG_FILE_OPT) -> None:
     """Deploy every spec to every target, append to the history, fail on gate failures or regressions."""
     from pipeline.nightly import run_nightly
     from pipeline.spec import project_root
 
     specs = spec or [project_root() / "examples" / "mnist.yaml", project_root() / "examples" / "efficientnet_lite0.yaml"]
-    summary = run_nightly(specs, target or ["local"], out, history, tolerance_pp, log=_log, junit=junit)
+    with _captured(out, log_file, verbose, quiet):  # one log for the night: <out>/log.txt
+        summary = run_nightly(specs, target or ["local"], out, history, tolerance_pp, log=_log, junit=junit)
     for pair in summary["pairs"]:
         mark = "[green]pass[/green]" if pair["passed"] else "[red]FAIL[/red]"
         out_console.print(f"{pair['spec']:<20} {pair['target']:<12} {mark}")
@@ -216,18 +277,14 @@ def baseline_pin(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[
 def history(spec: Path = SPEC_OPT, target: str = TARGET_OPT,
             history_dir: Path = typer.Option(Path("build/history"), "--history", help="where the history is kept")) -> None:
     """The nightly's trend: accuracy, p50 and verdict per night and run."""
-    from rich.table import Table
-
     from pipeline.nightly import history_file
+    from pipeline.validate.report import print_table
     from pipeline.validate.trend import HISTORY_COLUMNS, history_rows, read_history
 
     s, t = _load(spec, target)
-    table = Table(title=f"{s.name} on {t.name}: nightly history", title_justify="left")
-    for col in HISTORY_COLUMNS:
-        table.add_column(col, justify="right" if col.endswith(("%", "ms")) else "left")
-    for row in history_rows(read_history(history_file(history_dir, s.name, t.name))):
-        table.add_row(*row, style=None if row[-1] == "pass" else "red")
-    out_console.print(table)
+    rows = history_rows(read_history(history_file(history_dir, s.name, t.name)))
+    print_table(out_console, f"{s.name} on {t.name}: nightly history", tuple(HISTORY_COLUMNS), rows,
+                [row[-1] != "pass" for row in rows], left=tuple(c for c in HISTORY_COLUMNS if not c.endswith(("%", "ms"))))
 
 
 @targets_app.command("list")
@@ -307,6 +364,8 @@ def run(typer_app: typer.Typer, argv: list[str] | None = None, prog_name: str | 
         # KeyboardInterrupt raised inside a command) instead of calling sys.exit itself.
         code = typer_app(args=argv, prog_name=prog_name, standalone_mode=False)
         code = int(code) if isinstance(code, int) else 0
+    except _GateFailed as exc:  # the report printed the verdict and its reasons once
+        return exc.exit_code
     except Interrupted as exc:
         code = exc.exit_code
         console.print(f"edgeship: interrupted{': ' + str(exc) if str(exc) else ''}", highlight=False, soft_wrap=True)
@@ -340,10 +399,6 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: ``edgeship ...``; see :func:`run` for the exit codes."""
     try:
         _mount_optional()
-        if console.is_terminal:
-            from pipeline.build import set_status
-
-            set_status(lambda stage: console.status(f"[bold]{stage}[/bold] ..."))
     except KeyboardInterrupt:
         console.print("edgeship: interrupted", highlight=False)
         return 130

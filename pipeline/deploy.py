@@ -23,7 +23,7 @@ from pipeline.spec import Host, PipelineSpec, TargetSpec
 from pipeline.validate.gate import budget_pp, check_run, combine, run_row
 from pipeline.validate.paired import attach_drop_intervals
 from pipeline.validate.recommend import recommend, recommend_across
-from pipeline.validate.report import RESULTS_SCHEMA
+from pipeline.validate.report import RESULTS_SCHEMA, size
 
 if TYPE_CHECKING:
     from pipeline.transport import Transport
@@ -111,8 +111,7 @@ def validate_current(spec: PipelineSpec, target: TargetSpec, out_dir: Path, *, h
             manifest = json.loads(tr.read_current_manifest(spec.name))
             _same_spec(spec, manifest, f"{name}: release {current[:12]}")
             try:
-                raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s,
-                                   spec=spec.name)
+                raw = _measure(tr, spec.name, len(manifest["runs"]), log)
             except EdgeshipError:
                 if rollout.cancelled.is_set():
                     raise Interrupted(f"{name}: validation stopped, {current[:12]} still current") from None
@@ -218,9 +217,9 @@ def _ship_and_gate(built: BuildResult, tr: "Transport", keep: str,
     dep = tr.deploy(built.release_dir, built.release_id)
     repaired = len(dep.get("repaired_files") or [])
     log(f"{name}: release {built.release_id[:12]} {'uploaded' if dep.get('changed') else 'already there'}"
-        f", {dep.get('bytes_moved', 0)} bytes moved" + (f", {repaired} damaged files of older releases repaired"
+        f", {size(dep.get('bytes_moved', 0))} moved" + (f", {repaired} damaged files of older releases repaired"
                                                          if repaired else ""))
-    raw = tr.run_agent(["run", "--release", "."], timeout_s=target.transport.command_timeout_s, spec=spec.name)
+    raw = _measure(tr, spec.name, len(built.manifest["runs"]), log)
     _log_device_builds(name, raw, log)
     result = _device_result(spec, target, name, built.manifest, raw, dep,
                             built.release_dir / built.manifest["agent"]["eval_dir"])
@@ -270,6 +269,19 @@ def _good_previous(tr: "Transport", spec: str, rid: str) -> str | None:
         if d["id"] != rid and d.get("last_current") is not None and (gate.get("gate") != "failed" or gate.get("kept")):
             return str(d["id"])
     return None
+
+
+def _measure(tr: "Transport", spec: str, runs: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """The agent's run over the release, announced before and timed after: the agent prints one
+    JSON document at the end, so there is nothing finer to show while it measures."""
+    from pipeline.output import step
+
+    t0 = time.perf_counter()
+    what = f"{runs} run{'' if runs == 1 else 's'}"
+    with step(f"{tr.name}: measuring {what}", announce_after_s=0.0):
+        raw = tr.run_agent(["run", "--release", "."], timeout_s=tr.target.transport.command_timeout_s, spec=spec)
+    log(f"{tr.name}: {what} measured in {time.perf_counter() - t0:.2f}s")
+    return raw
 
 
 def _log_device_builds(name: str, raw: dict[str, Any], log: Callable[[str], None]) -> None:

@@ -104,7 +104,7 @@ def test_report_renders_every_run(capsys) -> None:
     out = capsys.readouterr().out
     assert "onnxruntime" in out and "97.50" in out and "gate: PASSED" in out
     md = markdown(res)
-    assert md.count("\n") == 3 and "| d | onnxruntime | int8 | 97.50 |" in md
+    assert md.count("\n") == 3 and "| d | onnxruntime | int8 | - | 97.50 |" in md  # batch: - (not in these results)
 
 
 def test_report_shows_where_int8_lost_accuracy(capsys) -> None:

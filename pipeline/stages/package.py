@@ -66,7 +66,7 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
             size = sum((dest / n).stat().st_size for n in art.files)
             runs.append({"id": rid, "backend": art.backend, "precision": art.precision, "runner": art.runner,
                          "dir": f"artifacts/{rid}", "config": art.runner_config,
-                         "artifact_bytes": size,
+                         "batch": spec.input.shape[0], "artifact_bytes": size,
                          "artifact_sha256": _files_digest(dest, art.files),
                          "conversion": art.info})
         (tmp / "data").mkdir()

@@ -37,6 +37,7 @@ def run_row(raw: dict[str, Any], run_meta: dict[str, Any], reference: dict[str, 
         "id": run_meta["id"],
         "backend": run_meta["backend"],
         "precision": run_meta["precision"],
+        "batch": run_meta.get("batch"),  # samples per timed call (the spec's input batch)
         "accuracy": accuracy,
         "accuracy_drop_pp": drop,
         "top1_agreement": raw.get("top1_agreement"),

@@ -248,7 +248,8 @@ def _cv(device: str, row: dict[str, Any], timings: Timings) -> str:
 
 
 def _table(results: dict[str, Any], timings: Timings | None = None) -> str:
-    cols = (*COLUMNS[:5], "drop 95 % interval", *COLUMNS[5:])
+    after = COLUMNS.index("drop pp") + 1  # the interval beside the drop it bounds
+    cols = (*COLUMNS[:after], "drop 95 % interval", *COLUMNS[after:])
     at = COLUMNS.index("CV")
     head = "".join(f"<th>{escape(c)}</th>" for c in cols)
     body = []
@@ -257,7 +258,7 @@ def _table(results: dict[str, Any], timings: Timings | None = None) -> str:
         device, row = runs.pop(0) if cells[-1] != "ERROR" and runs else ("", {})
         if row and (row.get("latency_ms") or {}).get("cv") is None:  # results from before the agent's CV
             cells[at] = _cv(device, row, timings or {})
-        cells = [*cells[:5], _interval(row), *cells[5:]]
+        cells = [*cells[:after], _interval(row), *cells[after:]]
         cls = "" if cells[-1] == "pass" else ' class="fail"'
         body.append(f"<tr{cls}>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>")
     return f"<h2>runs</h2><table><tr>{head}</tr>{''.join(body)}</table>"

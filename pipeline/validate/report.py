@@ -14,14 +14,19 @@ def _f(v: Any, fmt: str = "{:.2f}", none: str = "-") -> str:
     return none if v is None else fmt.format(v)
 
 
-def _size(n: int | None) -> str:
+def size(n: int | None) -> str:
+    """Bytes as every report and log line writes them: kB below a MiB, MB above."""
     if n is None:
         return "-"
+    if n < 1024:
+        return f"{n} B"
     return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 1024:.1f} kB"
 
 
-COLUMNS = ("device", "backend", "precision", "accuracy %", "drop pp", "SQNR dB", "p50 ms", "p90 ms",
+# batch: the spec's input batch; latency, RSS and throughput are per call of that many samples
+COLUMNS = ("device", "backend", "precision", "batch", "accuracy %", "drop pp", "SQNR dB", "p50 ms", "p90 ms",
            "p99 ms", "CV", "peak RSS MB", "size", "gate")
+LEFT = ("device", "backend", "precision", "gate")  # text columns; the others are numbers, right-aligned
 
 
 def _cv(lat: dict[str, Any]) -> str:
@@ -70,13 +75,58 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
         for r in dev["runs"]:
             lat = r.get("latency_ms") or {}
             out.append([
-                dev["device"], r["backend"], r["precision"], _f(r.get("accuracy")),
+                dev["device"], r["backend"], r["precision"], _f(r.get("batch"), "{}"), _f(r.get("accuracy")),
                 _f(r.get("accuracy_drop_pp"), "{:+.2f}"), _f(r.get("sqnr_db"), "{:.1f}"),
                 _f(lat.get("p50"), "{:.3f}"), _f(lat.get("p90"), "{:.3f}"), _f(lat.get("p99"), "{:.3f}"),
-                _cv(lat), _f(r.get("peak_rss_mb"), "{:.1f}"), _size(r.get("artifact_bytes")),
+                _cv(lat), _f(r.get("peak_rss_mb"), "{:.1f}"), size(r.get("artifact_bytes")),
                 "pass" if r.get("gate", {}).get("passed") else "FAIL",
             ])
     return out
+
+
+def plain_table(columns: tuple[str, ...], table_rows: list[list[str]], left: tuple[str, ...] = LEFT) -> list[str]:
+    """Aligned columns without box drawing, for a pipe, a CI log or a file: text columns
+    left-aligned, numbers right-aligned, two spaces between columns, no trailing blanks."""
+    widths = [max([len(c)] + [len(r[i]) for r in table_rows]) for i, c in enumerate(columns)]
+
+    def line(cells: list[str] | tuple[str, ...]) -> str:
+        return "  ".join(cell.ljust(w) if col in left else cell.rjust(w)
+                         for cell, w, col in zip(cells, widths, columns)).rstrip()
+
+    return [line(columns)] + [line(r) for r in table_rows]
+
+
+def print_table(console: Console, title: str, columns: tuple[str, ...], table_rows: list[list[str]],
+                failed: list[bool], left: tuple[str, ...] = LEFT) -> None:
+    """The rich table on a terminal, :func:`plain_table` anywhere else; ``failed`` rows in red."""
+    if not console.is_terminal:
+        for text in [title, *plain_table(columns, table_rows, left)]:
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    for row, bad in zip(table_rows, failed):
+        table.add_row(*row, style="red" if bad else None)
+    console.print(table)
+
+
+def _line(console: Console, text: str, style: str | None = None) -> None:
+    """A line under the table: styled on a terminal, never wrapped (a pipe keeps it whole)."""
+    console.print(text, style=style if console.is_terminal else None, markup=False, highlight=False,
+                  soft_wrap=True)
+
+
+def print_gate(results: dict[str, Any], console: Console) -> None:
+    """The verdict, and each reason of a failure (the only place they are printed: the CLI exits 3
+    without repeating them as an error)."""
+    gate = results["gate"]
+    if gate["passed"]:
+        _line(console, "gate: PASSED", "bold green")
+        return
+    _line(console, "gate: FAILED", "bold red")
+    for reason in gate["reasons"]:
+        _line(console, f"  - {reason}", "red")
 
 
 def print_report(results: dict[str, Any], console: Console | None = None) -> None:
@@ -86,43 +136,31 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
     title = (f"{results['spec']} on {results['target']} - fp32 reference {ref.get('metric')} "
              f"{_f(ref.get('accuracy'))}% ({ref.get('samples')} samples{ties}), budget {results.get('budget_pp')} pp"
              + (f" {rule}" if (rule := budget_rule(results)) else ""))
-    table = Table(title=title, title_justify="left")
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("device", "backend", "precision", "gate") else "right")
-    for row in rows(results):
-        style = None if row[-1] == "pass" else "red"
-        table.add_row(*row, style=style)
-    console.print(table)
+    table_rows = rows(results)
+    print_table(console, title, COLUMNS, table_rows, [row[-1] != "pass" for row in table_rows])
     if line := recommended_line(results):
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        _line(console, line, "bold")
     for dev in results["devices"]:
         dep = dev.get("deploy") or {}
         if dep:
-            console.print(f"[dim]{dev['device']}: release {str(dep.get('release_id', ''))[:12]}, "
-                          f"{dep.get('bytes_moved', 0)} bytes moved"
-                          f"{', rolled back to ' + str(dev.get('rolled_back_to'))[:12] if dev.get('rolled_back') else ''}"
-                          "[/dim]")
+            _line(console, f"{dev['device']}: release {str(dep.get('release_id', ''))[:12]}, "
+                           f"{size(dep.get('bytes_moved', 0))} moved"
+                           f"{', rolled back to ' + str(dev.get('rolled_back_to'))[:12] if dev.get('rolled_back') else ''}",
+                  "dim")
         if dev.get("error"):
-            console.print(f"[red]{dev['device']}: {dev['error']}[/red]")
+            _line(console, f"{dev['device']}: {dev['error']}", "red")
         if line := conditions_line(dev):
-            console.print(f"[yellow]{line}[/yellow]" if "FLAGGED" in line else f"[dim]{line}[/dim]")
+            _line(console, line, "yellow" if "FLAGGED" in line else "dim")
         for r in dev.get("runs", []):
             cal = r.get("calibration") or {}
             if cal.get("method"):
                 kept = cal.get("fallback_layers") or []
                 worst = cal.get("worst_tensors") or []
-                console.print(f"[dim]{dev['device']} {r['id']}: calibration {cal['method']}"
-                              f"{' (' + cal['reason'] + ')' if cal.get('reason') else ''}"
-                              f"{', kept in float: ' + ', '.join(str(k.get('name', k)) for k in kept) if kept else ''}"
-                              f"{', lowest SQNR: ' + _worst(worst[:3]) if worst else ''}"
-                              "[/dim]")
-    gate = results["gate"]
-    if gate["passed"]:
-        console.print("[bold green]gate: PASSED[/bold green]")
-    else:
-        console.print("[bold red]gate: FAILED[/bold red]")
-        for reason in gate["reasons"]:
-            console.print(f"  [red]- {reason}[/red]")
+                _line(console, f"{dev['device']} {r['id']}: calibration {cal['method']}"
+                               f"{' (' + cal['reason'] + ')' if cal.get('reason') else ''}"
+                               f"{', kept in float: ' + ', '.join(str(k.get('name', k)) for k in kept) if kept else ''}"
+                               f"{', lowest SQNR: ' + _worst(worst[:3]) if worst else ''}", "dim")
+    print_gate(results, console)
 
 
 def recommended_line(results: dict[str, Any]) -> str | None:
@@ -132,7 +170,7 @@ def recommended_line(results: dict[str, Any]) -> str | None:
     rec = results["recommended"]
     if not rec:
         return "recommended: none (no run passed the gate on every device)"
-    figure = {"fastest": f"p90 {_f(rec.get('p90_ms'))} ms", "smallest": f"{_size(rec.get('artifact_bytes') or 0)}",
+    figure = {"fastest": f"p90 {_f(rec.get('p90_ms'))} ms", "smallest": size(rec.get("artifact_bytes") or 0),
               "most-accurate": f"accuracy {_f(rec.get('accuracy'))}%"}.get(rec["policy"], "")
     return f"recommended: {rec['run']} ({rec['policy']}: {figure}, within every limit)"
 
