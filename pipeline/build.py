@@ -179,9 +179,9 @@ def _load_data(run: _Run) -> tuple[Samples, Samples]:
     if limit and limit < len(evals):
         evals = evals.head(limit, f"{evals.sha256}[:{limit}]")
         run.log(f"{'evaluation subset':<24} first {limit} samples (validation.samples of {target.name})")
-    if spec.evaluation.metric == "top1" and evals.y is None:
-        raise SpecError(f"{spec.source_path}: field 'evaluation.metric': top1 needs labels, the evaluation "
-                        "set has none; add labels or use metric: fidelity")
+    if spec.evaluation.metric != "fidelity" and evals.y is None:
+        raise SpecError(f"{spec.source_path}: field 'evaluation.metric': {spec.evaluation.metric_name} needs labels, "
+                        "the evaluation set has none; return (x, labels) from the source, or use metric: fidelity")
     return calib, evals
 
 
@@ -235,6 +235,8 @@ def _convert_key(run: _Run, backend: Any, build_spec: Any, precision: str, onnx_
         "budget": [spec.accuracy.max_drop_pp, run.target.limits.max_accuracy_drop_pp],
         # the holdout's drop (method choice, fallback) counts ties within this margin
         **({"tie_margin": spec.evaluation.tie_margin} if spec.evaluation.tie_margin else {}),
+        # the INT8 search optimises the spec's metric (on postprocessed outputs)
+        "metric": spec.evaluation.model_dump(mode="json", include={"metric", "postprocess"}),
         "input": [i.model_dump() for i in spec.input_specs()], "edgeship": __version__,
         "code": source_digest(type(backend).__module__.rpartition(".")[0], "pipeline.backends.checks",
                               "calibration", f"pipeline.agent.runners.{backend.name}"),
@@ -288,6 +290,7 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
     from pipeline.spec import check_spec_for_target
     from pipeline.stages.inputs import data_warnings
     from pipeline.stages.package import package_release
+    from pipeline.validate.scoring import write_host_eval
 
     check_spec_for_target(spec, target)  # exit 2 before any work (e.g. model.onnx with a PyTorch-only backend)
     run = _Run(spec, target, cache, log)
@@ -302,7 +305,8 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
     reference_check = run_onnx(onnx_opt, check.x, batch)
     # classes known now: labels out of range are an error, doubtful data a warning the report shows
     notes = data_warnings(spec, target, first_output(reference_eval), {"calibration": calib, "evaluation": evals})
-    ref_metric = _reference_metric(spec, reference_eval, evals) | ({"warnings": notes} if notes else {})
+    ref_metric, ref_outputs = _reference_metric(spec, reference_eval, evals)
+    ref_metric |= {"warnings": notes} if notes else {}
     log(f"{'fp32 reference':<24} {_fmt_metric(ref_metric)}")
     for note in notes:
         log(f"{'WARNING':<24} {note}")
@@ -314,13 +318,14 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
         "model": {"weights_sha256": weights, "onnx_sha256": sha256_file(onnx_opt), "export": export_info,
                   "optimize": opt_info, "analysis": analyze_onnx(onnx_opt)},
         "calibration_set": {"sha256": calib.sha256, "samples": len(calib)},
-        "evaluation_set": {"sha256": evals.sha256, "samples": len(evals), "metric": spec.evaluation.metric},
+        "evaluation_set": {"sha256": evals.sha256, "samples": len(evals), "metric": spec.evaluation.metric_name},
         "reference": ref_metric,
         "tools": _tool_versions(target),
     }
     release_dir, release_id, manifest = run.timed(
         "package release", lambda: package_release(out_dir, spec, target, artifacts, evals, reference_eval, provenance),
         lambda r: f"release {r[1][:12]}")
+    write_host_eval(release_dir, release_id, evals.y, ref_outputs)  # labels and fp32 outputs stay on the host
     return BuildResult(spec, target, release_dir, release_id, manifest, artifacts, ref_metric, run.events)
 
 
@@ -355,24 +360,33 @@ def _import_onnx(src: Path, out_dir: Path) -> dict[str, Any]:
     return {"source": "onnx", "path": str(src), "opset": [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]}
 
 
-def _reference_metric(spec: PipelineSpec, outputs: dict[str, np.ndarray], evals: Samples) -> dict[str, Any]:
-    from pipeline.stages.export import first_output
+def _reference_metric(spec: PipelineSpec, outputs: dict[str, np.ndarray],
+                      evals: Samples) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The fp32 value of the spec's metric (the registry's, on the postprocessed fp32 outputs, as
+    the device's runs are scored) and those outputs; bad labels or user code fail here, before any
+    conversion, in one line."""
+    from pipeline.metrics import postprocessed, spec_metric, spec_postprocess
 
-    reference = first_output(outputs)
-    pred = reference.reshape(len(reference), -1).argmax(1)
-    if spec.evaluation.metric == "top1":
-        assert evals.y is not None
-        return {"metric": "top1", "accuracy": round(float((pred == evals.y).mean()) * 100.0, 4),
-                "samples": len(pred), "source": "fp32 ONNX Runtime on the host"}
-    out = {"metric": "fidelity", "accuracy": 100.0, "samples": len(pred),
-           "source": "fp32 ONNX Runtime on the host (fidelity: agreement with itself)"}
+    metric = spec_metric(spec)
+    post = spec_postprocess(spec)
+    reference = postprocessed(spec, outputs, spec.input.shape[0], post[0] if post else None)
+    score = metric.evaluate(reference, evals.y, reference)
+    out: dict[str, Any] = {"metric": metric.name, "higher_is_better": metric.higher_is_better,
+                           "accuracy": score.value, "samples": len(evals),
+                           "source": "fp32 ONNX Runtime on the host" + (
+                               " (fidelity: agreement with itself)" if metric.name == "fidelity" else "")}
+    if score.extras:
+        out["metrics"] = score.extras
     if spec.evaluation.tie_margin > 0.0:
         out["tie_margin"] = spec.evaluation.tie_margin  # runs are gated on agreement within ties
-    return out
+    return out, reference
 
 
 def _fmt_metric(m: dict[str, Any]) -> str:
-    return f"{m['metric']} {m['accuracy']:.2f}% on {m['samples']} samples"
+    from pipeline.metrics import BUILTIN
+
+    unit = "%" if m["metric"] in BUILTIN else ""
+    return f"{m['metric']} {m['accuracy']:.2f}{unit} on {m['samples']} samples"
 
 
 def _git_commit() -> str | None:

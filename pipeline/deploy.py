@@ -297,13 +297,20 @@ def _device_result(spec: PipelineSpec, target: TargetSpec, name: str, manifest: 
                    raw: dict[str, Any], dep: dict[str, Any], eval_dir: Path | None = None) -> dict[str, Any]:
     """Rows from the agent's results, each gated; ``eval_dir`` (the release's evaluation data on the
     host) gives each row its paired drop interval first, since accuracy.decision may gate on it."""
+    from pipeline.metrics import spec_metric
+    from pipeline.validate.scoring import read_host_eval, score_rows
+
     reference = manifest["provenance"]["reference"]
     metas = {r["id"]: r for r in manifest["runs"]}
     by_id = {r["id"]: r for r in raw.get("results", [])}
     rows = [run_row(by_id.get(rid, {"error": "the agent returned no result for this run"}), meta, reference,
-                    spec.evaluation.metric, target.hardware.tdp_w) for rid, meta in metas.items()]
+                    spec.evaluation.metric_name, target.hardware.tdp_w) for rid, meta in metas.items()]
     if eval_dir is not None:  # paired with fp32 on the same samples: the drop's exact interval
-        attach_drop_intervals(rows, raw, eval_dir, spec.evaluation.metric, spec.evaluation.tie_margin)
+        attach_drop_intervals(rows, raw, eval_dir, spec.evaluation.metric_name, spec.evaluation.tie_margin)
+    # the spec's metric on each run's raw outputs, against the labels and fp32 outputs kept on the host
+    host = read_host_eval(eval_dir.parent if eval_dir is not None else None, manifest.get("release_id"))
+    score_rows(rows, raw, spec_metric(spec), reference["accuracy"], host, spec.evaluation.tie_margin,
+               slow_intervals=spec.accuracy.decision == "upper_bound")
     gates = [check_run(row, spec, target) for row in rows]
     return {"device": name, "deploy": dep, "device_info": raw.get("device"), "conditions": raw.get("conditions"),
             "runs": rows, "reference": reference, "gate": combine(gates),

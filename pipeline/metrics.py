@@ -22,11 +22,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from pipeline.errors import EdgeshipError, InputFileError, SpecError, UserCodeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.spec import PipelineSpec
 
 Arrays = dict[str, np.ndarray]
 DETECTION_OUTPUTS = ("boxes", "scores", "classes")
@@ -81,8 +84,9 @@ def class_scores(outputs: Arrays, metric: str) -> tuple[str, np.ndarray]:
     return name, arr
 
 
-def class_labels(labels: Any, n: int, classes: int, metric: str) -> np.ndarray:
-    """Labels as class indices 0..classes-1, one per sample (else one line: exit 2)."""
+def class_labels(labels: Any, n: int, classes: int, metric: str, ids: list[str] | None = None) -> np.ndarray:
+    """Labels as class indices 0..classes-1, one per sample (else one line: exit 2); ``ids``
+    names a bad sample as its source does."""
     arr = labels if isinstance(labels, np.ndarray) else None
     if arr is None or arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
         what = f"{type(labels).__name__}" if arr is None else f"{arr.dtype} {arr.shape}"
@@ -90,29 +94,34 @@ def class_labels(labels: Any, n: int, classes: int, metric: str) -> np.ndarray:
                              "int array of labels from the evaluation source, or name a metric that reads these")
     bad = np.flatnonzero((arr < 0) | (arr >= classes))
     if bad.size:
-        raise InputFileError(f"metric {metric}: label {int(arr[bad[0]])} of sample {int(bad[0])} is outside the "
-                             f"model's {classes} classes; labels are class indices 0..{classes - 1}")
+        i = int(bad[0])
+        raise InputFileError(f"metric {metric}: label {int(arr[i])} of sample {ids[i] if ids else i!r} is outside the "
+                             f"model's {classes} classes ({bad.size} of {n} labels are); labels are class indices "
+                             f"0..{classes - 1}: fix the labels or the model")
     return arr
 
 
-def _top_k(k: int) -> Callable[[Arrays, Any, Arrays | None], Score]:
+def top_k_hits(outputs: Arrays, labels: Any, k: int) -> np.ndarray:
+    """Per sample: is the label among the first ``k`` classes of the first output? (The paired
+    interval pairs these with fp32's.)"""
     metric = f"top{k}"
+    _, scores = class_scores(outputs, metric)
+    y = class_labels(labels, len(scores), scores.shape[1], metric)
+    if k == 1:  # argmax, exactly as the device's fast path (ties: the first class)
+        return scores.argmax(axis=1) == y
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return (top == y[:, None]).any(axis=1)
 
+
+def _top_k(k: int) -> Callable[[Arrays, Any, Arrays | None], Score]:
     def compute(outputs: Arrays, labels: Any, reference: Arrays | None) -> Score:
-        _, scores = class_scores(outputs, metric)
-        y = class_labels(labels, len(scores), scores.shape[1], metric)
-        if k == 1:  # argmax, exactly as the device's fast path (ties: the first class)
-            hit = scores.argmax(axis=1) == y
-        else:
-            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            hit = (top == y[:, None]).any(axis=1)
-        return Score(round(float(hit.mean()) * 100.0, 4))
+        return Score(round(float(top_k_hits(outputs, labels, k).mean()) * 100.0, 4))
 
     return compute
 
 
-def _fidelity(outputs: Arrays, labels: Any, reference: Arrays | None) -> Score:
-    from pipeline.agent.measure import sqnr_db
+def _fidelity(outputs: Arrays, labels: Any, reference: Arrays | None, tie_margin: float = 0.0) -> Score:
+    from pipeline.agent.measure import agreement_within_ties, sqnr_db
 
     if reference is None:
         raise SpecError("metric fidelity compares with the fp32 outputs; none were given")
@@ -125,8 +134,9 @@ def _fidelity(outputs: Arrays, labels: Any, reference: Arrays | None) -> Score:
         got = outputs[name].reshape(ref.shape)
         extras[f"sqnr_db.{name}"] = round(sqnr_db(ref, got), 3)
         if ref.ndim == 2 and ref.shape[1] > 1:
-            agreements.append(round(float((got.argmax(1) == ref.argmax(1)).mean()) * 100.0, 4))
-            extras[f"agreement.{name}"] = agreements[-1]
+            extras[f"agreement.{name}"] = round(float((got.argmax(1) == ref.argmax(1)).mean()) * 100.0, 4)
+            agreements.append(extras[f"agreement.{name}"] if tie_margin <= 0.0 else
+                              round(agreement_within_ties(ref, got.argmax(1), tie_margin), 4))
     if not agreements:
         raise SpecError(f"metric fidelity gates on the top-1 agreement of outputs shaped (N, classes); outputs "
                         f"{', '.join(f'{n} {tuple(r.shape)}' for n, r in reference.items())} have none: use metric "
@@ -170,8 +180,75 @@ BUILTIN: dict[str, Metric] = {
     "top1": Metric("top1", True, _top_k(1)),
     "top5": Metric("top5", True, _top_k(5)),
     "fidelity": Metric("fidelity", True, _fidelity, needs_labels=False),
-    "map": Metric("map", True, _map, float16_ok=True),
+    # float16 boxes (0.06 px steps above 64 px) moved the detector's fp32 mAP by 0.03 points; the
+    # postprocessed detections are small, so they travel as float32
+    "map": Metric("map", True, _map),
 }
+
+
+def fidelity(tie_margin: float) -> Metric:
+    """``fidelity`` gated on agreement within fp32's ties (``evaluation.tie_margin``; strict
+    agreement stays among the extras), the same rule as the device's fast path."""
+    if tie_margin <= 0.0:
+        return BUILTIN["fidelity"]
+    return Metric("fidelity", True, lambda o, y, r: _fidelity(o, y, r, tie_margin), needs_labels=False)
+
+
+def spec_metric(spec: "PipelineSpec") -> Metric:
+    """The one metric a spec names (``evaluation.metric``): what the INT8 search optimises and the
+    build's reference, the device results, the gate, the report and the nightly hold."""
+    from pipeline.stages.inputs import spec_folder
+
+    m = spec.evaluation.metric
+    if isinstance(m, str):
+        return fidelity(spec.evaluation.tie_margin) if m == "fidelity" else BUILTIN[m]
+    return user_metric(m.callable, m.name, m.higher_is_better, spec_folder(spec),
+                       f"{spec.source_path}: field 'evaluation.metric.callable'")
+
+
+Postprocess = Callable[[Arrays], Arrays]
+
+
+def spec_postprocess(spec: "PipelineSpec") -> tuple[Postprocess, Path] | None:
+    """``evaluation.postprocess``: the function and the file of its module (which ships in the
+    release, so it is one file, numpy only); None when the spec has none."""
+    import inspect
+
+    from pipeline.stages.inputs import import_callable, spec_folder
+
+    if not spec.evaluation.postprocess:
+        return None
+    where = f"{spec.source_path}: field 'evaluation.postprocess'"
+    fn = import_callable(spec.evaluation.postprocess, where, spec_folder(spec))
+    path = inspect.getsourcefile(fn)
+    if path is None:
+        raise SpecError(f"{where}: {spec.evaluation.postprocess} has no source file to ship with the release")
+    return fn, Path(path)
+
+
+def postprocessed(spec: "PipelineSpec", outputs: Arrays, batch: int, post: Postprocess | None) -> Arrays:
+    """``outputs`` through the spec's postprocess one batch at a time, as the device runs it;
+    what it raises or returns wrongly is one line naming it (exit 1)."""
+    from pipeline.agent.outputs import concat
+    from pipeline.stages.inputs import user_code_error
+
+    if post is None:
+        return outputs
+    ref, where = spec.evaluation.postprocess, f"{spec.source_path}: field 'evaluation.postprocess'"
+    n = len(next(iter(outputs.values())))
+    parts = []
+    for start in range(0, n, batch):
+        try:
+            got = post({k: v[start:start + batch] for k, v in outputs.items()})
+        except EdgeshipError:
+            raise
+        except Exception as exc:  # user code: any type
+            raise user_code_error(where, str(ref), exc) from exc
+        if not isinstance(got, dict) or not got or not all(isinstance(v, np.ndarray) for v in got.values()):
+            raise UserCodeError(f"{where}: {ref} returned {type(got).__name__}; a postprocess returns a dict "
+                                "output name -> numpy array, samples on axis 0")
+        parts.append(got)
+    return concat(parts)
 
 
 def user_metric(ref: str, name: str, higher_is_better: bool, beside: Path | None, where: str) -> Metric:

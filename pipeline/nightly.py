@@ -60,16 +60,22 @@ def regressions_by_run(results: dict[str, Any], good: dict[str, dict[str, Any]],
                        max_latency_regression_pct: float = MAX_LATENCY_REGRESSION_PCT) -> dict[str, list[str]]:
     """(device/run id) -> why that run regressed against its last good run (runs that did not: absent)."""
     found: dict[str, list[str]] = {}
+    ref = results.get("reference") or {}
+    # the spec's one metric, in its points: a lower-is-better metric regresses when it rises
+    higher, name = ref.get("higher_is_better", True), ref.get("metric", "accuracy")
     for key, row in keyed_rows(results):
         prev = good.get(key)
         if prev is None:
             continue
         why = _slower(key, row, prev, max_latency_regression_pct)
         if row.get("accuracy") is not None and prev.get("accuracy") is not None:
-            fall = prev["accuracy"] - row["accuracy"]
-            if fall > tolerance_pp:
+            fall = (prev["accuracy"] - row["accuracy"]) * (1.0 if higher else -1.0)
+            if fall > tolerance_pp and higher:
                 why.insert(0, f"{key}: accuracy {row['accuracy']:.2f}% is {fall:.2f} pp below the last good "
                               f"run ({prev['accuracy']:.2f}% on {prev.get('when')}), tolerance {tolerance_pp} pp")
+            elif fall > tolerance_pp:
+                why.insert(0, f"{key}: {name} {row['accuracy']:.4g} is {fall:.2f} points above (worse than) the last "
+                              f"good run ({prev['accuracy']:.4g} on {prev.get('when')}), tolerance {tolerance_pp} points")
         if why:
             found[key] = why
     return found
@@ -131,7 +137,9 @@ def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: 
                 _mark_regressions(results, found)
                 entry.update({"release_id": results["release_id"], "reference": results["reference"],
                               "versions": results.get("versions"),  # edgeship, git commit, converters
-                              "devices": [{"device": d["device"], "runs": d["runs"], "gate": d["gate"],
+                              # raw outputs stay in tonight's side file, not in the history
+                              "devices": [{"device": d["device"], "gate": d["gate"],
+                                           "runs": [{k: v for k, v in r.items() if k != "outputs"} for r in d["runs"]],
                                            "probe": d.get("probe"), "conditions": d.get("conditions"),
                                            "error": d.get("error")} for d in results["devices"]],
                               "gate": results["gate"]})

@@ -206,12 +206,39 @@ class CalibrationSpec(_Strict):
         return v
 
 
+_MODULE_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def _module_function(value: str) -> str:
+    if not _MODULE_FUNCTION.fullmatch(value):
+        raise PydanticCustomError("module_function", "'{value}' is not 'module:function' (e.g. my_metrics:map50); "
+                                  "modules beside the spec file are importable", {"value": value})
+    return value
+
+
+ModuleFunction = Annotated[str, AfterValidator(_module_function)]
+BuiltinMetric = Literal["top1", "top5", "fidelity", "map"]
+
+
+class UserMetricSpec(_Strict):
+    """A metric of your own: ``callable(outputs, labels) -> float | {"value": float, ...}``."""
+
+    callable: ModuleFunction = Field(..., description="module:function(outputs, labels) -> float, or a dict with "
+                                                      "'value' and other figures reported beside it")
+    name: SafeName = Field(..., description="what reports and results call the metric (e.g. map50)")
+    higher_is_better: StrictBool = Field(True, description="false: the drop the budget holds is the increase")
+
+
 class EvaluationSpec(_Strict):
     source: DataSource
     limit: int | None = Field(None, gt=0)
-    metric: Literal["top1", "fidelity"] = Field(
-        "top1", description="top1: accuracy vs labels; fidelity: top-1 agreement and SQNR vs fp32"
-    )
+    metric: BuiltinMetric | UserMetricSpec = Field(
+        "top1", description="top1 / top5: accuracy (%) vs class labels; fidelity: per-output SQNR and top-1 "
+                            "agreement (%) vs fp32; map: COCO mAP@[.5:.95] x 100 (pycocotools); or your own "
+                            "{callable: module:function, name, higher_is_better}. The budget is in its points")
+    postprocess: ModuleFunction | None = Field(
+        None, description="module:function(outputs) -> outputs, numpy only: runs per batch on the device (shipped "
+                          "in the release) and on the host's fp32 outputs before the metric (e.g. decode + NMS)")
     tie_margin: float = Field(
         0.0, ge=0.0, lt=1.0,
         description="fidelity only: a top-1 swap between two classes whose fp32 probabilities (softmax of "
@@ -224,6 +251,11 @@ class EvaluationSpec(_Strict):
         if self.tie_margin > 0.0 and self.metric != "fidelity":
             raise ValueError("tie_margin applies to metric 'fidelity' only; remove it or set metric: fidelity")
         return self
+
+    @property
+    def metric_name(self) -> str:
+        """The metric's name: a built-in's, or the ``name`` of the user's."""
+        return self.metric if isinstance(self.metric, str) else self.metric.name
 
 
 class AccuracySpec(_Strict):

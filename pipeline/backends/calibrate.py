@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from calibration.config import resolve_methods
 from calibration.search import Arrays, CandidateBuilder, Holdout, Metric, SearchOptions, SearchResult, default_metric, search
 
@@ -27,10 +29,70 @@ def budget_pp(ctx: "BuildContext") -> float:
     return float(gate_budget(ctx.spec, ctx.target))
 
 
-def search_metric(ctx: "BuildContext") -> Metric:
-    """What the INT8 search scores: accuracy when the calibration set has labels, else top-1
-    agreement with fp32 (swaps within ``evaluation.tie_margin`` count as agreement)."""
-    return default_metric(ctx.calibration.class_labels() is not None, ctx.spec.evaluation.tie_margin)
+def search_metric(ctx: "BuildContext", every_output: bool = True) -> Metric:
+    """What the INT8 search scores: the spec's metric (pipeline.metrics' registry, on postprocessed
+    outputs), against the holdout's labels when the calibration set has them, else against the fp32
+    outputs. A top1 or fidelity classifier keeps calibration.search's own Top1 / Agreement (the same
+    numbers). ``every_output`` False: the backend's candidates return only the first output (TFLite,
+    ncnn), so a metric that reads the others is replaced by agreement with fp32 on the first."""
+    from pipeline.metrics import BUILTIN, spec_metric
+
+    metric = spec_metric(ctx.spec)
+    labelled = ctx.calibration.y is not None
+    classifier = metric.name == "fidelity" and not metric.needs_labels or (
+        metric is BUILTIN["top1"] and ctx.calibration.class_labels() is not None)
+    if classifier or not every_output or (not labelled and metric.name not in ("top5", "map")):
+        return default_metric(ctx.calibration.class_labels() is not None, ctx.spec.evaluation.tie_margin)
+    return SpecMetric(ctx, metric, _holdout_labels(ctx) if labelled else None)
+
+
+def _holdout_labels(ctx: "BuildContext") -> Any:
+    """The labels of the holdout :func:`split` gives, in its order (objects too: CalibrationSet
+    keeps class indices only)."""
+    _, hold = split(ctx)
+    where = {sid: i for i, sid in enumerate(ctx.calibration.ids)}
+    y = ctx.calibration.y
+    picked = [where[sid] for sid in hold.ids]
+    return y[picked] if isinstance(y, np.ndarray) else [y[i] for i in picked]
+
+
+class SpecMetric:
+    """``calibration.search.Metric`` over the registry's metric: candidate and fp32 outputs go
+    through the spec's postprocess (batch by batch, as on the device) before they are scored."""
+
+    def __init__(self, ctx: "BuildContext", metric: Any, labels: Any) -> None:
+        from pipeline.metrics import spec_postprocess
+
+        self.ctx, self.metric, self.labels = ctx, metric, labels
+        self.name, self.higher_is_better = metric.name, metric.higher_is_better
+        post = spec_postprocess(ctx.spec)
+        self.post = post[0] if post else None
+
+    def _outputs(self, outputs: Arrays) -> Arrays:
+        from pipeline.metrics import postprocessed
+
+        return postprocessed(self.ctx.spec, outputs, self.ctx.spec.input.shape[0], self.post)
+
+    def score(self, outputs: Arrays, target: Any) -> float:
+        got = self._outputs(outputs)
+        n = len(next(iter(got.values())))
+        if self.labels is not None:  # a backend may score whole batches only: a prefix of the holdout
+            return self.metric.evaluate(got, self.labels[:n]).value
+        reference = self._outputs(target)
+        return self.metric.evaluate(got, _pseudo_labels(self.metric.name, reference), reference).value
+
+
+PSEUDO_MIN_SCORE = 0.3
+"""fp32 detections at least this confident stand for the ground truth of an unlabelled holdout."""
+
+
+def _pseudo_labels(name: str, reference: Arrays) -> Any:
+    """No labels: fp32's own answers are the truth (top5: its top-1 class; map: its confident boxes)."""
+    if name == "top5":
+        return np.asarray(next(iter(reference.values()))).argmax(axis=1)
+    keep = reference["scores"] >= PSEUDO_MIN_SCORE
+    return [{"boxes": reference["boxes"][i][keep[i]].tolist(), "classes": reference["classes"][i][keep[i]].tolist()}
+            for i in range(len(keep))]
 
 
 def spec_methods(ctx: "BuildContext", ort_default: tuple[str, ...]) -> tuple[str, ...]:
@@ -104,7 +166,8 @@ def run_search(ctx: "BuildContext", builder: CandidateBuilder, holdout: Holdout,
     start of the backend's INT8 work (statistics, pairing), not only the search.
     """
     options = SearchOptions(methods, budget_pp(ctx), bool(ctx.spec.calibration.fallback))
-    found = search(builder, holdout, reference, options, search_metric(ctx))
+    found = search(builder, holdout, reference, options,
+                   search_metric(ctx, every_output=len(reference) >= len(ctx.output_names)))
     found.report.calibration_samples = fit_samples
     found.report.calibration_time_s = round(time.perf_counter() - started, 3)
     return found

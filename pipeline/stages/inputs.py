@@ -295,34 +295,29 @@ def source_name(spec: PipelineSpec, src: DataSource) -> str:
 
 
 def check_labels(spec: PipelineSpec, reference: np.ndarray, sets: dict[str, Samples]) -> None:
-    """Labels of a top-1 metric must be class indices of the model's output (N, C): 0 <= y < C.
+    """Labels of a top-k metric must be class indices of the model's output (N, C): 0 <= y < C.
 
     Called once the fp32 reference exists, so C is what the model really outputs. A label outside
-    the range can never match, so the gate would compare 0 % with 0 % and pass.
+    the range can never match, so the gate would compare 0 % with 0 % and pass. The rule is the
+    metric registry's (pipeline.metrics), here applied to every labelled set, naming its source.
     """
-    if spec.evaluation.metric != "top1":
+    from pipeline.metrics import class_labels, class_scores
+
+    metric = spec.evaluation.metric
+    if metric not in ("top1", "top5"):
         return
-    if reference.ndim != 2:
-        raise SpecError(f"{spec.source_path}: field 'evaluation.metric': top1 reads class scores shaped (N, classes) "
-                        f"from the model's first output, which is shaped {('N', *reference.shape[1:])}; use metric: "
-                        "fidelity, or a metric of your own (metric: {callable: module:function})")
-    classes = int(reference.shape[1])
+    try:
+        _, scores = class_scores({"output": reference}, str(metric))
+    except SpecError as exc:
+        raise SpecError(f"{spec.source_path}: field 'evaluation.metric': {exc}") from None
     for section, samples in sets.items():
         if samples.y is None:
             continue
-        if not isinstance(samples.y, np.ndarray):
+        try:
+            class_labels(samples.y, len(samples), int(scores.shape[1]), str(metric), samples.ids)
+        except InputFileError as exc:
             src = source_name(spec, getattr(spec, section).source)
-            raise InputFileError(f"{spec.source_path}: field '{section}.source' ({src}): "
-                                 "top1 reads integer class indices, the labels are per-sample objects; return an int "
-                                 "array of labels, or name a metric that reads these labels")
-        bad = np.flatnonzero((samples.y < 0) | (samples.y >= classes))
-        if bad.size:
-            i = int(bad[0])
-            src = source_name(spec, getattr(spec, section).source)
-            raise InputFileError(
-                f"{spec.source_path}: field '{section}.source' ({src}): label {int(samples.y[i])} of sample "
-                f"{samples.ids[i]!r} ({bad.size} of {len(samples.y)} labels) is outside the model's "
-                f"{classes} classes; labels must be class indices 0..{classes - 1}: fix the labels or the model")
+            raise InputFileError(f"{spec.source_path}: field '{section}.source' ({src}): {exc}") from None
 
 
 MIN_HOLDOUT = 30

@@ -6,6 +6,7 @@ Layout (what a transport ships, verbatim):
     artifacts/<run-id>/...   one folder per (backend, precision)
     data/x.npy, y.npy, reference.npy   evaluation samples, labels (if any), fp32 outputs
                              (plain .npy: the agent memory-maps them)
+    postprocess/<module>.py  evaluation.postprocess, run by the agent per batch (if the spec has one)
 
 The release id is the sha256 over the file list (names and hashes) and the agent settings, so
 an unchanged build gives the same id and a deploy of it moves no bytes.
@@ -76,7 +77,8 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
         agent = {"eval_dir": "data", "threads": target.threads, "warmup": validation.warmup,
                  "runs": validation.runs, "rounds": validation.rounds, "max_cv": validation.max_cv,
                  "retry_unstable": validation.retry_unstable, "batch": spec.input.shape[0],
-                 "metric": spec.evaluation.metric, "inputs": list(evals.x)}
+                 "metric": spec.evaluation.metric_name, "inputs": list(evals.x),
+                 "outputs": _outputs_block(spec, tmp)}
         if spec.evaluation.tie_margin > 0.0:
             agent["tie_margin"] = spec.evaluation.tie_margin
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -93,6 +95,22 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
             raise disk_full_error(out_dir, "the release", need) from exc
         raise
     return out_dir / "release", release_id, manifest
+
+
+def _outputs_block(spec: PipelineSpec, release: Path) -> dict[str, Any]:
+    """The agent config's ``outputs``: every run returns its raw outputs for the host to score
+    (float16 where the metric allows), after the spec's postprocess, whose module is copied into
+    ``postprocess/`` (one file, numpy only: the agent loads it from there)."""
+    from pipeline.metrics import spec_metric, spec_postprocess
+
+    block: dict[str, Any] = {"float16": spec_metric(spec).float16_ok}
+    post = spec_postprocess(spec)
+    if post is not None:
+        fn, source = post
+        (release / "postprocess").mkdir()
+        shutil.copyfile(source, release / "postprocess" / source.name)
+        block["postprocess"] = {"file": f"postprocess/{source.name}", "function": fn.__name__}
+    return block
 
 
 def eval_file(index: int) -> str:

@@ -79,3 +79,61 @@ def attach_drop_intervals(rows: list[dict[str, Any]], raw: dict[str, Any], data_
         outcomes = paired_outcomes(predictions, data_dir, metric, tie_margin)
         if outcomes is not None:
             row["outcomes"] = pack_outcomes(outcomes[1])
+
+
+# ---- from the raw outputs (the metric registry's runs) ------------------------------------------
+
+SLOW_METRIC_RESAMPLES = 200
+"""Resamples of the paired bootstrap for a metric that is not a mean over samples (mAP, user
+metrics): each resample scores the whole metric twice (a COCO evaluation of 512 images takes about
+a second), so fewer than stats.RESAMPLES; seeded (stats.SEED) like every other interval."""
+
+
+def output_outcomes(metric: Any, outputs: dict[str, np.ndarray], host: Any,
+                    tie_margin: float = 0.0) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per sample (fp32 right, candidate right) for the metrics that are a mean over samples:
+    top1/top5 against the labels, fidelity's agreement on its worst (N, classes) output (fp32 agrees
+    with itself); None for the others (mAP, user metrics)."""
+    from pipeline.metrics import BUILTIN, top_k_hits
+
+    if metric.name in ("top1", "top5") and metric is BUILTIN[metric.name]:
+        k = int(metric.name[3:])
+        return top_k_hits(host.reference, host.labels, k), top_k_hits(outputs, host.labels, k)
+    if metric.name != "fidelity" or metric.needs_labels:  # a user metric may be called fidelity too
+        return None
+    worst: np.ndarray | None = None
+    for name, ref in host.reference.items():
+        if ref.ndim == 2 and ref.shape[1] > 1 and name in outputs:
+            agrees = candidate_agrees(ref, outputs[name].reshape(ref.shape).argmax(1), tie_margin)
+            worst = agrees if worst is None or agrees.sum() < worst.sum() else worst
+    return None if worst is None else (np.ones(worst.size, dtype=bool), worst)
+
+
+def _subset(value: Any, idx: np.ndarray) -> Any:
+    return value[idx] if isinstance(value, np.ndarray) else [value[i] for i in idx]
+
+
+def output_interval(metric: Any, outputs: dict[str, np.ndarray], host: Any, tie_margin: float,
+                    slow: bool) -> tuple[Interval | None, np.ndarray | None]:
+    """The run's paired drop interval in the metric's points, and the candidate's per-sample
+    outcomes where the metric has them. Exact for top1/top5/fidelity; the seeded paired bootstrap
+    over samples for the others, computed only when ``slow`` (accuracy.decision upper_bound needs
+    it: it costs SLOW_METRIC_RESAMPLES x 2 evaluations of the metric)."""
+    from pipeline.validate.stats import bootstrap_drop_fn
+
+    outcomes = output_outcomes(metric, outputs, host, tie_margin)
+    if outcomes is not None:
+        if metric.name == "fidelity":
+            agrees = outcomes[1]
+            return disagreement_interval(int(agrees.size - agrees.sum()), int(agrees.size)), agrees
+        return paired_drop_interval(*discordant(*outcomes)), outcomes[1]
+    if not slow:
+        return None, None
+    n = len(next(iter(outputs.values())))
+    sign = 1.0 if metric.higher_is_better else -1.0  # the drop of a lower-is-better metric is its increase
+
+    def value(arrays: dict[str, np.ndarray]) -> Any:
+        return lambda idx: sign * metric.evaluate({k: v[idx] for k, v in arrays.items()}, _subset(host.labels, idx),
+                                                  {k: v[idx] for k, v in host.reference.items()}).value
+
+    return bootstrap_drop_fn(n, value(host.reference), value(outputs), resamples=SLOW_METRIC_RESAMPLES), None

@@ -99,8 +99,9 @@ class NcnnBackend:
         got = run_runner_all("ncnn", ctx.workdir, config, ctx.check.x, 1, ctx.target.threads)
         info.update(check_outputs(self.name, precision, ctx.reference, got))
         c = info["check"]
+        agree = c.get("top1_agreement")  # only outputs shaped (N, classes) have one (e.g. not a detector's)
         ctx.log(f"ncnn {precision}: {info['size_bytes'] / 1024:.0f} KiB, check rel_diff={c['rel_diff']:.2e} "
-                f"sqnr={c['sqnr_db']:.1f}dB top1_agree={c['top1_agreement']:.1f}%")
+                f"sqnr={c['sqnr_db']:.1f}dB" + (f" top1_agree={agree:.1f}%" if agree is not None else ""))
         return Artifact(backend=self.name, precision=precision, workdir=ctx.workdir, files=[PARAM, BIN],
                         runner="ncnn", runner_config=config, info=info)
 

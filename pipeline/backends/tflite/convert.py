@@ -171,8 +171,9 @@ def _quant_of(tensor: dict[str, Any]) -> dict[str, Any]:
 
 
 def _summary(check: dict[str, Any]) -> str:
-    return (f"rel_diff={check['rel_diff']:.2e} sqnr={check['sqnr_db']:.1f}dB "
-            f"top1_agree={check['top1_agreement']:.1f}%")
+    agree = check.get("top1_agreement")  # only outputs shaped (N, classes) have one (e.g. not a detector's)
+    return (f"rel_diff={check['rel_diff']:.2e} sqnr={check['sqnr_db']:.1f}dB"
+            + (f" top1_agree={agree:.1f}%" if agree is not None else ""))
 
 
 BACKEND = TFLiteBackend()
