@@ -152,6 +152,8 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
         if line := conditions_line(dev):
             _line(console, line, "yellow" if "FLAGGED" in line else "dim")
         for r in dev.get("runs", []):
+            for line in run_lines(dev["device"], r):
+                _line(console, line, "dim")
             cal = r.get("calibration") or {}
             if cal.get("method"):
                 kept = cal.get("fallback_layers") or []
@@ -161,6 +163,25 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
                                f"{', kept in float: ' + ', '.join(str(k.get('name', k)) for k in kept) if kept else ''}"
                                f"{', lowest SQNR: ' + _worst(worst[:3]) if worst else ''}", "dim")
     print_gate(results, console)
+
+
+def run_lines(device: str, r: dict[str, Any]) -> list[str]:
+    """What a run measured beyond the table: its power from the board's own sensor (or why not),
+    and the artifact it built on the device (engine built or cached)."""
+    out = []
+    power = r.get("power") or {}
+    if power.get("error"):
+        out.append(f"{device} {r['id']}: power sensor {power.get('sensor')} not read: {power['error']}")
+    elif power:
+        idle = "" if power.get("idle_w") is None else f", idle {power['idle_w']:.2f} W"
+        out.append(f"{device} {r['id']}: power {power['mean_w']:.2f} W (p90 {power['p90_w']:.2f}{idle}) over "
+                   f"{power['window_s']:.1f} s, {power['energy_mj_per_inference']:.3f} mJ/inference above idle "
+                   f"({power['sensor']})")
+    build = r.get("device_build") or {}
+    if build:
+        what = "engine cached" if build.get("cached") else f"engine built in {build.get('seconds', 0):.1f} s"
+        out.append(f"{device} {r['id']}: {what} on the device ({build.get('builder')})")
+    return out
 
 
 def recommended_line(results: dict[str, Any]) -> str | None:
@@ -189,6 +210,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"gate {'PASSED' if gate.get('passed') else 'FAILED'}, budget {results.get('budget_pp')} pp {rule}"]
         lines += [f"- {r}" for r in gate.get("reasons") or []]
     lines += ["", line] if (line := "\n".join(filter(None, map(conditions_line, results["devices"])))) else []
+    measured = [f"- {line}" for dev in results["devices"] for r in dev.get("runs", []) for line in run_lines(dev["device"], r)]
+    lines += [""] + measured if measured else []
     for dev in results["devices"]:
         for r in dev.get("runs", []):
             cal = r.get("calibration") or {}

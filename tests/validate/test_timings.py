@@ -103,3 +103,17 @@ def test_unstable_timings_are_not_compared_across_nights(tmp_path: Path) -> None
     assert baseline_regressions(slow, pinned, tolerance_pp=0.5) == {}
     calm = _doc(scale=1.3, seed=5)  # the same slowdown, measured calmly: caught
     assert set(regressions_by_run(calm, good, 0.5, 10.0)) == {"local/onnxruntime-fp32", "local/onnxruntime-int8"}
+
+
+def test_reports_show_measured_power_and_device_builds() -> None:
+    doc = _doc()
+    doc["runs"][0]["power"] = {"sensor": "ina3221:VDD_IN", "mean_w": 6.1, "p90_w": 6.4, "idle_w": 4.2,
+                               "energy_mj_per_inference": 1.9, "window_s": 2.05}
+    doc["runs"][1]["power"] = {"sensor": "rapl:package-0", "error": "energy_uj is readable by root only"}
+    doc["runs"][1]["device_build"] = {"cached": True, "builder": "tensorrt 10.3 python", "seconds": 0.0}
+    md = markdown(doc)
+    assert ("- local onnxruntime-fp32: power 6.10 W (p90 6.40, idle 4.20 W) over 2.0 s, 1.900 mJ/inference "
+            "above idle (ina3221:VDD_IN)") in md
+    assert "power sensor rapl:package-0 not read: energy_uj is readable by root only" in md
+    assert "local onnxruntime-int8: engine cached on the device (tensorrt 10.3 python)" in md
+    assert "power" not in markdown(_doc())  # no sensor anywhere: no power lines
