@@ -104,7 +104,9 @@ def test_report_renders_every_run(capsys) -> None:
     out = capsys.readouterr().out
     assert "onnxruntime" in out and "97.50" in out and "gate: PASSED" in out
     md = markdown(res)
-    assert md.count("\n") == 3 and "| d | onnxruntime | int8 | - | 97.50 |" in md  # batch: - (not in these results)
+    # a title, the line saying what the numbers belong to, then the table's head, rule and one row
+    assert md.count("\n") == 7 and "| d | onnxruntime | int8 | - | 97.50 |" in md  # batch: - (not in these results)
+    assert md.startswith(f"# {res['spec']} on {res['target']}\n") and "budget" in md.splitlines()[2]
 
 
 def test_report_shows_where_int8_lost_accuracy(capsys) -> None:

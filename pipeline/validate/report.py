@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -200,8 +201,21 @@ def _worst(tensors: list[dict[str, Any]]) -> str:
     return ", ".join(f"{t['tensor']} {float(t['sqnr_db']):.1f} dB" for t in tensors)
 
 
+def _header(results: dict[str, Any]) -> list[str]:
+    """Title and what the numbers belong to: when, which release, which code, the reference and budget."""
+    ref = results.get("reference") or {}
+    versions = results.get("versions") or {}
+    code = f"edgeship {versions.get('edgeship')}" + (f" ({str(versions['commit'])[:12]})" if versions.get("commit") else "")
+    parts = [time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             f"release {str(results['release_id'])[:12]}" if results.get("release_id") else None,
+             code if versions else None,
+             f"fp32 reference {ref.get('metric')} {_f(ref.get('accuracy'))} on {ref.get('samples')} samples" if ref else None,
+             f"budget {results.get('budget_pp')} pp" if results.get("budget_pp") is not None else None]
+    return [f"# {results.get('spec')} on {results.get('target')}", "", " · ".join(p for p in parts if p), ""]
+
+
 def markdown(results: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = _header(results) + ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
     lines += ["", line] if (line := recommended_line(results)) else []
     rule = budget_rule(results)
