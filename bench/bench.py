@@ -29,8 +29,9 @@ from pipeline.spec import load_spec, load_target  # noqa: E402
 
 WORKLOADS = {"mnist": ROOT / "examples" / "mnist.yaml",
              "efficientnet-lite0": ROOT / "examples" / "efficientnet_lite0.yaml",
-             "mobilenet-v2": ROOT / "examples" / "mobilenet_v2.yaml"}
-RUNS = {"mnist": (20, 300), "efficientnet-lite0": (5, 60), "mobilenet-v2": (5, 60)}
+             "mobilenet-v2": ROOT / "examples" / "mobilenet_v2.yaml",
+             "digit-detector": ROOT / "examples" / "detector.yaml"}
+RUNS = {"mnist": (20, 300), "efficientnet-lite0": (5, 60), "mobilenet-v2": (5, 60), "digit-detector": (10, 100)}
 
 
 def runs_here(name: str) -> tuple[bool, str]:
@@ -82,7 +83,7 @@ def main() -> int:
         t0 = time.perf_counter()
         first = deploy(spec, target, tmp / "build" / workload, cache=Cache(tmp / "stages" / workload),
                        log=lambda m: print(m, file=sys.stderr))
-        report["workloads"][workload] = {"metric": spec.evaluation.metric, "reference": first["reference"],
+        report["workloads"][workload] = {"metric": spec.evaluation.metric_name, "reference": first["reference"],
                                          "model": first.get("model"), "build_and_first_run_s": round(time.perf_counter() - t0, 1),
                                          "rows": bench_rows(first)}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -120,8 +121,9 @@ def markdown(report: dict) -> str:
     for name, w in report["workloads"].items():
         m = w["model"] or {}
         ties = w["reference"].get("tie_margin")
-        metric = ("top-1 accuracy %" if w["metric"] == "top1" else "top-1 agreement with fp32 %"
-                  + (f", a swap of classes within {ties} in fp32 probability counted as agreement" if ties else ""))
+        metric = {"top1": "top-1 accuracy %", "map": "COCO mAP@[.5:.95] x 100"}.get(
+            w["metric"], "top-1 agreement with fp32 %"
+            + (f", a swap of classes within {ties} in fp32 probability counted as agreement" if ties else ""))
         lines += ["", f"### {name} ({metric}; fp32 reference {w['reference']['accuracy']:.2f}%, "
                       f"{w['reference'].get('samples')} samples, "
                       f"{m.get('params', 0) / 1e6:.2f} M params, {m.get('flops', 0) / 1e6:.1f} MFLOPs)", "",
