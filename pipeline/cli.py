@@ -126,11 +126,13 @@ def _num(value: Any, fmt: str) -> str:
 
 def _write_json(results: dict[str, Any], json_out: Path, out_dir: Path) -> None:
     """``--json FILE``, or ``--json -``: the document alone on stdout (the report goes to stderr)."""
+    from pipeline.validate.outputs_file import split_outputs
     from pipeline.validate.timings import split_timings
 
-    doc, _ = split_timings(results)
-    if doc.get("timings_file"):  # the side file written beside results.json, by its full path
-        doc["timings_file"] = str((out_dir / doc["timings_file"]).resolve())
+    doc, _ = split_outputs(split_timings(results)[0])
+    for side in ("timings_file", "outputs_file"):  # the side files written beside results.json, by full path
+        if doc.get(side):
+            doc[side] = str((out_dir / doc[side]).resolve())
     text = json.dumps(doc, indent=1, default=str) + "\n"
     if str(json_out) == "-":
         out_console.file.write(text)
