@@ -126,10 +126,9 @@ def _num(value: Any, fmt: str) -> str:
 
 def _write_json(results: dict[str, Any], json_out: Path, out_dir: Path) -> None:
     """``--json FILE``, or ``--json -``: the document alone on stdout (the report goes to stderr)."""
-    from pipeline.validate.outputs_file import split_outputs
-    from pipeline.validate.timings import split_timings
+    from pipeline.validate.write import split_sides
 
-    doc, _ = split_outputs(split_timings(results)[0])
+    doc, _ = split_sides(results)
     for side in ("timings_file", "outputs_file"):  # the side files written beside results.json, by full path
         if doc.get(side):
             doc[side] = str((out_dir / doc[side]).resolve())

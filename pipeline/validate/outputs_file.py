@@ -8,44 +8,26 @@ compressed .npz named by results.json's ``outputs_file``, keyed ``<device>/<run 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from pipeline.validate.timings import keyed_rows
+from pipeline.validate.sidefiles import Side
 
 OUTPUTS_FILE = "outputs.npz"
 
 
-def split_outputs(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(the document without raw outputs, naming ``outputs_file`` when there were any; the arrays)."""
+def _unpacked(packed: str) -> dict[str, np.ndarray]:
     from pipeline.agent.outputs import unpack
 
-    doc = copy.deepcopy(results)
-    found: dict[str, np.ndarray] = {}
-    for key, row in keyed_rows(doc):
-        packed = row.pop("outputs", None)
-        if packed:
-            found.update({f"{key}/{name}": arr for name, arr in unpack(packed).items()})
-    if found:
-        doc["outputs_file"] = OUTPUTS_FILE
-    return doc, found
+    return unpack(packed)
 
 
-def save_outputs(folder: Path, outputs: dict[str, np.ndarray]) -> Path | None:
-    """Write the side file (compressed) into ``folder``; None when there is nothing to write."""
-    if not outputs:
-        return None
-    path = folder / OUTPUTS_FILE
-    with open(path, "wb") as fh:  # a file object: keys hold '/', which savez keeps as member names
-        np.savez_compressed(fh, **outputs)
-    return path
+OUTPUTS = Side("outputs", "outputs_file", OUTPUTS_FILE, _unpacked)
 
 
 def read_outputs(folder: Path, name: str = OUTPUTS_FILE) -> dict[str, dict[str, np.ndarray]]:
-    """``<device>/<run id>`` -> output name -> array, from a side file :func:`save_outputs` wrote."""
+    """``<device>/<run id>`` -> output name -> array, from the side file write_reports wrote."""
     runs: dict[str, dict[str, np.ndarray]] = {}
     with np.load(folder / name, allow_pickle=False) as data:
         for key in data.files:

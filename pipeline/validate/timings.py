@@ -8,15 +8,16 @@ of carrying them (shared/decisions.md: large arrays live in side files).
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.validate.sidefiles import Side, keyed_rows
 from pipeline.validate.stats import p50_interval
 
 TIMINGS_FILE = "timings.npz"
+__all__ = ["TIMINGS", "TIMINGS_FILE", "keyed_rows", "latency_block", "row_timings", "unstable"]
 
 
 def latency_block(raw: dict[str, Any]) -> dict[str, Any]:
@@ -29,31 +30,7 @@ def latency_block(raw: dict[str, Any]) -> dict[str, Any]:
     return latency
 
 
-def keyed_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Every run row of a results document with its key ``<device>/<run id>``."""
-    return [(f"{d['device']}/{r['id']}", r) for d in results.get("devices", []) for r in d.get("runs", [])]
-
-
-def split_timings(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(the document without raw timings, naming ``timings_file`` when there were any; the timings)."""
-    doc = copy.deepcopy(results)  # keeps the flat ``runs`` the same rows as the first device's
-    found: dict[str, np.ndarray] = {}
-    for key, row in keyed_rows(doc):
-        times = row.pop("timings_ms", None)
-        if times:
-            found[key] = np.asarray(times, dtype=np.float64)
-    if found:
-        doc["timings_file"] = TIMINGS_FILE
-    return doc, found
-
-
-def save_timings(folder: Path, timings: dict[str, np.ndarray]) -> Path | None:
-    """Write the side file (compressed) into ``folder``; None when there is nothing to write."""
-    if not timings:
-        return None
-    path = folder / TIMINGS_FILE
-    np.savez_compressed(path, **timings)
-    return path
+TIMINGS = Side("timings_ms", "timings_file", TIMINGS_FILE, lambda t: {"": np.asarray(t, dtype=np.float64)})
 
 
 def row_timings(results: dict[str, Any], folder: Path | None) -> dict[str, np.ndarray]:

@@ -12,7 +12,8 @@ from pipeline.nightly import regressions_by_run
 from pipeline.validate.baseline import baseline_regressions, pin_results_file
 from pipeline.validate.report import markdown
 from pipeline.validate.stats import p50_interval
-from pipeline.validate.timings import TIMINGS_FILE, latency_block, row_timings, split_timings
+from pipeline.validate.timings import TIMINGS_FILE, latency_block, row_timings
+from pipeline.validate.write import split_sides
 from pipeline.validate.write import write_reports
 from tests.validate.helpers import raw_timings, results, row
 
@@ -44,7 +45,7 @@ def test_raw_timings_go_to_the_side_file_not_results_json(tmp_path: Path) -> Non
     assert set(back) == {"local/onnxruntime-fp32", "local/onnxruntime-int8"}
     np.testing.assert_allclose(back["local/onnxruntime-int8"], doc["runs"][1]["timings_ms"])
     assert "timings_ms" in doc["runs"][0], "the caller's document is left as it was"
-    assert split_timings(results([("local", [row("onnxruntime", "fp32", 98.0)])]))[0].get("timings_file") is None
+    assert split_sides(results([("local", [row("onnxruntime", "fp32", 98.0)])]))[0].get("timings_file") is None
 
 
 def test_nightly_latency_against_the_last_good_run() -> None:
