@@ -19,7 +19,7 @@ from typing import Any, Callable
 from pipeline.errors import EdgeshipError
 from pipeline.paths import contained
 from pipeline.spec import load_spec, load_target
-from pipeline.validate.baseline import baseline_regressions, read_baseline
+from pipeline.validate.baseline import baseline_regressions, grown, read_baseline
 from pipeline.validate.stats import MAX_LATENCY_REGRESSION_PCT, latency_regression
 from pipeline.validate.timings import keyed_rows, unstable
 from pipeline.validate.trend import read_history
@@ -67,7 +67,7 @@ def regressions_by_run(results: dict[str, Any], good: dict[str, dict[str, Any]],
         prev = good.get(key)
         if prev is None:
             continue
-        why = _slower(key, row, prev, max_latency_regression_pct)
+        why = _slower(key, row, prev, max_latency_regression_pct) + grown(key, prev, row, against="the last good run's")
         if row.get("accuracy") is not None and prev.get("accuracy") is not None:
             fall = (prev["accuracy"] - row["accuracy"]) * (1.0 if higher else -1.0)
             if fall > tolerance_pp and higher:

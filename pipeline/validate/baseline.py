@@ -81,11 +81,20 @@ def _accuracy(key: str, base: dict[str, Any], outcomes: np.ndarray | None, toler
     return []
 
 
-def _growth(key: str, what: str, base: float | None, now: float | None, unit: str, limit_pct: float) -> list[str]:
+def _growth(key: str, what: str, base: float | None, now: float | None, unit: str, limit_pct: float,
+            against: str = "the baseline's") -> list[str]:
     if not base or now is None or (now / base - 1.0) * 100.0 <= limit_pct:
         return []
-    return [f"{key}: {what} {now:g} {unit} is {(now / base - 1.0) * 100.0:.1f} % over the baseline's {base:g} {unit} "
+    return [f"{key}: {what} {now:g} {unit} is {(now / base - 1.0) * 100.0:.1f} % over {against} {base:g} {unit} "
             f"(limit {limit_pct:g} %)"]
+
+
+def grown(key: str, base: dict[str, Any], row: dict[str, Any], max_growth_pct: float = MAX_GROWTH_PCT,
+          against: str = "the baseline's") -> list[str]:
+    """Peak RSS or artifact size grown by more than ``max_growth_pct`` against ``base``."""
+    return (_growth(key, "peak RSS", base.get("peak_rss_mb"), row.get("peak_rss_mb"), "MB", max_growth_pct, against)
+            + _growth(key, "artifact", base.get("artifact_bytes"), row.get("artifact_bytes"), "bytes", max_growth_pct,
+                      against))
 
 
 def compare_run(key: str, base: dict[str, Any], row: dict[str, Any], outcomes: Sequence[bool] | np.ndarray | None,
@@ -100,8 +109,7 @@ def compare_run(key: str, base: dict[str, Any], row: dict[str, Any], outcomes: S
             found.append(f"{key}: p50 {lat['p50_current']} ms is {lat['slower_pct']:.1f} % slower than the baseline's "
                          f"{lat['p50_baseline']} ms (Mann-Whitney p {lat['p_value']:.2g}), limit "
                          f"{max_latency_regression_pct:g} %")
-    found += _growth(key, "peak RSS", base.get("peak_rss_mb"), row.get("peak_rss_mb"), "MB", max_growth_pct)
-    found += _growth(key, "artifact", base.get("artifact_bytes"), row.get("artifact_bytes"), "bytes", max_growth_pct)
+    found += grown(key, base, row, max_growth_pct)
     return found
 
 

@@ -118,3 +118,15 @@ def test_reports_show_measured_power_and_device_builds() -> None:
     assert "power sensor rapl:package-0 not read: energy_uj is readable by root only" in md
     assert "local onnxruntime-int8: engine cached on the device (tensorrt 10.3 python)" in md
     assert "power" not in markdown(_doc())  # no sensor anywhere: no power lines
+
+
+def test_nightly_catches_memory_and_size_growth_against_the_last_good_run() -> None:
+    good = {f"local/{r['id']}": {**r, "when": "last night"} for r in _doc()["runs"]}
+    tonight = _doc()
+    tonight["runs"][0]["peak_rss_mb"] = 80.0 * 1.25  # rows are built at 80 MB
+    tonight["runs"][1]["artifact_bytes"] = 40_000 * 2
+    found = regressions_by_run(tonight, good, 0.5, 10.0)
+    assert set(found) == {"local/onnxruntime-fp32", "local/onnxruntime-int8"}
+    assert "peak RSS 100 MB is 25.0 % over the last good run's 80 MB" in found["local/onnxruntime-fp32"][0]
+    assert "artifact 80000 bytes is 100.0 % over the last good run's 40000 bytes" in found["local/onnxruntime-int8"][0]
+    assert regressions_by_run(_doc(), good, 0.5, 10.0) == {}
