@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.errors import EdgeshipError
-from pipeline.workloads import cache_home
+from pipeline.errors import BadInput, EdgeshipError
+from pipeline.paths import project_home
 
 COMPLETE = ".complete"
 _TMP = re.compile(r"^\.tmp-(\d+)-")  # .tmp-<pid>-<key prefix>-<random>: a build in progress
@@ -135,7 +135,7 @@ class Cache:
 
     def __init__(self, root: Path | None = None) -> None:
         env = os.environ.get("EDGESHIP_STAGE_CACHE")
-        self.root = Path(root) if root else (Path(env) if env else cache_home() / "stages")
+        self.root = Path(root) if root else (Path(env) if env else project_home() / "stages")
         self._swept = False
 
     def entry(self, stage: str, key: str) -> Path:
@@ -199,3 +199,23 @@ class Cache:
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed.append(tmp)
         return removed
+
+    def stages(self) -> dict[str, tuple[int, int]]:
+        """Stage name -> (complete entries, bytes on disk) for ``edgeship cache info``."""
+        if not self.root.is_dir():
+            return {}
+        return {d.name: (sum(1 for _ in d.glob(f"*/*/{COMPLETE}")), _folder_bytes(d))
+                for d in sorted(self.root.iterdir()) if d.is_dir()}
+
+    def clean(self, stage: str | None = None) -> int:
+        """Remove every entry (or one stage's); returns the bytes freed. A build running now only
+        loses its hits: its own entries are written under temporary names and renamed in after."""
+        known = self.stages()
+        if stage is not None and stage not in known:
+            raise BadInput(f"no stage {stage!r} in the cache at {self.root}; stages there: "
+                           f"{', '.join(known) or 'none'} (see `edgeship cache info`)")
+        freed = 0
+        for name in [stage] if stage is not None else list(known):
+            freed += known[name][1]
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        return freed

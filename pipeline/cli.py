@@ -28,6 +28,9 @@ targets_app = typer.Typer(help="List, show and validate hardware targets.", no_a
 app.add_typer(targets_app, name="targets")
 baseline_app = typer.Typer(help="The pinned baseline the nightly compares each run with.", no_args_is_help=True)
 app.add_typer(baseline_app, name="baseline")
+cache_app = typer.Typer(help="The project's stage cache (.edgeship/stages; EDGESHIP_STAGE_CACHE overrides).",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 console = Console(stderr=True)
 # Tables are wide (12 columns): when piped or in CI, don't squeeze them into 80 columns.
 out_console = Console() if Console().is_terminal else Console(width=200)
@@ -317,6 +320,34 @@ def targets_schema(spec: bool = typer.Option(False, "--spec", help="the pipeline
     from pipeline.spec import spec_schema, target_schema
 
     typer.echo(json.dumps(spec_schema() if spec else target_schema(), indent=1))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+@cache_app.command("info")
+def cache_info() -> None:
+    """Where the stage cache is, how big, and its entries per stage."""
+    from pipeline.cache import Cache
+
+    c = Cache()
+    stages = c.stages()
+    out_console.print(f"stage cache: {c.root} ({_mb(sum(b for _, b in stages.values()))})", highlight=False,
+                      markup=False, soft_wrap=True)
+    for name, (entries, size) in stages.items():
+        out_console.print(f"  {name:<14} {entries:>4} entries  {_mb(size):>10}", highlight=False, markup=False)
+
+
+@cache_app.command("clean")
+def cache_clean(stage: Optional[str] = typer.Option(None, "--stage", help="only this stage's entries")) -> None:
+    """Remove the stage cache's entries (all, or one stage's); the next build rebuilds them."""
+    from pipeline.cache import Cache
+
+    c = Cache()
+    freed = c.clean(stage)
+    out_console.print(f"removed {'stage ' + stage if stage else 'every stage'} from {c.root}: {_mb(freed)} freed",
+                      highlight=False, markup=False, soft_wrap=True)
 
 
 def _mount_optional() -> None:

@@ -16,6 +16,24 @@ from pathlib import Path
 from pipeline.errors import SpecError
 
 
+def project_home(cwd: Path | None = None) -> Path:
+    """Where this project's edgeship state lives: the stage cache and the ``local`` device.
+
+    ``$EDGESHIP_HOME`` when set, else ``.edgeship`` at the git root of the current directory (or in
+    the current directory outside a repository). Per project, because one folder shared by every
+    clone let a fresh clone reuse another's cache and switch that clone's deployed release. Found by
+    looking for ``.git`` (a folder, or a file in worktrees and submodules): no git process to start.
+    """
+    env = os.environ.get("EDGESHIP_HOME")
+    if env:
+        return Path(env).expanduser()
+    here = (cwd or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".git").exists():
+            return folder / ".edgeship"
+    return here / ".edgeship"
+
+
 def contained(path: Path, root: Path, what: str, fix: str = "use a plain name (letters, digits, '.', '_', '-')") -> Path:
     """``path`` unchanged if it lies strictly inside ``root``; otherwise a SpecError naming ``what``.
 

@@ -21,6 +21,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError
 
 from pipeline.errors import SpecError
+from pipeline.paths import project_home
 from pipeline.registry import BACKENDS as _REGISTERED
 from pipeline.registry import NEEDS_PYTORCH
 
@@ -409,7 +410,8 @@ class Host(_Strict):
 class TransportSpec(_Strict):
     kind: Literal["local", "ssh"] = "local"
     hosts: list[Host] = Field(default_factory=list)
-    root: str = Field("/opt/edgeship", description="folder on the device holding releases/ and current")
+    root: str | None = Field(None, description="folder on the device holding the releases (default: ssh "
+                                              "/opt/edgeship; local <project>/.edgeship/devices/<target>)")
     python: str = Field("python3", description="interpreter of the device's runtime environment")
     known_hosts: str | None = Field(None, description="edgeship-owned known_hosts (default ~/.edgeship/known_hosts)")
     # Bounded so that a typo cannot make a run wait forever (finite: see _Strict).
@@ -422,6 +424,14 @@ class TransportSpec(_Strict):
     max_failures: Union[Annotated[int, Field(ge=1)], Annotated[str, Field(pattern=r"^([1-9][0-9]?|100)%$")],
                         None] = Field(None, description="stop a fleet rollout once this many hosts (e.g. 3) or this "
                                                         "share of them (e.g. '30%') failed: unreachable or gate failed")
+
+    def device_root(self, target_name: str) -> str:
+        """``root``, or the default: a local device is per project (next to its stage cache)."""
+        if self.root:
+            return self.root
+        if self.kind == "local":
+            return str(project_home() / "devices" / target_name)
+        return "/opt/edgeship"
 
     @model_validator(mode="after")
     def _hosts(self) -> "TransportSpec":

@@ -73,7 +73,7 @@ def list_devices(as_json: JsonOpt = False) -> None:
             rows.append({"target": name, "error": str(exc)})
             continue
         if target.transport.kind == "local":
-            rows.append({"target": name, "host": "local", "address": target.transport.root, "trusted": "n/a"})
+            rows.append({"target": name, "host": "local", "address": target.transport.device_root(target.name), "trusted": "n/a"})
             continue
         from pipeline.transport import hostkeys
 

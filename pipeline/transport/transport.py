@@ -287,7 +287,7 @@ def pick_host(target: TargetSpec, name: str | None) -> Host:
 
 
 def _local_transport(target: TargetSpec, lock_wait_s: float) -> Transport:
-    root = str(Path(os.path.expanduser(target.transport.root)).resolve())
+    root = str(Path(os.path.expanduser(target.transport.device_root(target.name))).resolve())
     configured = os.path.expanduser(target.transport.python)
     # The local device's interpreter: the configured one when it is a real file, else this one.
     agent_py = configured if os.path.isabs(configured) and os.path.exists(configured) else sys.executable
@@ -309,7 +309,7 @@ def open_transport(target: TargetSpec, host: Host | None = None, *, lock_wait_s:
     h = host or pick_host(target, None)
     ex = SshExecutor(target, h)
     ex.connect()
-    root = target.transport.root
+    root = target.transport.device_root(target.name)
     if root.startswith("~"):
         r = ex.run('printf %s "$HOME"', target.transport.connect_timeout_s)
         root = r.out.strip() + root[1:]
