@@ -38,7 +38,11 @@ REQUIRE = ("all", "any")
 def deploy(spec: PipelineSpec, target: TargetSpec, out_dir: Path, *, cache: Cache | None = None,
            hosts: list[str] | None = None, rollback_on_fail: bool = True, require: str = "all",
            log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build (cached), deploy to every host of ``target``, validate, gate. Returns the results doc."""
+    """Check the devices, build (cached), deploy to every host of ``target``, validate, gate. Returns
+    the results doc."""
+    from pipeline.transport.preflight import check_devices
+
+    check_devices(target, _select_hosts(target, hosts), log)
     built = build(spec, target, out_dir, cache=cache, log=log)
     return deploy_release(built, hosts=hosts, rollback_on_fail=rollback_on_fail, require=require, log=log)
 

@@ -405,6 +405,8 @@ class Host(_Strict):
     key_file: str | None = Field(None, description="path to the private key; never the key itself")
     arch: Arch | None = Field(None, description="this host's architecture when a mixed fleet differs from "
                                                 "the target's arch (only for artifacts that run on both)")
+    placeholder: StrictBool = Field(False, description="a shipped example's stand-in host: deploy refuses it "
+                                                       "until a copy of the target names a real one")
 
 
 class TransportSpec(_Strict):

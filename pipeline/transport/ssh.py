@@ -29,7 +29,7 @@ from fabric import Config, Connection
 from invoke.exceptions import CommandTimedOut
 from paramiko.ssh_exception import NoValidConnectionsError
 
-from pipeline.errors import DeviceError
+from pipeline.errors import DeviceError, SpecError
 from pipeline.spec import Host, TargetSpec
 from pipeline.transport import hostkeys
 from pipeline.transport.base import CommandTimeout, Result
@@ -145,7 +145,9 @@ class SshExecutor:
         known = hostkeys.known_hosts_path(self.target)
         key_file = os.path.expanduser(h.key_file) if h.key_file else None
         if key_file and not os.path.isfile(key_file):
-            raise DeviceError(f"{self.name}: key_file {key_file} not found; fix transport.hosts[].key_file")
+            # A mistake in the target file (exit 2), not a device that does not answer.
+            raise SpecError(f"{self.name}: key_file {key_file} not found; fix transport.hosts[].key_file "
+                            f"in {self.target.source_path or 'the target'}")
         kw: dict = {"look_for_keys": False, "allow_agent": True, "banner_timeout": ts.connect_timeout_s,
                     "auth_timeout": ts.connect_timeout_s, "channel_timeout": ts.connect_timeout_s}
         if key_file:

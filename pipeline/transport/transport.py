@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterator
 
-from pipeline.errors import DeviceError, Interrupted
+from pipeline.errors import DeviceError, Interrupted, SpecError
 from pipeline.spec import Host, TargetSpec
 from pipeline.transport.base import CommandTimeout, Executor, ProgressFn, python_cmd, q, with_deadline
 from pipeline.transport.lock import DeviceLock
@@ -297,6 +297,15 @@ def _local_transport(target: TargetSpec, lock_wait_s: float) -> Transport:
                      helper_python=q(sys.executable), lock_wait_s=lock_wait_s)
 
 
+def placeholder_error(target: TargetSpec, host: Host) -> SpecError:
+    """A shipped example target (rpi4, jetson, ...) still naming its stand-in host: say what to copy."""
+    where = target.source_path
+    fix = (f"copy targets/{where.name} and set transport.hosts" if where is not None and where.parent.name == "targets"
+           else f"set transport.hosts in {where or 'the target'}")
+    return SpecError(f"target {target.name}: host {host.host} is the shipped example's placeholder; {fix} "
+                     "(a real host, without placeholder: true)")
+
+
 def open_transport(target: TargetSpec, host: Host | None = None, *, lock_wait_s: float = 60.0) -> Transport:
     """A connected Transport for ``target`` (for SSH: ``host``, or the target's only host).
 
@@ -307,6 +316,8 @@ def open_transport(target: TargetSpec, host: Host | None = None, *, lock_wait_s:
     from pipeline.transport.ssh import SshExecutor
 
     h = host or pick_host(target, None)
+    if h.placeholder:
+        raise placeholder_error(target, h)
     ex = SshExecutor(target, h)
     ex.connect()
     root = target.transport.device_root(target.name)
