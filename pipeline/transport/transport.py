@@ -236,15 +236,17 @@ class Transport:
         change a running validation. Returns the agent's JSON; DeviceError otherwise.
         """
         self._not_cancelled()
-        spec = spec or self.slot(None)["spec"]
-        current = q(f"{self.root}/{spec}/current")
         root = q(self.root)
+        # Without a spec the device's only current release is found by the same command (one
+        # round trip: a device that stops answering fails on the agent's own deadline).
+        pick = (f"cur={q(f'{self.root}/{spec}/current')}" if spec else
+                f"set -- {root}/*/current; [ \"$#\" -le 1 ] || {{ echo 'several specs' >&2; exit 96; }}; cur=\"$1\"")
         argv = " ".join(q(a) for a in args)
         token = secrets.token_hex(8)
         # The shell's pid is the agent's process group (sshd and the local executor start each
         # command in a session of its own; exec keeps the pid): stop_agent() kills that group.
-        cmd = (f"[ -e {current} ] || {{ echo 'no release deployed' >&2; exit 97; }}; "
-               f"cd {current} && cd \"$(pwd -P)\" && export PYTHONPATH=\"$PWD\" "
+        cmd = (f"{pick}; [ -e \"$cur\" ] || {{ echo 'no release deployed' >&2; exit 97; }}; "
+               f"cd \"$cur\" && cd \"$(pwd -P)\" && export PYTHONPATH=\"$PWD\" "
                f"EDGESHIP_DEVICE_ROOT={root} EDGESHIP_AGENT_TOKEN={token} && "
                f"echo \"$$ {token}\" > {root}/.agent.pid && "
                + with_deadline(f"{q(self.agent_python)} -m edgeship_agent {argv}", timeout_s))
@@ -254,6 +256,9 @@ class Transport:
         except CommandTimeout:
             raise CommandTimeout(f"{self.executor.name}: agent {' '.join(args[:1])} did not finish within {timeout_s:g} s "
                                  "and the device stopped answering (frozen or overloaded?); check the device") from None
+        if r.rc == 96:
+            raise DeviceError(f"{self.executor.name}: {self.root} holds current releases of several specs; "
+                              "name one with --spec")
         if r.rc == 97:
             raise DeviceError(f"{self.executor.name}: no release deployed under {self.root}; run `edgeship deploy` first")
         if r.rc == 124:

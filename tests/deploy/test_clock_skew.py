@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.spec import load_target
 from pipeline.transport import open_transport
-from tests.transport.helpers import make_release
+from tests.transport.helpers import SPEC, make_release
 
 pytestmark = [pytest.mark.device, pytest.mark.slow]
 YEAR = 365 * 86400
@@ -45,7 +45,7 @@ def test_a_year_of_clock_skew_changes_no_decision(schedule: list[str], sim_works
             with open_transport(target) as t:
                 t.deploy(make_release(tmp_path / f"r{i}", f"r{i}", 4096), f"r{i}")
                 assert t.run_agent(["probe"], timeout_s=120)["arch"] == "x86_64"  # the agent, skewed
-                history = t.executor.get(f"{target.transport.root}/history", 30).decode().split()
+                history = t.executor.get(f"{target.transport.root}/{SPEC}/history", 30).decode().split()
         # The switches really ran under the skewed clocks (the history records the device's time).
         stamps = [float(x) for x in history[0::2]]
         for stamp, tag in zip(stamps, schedule):

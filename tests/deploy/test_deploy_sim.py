@@ -39,8 +39,8 @@ def test_deploy_validate_on_emulated_device(sim_workspace: Path, device: str) ->
     assert dev["conditions"]["before"]["cpus"] and "flags" in dev["conditions"]
     target = load_target(f"e2e-{device}")
     with open_transport(target) as t:
-        assert t.current() == res["release_id"]
-        assert json.loads(t.read_current_manifest())["release_id"] == res["release_id"]
+        assert t.current(res["spec"]) == res["release_id"]  # the spec's own slot on a shared device
+        assert json.loads(t.read_current_manifest(res["spec"]))["release_id"] == res["release_id"]
 
     # Unchanged: the second deploy moves no bytes and keeps the same release current.
     assert main(args) in (0, 3)

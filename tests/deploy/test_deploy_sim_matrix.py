@@ -85,8 +85,8 @@ def test_gate_failure_on_device_rolls_back(sim_workspace: Path, tmp_path: Path) 
     dev = bad["devices"][0]
     assert dev["rolled_back"] is True and dev["rolled_back_to"] == good["release_id"]
     with open_transport(load_target(target)) as t:
-        assert t.current() == good["release_id"]
-        assert bad["release_id"] in t.releases()  # kept for inspection, not current
+        assert t.current(good["spec"]) == good["release_id"]
+        assert bad["release_id"] in t.releases(good["spec"])  # kept for inspection, not current
 
 
 @pytest.mark.backend("onnxruntime")
