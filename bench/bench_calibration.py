@@ -136,7 +136,8 @@ def edgeship_models(workload: str, work: Path) -> tuple[list[Model], Path, Any]:
         path = art.workdir / art.files[0]
         models.append(Model(f"edgeship {art.backend} {art.precision}", art.backend, runner, path,
                             stage_s.get(f"{art.backend} {art.precision}") if art.precision == "int8" else None,
-                            {"calibration": (art.info or {}).get("calibration")}))
+                            {"calibration": (art.info or {}).get("calibration"),
+                             "bytes": sum((art.workdir / f).stat().st_size for f in art.files)}))  # ncnn: .param + .bin
         if art.backend == "onnxruntime" and art.precision == "fp32":
             fp32_onnx = path
     assert fp32_onnx is not None, "the onnxruntime fp32 artifact is the peers' input"
@@ -270,7 +271,7 @@ def row(m: Model, out: np.ndarray, ref: np.ndarray, labels: np.ndarray, times: l
             "sqnr_db": round(sqnr_db(ref, out), 2), "p50_ms": round(p50, 3), "p50_low": round(low, 3),
             "p50_high": round(high, 3), "timings_n": len(times),
             "speedup_vs_fp32": round(fp32_p50 / p50, 2) if fp32_p50 else None,
-            "size_kb": round(m.path.stat().st_size / 1024), "calib_s": None if m.calib_s is None else round(m.calib_s, 1),
+            "size_kb": round(m.info.get("bytes", m.path.stat().st_size) / 1024), "calib_s": None if m.calib_s is None else round(m.calib_s, 1),
             **({"edgeship": m.info} if m.info.get("calibration") else {})}
 
 
