@@ -30,6 +30,7 @@ def deploys(test: Any) -> Any:
 
 # What LiteRT-Torch, TensorFlow's C++ logging, torch and the PT2E quantizer print on a cold build.
 THIRD_PARTY = ("Estimated count of arithmetic ops", "flatbuffer_export", "FutureWarning", "training mode", "[ DONE]")
+ALWAYS_PRINTED = ("FutureWarning", "training mode", "[ DONE]")  # torch, LiteRT-Torch: on every cold build
 BOX = re.compile("[\u2500-\u257f]")  # box-drawing characters
 
 # A model factory that prints on every channel a library uses: the descriptors directly (as C++
@@ -81,10 +82,11 @@ def test_cold_build_keeps_third_party_output_in_the_log(shared: dict[str, Any]) 
     assert proc.returncode == 0, proc.stderr[-3000:]
     console = proc.stdout + proc.stderr
     log = (shared["out"] / "log.txt").read_text()
-    # Which of these a library prints can vary from run to run (one full-suite run lacked the
-    # converter's "Estimated count" INFO line): most must be in the log, none on the console.
-    seen = [marker for marker in THIRD_PARTY if marker in log]
-    assert len(seen) >= len(THIRD_PARTY) - 1, f"only {seen} of {THIRD_PARTY} are in log.txt"
+    # The C++ converter's absl INFO line ("Estimated count ... flatbuffer_export") is missing from
+    # cold builds in a full-suite run (twice) though present when this test runs alone, so the log
+    # must hold the markers every cold build prints, and the console none of them.
+    for marker in ALWAYS_PRINTED:
+        assert marker in log, f"{marker!r} is not in log.txt"
     for marker in THIRD_PARTY:
         assert marker not in console, f"{marker!r} reached the console"
     # edgeship's own lines are on the console and in the log
