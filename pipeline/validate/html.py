@@ -37,15 +37,6 @@ dl{display:grid;grid-template-columns:max-content auto;gap:2px 1em}dt{font-weigh
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}code{background:#f4f4f4;padding:0 3px}"""
 
 
-def load_timings(results: dict[str, Any], folder: Path) -> dict[str, np.ndarray]:
-    """The raw timings named by ``results["timings_file"]`` (an .npz beside results.json), or none."""
-    name = results.get("timings_file")
-    if not name or not (folder / name).is_file():
-        return {}
-    with np.load(folder / name, allow_pickle=False) as data:
-        return {key: np.asarray(data[key], dtype=np.float64) for key in data.files}
-
-
 def _label(results: dict[str, Any], device: str, row: dict[str, Any]) -> str:
     several = len(results.get("devices", [])) > 1
     return f"{device} {row['backend']} {row['precision']}" if several else f"{row['backend']} {row['precision']}"

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.validate.html import load_timings, plots, report_html, write_html
+from pipeline.validate.html import plots, report_html, write_html
+from pipeline.validate.timings import row_timings
 from tests.validate.helpers import raw_timings, results, row
 
 CALIBRATION = {"method": "entropy", "reason": "lowest holdout drop", "budget_met": False,
@@ -80,9 +81,9 @@ def test_report_without_matplotlib_says_why(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_timings_side_file(tmp_path: Path) -> None:
     np.savez_compressed(tmp_path / "timings.npz", **{"local/onnxruntime-fp32": np.array([1.0, 2.0])})
-    got = load_timings({"timings_file": "timings.npz"}, tmp_path)
+    got = row_timings({"timings_file": "timings.npz"}, tmp_path)
     assert list(got) == ["local/onnxruntime-fp32"] and got["local/onnxruntime-fp32"].tolist() == [1.0, 2.0]
-    assert load_timings({}, tmp_path) == {}
+    assert row_timings({}, tmp_path) == {}
 
 
 # Written into a copy of the report only: after load, each image's decoded size lands in the DOM.
