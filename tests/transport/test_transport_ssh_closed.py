@@ -37,6 +37,9 @@ def strict_sshd(sshd: sshd_mod.Sshd, tmp_path: Path) -> Iterator[int]:
             try:
                 with socket.create_connection((sshd_mod.ADDRESS, port), timeout=1) as probe:
                     probe.recv(64)  # the banner: it is serving
+                # sshd frees this probe's one pre-auth slot only when its child has exited; the
+                # test's first connection came too soon once in a full-suite run and was refused.
+                time.sleep(0.5)
                 break
             except OSError:
                 time.sleep(0.1)
