@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pipeline import __version__
-from pipeline.validate.report import COLUMNS, budget_rule, conditions_line, rows
+from pipeline.validate.report import COLUMNS, budget_rule, conditions_line, recommended_line, rows
 from pipeline.validate.stats import MAX_CV, coefficient_of_variation
 from pipeline.validate.trend import Series, series
 
@@ -199,10 +199,13 @@ def _verdict(results: dict[str, Any]) -> str:
     regressed = [str(r) for _, row in _runs(results) for r in row.get("regressions") or []]
     extra = ("<h3 class=\"fail\">regressions</h3><ul>" + "".join(f"<li>{escape(r)}</li>" for r in regressed)
              + "</ul>") if regressed else ""
+    # The run to ship sits under the verdict: with "ship what passed" a failed gate may still
+    # recommend a run, and a passed one says which of its runs to use.
+    rec = f'<p id="recommended"><strong>{escape(line)}</strong></p>' if (line := recommended_line(results)) else ""
     if gate.get("passed"):
-        return '<h2 class="pass">gate: PASSED</h2>' + extra
+        return '<h2 class="pass">gate: PASSED</h2>' + rec + extra
     items = "".join(f"<li>{escape(str(r))}</li>" for r in gate.get("reasons") or [])
-    return f'<h2 class="fail">gate: FAILED</h2><ul>{items}</ul>' + extra
+    return f'<h2 class="fail">gate: FAILED</h2><ul>{items}</ul>' + rec + extra
 
 
 def _devices(results: dict[str, Any]) -> str:

@@ -107,3 +107,17 @@ def test_plots_decode_in_headless_chromium(tmp_path: Path) -> None:
     for name, size in decoded.items():
         w, h = (int(v) for v in size.split("x"))
         assert w > 100 and h > 100, f"plot {name} decoded as {size}"
+
+
+def test_report_names_the_recommended_run() -> None:
+    """Ship what passed: the run the release recommends is named under the verdict, or why none is."""
+    doc, timings = _doc()
+    doc["recommended"] = {"run": "onnxruntime-fp32", "backend": "onnxruntime", "precision": "fp32",
+                          "policy": "fastest", "p90_ms": 1.0, "artifact_bytes": 96_000, "accuracy": 98.0}
+    page = report_html(doc, timings)
+    assert '<p id="recommended"><strong>recommended: onnxruntime-fp32 (fastest: p90 ' in page
+    assert page.index("gate: FAILED") < page.index('id="recommended"') < page.index("<h2>runs</h2>")
+    doc["recommended"] = None
+    assert "recommended: none (no run passed the gate on every device)" in report_html(doc, timings)
+    del doc["recommended"]  # results from before ship-what-passed say nothing
+    assert 'id="recommended"' not in report_html(doc, timings)
