@@ -415,7 +415,12 @@ class TransportSpec(_Strict):
     root: str | None = Field(None, description="folder on the device holding the releases (default: ssh "
                                               "/opt/edgeship; local <project>/.edgeship/devices/<target>)")
     python: str = Field("python3", description="interpreter of the device's runtime environment")
-    known_hosts: str | None = Field(None, description="edgeship-owned known_hosts (default ~/.edgeship/known_hosts)")
+    known_hosts: str | None = Field(None, description="the known_hosts file host keys are checked against (default "
+                                                      "edgeship's ~/.edgeship/known_hosts; a file under ~/.ssh, e.g. "
+                                                      "~/.ssh/known_hosts, is read but never written)")
+    ssh_config: str | None = Field(None, description="OpenSSH client config whose Host aliases, HostName, User, Port, "
+                                                     "IdentityFile, ProxyJump and HostKeyAlias apply (default "
+                                                     "$EDGESHIP_SSH_CONFIG or ~/.ssh/config; 'none': not read)")
     # Bounded so that a typo cannot make a run wait forever (finite: see _Strict).
     connect_timeout_s: float = Field(15.0, gt=0, le=MAX_CONNECT_TIMEOUT_S)
     command_timeout_s: float = Field(900.0, gt=0, le=MAX_COMMAND_TIMEOUT_S)

@@ -28,7 +28,8 @@ __all__ = ["Transport", "open_transport", "for_each_host", "hash_tree", "release
 
 
 def trust(target: "TargetSpec", host: "Host", *, expected: str | None = None, yes: bool = False) -> dict[str, Any]:
-    """Enrol a host's key in edgeship's known_hosts (see :func:`pipeline.transport.hostkeys.trust`)."""
-    from pipeline.transport import hostkeys
+    """Enrol the next unconfirmed key on the way to a host (a jump host's first) in the target's
+    known_hosts (see :func:`pipeline.transport.sshconnect.trust`)."""
+    from pipeline.transport import sshconnect
 
-    return hostkeys.trust(target, host, expected=expected, yes=yes)
+    return sshconnect.trust(target, host, expected=expected, yes=yes)

@@ -76,12 +76,18 @@ def list_devices(as_json: JsonOpt = False) -> None:
             rows.append({"target": name, "host": "local", "address": target.transport.device_root(target.name), "trusted": "n/a"})
             continue
         from pipeline.transport import hostkeys
+        from pipeline.transport.sshconfig import resolve
 
-        known = hostkeys.load_known(hostkeys.known_hosts_path(target))
+        known = hostkeys.known_hosts_path(target)
         for h in target.transport.hosts:
-            keys = known.lookup(hostkeys.host_entry(h)) or {}
+            try:
+                ep = resolve(target, h)  # the ssh config's alias, user, port and jump hosts
+            except EdgeshipError as exc:
+                rows.append({"target": name, "error": str(exc)})
+                continue
+            keys = hostkeys.trusted_keys(known, ep)
             fp = ", ".join(hostkeys.fingerprint(k) for k in keys.values()) or "not trusted"
-            rows.append({"target": name, "host": h.name, "address": f"{h.user}@{h.host}:{h.port}", "trusted": fp})
+            rows.append({"target": name, "host": h.name, "address": ep.route(), "trusted": fp})
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -101,9 +107,8 @@ def trust_cmd(target_name: Annotated[str, typer.Argument(metavar="TARGET")], hos
     """Fetch a device's host key (key exchange only, no login), show it, enrol it when confirmed.
 
     Check the fingerprint on the device's console: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub
+    A host behind jump hosts (ProxyJump) asks for each jump host's key first.
     """
-    from pipeline.transport import hostkeys
-
     target = load_target(target_name)
     if target.transport.kind != "ssh":
         raise DeviceError(f"target {target.name} is not reached over SSH; nothing to trust")
@@ -112,23 +117,35 @@ def trust_cmd(target_name: Annotated[str, typer.Argument(metavar="TARGET")], hos
         raise DeviceError(f"target {target.name} has {len(hosts)} hosts and each has its own key; "
                           "give --host with --fingerprint")
     for h in hosts:
-        confirmed = yes
+        _trust_route(target, h, fingerprint, yes)
+
+
+def _trust_route(target: TargetSpec, h: Host, fingerprint: str | None, yes: bool) -> None:
+    """Confirm and enrol the keys on the way to ``h``: each unknown jump host's, then the host's."""
+    from pipeline.transport import hostkeys, sshconnect
+
+    for _ in range(9):  # at most 8 jump hosts (sshconfig) and the host
+        ep, jump, key = sshconnect.pending(target, h)
+        what = f"{h.name}: jump host {ep.alias} ({ep.address})" if jump else f"{h.name} ({ep.address})"
+        confirmed, expected = yes, fingerprint
         if fingerprint is None and not yes:
-            key = hostkeys.fetch_host_key(h, target.transport.connect_timeout_s)
             fp = hostkeys.fingerprint(key)
-            typer.echo(f"{h.name} ({h.host}:{h.port}) presents {key.get_name()} {fp}")
+            typer.echo(f"{what} presents {key.get_name()} {fp}")
             if not sys.stdin.isatty():
-                raise DeviceError(f"{h.host}:{h.port} presents {fp}; not trusted without confirmation: rerun with "
+                raise DeviceError(f"{ep.address} presents {fp}; not trusted without confirmation: rerun with "
                                   f"--fingerprint {fp} after checking it on the device, or --yes")
             confirmed = typer.confirm("Is this the key shown on the device itself?", default=False)
             if not confirmed:
-                raise DeviceError(f"{h.host}:{h.port}: key not trusted (declined)")
-            fingerprint_for_host = fp  # write exactly the key the person just saw
-        else:
-            fingerprint_for_host = fingerprint
-        out = hostkeys.trust(target, h, expected=fingerprint_for_host, yes=confirmed)
-        typer.echo(f"{h.name}: {out['status']} {out['key_type']} {out['fingerprint']} "
+                raise DeviceError(f"{ep.address}: key not trusted (declined)")
+            expected = fp  # write exactly the key the person just saw
+        out = sshconnect.trust(target, h, expected=expected, yes=confirmed)
+        typer.echo(f"{what}: {out['status']} {out['key_type']} {out['fingerprint']} "
                    f"in {hostkeys.known_hosts_path(target)}")
+        if not jump:
+            return
+        if fingerprint is not None:  # one --fingerprint confirms one key: the next hop needs its own
+            raise DeviceError(f"jump host {ep.alias} is trusted now; rerun `edgeship devices trust {target.name} "
+                              f"--host {h.name}` for the next key on the way to {h.name}")
 
 
 @devices_app.command("probe")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import socket
 import threading
 import time
@@ -25,54 +24,21 @@ from pathlib import Path
 from typing import Callable
 
 import paramiko
-from fabric import Config, Connection
+from fabric import Connection
 from invoke.exceptions import CommandTimedOut
-from paramiko.ssh_exception import NoValidConnectionsError
 
-from pipeline.errors import DeviceError, SpecError
+from pipeline.errors import DeviceError
 from pipeline.spec import Host, TargetSpec
-from pipeline.transport import hostkeys
 from pipeline.transport.base import CommandTimeout, Result
+from pipeline.transport.sshconnect import NET_ERRORS, Link, describe, failure_kind, open_link
+from pipeline.transport.sshconfig import resolve
 
 _CHUNK = 256 * 1024
 
 # paramiko's transport thread logs every failed handshake with a traceback; with no handler
 # configured Python prints that to stderr. We turn each failure into one DeviceError line instead.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
-_NET_ERRORS = (OSError, EOFError, paramiko.SSHException)
-
-
-def _failure_kind(exc: BaseException, elapsed: float, limit: float) -> str:
-    """``"timeout"`` (the peer said nothing in time), ``"closed"`` (it hung up) or ``"other"``.
-
-    paramiko wraps both in the same SSHException ("Error reading SSH protocol banner"); the cause
-    it was raised from tells them apart: a timeout, or an EOF/reset when the peer closed the
-    connection (sshd's MaxStartups, a tcp wrapper, a service restarting). Without a cause, only
-    the clock can: a failure well before the deadline was not a timeout.
-    """
-    seen: BaseException | None = exc
-    for _ in range(8):  # the chain is short; a cycle must not loop forever
-        if seen is None:
-            break
-        if isinstance(seen, (socket.timeout, TimeoutError)):
-            return "timeout"
-        if isinstance(seen, (EOFError, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-            return "closed"
-        seen = seen.__cause__ or seen.__context__
-    if any(m in str(exc) for m in ("banner", "Timeout", "No existing session")):
-        return "timeout" if elapsed >= 0.9 * limit else "closed"
-    return "other"
-
-
-class _UnknownHostKey(paramiko.SSHException):
-    pass
-
-
-class _RejectUnknown(paramiko.RejectPolicy):
-    """paramiko's RejectPolicy, raising a type we can turn into an actionable message."""
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        raise _UnknownHostKey(hostname)
+_NET_ERRORS = NET_ERRORS  # the one list of network failures (sshconnect)
 
 
 class _SshProcess:
@@ -132,69 +98,19 @@ class SshExecutor:
     def __init__(self, target: TargetSpec, host: Host) -> None:
         self.target = target
         self.host = host
-        self.name = f"{host.name} ({hostkeys.address(host)})"
+        self.endpoint = resolve(target, host)  # ~/.ssh/config applied: alias, user, port, jump hosts
+        self.name = describe(host, self.endpoint)
+        self._link: Link | None = None
         self._conn: Connection | None = None
         self._sftp: paramiko.SFTPClient | None = None
 
     # -- connection ------------------------------------------------------------------------------
 
     def connect(self) -> None:
-        """Open the connection, refusing unknown or changed host keys before authenticating."""
-        ts = self.target.transport
-        h = self.host
-        known = hostkeys.known_hosts_path(self.target)
-        key_file = os.path.expanduser(h.key_file) if h.key_file else None
-        if key_file and not os.path.isfile(key_file):
-            # A mistake in the target file (exit 2), not a device that does not answer.
-            raise SpecError(f"{self.name}: key_file {key_file} not found; fix transport.hosts[].key_file "
-                            f"in {self.target.source_path or 'the target'}")
-        kw: dict = {"look_for_keys": False, "allow_agent": True, "banner_timeout": ts.connect_timeout_s,
-                    "auth_timeout": ts.connect_timeout_s, "channel_timeout": ts.connect_timeout_s}
-        if key_file:
-            kw["key_filename"] = key_file
-        # An explicit empty SSHConfig: ~/.ssh/config must not redirect a target to another host.
-        conn = Connection(h.host, user=h.user, port=h.port, config=Config(ssh_config=paramiko.SSHConfig()),
-                          connect_timeout=max(1, math.ceil(ts.connect_timeout_s)), connect_kwargs=kw)
-        # Fabric installs AutoAddPolicy; replace it and trust nothing but edgeship's known_hosts.
-        conn.client.set_missing_host_key_policy(_RejectUnknown())
-        if known.is_file():
-            conn.client.load_host_keys(str(known))
-        t0 = time.monotonic()
-        try:
-            conn.open()
-        except _UnknownHostKey:
-            conn.close()
-            raise DeviceError(f"host key of {hostkeys.address(h)} is not trusted; run "
-                              f"`edgeship devices trust {self.target.name}` to check and enrol its fingerprint") from None
-        except paramiko.BadHostKeyException as exc:
-            conn.close()
-            raise DeviceError(
-                f"host key of {hostkeys.address(h)} CHANGED to {hostkeys.fingerprint(exc.key)} (known: "
-                f"{hostkeys.fingerprint(exc.expected_key)}): possible man-in-the-middle, nothing was sent; "
-                f"if the device was reinstalled, check the new key on its console and run "
-                f"`edgeship devices trust {self.target.name} --fingerprint {hostkeys.fingerprint(exc.key)}`") from None
-        except paramiko.AuthenticationException as exc:
-            conn.close()
-            raise DeviceError(f"{self.name}: {h.user} was refused ({exc}); check key_file and the device's "
-                              "authorized_keys") from None
-        except NoValidConnectionsError:
-            conn.close()
-            raise DeviceError(f"{self.name}: connection refused; is sshd running on port {h.port}?") from None
-        except _NET_ERRORS as exc:
-            conn.close()
-            kind = _failure_kind(exc, time.monotonic() - t0, ts.connect_timeout_s)
-            if kind == "timeout":
-                raise DeviceError(f"{self.name}: no SSH answer within {ts.connect_timeout_s:g} s; is the device up "
-                                  "(and not frozen)?") from None
-            if kind == "closed":
-                raise DeviceError(f"{self.name}: the device closed the connection during the SSH handshake (after "
-                                  f"{time.monotonic() - t0:.1f} s); is sshd overloaded (MaxStartups) or restarting, "
-                                  "or does a firewall/tcp wrapper refuse this host?") from None
-            raise DeviceError(f"{self.name}: SSH connection failed: {exc or type(exc).__name__}; check the device "
-                              "and the network") from None
-        assert conn.transport is not None
-        conn.transport.set_keepalive(max(1, int(ts.keepalive_s)))
-        self._conn = conn
+        """Open the connection (through any jump hosts), refusing unknown or changed host keys on
+        every hop before authenticating there."""
+        self._link = open_link(self.target, self.host, self.endpoint)
+        self._conn = self._link.conn
 
     @property
     def conn(self) -> Connection:
@@ -206,9 +122,9 @@ class SshExecutor:
     def close(self) -> None:
         # Fabric closes the SSH transport first, then SFTP: nothing can block on a dead peer.
         self._sftp = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._link is not None:
+            self._link.close()
+        self._link = self._conn = None
 
     def abort(self) -> None:
         """Tear the connection down, also from another thread (watchdog, fault injection).
@@ -219,6 +135,9 @@ class SshExecutor:
         conn = self._conn
         if conn is not None and conn.transport is not None:
             conn.transport.close()
+        for gw in self._link.gateways if self._link is not None else []:
+            if gw.transport is not None:
+                gw.transport.close()
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -256,7 +175,7 @@ class SshExecutor:
     def _network_error(self, exc: BaseException, what: str) -> DeviceError:
         """Drop the broken connection and type the failure: a timeout (frozen peer) or a lost link."""
         self._drop()
-        if _failure_kind(exc, 0.0, 0.0) == "timeout":
+        if failure_kind(exc, 0.0, 0.0) == "timeout":
             return CommandTimeout(f"{self.name}: the device did not answer within "
                                   f"{self.target.transport.connect_timeout_s:g} s ({exc}); is it frozen or "
                                   "overloaded?")

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.errors import DeviceError
 from pipeline.spec import TargetSpec
-from pipeline.transport import hostkeys, open_transport
+from pipeline.transport import hostkeys, open_transport, trust
 from tests.transport.helpers import make_release, snapshot
 from tests.transport.sshd import Sshd
 
@@ -61,19 +61,19 @@ def test_trust_requires_confirmation_and_refuses_silent_replacement(sshd: Sshd, 
     auths = sshd.userauth_requests()
 
     with pytest.raises(DeviceError, match=rf"presents {re.escape(real_fp)}; not trusted without confirmation"):
-        hostkeys.trust(target, host)
+        trust(target, host)
     with pytest.raises(DeviceError, match="not the expected SHA256:AAAA"):
-        hostkeys.trust(target, host, expected="SHA256:AAAA")
+        trust(target, host, expected="SHA256:AAAA")
     assert not known.exists()
-    assert hostkeys.trust(target, host, expected=real_fp)["status"] == "enrolled"
-    assert hostkeys.trust(target, host, yes=True)["status"] == "already-trusted"
+    assert trust(target, host, expected=real_fp)["status"] == "enrolled"
+    assert trust(target, host, yes=True)["status"] == "already-trusted"
     with open_transport(target) as t:
         assert t.probe()["arch"]
 
     hostkeys.enrol_public_key(target, host, _other_key_line(tmp_path))
     with pytest.raises(DeviceError, match=rf"CHANGED \(now {re.escape(real_fp)}.*--fingerprint {re.escape(real_fp)}"):
-        hostkeys.trust(target, host, yes=True)  # --yes alone never replaces a changed key
-    assert hostkeys.trust(target, host, expected=real_fp)["status"] == "replaced"
+        trust(target, host, yes=True)  # --yes alone never replaces a changed key
+    assert trust(target, host, expected=real_fp)["status"] == "replaced"
     assert len(known.read_text().splitlines()) == 1
     # Enrolment is a key exchange only: the one authentication is the probe's connection.
     time.sleep(0.3)
