@@ -77,3 +77,18 @@ def test_shipped_example_with_its_placeholder_host(tmp_path: Path) -> None:
     mine.write_text("extends: jetson\nname: mine\n")  # inherits the placeholder host: same refusal
     proc, _ = deploy(tmp_path, str(mine))
     assert proc.returncode == 2 and f"set transport.hosts in {mine}" in assert_nothing_built(tmp_path, proc)
+
+
+def test_device_check_names_the_ssh_config_alias_and_its_route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = unused_port()
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host lab-pi\n    HostName 127.0.0.1\n    Port {port}\n    User pi\n")
+    monkeypatch.setenv("EDGESHIP_SSH_CONFIG", str(config))  # the test's stand-in for ~/.ssh/config
+    target = tmp_path / "board.yaml"
+    target.write_text(yaml.safe_dump({  # only the alias: port and user come from the ssh config
+        "extends": "local", "name": "board", "transport": {"kind": "ssh", "hosts": [{"name": "board", "host": "lab-pi"}]},
+        "builds": [{"backend": "onnxruntime", "precisions": ["fp32"]}]}))
+    proc, seconds = deploy(tmp_path, str(target))
+    line = assert_nothing_built(tmp_path, proc)
+    assert proc.returncode == 1 and seconds < 8
+    assert f"board (lab-pi = pi@127.0.0.1:{port}): connection refused; is sshd running on port {port}?" in line
