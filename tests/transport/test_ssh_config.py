@@ -231,3 +231,21 @@ def test_a_missing_or_broken_ssh_config_is_a_target_mistake(sshd: sshd_mod.Sshd,
     looping = target_for(sshd, tmp_path, {"host": "lab-dev"}, dev=device, ssh_config=str(broken))
     with pytest.raises(SpecError, match=r"ProxyJump chain through \S+ is longer than 8 hops \(a loop\?\)"):
         open_transport(looping)
+
+
+def test_proxycommand_from_the_config_carries_the_connection(sshd: sshd_mod.Sshd, device: sshd_mod.Sshd,
+                                                             tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    enrol(known, f"[{A}]:{sshd.port}", sshd)
+    enrol(known, f"[{A}]:{device.port}", device)
+    # OpenSSH's own client as the ProxyCommand, as strict as edgeship (its known_hosts, no TOFU).
+    via = (f"ssh -F none -i {sshd.client_key} -o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes "
+           f"-o BatchMode=yes -p {sshd.port} -W %h:%p root@{A}")
+    extra = f"\nHost lab-cmd\n    HostName {A}\n    Port {device.port}\n    ProxyCommand {via}\n"
+    cfg = write_config(tmp_path, sshd, device, extra=extra)
+    target = target_for(sshd, tmp_path, {"host": "lab-cmd", "key_file": str(device.client_key)}, dev=device,
+                        ssh_config=str(cfg))
+    before = forwards(sshd, device.port)
+    out, name = whoami(target)
+    assert out.split()[0] == "root" and name == f"board (lab-cmd = root@{A}:{device.port} via ProxyCommand)"
+    assert forwards(sshd, device.port) == before + 1, "the ProxyCommand's ssh -W forwarded no connection"
