@@ -130,11 +130,10 @@ def build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache | 
 
 
 @dataclass
-class _Run:
-    """One build's inputs and what its stages have produced so far (the stages below fill it in)."""
+class _Stages:
+    """The spec's model stages (export, optimize): their inputs and what they have produced so far."""
 
     spec: PipelineSpec
-    target: TargetSpec
     cache: Cache
     log: Callable[[str], None]
     events: list[StageEvent] = field(default_factory=list)
@@ -155,6 +154,32 @@ class _Run:
         return self.models["m"]
 
 
+@dataclass
+class _Run(_Stages):
+    """One build: the model stages for one target, whose backends the conversions follow."""
+
+    target: TargetSpec = field(kw_only=True)
+
+
+def optimized_model(spec: PipelineSpec, cache: Cache | None = None,
+                    log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """The optimized ONNX model the backends consume, and the optimize stage's info, through the
+    build's own export and optimize stages (cached, shared with builds): what ``edgeship analyze``
+    reads. Only the calibration samples are loaded (the export traces with them, the optimize
+    stage checks on them): no evaluation set, no target, no conversion, no release."""
+    run = _Stages(spec, cache or Cache(), log)
+    calib = _load_calibration(run)
+    onnx_raw, _, _ = _export(run, calib)
+    onnx_opt, opt_info = _optimize(run, onnx_raw, calib.head(CHECK_SAMPLES, "").x)
+    _check_input_names(spec, _io_names(onnx_opt)[0])
+    return onnx_opt, opt_info
+
+
+def input_shapes(spec: PipelineSpec) -> dict[str, list[int]]:
+    """The spec's input shapes by name: a dynamic batch is analysed at the spec's batch."""
+    return {i.name: i.shape for i in spec.input_specs()}
+
+
 def _check_builds(target: TargetSpec) -> None:
     require_available(sorted({b.backend for b in target.builds}))
     for b in target.builds:
@@ -165,13 +190,19 @@ def _check_builds(target: TargetSpec) -> None:
                                 f"{p!r}; it supports {', '.join(backend.precisions)}")
 
 
+def _load_calibration(run: _Stages) -> Samples:
+    from pipeline.stages.inputs import load_samples
+
+    return run.timed("load calibration set", lambda: load_samples(run.spec, "calibration"),
+                     lambda s: f"{len(s)} samples sha256:{s.sha256[:12]}")
+
+
 def _load_data(run: _Run) -> tuple[Samples, Samples]:
     """Calibration and evaluation samples, disjoint, the evaluation cut to validation.samples."""
     from pipeline.stages.inputs import check_disjoint, load_samples
 
     spec, target = run.spec, run.target
-    calib = run.timed("load calibration set", lambda: load_samples(spec, "calibration"),
-                      lambda s: f"{len(s)} samples sha256:{s.sha256[:12]}")
+    calib = _load_calibration(run)
     evals = run.timed("load evaluation set", lambda: load_samples(spec, "evaluation"),
                       lambda s: f"{len(s)} samples sha256:{s.sha256[:12]}")
     check_disjoint(calib, evals, spec)
@@ -185,7 +216,7 @@ def _load_data(run: _Run) -> tuple[Samples, Samples]:
     return calib, evals
 
 
-def _export(run: _Run, calib: Samples) -> tuple[Path, dict[str, Any], str]:
+def _export(run: _Stages, calib: Samples) -> tuple[Path, dict[str, Any], str]:
     """The exported (or imported) ONNX model, its export info and the weights' digest (cached)."""
     import torch  # the export and TFLite routes need it; fail early if missing
 
@@ -212,7 +243,7 @@ def _export(run: _Run, calib: Samples) -> tuple[Path, dict[str, Any], str]:
     return exported.path / "model.onnx", json.loads((exported.path / "info.json").read_text()), weights
 
 
-def _optimize(run: _Run, onnx_raw: Path, check_x: dict[str, np.ndarray]) -> tuple[Path, dict[str, Any]]:
+def _optimize(run: _Stages, onnx_raw: Path, check_x: dict[str, np.ndarray]) -> tuple[Path, dict[str, Any]]:
     """Conv+BN folding, slimming and shape inference (cached), numerically checked on ``check_x``."""
     from pipeline.stages.optimize import optimize_onnx
 
@@ -293,7 +324,7 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
     from pipeline.validate.scoring import write_host_eval
 
     check_spec_for_target(spec, target)  # exit 2 before any work (e.g. model.onnx with a PyTorch-only backend)
-    run = _Run(spec, target, cache, log)
+    run = _Run(spec, cache, log, target=target)
     _check_builds(target)
     calib, evals = _load_data(run)
     onnx_raw, export_info, weights = _export(run, calib)
@@ -316,7 +347,7 @@ def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,
                  if spec.source_path else None},
         "target": target.model_dump(mode="json"),
         "model": {"weights_sha256": weights, "onnx_sha256": sha256_file(onnx_opt), "export": export_info,
-                  "optimize": opt_info, "analysis": analyze_onnx(onnx_opt)},
+                  "optimize": opt_info, "analysis": analyze_onnx(onnx_opt, input_shapes(spec))},
         "calibration_set": {"sha256": calib.sha256, "samples": len(calib)},
         "evaluation_set": {"sha256": evals.sha256, "samples": len(evals), "metric": spec.evaluation.metric_name},
         "reference": ref_metric,

@@ -209,8 +209,8 @@ def test_analyze_counts_conv_macs_and_params(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
     a = analyze_onnx(path)
-    # Conv 3->8, 3x3, output 2x8x8x8: MACs = 2*8*8*8 * (3*3*3)
-    assert a["macs_by_op"]["Conv"] == 2 * 8 * 8 * 8 * 27
+    # Conv 3->8, 3x3, output 2x8x8x8: MACs = 2*8*8*8 * (3*3*3), + one bias add per output element
+    assert a["macs_by_op"]["Conv"] == 2 * 8 * 8 * 8 * 27 + 2 * 8 * 8 * 8
     assert a["params"] == 8 * 3 * 3 * 3 + 8 + 4 * 8
     assert a["flops"] == 2 * a["macs"]
     # Peak live activations: at most input + two intermediates; total counts all three outputs.
