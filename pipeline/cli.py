@@ -135,6 +135,11 @@ def _write_json(results: dict[str, Any], json_out: Path, out_dir: Path) -> None:
     for side in ("timings_file", "outputs_file"):  # the side files written beside results.json, by full path
         if doc.get(side):
             doc[side] = str((out_dir / doc[side]).resolve())
+    _emit_json(doc, json_out)
+
+
+def _emit_json(doc: dict[str, Any], json_out: Path) -> None:
+    """``doc`` into ``json_out``, or alone on stdout for ``-``."""
     text = json.dumps(doc, indent=1, default=str) + "\n"
     if str(json_out) == "-":
         out_console.file.write(text)
@@ -217,26 +222,30 @@ def validate(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[Path
 
 
 @app.command()
-def analyze(spec: Path = SPEC_OPT, verbose: bool = VERBOSE_OPT, quiet: bool = QUIET_OPT,
-            log_file: Optional[Path] = LOG_FILE_OPT) -> None:
-    """Parameters, FLOPs and activation memory of the model (exported and optimized, cached)."""
-    from pipeline.analyze import format_count
-    from pipeline.spec import load_spec, load_target
-    from pipeline.build import build as run_build
-    from pipeline.build import locked_out_dir
+def analyze(spec: Path = SPEC_OPT, json_out: Optional[Path] = typer.Option(
+                None, "--json", help="write the whole analysis (every layer) here ('-': to stdout, and nothing "
+                "else goes to stdout)"),
+            top: int = typer.Option(10, "--top", min=1, help="how many layers the table shows (the most MACs first)"),
+            all_layers: bool = typer.Option(False, "--all", help="show every layer, in graph order"),
+            verbose: bool = VERBOSE_OPT, quiet: bool = QUIET_OPT, log_file: Optional[Path] = LOG_FILE_OPT) -> None:
+    """Per layer and in total: parameters, MACs, other ops and activation memory of the optimized
+    ONNX model the backends consume (the export and optimize stages, cached; no release, no device)."""
+    from pipeline.analyze import analysis_document, print_analysis
+    from pipeline.build import input_shapes, optimized_model
+    from pipeline.paths import contained
+    from pipeline.spec import load_spec
 
     s = load_spec(spec)
-    t = load_target("local").model_copy(update={"builds": []})  # export + optimize only
-    out_dir = _out(None, s, t.model_copy(update={"name": "analyze"}))
-    with locked_out_dir(out_dir, "analyze"), _captured(out_dir, log_file, verbose, quiet):
-        result = run_build(s, t, out_dir, log=_log)
-    a = result.manifest["provenance"]["model"]["analysis"]
-    opt = result.manifest["provenance"]["model"]["optimize"]
-    out_console.print(f"params {format_count(a['params'])} ({a['param_bytes'] / 2**20:.2f} MB fp32), "
-                      f"FLOPs {format_count(a['flops'])} per batch, activations peak "
-                      f"{a['activation_bytes_peak'] / 2**20:.2f} MB / total {a['activation_bytes_total'] / 2**20:.2f} MB, "
-                      f"BatchNormalization nodes: {opt['ops_before'].get('BatchNormalization', 0)} exported, "
-                      f"{opt['bn_folded']} folded by edgeship, {opt.get('bn_left', 0)} left")
+    # beside the spec's target folders, never in one: analyze writes no release and takes no target's lock
+    log = log_file or contained(Path("build") / s.name / "analyze.log", Path("build"), f"{s.source_path}: field 'name'")
+    with _captured(log.parent, log, verbose, quiet):
+        onnx_path, opt_info = optimized_model(s, log=_log)
+        doc = analysis_document(onnx_path, input_shapes(s))
+    doc = {"spec": s.name, "model": str(onnx_path), "batch": s.input.shape[0], **doc,
+           "optimize": {k: opt_info.get(k) for k in ("ops_before", "bn_folded", "bn_left") if k in opt_info}}
+    if json_out:
+        _emit_json(doc, json_out)
+    print_analysis(doc, console if json_out and str(json_out) == "-" else out_console, None if all_layers else top)
 
 
 @app.command()
