@@ -76,8 +76,9 @@ class Top1:
 
 @dataclass(frozen=True)
 class Agreement:
-    """Top-1 agreement (%) with the fp32 outputs; a swap between classes fp32 ranks within
-    ``tie_margin`` of each other counts as agreement (:func:`calibration.metrics.top1_agreement`)."""
+    """Top-1 agreement (%) with the fp32 outputs, of the worst output shaped (N, classes) (the
+    first output when none is); a swap between classes fp32 ranks within ``tie_margin`` of each
+    other counts as agreement (:func:`calibration.metrics.top1_agreement`)."""
 
     tie_margin: float = 0.0
     higher_is_better: ClassVar[bool] = True
@@ -87,7 +88,9 @@ class Agreement:
         return "agreement_within_ties" if self.tie_margin > 0.0 else "top1_agreement"
 
     def score(self, outputs: Arrays, target: Any) -> float:
-        return top1_agreement(first(target), first(outputs), self.tie_margin)
+        names = [k for k, v in target.items() if v.ndim == 2 and v.shape[1] > 1] or [next(iter(target))]
+        return min(top1_agreement(target[k], np.asarray(outputs[k]).reshape(target[k].shape), self.tie_margin)
+                   for k in names)
 
 
 def default_metric(labelled: bool, tie_margin: float = 0.0) -> Metric:

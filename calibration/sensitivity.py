@@ -50,12 +50,23 @@ def layer_sensitivity(
     for the layers that matter, which halves the number of runs.
     """
     n = len(gated.layers)
-    base = fidelity(ref, gated.run(samples, np.ones(n, bool), batch_size), labels, tie_margin)
+    # several outputs: SQNR is the worst output's against the gates-off (fp32) model, so a layer
+    # that only a later output reads (a detector's box head) ranks by the damage it does there
+    ref_all = gated.run_all(samples, np.zeros(n, bool), batch_size) if len(gated.output_names) > 1 else None
+
+    def measure(on: np.ndarray) -> dict[str, float]:
+        got = gated.run_all(samples, on, batch_size)
+        figures = fidelity(ref, got[gated.output_name], labels, tie_margin)
+        if ref_all is not None:
+            figures["sqnr_db"] = min(sqnr_db(r, got[k]) for k, r in ref_all.items())
+        return figures
+
+    base = measure(np.ones(n, bool))
     result = []
     for i, layer in enumerate(gated.layers):
         leave = np.ones(n, bool)
         leave[i] = False
-        f_leave = fidelity(ref, gated.run(samples, leave, batch_size), labels, tie_margin)
+        f_leave = measure(leave)
         result.append(
             LayerSensitivity(
                 name=layer.node,

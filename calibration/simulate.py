@@ -17,7 +17,7 @@ final choice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,14 +43,22 @@ class GatedModel:
     gate_names: list[str]
     input_name: str
     output_name: str
+    output_names: list[str] = field(default_factory=list)
+    """every output of the model, in graph order (the first is ``output_name``)"""
 
     def run(self, samples: np.ndarray, on: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """First output with layer i quantized where ``on[i]`` is true."""
+        return self.run_all(samples, on, batch_size, [self.output_name])[self.output_name]
+
+    def run_all(self, samples: np.ndarray, on: np.ndarray, batch_size: int = 32,
+                names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Every output (or ``names``) by name with layer i quantized where ``on[i]`` is true."""
+        names = names or self.output_names or [self.output_name]
         feeds_g = {g: np.array(1.0 if v else 0.0, np.float32) for g, v in zip(self.gate_names, on)}
         data = next(i for i in self.session.get_inputs() if i.name == self.input_name)
         fixed = data.shape[0] if data.shape and isinstance(data.shape[0], int) and data.shape[0] > 0 else None
         bs = fixed or batch_size
-        outs = []
+        outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for s in range(0, samples.shape[0], bs):
             batch = samples[s : s + bs]
             real = batch.shape[0]
@@ -58,8 +66,9 @@ class GatedModel:
                 # a fixed-batch model: pad the last batch, drop the padded rows from the output
                 batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - real, axis=0)])
             feeds = {self.input_name: np.ascontiguousarray(batch), **feeds_g}
-            outs.append(self.session.run([self.output_name], feeds)[0][:real])
-        return np.concatenate(outs).astype(np.float32, copy=False)
+            for n, o in zip(names, self.session.run(names, feeds)):
+                outs[n].append(o[:real])
+        return {n: np.concatenate(o).astype(np.float32, copy=False) for n, o in outs.items()}
 
 
 def _weight_twin(g: Any, node: Any, weight: str, wq: QParams, inits: dict[str, np.ndarray], i: int, gate: str,
@@ -177,4 +186,5 @@ def build_gated_model(
     g.node.extend(ordered)
     session = make_session(m.SerializeToString(), threads=threads)
     data_input = next(i.name for i in session.get_inputs() if not i.name.startswith("__edgeship_gate_"))
-    return GatedModel(session, list(layers), gate_names, data_input, session.get_outputs()[0].name)
+    names = [o.name for o in session.get_outputs()]
+    return GatedModel(session, list(layers), gate_names, data_input, names[0], names)

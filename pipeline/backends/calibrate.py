@@ -29,19 +29,18 @@ def budget_pp(ctx: "BuildContext") -> float:
     return float(gate_budget(ctx.spec, ctx.target))
 
 
-def search_metric(ctx: "BuildContext", every_output: bool = True) -> Metric:
+def search_metric(ctx: "BuildContext") -> Metric:
     """What the INT8 search scores: the spec's metric (pipeline.metrics' registry, on postprocessed
     outputs), against the holdout's labels when the calibration set has them, else against the fp32
     outputs. A top1 or fidelity classifier keeps calibration.search's own Top1 / Agreement (the same
-    numbers). ``every_output`` False: the backend's candidates return only the first output (TFLite,
-    ncnn), so a metric that reads the others is replaced by agreement with fp32 on the first."""
+    numbers). Every backend's candidates return every output by name, so the metric reads any."""
     from pipeline.metrics import BUILTIN, spec_metric
 
     metric = spec_metric(ctx.spec)
     labelled = ctx.calibration.y is not None
     classifier = metric.name == "fidelity" and not metric.needs_labels or (
         metric is BUILTIN["top1"] and ctx.calibration.class_labels() is not None)
-    if classifier or not every_output or (not labelled and metric.name not in ("top5", "map")):
+    if classifier or (not labelled and metric.name not in ("top5", "map")):
         return default_metric(ctx.calibration.class_labels() is not None, ctx.spec.evaluation.tie_margin)
     return SpecMetric(ctx, metric, _holdout_labels(ctx) if labelled else None)
 
@@ -166,8 +165,7 @@ def run_search(ctx: "BuildContext", builder: CandidateBuilder, holdout: Holdout,
     start of the backend's INT8 work (statistics, pairing), not only the search.
     """
     options = SearchOptions(methods, budget_pp(ctx), bool(ctx.spec.calibration.fallback))
-    found = search(builder, holdout, reference, options,
-                   search_metric(ctx, every_output=len(reference) >= len(ctx.output_names)))
+    found = search(builder, holdout, reference, options, search_metric(ctx))
     found.report.calibration_samples = fit_samples
     found.report.calibration_time_s = round(time.perf_counter() - started, 3)
     return found

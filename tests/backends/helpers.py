@@ -50,8 +50,37 @@ def planted_cnn() -> Any:
     return model.eval()
 
 
+def planted_two_heads() -> Any:
+    """Two class heads on one input: ``clean`` (a plain conv branch) and ``planted`` (planted_cnn's
+    branch: a per-tensor int8 range on its second conv's input only resolves channel 0). Only the
+    second output shows the damage, so a search that scores only the first output misses it."""
+    import torch
+    import torch.nn as nn
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(1)
+            self.clean = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                       nn.Flatten(), nn.Linear(8, 10))
+            self.planted = planted_cnn()
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.clean(x), self.planted(x)
+
+    return TwoHeads().eval()
+
+
+def planted_two_heads_context(tmp: Path, backend: str) -> BuildContext:
+    """``planted_two_heads`` calibrated on 80 digits with a 10 pp budget, outputs ``clean``, ``planted``."""
+    ctx = make_context(tmp, backend, planted_two_heads, digits(80), digits(8, offset=80),
+                       outputs=("clean", "planted"))
+    ctx.spec.accuracy.max_drop_pp = 10.0
+    return ctx
+
+
 def make_context(tmp: Path, backend: str, factory: Callable[[], Any], calib: np.ndarray, check: np.ndarray,
-                 options: dict | None = None) -> BuildContext:
+                 options: dict | None = None, outputs: tuple[str, ...] = ("logits",)) -> BuildContext:
     """A BuildContext by hand: dynamo ONNX export, onnxruntime reference outputs on ``check``."""
     import onnxruntime as ort
     import torch
@@ -60,9 +89,10 @@ def make_context(tmp: Path, backend: str, factory: Callable[[], Any], calib: np.
 
     onnx_path = tmp / "model.onnx"
     torch.onnx.export(factory(), (torch.from_numpy(calib[:1]),), str(onnx_path), dynamo=True,
-                      external_data=False, input_names=["input"], output_names=["logits"])
+                      external_data=False, input_names=["input"], output_names=list(outputs))
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    reference = np.concatenate([sess.run(None, {"input": check[i:i + 1]})[0] for i in range(len(check))])
+    runs = [sess.run(None, {"input": check[i:i + 1]}) for i in range(len(check))]
+    reference = {name: np.concatenate([r[k] for r in runs]) for k, name in enumerate(outputs)}
     src = {"kind": "npz", "path": "unused.npz"}
     spec = PipelineSpec(name="t", model={"factory": "tests:unused"}, input={"shape": [1, *calib.shape[1:]]},
                         calibration={"source": src}, evaluation={"source": src})
@@ -73,8 +103,8 @@ def make_context(tmp: Path, backend: str, factory: Callable[[], Any], calib: np.
         return Samples({"input": x}, None, [str(i) for i in range(len(x))], hashlib.sha256(x.tobytes()).hexdigest())
 
     return BuildContext(spec=spec, target=target, build=build, workdir=tmp / "out", onnx_fp32=onnx_path,
-                        input_names=["input"], output_names=["logits"], calibration=samples(calib),
-                        check=samples(check), reference={"logits": reference}, cache_dir=tmp / "cache",
+                        input_names=["input"], output_names=list(outputs), calibration=samples(calib),
+                        check=samples(check), reference=reference, cache_dir=tmp / "cache",
                         torch_model=factory, log=lambda s: None)
 
 

@@ -63,19 +63,19 @@ class _Trials:
         (folder / self.config["bin"]).write_bytes(blob)
         return report
 
-    def run(self, layers: list["Layer"], thr: dict[str, float], x: np.ndarray) -> np.ndarray:
-        """Outputs of the int8 model quantizing ``layers`` on ``x``."""
-        from pipeline.backends.checks import run_runner
+    def run(self, layers: list["Layer"], thr: dict[str, float], x: np.ndarray) -> Arrays:
+        """Every output (by the model's names) of the int8 model quantizing ``layers`` on ``x``."""
+        from pipeline.backends.checks import run_runner_all
 
         self.write(layers, thr, self.folder)
-        return run_runner("ncnn", self.folder, self.config, x, 1, self.threads)
+        return run_runner_all("ncnn", self.folder, self.config, x, 1, self.threads)
 
-    def score(self, layers: list["Layer"], thr: dict[str, float], x: np.ndarray, ref: np.ndarray) -> float:
-        """Output SQNR (dB) against the fp32 outputs ``ref``."""
+    def score(self, layers: list["Layer"], thr: dict[str, float], x: np.ndarray, ref: Arrays) -> float:
+        """The worst output's SQNR (dB) against the fp32 outputs ``ref``."""
         from calibration.metrics import sqnr_db
 
         out = self.run(layers, thr, x)
-        return round(sqnr_db(ref.reshape(out.shape), out), 3)
+        return round(min(sqnr_db(r, out[k].reshape(r.shape)) for k, r in ref.items()), 3)
 
 
 def _shared_ranges(ctx: "BuildContext", param_path: Path, bin_path: Path, input_blob: str, blobs: list[str],
@@ -141,7 +141,7 @@ class NcnnCandidate:
     scales: dict[str, Any] | None = None
 
     def run(self, x: Arrays) -> Arrays:
-        return {self.trials.config["output"]: self.trials.run(self.layers, self.thr, first(x))}
+        return self.trials.run(self.layers, self.thr, first(x))
 
     def write(self, workdir: Path) -> list[str]:
         self.scales = self.trials.write(self.layers, self.thr, workdir)
@@ -182,7 +182,7 @@ class NcnnBuilder:
         """Output SQNR that leaving each layer alone in float buys, on a few holdout samples (the
         solo SQNR is not measured on ncnn: ``saved_db`` ranks)."""
         t, thr, layers = self.trials, self.thresholds[method], self.layers
-        xr, rr = first(holdout.x)[:RANK_SAMPLES], first(reference)[:RANK_SAMPLES]
+        xr, rr = first(holdout.x)[:RANK_SAMPLES], {k: v[:RANK_SAMPLES] for k, v in reference.items()}
         base = t.score(layers, thr, xr, rr)
         ranked = [LayerSensitivity(q.name, q.type, float("nan"), t.score([o for o in layers if o is not q], thr, xr, rr)
                                    - base, 0.0) for q in layers]
@@ -238,7 +238,7 @@ def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_pa
                config: dict[str, Any], scratch: Path) -> dict[str, Any]:
     """Write ``model.param`` / ``model.bin`` (int8) into ``ctx.workdir``; return the calibration report."""
     from pipeline.backends.calibrate import run_search, spec_methods, split
-    from pipeline.backends.checks import run_runner
+    from pipeline.backends.checks import run_runner_all
 
     if importlib.util.find_spec("calibration") is None:
         raise ConversionError("ncnn int8: edgeship's calibration package is not importable; install edgeship")
@@ -247,7 +247,7 @@ def build_int8(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_pa
     methods = spec_methods(ctx, ort_default=("minmax",))  # ONNX Runtime's default calibrator is min-max
     builder = ncnn_builder(ctx, model, param_path, bin_path, config, scratch, fit, methods)
     fp32 = {**config, "param": param_path.name, "bin": bin_path.name, "int8": False}
-    reference = {config["output"]: run_runner("ncnn", bin_path.parent, fp32, hold.samples, 1, ctx.target.threads)}
+    reference = run_runner_all("ncnn", bin_path.parent, fp32, hold.samples, 1, ctx.target.threads)
     found = run_search(ctx, builder, Holdout({config["input"]: hold.samples}, hold.labels), reference, methods,
                        len(fit), t0)
     found.candidate.write(ctx.workdir)

@@ -127,19 +127,23 @@ def _whole_batches(x: np.ndarray, batch: int) -> np.ndarray:
     return x[:(x.shape[0] // batch) * batch]
 
 
-def _run(module: Any, x: np.ndarray, batch: int) -> np.ndarray:
-    """(N, -1) float32 first output of ``module`` on ``x`` in static batches (checks.run_batched):
-    what the INT8 search scores; the conversion's check holds every output."""
+def _run(module: Any, x: np.ndarray, batch: int, names: Sequence[str]) -> Arrays:
+    """Every output of ``module`` on ``x`` in static batches (checks.run_batched_all), by the
+    model's output ``names`` in the order the exporter flattens them: what the INT8 search
+    scores, so a metric reading any output (a detector's boxes) sees it."""
     import torch
 
-    from pipeline.backends.checks import run_batched
+    from pipeline.backends.checks import run_batched_all
     from pipeline.stages.export import flatten_outputs
 
-    def first(chunk: np.ndarray) -> np.ndarray:
-        return flatten_outputs(module(torch.from_numpy(np.array(chunk))))[0][0].numpy()
+    def every(feeds: Arrays) -> Arrays:
+        flat = flatten_outputs(module(torch.from_numpy(np.array(feeds["x"]))))[0]
+        if len(flat) != len(names):
+            raise ValueError(f"the module returns {len(flat)} outputs; the model's outputs are {list(names)}")
+        return {n: t.numpy() for n, t in zip(names, flat)}
 
     with torch.no_grad():  # np.array: a writable copy (the samples may be memory-mapped)
-        return run_batched(first, x, batch)
+        return run_batched_all(every, {"x": x}, batch)
 
 
 @dataclass
@@ -155,7 +159,7 @@ class Pt2eCandidate:
     facts: dict[str, Any]
 
     def run(self, x: Arrays) -> Arrays:
-        return {self.facts["output"]: _run(self.graph, to_model_layout(self.prepared, first(x)), self.facts["batch"])}
+        return _run(self.graph, to_model_layout(self.prepared, first(x)), self.facts["batch"], self.facts["outputs"])
 
     def tflite(self) -> bytes:
         """The full-integer .tflite model (litert-torch with the candidate's quantizer)."""
@@ -226,7 +230,7 @@ class Pt2eBuilder:
             n = shared.correct_biases(graph, batch, self.onnx_values, self.onnx_model, self.corrected) \
                 if self.corrected else 0
             if self._needs_fit_pass(graph, pairing):
-                _run(graph, self.fit_x, self.batch)  # the observers see every fit sample
+                _run(graph, self.fit_x, self.batch, self.ctx.output_names)  # the observers see every fit sample
             self.calibrated[float_layers] = (quantizer, graph, pairing, n)
         return self.calibrated[float_layers]
 
@@ -251,7 +255,7 @@ class Pt2eBuilder:
         quantizer, graph, pairing, n_corrected = self._calibrated(tuple(self.user_float) + tuple(float_layers))
         graph = copy.deepcopy(graph)
         applied = shared.apply(graph, pairing, self.plans[method].ranges) if method in self.plans else 0
-        facts = {"output": self.ctx.output_name, "batch": self.batch, "user_float": self.user_float, "pads_folded": self.pads_folded,
+        facts = {"outputs": self.ctx.output_names, "batch": self.batch, "user_float": self.user_float, "pads_folded": self.pads_folded,
                  "quantizer": "litert_torch PT2E (symmetric int8 weights, int8 activations, static)",
                  "weights": "per-channel" if self.per_channel else "per-tensor",
                  "pairing": {"observers": len(pairing.pairs) + len(pairing.own), "observed_by_pt2e": pairing.own,
@@ -300,7 +304,7 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
                          f"one batch of {p.batch} samples; add calibration samples")
     builder = Pt2eBuilder(p, ctx, fit, plans, observer)
     labels = None if hold.labels is None else hold.labels[:hold_x.shape[0]]
-    reference = {ctx.output_name: _run(p.module, to_model_layout(p, hold_x), builder.batch)}
+    reference = _run(p.module, to_model_layout(p, hold_x), builder.batch, ctx.output_names)
     found = run_search(ctx, builder, Holdout({ctx.input_name: hold_x}, labels), reference, methods,
                        int(builder.fit_x.shape[0]), t0)
     files = found.candidate.write(ctx.workdir)
