@@ -35,6 +35,7 @@ import numpy as np
 from calibration.config import FallbackLayer
 from calibration.metrics import accuracy, sqnr_db, top1_agreement
 from calibration.sensitivity import LayerSensitivity, choose_fallback
+from pipeline.metrics import drop_pp
 
 #: name -> array, samples on axis 0 (model inputs or outputs)
 Arrays = dict[str, np.ndarray]
@@ -228,7 +229,7 @@ def score(outputs: Arrays, reference: Arrays, holdout: Holdout, metric: Metric) 
         "n": float(len(holdout)),
         metric.name: value,
         f"fp32_{metric.name}": base,
-        "drop_pp": base - value if metric.higher_is_better else value - base,
+        "drop_pp": drop_pp(metric, base, value),
     }
     return {k: round(float(v), 4) for k, v in figures.items()}
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
@@ -68,10 +68,20 @@ class Metric:
         return self.evaluate(outputs, None, target).value
 
 
-def drop_pp(metric: Metric, reference: float, value: float) -> float:
+class Directed(Protocol):
+    """Anything that says which way its metric is better (a :class:`Metric`, the search's)."""
+
+    @property
+    def higher_is_better(self) -> bool: ...
+
+
+def drop_pp(metric: Directed | bool, reference: float, value: float) -> float:
     """The drop the budget is held to, in the metric's points: the decrease of a higher-is-better
-    metric, the increase of a lower-is-better one."""
-    return round((reference - value) if metric.higher_is_better else (value - reference), 4)
+    metric, the increase of a lower-is-better one. ``metric`` is the metric, or its
+    ``higher_is_better`` where only that was kept (results.json's ``reference``). The one rule:
+    the INT8 search, the device rows, the gate, the nightly and the baseline all call it."""
+    higher = metric if isinstance(metric, bool) else metric.higher_is_better
+    return round((reference - value) if higher else (value - reference), 4)
 
 
 def class_scores(outputs: Arrays, metric: str) -> tuple[str, np.ndarray]:

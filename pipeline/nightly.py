@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.errors import EdgeshipError
+from pipeline.metrics import drop_pp
 from pipeline.paths import contained
 from pipeline.spec import load_spec, load_target
 from pipeline.validate.baseline import baseline_regressions, grown, read_baseline
@@ -69,7 +70,7 @@ def regressions_by_run(results: dict[str, Any], good: dict[str, dict[str, Any]],
             continue
         why = _slower(key, row, prev, max_latency_regression_pct) + grown(key, prev, row, against="the last good run's")
         if row.get("accuracy") is not None and prev.get("accuracy") is not None:
-            fall = (prev["accuracy"] - row["accuracy"]) * (1.0 if higher else -1.0)
+            fall = drop_pp(higher, prev["accuracy"], row["accuracy"])
             if fall > tolerance_pp and higher:
                 why.insert(0, f"{key}: accuracy {row['accuracy']:.2f}% is {fall:.2f} pp below the last good "
                               f"run ({prev['accuracy']:.2f}% on {prev.get('when')}), tolerance {tolerance_pp} pp")

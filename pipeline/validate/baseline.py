@@ -9,7 +9,9 @@ catches a slow drift: 0.4 pp a night never exceeds a 0.5 pp step, but five night
 The rule per run (each part only where both sides have the numbers):
 
 * accuracy: the paired drop vs the baseline is over ``tolerance_pp`` *and* significant (its exact
-  95 % interval excludes 0), so sampling noise alone never fails a night;
+  95 % interval excludes 0), so sampling noise alone never fails a night; a metric without
+  per-sample outcomes (map, a user metric) by its value, the drop in its points
+  (``pipeline.metrics.drop_pp``: the increase of a lower-is-better metric) over ``tolerance_pp``;
 * latency: Mann-Whitney on the raw timings significant and the p50 ratio over
   ``max_latency_regression_pct`` (stats.latency_regression);
 * peak RSS and artifact size: grown by more than ``max_growth_pct``.
@@ -26,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.errors import BadInput
+from pipeline.metrics import drop_pp
 from pipeline.validate.stats import MAX_LATENCY_REGRESSION_PCT, discordant, latency_regression, paired_drop_interval
 from pipeline.validate.timings import keyed_rows, row_timings, unstable
 
@@ -71,6 +74,20 @@ def read_baseline(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def _metric_value(key: str, base: dict[str, Any], row: dict[str, Any], tolerance_pp: float,
+                  higher_is_better: bool) -> list[str]:
+    """A metric with no per-sample outcomes (map, a user metric): its value against the baseline's,
+    the drop in its points as the budget's (an increase for a lower-is-better metric)."""
+    if base.get("accuracy") is None or row.get("accuracy") is None:
+        return []
+    drop = drop_pp(higher_is_better, float(base["accuracy"]), float(row["accuracy"]))
+    if drop <= tolerance_pp:
+        return []
+    worse = "below" if higher_is_better else "above (worse than)"
+    return [f"{key}: metric {row['accuracy']:.4g} is {drop:.2f} points {worse} the baseline's {base['accuracy']:.4g}, "
+            f"tolerance {tolerance_pp} points"]
+
+
 def _accuracy(key: str, base: dict[str, Any], outcomes: np.ndarray | None, tolerance_pp: float) -> list[str]:
     if outcomes is None or "outcomes" not in base or int(base["n"]) != outcomes.size:
         return []  # not pairable (no outcomes, or another evaluation set): no interval-aware verdict
@@ -100,9 +117,12 @@ def grown(key: str, base: dict[str, Any], row: dict[str, Any], max_growth_pct: f
 def compare_run(key: str, base: dict[str, Any], row: dict[str, Any], outcomes: Sequence[bool] | np.ndarray | None,
                 timings_ms: Sequence[float] | None, *, tolerance_pp: float,
                 max_latency_regression_pct: float = MAX_LATENCY_REGRESSION_PCT,
-                max_growth_pct: float = MAX_GROWTH_PCT) -> list[str]:
+                max_growth_pct: float = MAX_GROWTH_PCT, higher_is_better: bool = True) -> list[str]:
     """Why tonight's run ``key`` regressed against its baseline ``base`` (empty: it did not)."""
-    found = _accuracy(key, base, None if outcomes is None else np.asarray(outcomes, dtype=bool), tolerance_pp)
+    if outcomes is None and "outcomes" not in base:  # a metric without per-sample outcomes: its value
+        found = _metric_value(key, base, row, tolerance_pp, higher_is_better)
+    else:
+        found = _accuracy(key, base, None if outcomes is None else np.asarray(outcomes, dtype=bool), tolerance_pp)
     if timings_ms is not None and base.get("timings_ms") and not unstable(row) and not unstable(base):
         lat = latency_regression(base["timings_ms"], timings_ms, max_regression_pct=max_latency_regression_pct)
         if lat["regressed"]:
@@ -143,12 +163,13 @@ def baseline_regressions(results: dict[str, Any], baseline: dict[str, Any], *, t
                          max_latency_regression_pct: float = MAX_LATENCY_REGRESSION_PCT) -> dict[str, list[str]]:
     """(device/run id) -> why that run regressed against the pinned baseline (runs that did not: absent)."""
     found: dict[str, list[str]] = {}
+    higher = bool((results.get("reference") or {}).get("higher_is_better", True))
     for key, row in keyed_rows(results):
         base = (baseline.get("runs") or {}).get(key)
         if base is None or row.get("error"):
             continue
         reasons = compare_run(key, base, row, _outcomes(row), row.get("timings_ms"), tolerance_pp=tolerance_pp,
-                              max_latency_regression_pct=max_latency_regression_pct)
+                              max_latency_regression_pct=max_latency_regression_pct, higher_is_better=higher)
         if reasons:
             found[key] = reasons
     return found

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from calibration.search import summary
+from pipeline.metrics import drop_pp
 from pipeline.spec import PipelineSpec, TargetSpec
 from pipeline.validate.stats import CONFIDENCE, Interval, budget_verdict
 from pipeline.validate.timings import latency_block
@@ -31,7 +32,8 @@ def run_row(raw: dict[str, Any], run_meta: dict[str, Any], reference: dict[str, 
     """One result row (the README's results schema) from the agent's raw result."""
     # fidelity with a tie margin: gated on agreement within ties; strict agreement still reported
     accuracy = raw.get("accuracy") if metric == "top1" else raw.get("agreement_within_ties", raw.get("top1_agreement"))
-    drop = None if accuracy is None else round(reference["accuracy"] - accuracy, 4)
+    drop = None if accuracy is None else drop_pp(bool(reference.get("higher_is_better", True)), reference["accuracy"],
+                                                 accuracy)
     latency = latency_block(raw)
     row = {
         "id": run_meta["id"],
