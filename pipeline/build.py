@@ -24,6 +24,7 @@ from pipeline import __version__
 from pipeline.backends.base import Artifact, BuildContext, Samples
 from pipeline.cache import Cache, sha256_file, source_digest
 from pipeline.errors import ConversionError, EdgeshipError, SpecError
+from pipeline.metrics import spec_sources
 from pipeline.output import step
 from pipeline.registry import get_backend, require_available
 from pipeline.spec import PipelineSpec, TargetSpec
@@ -266,8 +267,10 @@ def _convert_key(run: _Run, backend: Any, build_spec: Any, precision: str, onnx_
         "budget": [spec.accuracy.max_drop_pp, run.target.limits.max_accuracy_drop_pp],
         # the holdout's drop (method choice, fallback) counts ties within this margin
         **({"tie_margin": spec.evaluation.tie_margin} if spec.evaluation.tie_margin else {}),
-        # the INT8 search optimises the spec's metric (on postprocessed outputs)
+        # the INT8 search optimises the spec's metric (on postprocessed outputs): the user's code
+        # behind them too, so editing metric.py beside the spec reruns the search
         "metric": spec.evaluation.model_dump(mode="json", include={"metric", "postprocess"}),
+        **({"metric_sources": spec_sources(spec)} if precision == "int8" else {}),
         "input": [i.model_dump() for i in spec.input_specs()], "edgeship": __version__,
         "code": source_digest(type(backend).__module__.rpartition(".")[0], "pipeline.backends.checks",
                               "calibration", f"pipeline.agent.runners.{backend.name}"),
@@ -396,7 +399,7 @@ def _reference_metric(spec: PipelineSpec, outputs: dict[str, np.ndarray],
     """The fp32 value of the spec's metric (the registry's, on the postprocessed fp32 outputs, as
     the device's runs are scored) and those outputs; bad labels or user code fail here, before any
     conversion, in one line."""
-    from pipeline.metrics import postprocessed, spec_metric, spec_postprocess
+    from pipeline.metrics import postprocessed, spec_metric, spec_postprocess, spec_sources
 
     metric = spec_metric(spec)
     post = spec_postprocess(spec)
@@ -408,6 +411,9 @@ def _reference_metric(spec: PipelineSpec, outputs: dict[str, np.ndarray],
                                " (fidelity: agreement with itself)" if metric.name == "fidelity" else "")}
     if score.extras:
         out["metrics"] = score.extras
+    sources = spec_sources(spec)
+    if sources:  # which version of the user's metric / postprocess gave these numbers
+        out["sources"] = sources
     if spec.evaluation.tie_margin > 0.0:
         out["tie_margin"] = spec.evaluation.tie_margin  # runs are gated on agreement within ties
     return out, reference

@@ -216,6 +216,28 @@ def spec_metric(spec: "PipelineSpec") -> Metric:
                        f"{spec.source_path}: field 'evaluation.metric.callable'")
 
 
+def spec_sources(spec: "PipelineSpec") -> dict[str, str]:
+    """The user's code the spec's metric runs: ``module:function`` -> sha256 of the file of its
+    module, for the user metric and ``evaluation.postprocess``. Part of the INT8 build's cache key
+    (the search scores with them) and of the reference's provenance, so editing them reruns what
+    they decide; a module they import is not followed."""
+    import inspect
+
+    from pipeline.cache import sha256_file
+    from pipeline.stages.inputs import import_callable, spec_folder
+
+    m = spec.evaluation.metric
+    refs = {"evaluation.metric.callable": None if isinstance(m, str) else m.callable,
+            "evaluation.postprocess": spec.evaluation.postprocess}
+    out: dict[str, str] = {}
+    for field_name, ref in refs.items():
+        if ref:
+            fn = import_callable(ref, f"{spec.source_path}: field '{field_name}'", spec_folder(spec))
+            path = inspect.getsourcefile(fn)
+            out[ref] = sha256_file(Path(path)) if path else "no source file"
+    return out
+
+
 Postprocess = Callable[[Arrays], Arrays]
 
 
