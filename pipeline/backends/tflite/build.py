@@ -157,9 +157,15 @@ class Pt2eCandidate:
     applied: int
     prepared: Prepared
     facts: dict[str, Any]
+    scorer: Any = None
+    """``graph`` with fused fake-quant ops (fakequant.py): the same numbers, scored ~4x faster."""
 
     def run(self, x: Arrays) -> Arrays:
-        return _run(self.graph, to_model_layout(self.prepared, first(x)), self.facts["batch"], self.facts["outputs"])
+        if self.scorer is None:
+            from pipeline.backends.tflite.fakequant import fuse_fake_quant
+
+            self.scorer = fuse_fake_quant(self.graph)[0]
+        return _run(self.scorer, to_model_layout(self.prepared, first(x)), self.facts["batch"], self.facts["outputs"])
 
     def tflite(self) -> bytes:
         """The full-integer .tflite model (litert-torch with the candidate's quantizer)."""
