@@ -47,6 +47,8 @@ class CalibrationSet:
     ids: tuple[str, ...]
     labels: np.ndarray | None = None
     _digests: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    pixels: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """uint8 (N, H, W, C) pixels ``samples`` were normalised from (image folders), else None."""
 
     def __post_init__(self) -> None:
         samples = np.ascontiguousarray(self.samples, dtype=np.float32)
@@ -76,6 +78,9 @@ class CalibrationSet:
                     f"{labels.dtype} {tuple(labels.shape)}; store them as integers (e.g. int64)"
                 )
             labels = labels.astype(np.int64)
+        if self.pixels is not None and (self.pixels.dtype != np.uint8 or len(self.pixels) != samples.shape[0]):
+            raise CalibrationDataError(f"pixels must be uint8 with one entry per sample, got {self.pixels.dtype} "
+                                       f"{tuple(self.pixels.shape)} for {samples.shape[0]} samples")
         samples.setflags(write=False)
         object.__setattr__(self, "samples", samples)
         object.__setattr__(self, "labels", labels)
@@ -114,6 +119,7 @@ class CalibrationSet:
             samples=self.samples[idx],
             ids=tuple(self.ids[i] for i in idx),
             labels=None if self.labels is None else self.labels[idx],
+            pixels=None if self.pixels is None else self.pixels[idx],
         )
 
     def split(self, holdout_fraction: float, seed: int = 0) -> tuple[CalibrationSet, CalibrationSet]:
@@ -258,12 +264,16 @@ class CalibrationSet:
         if limit is not None and limit < len(files):
             keep = pick_subset(None if labels is None else targets, len(files), limit)
             files, targets = [files[i] for i in keep], [targets[i] for i in keep]
-        if isinstance(preprocess, ImagePreprocess):  # the list of arrays, their stack, one image in flight
+        ids = [p.relative_to(folder).as_posix() for p in files]
+        y = None if labels is None else np.asarray(targets)
+        if isinstance(preprocess, ImagePreprocess):  # the pixels twice, their float32 once, one image in flight
             check_memory((2 * len(files) + 3) * preprocess.sample_bytes,
                          f"{len(files)} images of {str(folder)!r} at {preprocess.height}x{preprocess.width}")
+            # The uint8 pixels are kept: the release ships them and the device normalises them.
+            pixels = np.stack([_decode_image(folder, p, preprocess.pixels) for p in files])
+            return cls(preprocess.normalise(pixels), tuple(ids), y, pixels=pixels)
         arrays = [np.asarray(_decode_image(folder, p, preprocess), dtype=np.float32) for p in files]
-        ids = [p.relative_to(folder).as_posix() for p in files]
-        return cls.from_arrays(arrays, labels=None if labels is None else targets, ids=ids)
+        return cls.from_arrays(arrays, labels=y, ids=ids)
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -568,11 +578,19 @@ class ImagePreprocess:
             arr = arr[:, :, None]
         return arr[:, :, ::-1] if self.color == "bgr" else arr
 
+    def recipe(self) -> dict[str, Any]:
+        """What the device needs to turn this geometry's uint8 pixels into the model's input (the
+        release ships the pixels and this; pipeline.agent.evaldata)."""
+        from pipeline.agent.evaldata import recipe
+
+        return recipe(self.scale, self.mean, self.std, self.layout, stride=self.channels)
+
     def normalise(self, pixels: np.ndarray) -> np.ndarray:
-        """(..., H, W, C) uint8 -> float32 ``(pixels * scale - mean) / std``, in this layout."""
-        arr = pixels.astype(np.float32) * np.float32(self.scale)
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.moveaxis(arr, -1, -3) if self.layout == "NCHW" else arr
+        """(..., H, W, C) uint8 -> float32 ``(pixels * scale - mean) / std``, in this layout: the
+        device's own function (pipeline.agent.evaldata.normalise), so both give the same bits."""
+        from pipeline.agent.evaldata import normalise
+
+        return normalise(pixels, self.recipe())
 
     def __call__(self, image: Any) -> np.ndarray:
         """Convert one ``PIL.Image.Image`` to a float32 array (C,H,W) or (H,W,C)."""

@@ -62,4 +62,7 @@ def test_readme_model_and_image_folder_build_first_time(tmp_path: Path) -> None:
     release = next((project / "build").rglob("release/data/y.npy")).parent
     # classes_file numbers the lone dog/ folder 1, as the model's outputs do; listing it would say 0
     assert np.load(release / "y.npy").tolist() == [1, 1, 1]
-    assert np.load(release / "x.npy").shape == (3, 3, 224, 224)
+    # the photos ship as their uint8 224 x 224 crops (HWC), the device normalises them to NCHW
+    with np.load(release / "x.npz", allow_pickle=False) as npz:
+        assert npz["shape"].tolist() == [3, 224, 224, 3] and npz["0"].dtype == np.uint8
+    assert not (release / "x.npy").exists()

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from .evaldata import PixelSamples
 from .measure import KeepOutputs, evaluate, time_batch
 from .runners import load_runner_module
 
@@ -44,12 +45,12 @@ class _Loaded:
             raise SystemExit(f"run {run_id!r} not in {release / 'manifest.json'}")
         self.cfg = manifest["agent"]
         data = release / self.cfg["eval_dir"]
-        # Memory-mapped: the evaluation set never sits in the process's heap, so the peak RSS is
-        # the runtime's and the model's, not the data's.
+        # Memory-mapped (pixels: decoded per batch): the evaluation set never sits in the process's
+        # heap, so the peak RSS is the runtime's and the model's, not the data's.
         self.labels, self.reference = (
             np.load(data / f"{n}.npy", mmap_mode="r", allow_pickle=False) if (data / f"{n}.npy").is_file() else None
             for n in ("y", "reference"))
-        self.x = _inputs(data, self.cfg.get("inputs"))
+        self.x = _inputs(data, self.cfg.get("inputs"), self.cfg.get("pixels") or {})
         self.batch = int(self.cfg.get("batch", 1))
         self.first = ({k: np.array(v[:self.batch], dtype=np.float32) for k, v in self.x.items()}
                       if isinstance(self.x, dict) else np.array(self.x[:self.batch], dtype=np.float32))
@@ -96,11 +97,17 @@ def keep_outputs(release: Path, block: dict[str, Any] | None) -> KeepOutputs | N
     return KeepOutputs(bool(block.get("float16", False)), post)
 
 
-def _inputs(data: Path, names: list[str] | None) -> "np.ndarray | dict[str, np.ndarray]":
-    """The evaluation samples, memory-mapped: one array (``x.npy``) for a one-input model, else
-    input name -> array (``x.npy``, ``x_1.npy``, ... in the order of the config's ``inputs``)."""
-    def load(i: int) -> np.ndarray:
-        return np.load(data / ("x.npy" if i == 0 else f"x_{i}.npy"), mmap_mode="r", allow_pickle=False)
+def _inputs(data: Path, names: list[str] | None,
+            pixels: dict[str, dict[str, Any]]) -> "np.ndarray | PixelSamples | dict[str, Any]":
+    """The evaluation samples: one array (``x``) for a one-input model, else input name -> array
+    (``x``, ``x_1``, ... in the order of the config's ``inputs``). A file named in the config's
+    ``pixels`` is uint8 pixels (``.npz``), normalised per batch as it is read; any other is a
+    float32 ``.npy``, memory-mapped."""
+    def load(i: int) -> "np.ndarray | PixelSamples":
+        stem = "x" if i == 0 else f"x_{i}"
+        if stem in pixels:
+            return PixelSamples(data / f"{stem}.npz", pixels[stem])
+        return np.load(data / f"{stem}.npy", mmap_mode="r", allow_pickle=False)
 
     if not names or len(names) == 1:
         return load(0)

@@ -39,12 +39,15 @@ class Samples:
     ``x``: input name -> (N, *shape[1:]) float32, one entry per model input, in the model's order.
     ``y``: int class indices (N,), a list of N per-sample objects (e.g. detection boxes and
     classes; they stay on the host), or None.
+    ``pixels``: input name -> the uint8 pixels its ``x`` was normalised from (image sources): what
+    the release ships of that input instead of ``x``.
     """
 
     x: "Arrays"
     y: "np.ndarray | list[Any] | None"
     ids: list[str]
     sha256: str
+    pixels: "dict[str, Pixels]" = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(len(next(iter(self.x.values()))))
@@ -67,7 +70,17 @@ class Samples:
     def head(self, n: int, sha256: str | None = None) -> "Samples":
         """The first ``n`` samples (every input, labels and ids follow)."""
         return Samples({k: v[:n] for k, v in self.x.items()}, None if self.y is None else self.y[:n],
-                       self.ids[:n], self.sha256 if sha256 is None else sha256)
+                       self.ids[:n], self.sha256 if sha256 is None else sha256,
+                       {k: Pixels(p.values[:n], p.recipe) for k, p in self.pixels.items()})
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """uint8 samples (N, H, W, C) and the recipe that normalises them into an input's float32
+    samples on the host and on the device (pipeline.agent.evaldata.normalise)."""
+
+    values: "np.ndarray"
+    recipe: dict[str, Any]
 
 
 @dataclass

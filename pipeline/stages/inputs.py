@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from pipeline.backends.base import Samples
+from pipeline.backends.base import Pixels, Samples
 from pipeline.errors import EdgeshipError, InputFileError, SpecError, UserCodeError
 from pipeline.spec import DataSource, ImageFolderSource, NpzSource, PipelineSpec, PythonSource, TargetSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from calibration.data import CalibrationSet, FolderLabels
+    from calibration.data import CalibrationSet, FolderLabels, ImagePreprocess
 
 
 def import_callable(ref: str, where: str, beside: Path | None = None) -> Callable[..., Any]:
@@ -206,7 +206,8 @@ def load_samples(spec: PipelineSpec, section: str) -> Samples:
         from calibration.data import pick_subset
 
         data = data.subset(pick_subset(data.labels, len(data), cfg.limit))
-    return to_samples(data, spec.input.name)
+    recipe = image_preprocess(spec).recipe() if data.pixels is not None else None
+    return to_samples(data, spec.input.name, recipe)
 
 
 RawData = tuple[dict[str, np.ndarray], Any, str]
@@ -395,8 +396,11 @@ def _holdout_warning(spec: PipelineSpec, target: TargetSpec, n: int) -> list[str
             f"{needed} held-out samples ({math.ceil(needed / fraction)} calibration samples at this fraction)"]
 
 
-def to_samples(data: "CalibrationSet", input_name: str) -> Samples:
-    return Samples(x={input_name: data.samples}, y=data.labels, ids=list(data.ids), sha256=data.content_hash)
+def to_samples(data: "CalibrationSet", input_name: str, recipe: dict[str, Any] | None = None) -> Samples:
+    """One input's samples; with ``recipe``, the set's uint8 pixels and how they were normalised."""
+    pixels = {input_name: Pixels(data.pixels, recipe)} if recipe is not None and data.pixels is not None else {}
+    return Samples(x={input_name: data.samples}, y=data.labels, ids=list(data.ids), sha256=data.content_hash,
+                   pixels=pixels)
 
 
 def _flat(samples: Samples) -> np.ndarray:
@@ -441,7 +445,7 @@ def _class_indices(y: Any) -> bool:
 
 def _read_source(spec: PipelineSpec, src: DataSource, where: str, shape: tuple[int, ...],
                  limit: int | None) -> "CalibrationSet | RawData":
-    from calibration.data import CalibrationSet, ImagePreprocess, read_npz_arrays
+    from calibration.data import CalibrationSet, read_npz_arrays
 
     if isinstance(src, PythonSource):
         return _read_python(spec, src, where[:-1] + ".callable'", shape)
@@ -453,15 +457,23 @@ def _read_source(spec: PipelineSpec, src: DataSource, where: str, shape: tuple[i
         arrays = read_npz_arrays(path, names)  # one array per input name, plus y (decisions.md)
         return {n: arrays[n] for n in names}, arrays.get("y"), path.name
     assert isinstance(src, ImageFolderSource)
-    pre = spec.preprocessing
+    folder = spec.resolve_path(src.path)
+    return CalibrationSet.from_image_folder(folder, image_preprocess(spec), labels=folder_labels(spec, src, where),
+                                            limit=limit)
+
+
+def image_preprocess(spec: PipelineSpec) -> "ImagePreprocess":
+    """The spec's ``preprocessing`` for its (one) input: the geometry the host applies to image
+    folders and the normalisation the host and the device share."""
+    from calibration.data import ImagePreprocess
+
+    pre, shape = spec.preprocessing, tuple(spec.input.shape[1:])
     h, w = (shape[1], shape[2]) if spec.input.layout == "NCHW" else (shape[0], shape[1])
-    prep = ImagePreprocess(height=h, width=w, mean=tuple(pre.mean), std=tuple(pre.std), scale=pre.scale,
+    return ImagePreprocess(height=h, width=w, mean=tuple(pre.mean), std=tuple(pre.std), scale=pre.scale,
                            layout=spec.input.layout, color=pre.color,
                            resize=tuple(pre.resize) if pre.resize else None, resize_shorter=pre.resize_shorter,
                            center_crop=tuple(pre.center_crop) if pre.center_crop else None,
                            interpolation=pre.interpolation)
-    folder = spec.resolve_path(src.path)
-    return CalibrationSet.from_image_folder(folder, prep, labels=folder_labels(spec, src, where), limit=limit)
 
 
 MAX_CLASSES_FILE = 1 << 20

@@ -6,6 +6,10 @@ Layout (what a transport ships, verbatim):
     artifacts/<run-id>/...   one folder per (backend, precision)
     data/x.npy, y.npy, reference.npy   evaluation samples, labels (if any), fp32 outputs
                              (plain .npy: the agent memory-maps them)
+    data/x.npz               instead of x.npy for an image source (or samples that are uint8
+                             values): uint8 pixels, Sub-filtered and deflated, plus the agent
+                             config's ``pixels`` recipe; the device normalises them per batch
+                             (pipeline.agent.evaldata), bit-identical to the host's samples
     postprocess/<module>.py  evaluation.postprocess, run by the agent per batch (if the spec has one)
 
 The release id is the sha256 over the file list (names and hashes) and the agent settings, so
@@ -23,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import Artifact, Samples
+from pipeline.agent.evaldata import normalise, recipe, write_pixels
+from pipeline.backends.base import Artifact, Pixels, Samples
 from pipeline.cache import canonical_json, disk_full, disk_full_error, sha256_file
 from pipeline.spec import PipelineSpec, TargetSpec
 
@@ -47,8 +52,9 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".release-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    arrays = eval_arrays(evals, reference)
-    need = _release_bytes(artifacts, arrays)
+    pixels = eval_pixels(evals)
+    arrays = eval_arrays(evals, reference, set(pixels))
+    need = _release_bytes(artifacts, [*arrays.values(), *(p.values for p in pixels.values())])
     if shutil.disk_usage(out_dir).free < need:
         raise disk_full_error(out_dir, "the release", need)
     tmp = Path(tempfile.mkdtemp(prefix=".release-", dir=out_dir))
@@ -73,12 +79,16 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
         (tmp / "data").mkdir()
         for name, arr in sorted(arrays.items()):
             np.save(tmp / "data" / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+        for name, pix in sorted(pixels.items()):
+            write_pixels(tmp / "data" / f"{name}.npz", pix.values, int(pix.recipe["stride"]))
         validation = spec.validation or target.validation
         agent = {"eval_dir": "data", "threads": target.threads, "warmup": validation.warmup,
                  "runs": validation.runs, "rounds": validation.rounds, "max_cv": validation.max_cv,
                  "retry_unstable": validation.retry_unstable, "batch": spec.input.shape[0],
                  "metric": spec.evaluation.metric_name, "inputs": list(evals.x),
                  "outputs": _outputs_block(spec, tmp)}
+        if pixels:  # data file -> how its uint8 pixels become the input (part of the release id)
+            agent["pixels"] = {name: pix.recipe for name, pix in sorted(pixels.items())}
         if spec.evaluation.tie_margin > 0.0:
             agent["tie_margin"] = spec.evaluation.tie_margin
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -119,10 +129,35 @@ def eval_file(index: int) -> str:
     return "x" if index == 0 else f"x_{index}"
 
 
-def eval_arrays(evals: Samples, reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What the release ships of the evaluation set: every input, class labels (label objects stay
-    on the host) and the fp32 first output (what the device's top1/fidelity read)."""
-    arrays = {eval_file(i): x.astype(np.float32) for i, x in enumerate(evals.x.values())}
+def eval_pixels(evals: Samples) -> dict[str, Pixels]:
+    """Data file -> the uint8 pixels shipped instead of an input's float32 samples: an image
+    source's pixels, or samples whose every value is a whole number 0..255 (shipped as they are,
+    normalised by the identity); other inputs are not here and ship as float32."""
+    out: dict[str, Pixels] = {}
+    for i, (name, x) in enumerate(evals.x.items()):
+        pix = evals.pixels.get(name) or _uint8_values(x)
+        if pix is not None:
+            out[eval_file(i)] = pix
+    return out
+
+
+def _uint8_values(x: np.ndarray) -> Pixels | None:
+    """``x`` as uint8 with the identity recipe, if that gives back exactly its float32 bits."""
+    if x.size == 0 or x.ndim < 2 or x.min() < 0 or x.max() > 255 or not np.isfinite(x).all():
+        return None
+    values = x.astype(np.uint8)
+    how = recipe(1.0, [0.0], [1.0], "stored", stride=1)
+    same = normalise(values, how).astype(np.float32).tobytes() == np.ascontiguousarray(x, np.float32).tobytes()
+    return Pixels(values, how) if same else None
+
+
+def eval_arrays(evals: Samples, reference: dict[str, np.ndarray],
+                shipped: "set[str] | frozenset[str]" = frozenset()) -> dict[str, np.ndarray]:
+    """What the release ships of the evaluation set as plain .npy: every input not ``shipped`` as
+    pixels, class labels (label objects stay on the host) and the fp32 first output (what the
+    device's top1/fidelity read)."""
+    arrays = {eval_file(i): x.astype(np.float32) for i, x in enumerate(evals.x.values())
+              if eval_file(i) not in shipped}
     arrays["reference"] = next(iter(reference.values())).astype(np.float32)
     labels = evals.class_labels()
     if labels is not None:
@@ -130,11 +165,12 @@ def eval_arrays(evals: Samples, reference: dict[str, np.ndarray]) -> dict[str, n
     return arrays
 
 
-def _release_bytes(artifacts: list[Artifact], arrays: dict[str, np.ndarray]) -> int:
-    """What the release folder will take: artifacts, evaluation arrays, the agent, the manifest."""
+def _release_bytes(artifacts: list[Artifact], arrays: list[np.ndarray]) -> int:
+    """What the release folder will take at most: artifacts, evaluation arrays (pixels counted
+    uncompressed), the agent, the manifest."""
     agent = sum(p.stat().st_size for p in AGENT_SOURCE.rglob("*.py"))
     files = sum((art.workdir / name).stat().st_size for art in artifacts for name in art.files)
-    return agent + files + sum(a.nbytes + 128 for a in arrays.values()) + 2**16
+    return agent + files + sum(a.nbytes + 128 * max(1, len(a)) for a in arrays) + 2**16
 
 
 def _files_digest(folder: Path, names: list[str]) -> str:
