@@ -118,8 +118,8 @@ def test_plain_table_on_a_pipe_with_the_batch(shared: dict[str, Any]) -> None:
     header, rows = table[0], table[1:]
     assert len(rows) == 3, out
     cols = re.findall(r"\S+(?: \S+)*", header)  # names are separated by two spaces or more
-    assert cols[:5] == ["device", "backend", "precision", "batch", "accuracy %"], header
-    for name in ("batch", "accuracy %", "p50 ms", "size"):  # numbers right-aligned under their name
+    assert cols[:5] == ["device", "backend", "precision", "batch", "top1 %"], header  # the metric and its unit
+    for name in ("batch", "top1 %", "p50 ms", "size"):  # numbers right-aligned under their name
         end = header.index(name) + len(name)
         for row in rows:
             assert row[end - 1] != " " and (len(row) == end or row[end] == " "), (name, row)

@@ -21,7 +21,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pipeline import __version__
-from pipeline.validate.report import COLUMNS, budget_rule, conditions_line, recommended_line, rows
+from pipeline.validate.report import (COLUMNS, budget_rule, columns, conditions_line, metric_label, recommended_line,
+                                      rows)
 from pipeline.validate.stats import MAX_CV, coefficient_of_variation
 from pipeline.validate.trend import Series, series
 
@@ -112,7 +113,7 @@ def _accuracy_plot(results: dict[str, Any]) -> str | None:
                    f"{results['budget_pp']} pp")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("p90 latency, ms")
-    ax.set_ylabel(f"{ref.get('metric', 'accuracy')} %")
+    ax.set_ylabel(metric_label(results))
     ax.set_title("accuracy vs p90 latency (bars: 95 % interval of the drop)")
     return _png(fig)
 
@@ -132,7 +133,7 @@ def _size_plot(results: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
-def _trend_plot(data: Series) -> str | None:
+def _trend_plot(data: Series, label: str = "accuracy %") -> str | None:
     """Accuracy (top) and p50 (bottom) per night, one line per run."""
     import matplotlib.pyplot as plt
 
@@ -144,7 +145,7 @@ def _trend_plot(data: Series) -> str | None:
         xs = [nights.index(when) for when, *_ in points]
         acc_ax.plot(xs, [p[1] for p in points], marker="o", label=key)
         lat_ax.plot(xs, [p[2] for p in points], marker="o", label=key)
-    acc_ax.set_ylabel("accuracy %")
+    acc_ax.set_ylabel(label)
     acc_ax.set_title("accuracy and p50 latency per night")
     acc_ax.legend(fontsize=7, loc="best")
     lat_ax.set_ylabel("p50 ms")
@@ -162,7 +163,7 @@ def plots(results: dict[str, Any], timings: Timings | None = None,
     except ImportError:
         return "plots need matplotlib: pip install 'edgeship[report]'"
     return {"latency": _latency_plot(results, timings or {}), "accuracy": _accuracy_plot(results),
-            "size": _size_plot(results), "trend": _trend_plot(series(history)) if history else None}
+            "size": _size_plot(results), "trend": _trend_plot(series(history), metric_label(results)) if history else None}
 
 
 # ---- sections ------------------------------------------------------------------------------------
@@ -243,7 +244,8 @@ def _cv(device: str, row: dict[str, Any], timings: Timings) -> str:
 
 def _table(results: dict[str, Any], timings: Timings | None = None) -> str:
     after = COLUMNS.index("drop pp") + 1  # the interval beside the drop it bounds
-    cols = (*COLUMNS[:after], "drop 95 % interval", *COLUMNS[after:])
+    named = columns(results)  # the accuracy and drop columns named for the metric
+    cols = (*named[:after], "drop 95 % interval", *named[after:])
     at = COLUMNS.index("CV")
     head = "".join(f"<th>{escape(c)}</th>" for c in cols)
     body = []

@@ -13,10 +13,15 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline.validate.report import metric_label
 
-def _summary(row: dict[str, Any]) -> str:
+
+def _summary(row: dict[str, Any], label: str = "accuracy %") -> str:
+    """One run's numbers; ``label`` the metric's column name (report.metric_label: its name and unit)."""
     lat = row.get("latency_ms") or {}
-    parts = [f"accuracy {row.get('accuracy')}", f"drop {row.get('accuracy_drop_pp')} pp",
+    name, _, unit = label.partition(" ")
+    parts = [f"{name} {row.get('accuracy')}" + (f" {unit}" if unit else ""),
+             f"drop {row.get('accuracy_drop_pp')} " + ("pp" if unit == "%" else "points"),
              f"p50 {lat.get('p50')} ms", f"p90 {lat.get('p90')} ms", f"peak RSS {row.get('peak_rss_mb')} MB",
              f"size {row.get('artifact_bytes')} bytes"]
     iv = row.get("accuracy_drop_interval")
@@ -25,7 +30,7 @@ def _summary(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _run_case(suite: ET.Element, classname: str, row: dict[str, Any]) -> bool:
+def _run_case(suite: ET.Element, classname: str, row: dict[str, Any], label: str) -> bool:
     """Append one run's test case; True when it failed."""
     case = ET.SubElement(suite, "testcase", classname=classname, name=f"{row['backend']} {row['precision']}")
     reasons = list((row.get("gate") or {}).get("reasons") or [])
@@ -36,7 +41,7 @@ def _run_case(suite: ET.Element, classname: str, row: dict[str, Any]) -> bool:
     if reasons:
         failure = ET.SubElement(case, "failure", message=reasons[0], type="gate")
         failure.text = "\n".join(reasons)
-    ET.SubElement(case, "system-out").text = _summary(row)
+    ET.SubElement(case, "system-out").text = _summary(row, label)
     return bool(reasons)
 
 
@@ -54,7 +59,7 @@ def _suite(root: ET.Element, results: dict[str, Any]) -> None:
             continue
         for row in dev.get("runs", []):
             tests += 1
-            failures += _run_case(suite, classname, row)
+            failures += _run_case(suite, classname, row, metric_label(results))
     if results.get("error") and not results.get("devices"):  # nothing reached a device (build error)
         case = ET.SubElement(suite, "testcase", classname=f"edgeship.{spec}.{target}", name="build")
         ET.SubElement(case, "error", message=str(results["error"]), type="build").text = str(results["error"])

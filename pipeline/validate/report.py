@@ -28,6 +28,23 @@ def size(n: int | None) -> str:
 COLUMNS = ("device", "backend", "precision", "batch", "accuracy %", "drop pp", "SQNR dB", "p50 ms", "p90 ms",
            "p99 ms", "CV", "peak RSS MB", "size", "gate")
 LEFT = ("device", "backend", "precision", "gate")  # text columns; the others are numbers, right-aligned
+# the accuracy column of a built-in metric: its name and unit (map is mAP x 100, points, not %)
+METRIC_LABELS = {"top1": "top1 %", "top5": "top5 %", "fidelity": "agreement %", "map": "mAP"}
+
+
+def metric_label(results: dict[str, Any]) -> str:
+    """The name the accuracy column goes by: the spec's metric and its unit (a user metric's name)."""
+    name = str((results.get("reference") or {}).get("metric") or "accuracy")
+    return METRIC_LABELS.get(name, "accuracy %" if name == "accuracy" else name)
+
+
+def columns(results: dict[str, Any]) -> tuple[str, ...]:
+    """:data:`COLUMNS` with the accuracy and drop columns named for the results' metric: percentage
+    points for a % metric, the metric's points otherwise, the rise for a lower-is-better one."""
+    label = metric_label(results)
+    lower = (results.get("reference") or {}).get("higher_is_better") is False
+    drop = "drop pp" if label.endswith("%") else ("rise (drop)" if lower else "drop")
+    return tuple(label if c == "accuracy %" else drop if c == "drop pp" else c for c in COLUMNS)
 
 
 def _cv(lat: dict[str, Any]) -> str:
@@ -134,11 +151,13 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
     console = console or Console()
     ref = results.get("reference", {})
     ties = f", agreement within fp32 ties of {ref['tie_margin']}" if ref.get("tie_margin") else ""
+    unit = "%" if metric_label(results).endswith("%") else ""
     title = (f"{results['spec']} on {results['target']} - fp32 reference {ref.get('metric')} "
-             f"{_f(ref.get('accuracy'))}% ({ref.get('samples')} samples{ties}), budget {results.get('budget_pp')} pp"
+             f"{_f(ref.get('accuracy'))}{unit} ({ref.get('samples')} samples{ties}), budget {results.get('budget_pp')} "
+             + ("pp" if unit else "points")
              + (f" {rule}" if (rule := budget_rule(results)) else ""))
     table_rows = rows(results)
-    print_table(console, title, COLUMNS, table_rows, [row[-1] != "pass" for row in table_rows])
+    print_table(console, title, columns(results), table_rows, [row[-1] != "pass" for row in table_rows])
     if line := recommended_line(results):
         _line(console, line, "bold")
     for dev in results["devices"]:
@@ -215,7 +234,7 @@ def _header(results: dict[str, Any]) -> list[str]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = _header(results) + ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = _header(results) + ["| " + " | ".join(columns(results)) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
     lines += ["", line] if (line := recommended_line(results)) else []
     rule = budget_rule(results)

@@ -36,7 +36,7 @@ def test_junit_counts_and_gate_reasons(tmp_path: Path) -> None:
     err = cases[("edgeship.mnist-cnn.lab.sim-arm64", "device")].find("error")
     assert err is not None and err.get("message") == "connection refused (port 2222)"
     out = cases[("edgeship.mnist-cnn.lab.local", "onnxruntime int8")].findtext("system-out") or ""
-    assert "accuracy 96.5" in out and "drop 1.5 pp" in out
+    assert "top1 96.5 %" in out and "drop 1.5 pp" in out
 
 
 def test_junit_regressions_and_several_documents() -> None:
