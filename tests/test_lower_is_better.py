@@ -68,6 +68,8 @@ def test_an_increase_of_a_lower_is_better_metric_is_the_drop(tmp_path: Path) -> 
     assert int8["accuracy"] > ref["accuracy"]
     assert int8["accuracy_drop_pp"] == pytest.approx(int8["accuracy"] - ref["accuracy"], abs=1e-3)
     assert code == 3 and fp32["gate"]["passed"] and not int8["gate"]["passed"]
+    # a user metric under accuracy.decision point has no drop interval, and the row says why
+    assert int8["accuracy_drop_interval"] is None and "no drop interval for mae" in int8["accuracy_drop_interval_note"]
     assert any("exceeds the budget 0.25" in r for r in int8["gate"]["reasons"]), int8["gate"]
     # the INT8 search saw the same increase on its holdout and said the budget was missed
     assert int8["calibration"]["budget_met"] is False and "> budget 0.25" in int8["calibration"]["budget_reason"]

@@ -225,7 +225,9 @@ def _devices(results: dict[str, Any]) -> str:
 
 def _interval(row: dict[str, Any]) -> str:
     iv = row.get("accuracy_drop_interval")
-    return f"[{iv['low_pp']:+.2f}, {iv['high_pp']:+.2f}] n={iv['n']}" if iv else "-"
+    if not iv:  # a metric without one under accuracy.decision point says so (report.interval_note)
+        return "none (bootstrap only under upper_bound)" if row.get("accuracy_drop_interval_note") else "-"
+    return f"[{iv['low_pp']:+.2f}, {iv['high_pp']:+.2f}] n={iv['n']}"
 
 
 def _cv(device: str, row: dict[str, Any], timings: Timings) -> str:

@@ -38,6 +38,12 @@ def metric_label(results: dict[str, Any]) -> str:
     return METRIC_LABELS.get(name, "accuracy %" if name == "accuracy" else name)
 
 
+def interval_note(results: dict[str, Any]) -> str | None:
+    """Why the runs have no drop interval (a map or user metric under accuracy.decision point)."""
+    return next((r["accuracy_drop_interval_note"] for d in results.get("devices", []) for r in d.get("runs", [])
+                 if r.get("accuracy_drop_interval_note")), None)
+
+
 def columns(results: dict[str, Any]) -> tuple[str, ...]:
     """:data:`COLUMNS` with the accuracy and drop columns named for the results' metric: percentage
     points for a % metric, the metric's points otherwise, the rise for a lower-is-better one."""
@@ -236,6 +242,7 @@ def _header(results: dict[str, Any]) -> list[str]:
 def markdown(results: dict[str, Any]) -> str:
     lines = _header(results) + ["| " + " | ".join(columns(results)) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
+    lines += ["", note] if (note := interval_note(results)) else []
     lines += ["", line] if (line := recommended_line(results)) else []
     rule = budget_rule(results)
     if rule:  # the verdict under a rule other than the default, with its reasons (inconclusive runs say N)

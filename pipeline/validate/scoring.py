@@ -22,6 +22,8 @@ import numpy as np
 from pipeline.errors import SpecError
 
 HOST_EVAL = "evaluation"  # beside release/ in the build's output folder; host only
+NO_INTERVAL = ("no drop interval for {metric} under accuracy.decision: point: it has no per-sample outcomes, and its "
+               "paired bootstrap ({evaluations} evaluations of the metric) runs only under accuracy.decision: upper_bound")
 
 
 @dataclass
@@ -92,7 +94,7 @@ def score_rows(rows: list[dict[str, Any]], raw: dict[str, Any], metric: Any, ref
     from pipeline.agent.outputs import unpack
     from pipeline.metrics import drop_pp
     from pipeline.validate.baseline import pack_outcomes
-    from pipeline.validate.paired import output_interval
+    from pipeline.validate.paired import SLOW_METRIC_RESAMPLES, output_interval
 
     by_id = {r.get("id"): r for r in raw.get("results", [])}
     for row in rows:
@@ -111,5 +113,8 @@ def score_rows(rows: list[dict[str, Any]], raw: dict[str, Any], metric: Any, ref
         row["accuracy_drop_pp"] = drop_pp(metric, reference_value, score.value)
         interval, outcomes = output_interval(metric, outputs, host, tie_margin, slow_intervals)
         row["accuracy_drop_interval"] = interval
+        if interval is None:  # say why, rather than leave the reader guessing (reports print it)
+            row["accuracy_drop_interval_note"] = NO_INTERVAL.format(metric=metric.name,
+                                                                     evaluations=2 * SLOW_METRIC_RESAMPLES)
         if outcomes is not None:
             row["outcomes"] = pack_outcomes(outcomes)

@@ -39,3 +39,16 @@ def test_columns_are_named_for_the_metric(metric: str, higher: bool, label: str,
     summary = ET.fromstring(junit_xml([doc])).find(".//testcase/system-out").text
     assert summary.startswith(f"{label.split()[0]} 98.0" + (" %" if label.endswith("%") else ""))
     assert ("pp" if label.endswith("%") else "points") in summary.split(",")[1]
+
+
+def test_a_run_without_a_drop_interval_says_why() -> None:
+    """map or a user metric under accuracy.decision point: no interval, and the reports say why."""
+    from pipeline.validate.scoring import NO_INTERVAL
+
+    doc = _doc("map", True)
+    note = NO_INTERVAL.format(metric="map", evaluations=400)
+    for r in doc["devices"][0]["runs"]:
+        r["accuracy_drop_interval"], r["accuracy_drop_interval_note"] = None, note
+    assert note in markdown(doc).splitlines()
+    assert "none (bootstrap only under upper_bound)" in report_html(doc)
+    assert "none (bootstrap" not in report_html(_doc("map", True))  # runs with no note keep "-"
