@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from calibration.config import CalibrationConfig, resolve_methods
+from calibration.config import CalibrationConfig, resolve_methods, split_method
 from calibration.data import CalibrationSet
 from calibration.errors import CalibrationError
 from calibration.plan import QuantPlan, make_plan
@@ -138,6 +138,49 @@ class QdqBuilder:
         return Ranking(ranked, solo_sqnr=lambda name: only_layer_sqnr(gated, x, ref, name))
 
 
+class EqualizeChoice:
+    """Candidates on the plain graph and on its cross-layer-equalised twin (``calibration.equalize``),
+    told apart by the method name: "entropy" is calibrated on the plain graph, "entropy+cle" on
+    the equalised one; each graph has its own statistics (cached by its own sha256)."""
+
+    def __init__(self, plain: QdqBuilder, equalized: QdqBuilder, facts: dict[str, Any]) -> None:
+        self.plain, self.equalized, self.facts = plain, equalized, facts
+
+    def builder(self, method: str) -> tuple[QdqBuilder, str]:
+        """The builder that serves ``method`` and the observer's own name."""
+        base, cle = split_method(method)
+        return (self.equalized if cle else self.plain), base
+
+    def candidate(self, method: str, float_layers: Sequence[str]) -> QdqCandidate:
+        builder, base = self.builder(method)
+        found = builder.candidate(base, float_layers)
+        found.method = method  # the search keys candidates and the fallback by the full name
+        return found
+
+    def rank(self, method: str, holdout: Holdout, reference: Arrays) -> Ranking:
+        builder, base = self.builder(method)
+        return builder.rank(base, holdout, reference)
+
+
+def equalized_builder(plain: QdqBuilder, fit: CalibrationSet, cfg: CalibrationConfig, cache_dir: Path | None,
+                      work: Path) -> EqualizeChoice:
+    """Equalise the plain builder's graph, collect its statistics, pair both in one builder."""
+    import onnx
+
+    from calibration.equalize import equalize
+    from calibration.stats import collect_statistics
+
+    t0 = time.perf_counter()
+    model, eq = equalize(plain.model, cfg.equalize_relu6)  # type: ignore[arg-type]
+    folder = work / "equalized"
+    folder.mkdir(parents=True, exist_ok=True)
+    src = folder / "equalized_fp32.onnx"
+    onnx.save(model, str(src))
+    stats = collect_statistics(src, fit, cache_dir, cfg.bins, cfg.batch_size, cfg.threads)
+    facts = {**eq.to_dict(), "relu6": cfg.equalize_relu6, "seconds": round(time.perf_counter() - t0, 3)}
+    return EqualizeChoice(plain, QdqBuilder(src, model, stats, cfg, folder), facts)
+
+
 def write_qdq_model(src: Path, model: Any, out: Path, plan: QuantPlan, cfg: CalibrationConfig,
                     exclude: list[str]) -> list[str]:
     """Write the QDQ model; return the tensors whose written scale is not the plan's."""
@@ -192,17 +235,25 @@ def quantize_onnx(
     t0 = time.perf_counter()
     fit, hold = calib.split(cfg.holdout_fraction, cfg.seed)
     with tempfile.TemporaryDirectory(prefix="edgeship-calib-") as tmp_name:
-        builder = qdq_builder(Path(model_fp32), fit, cfg, cache_dir, Path(tmp_name))
+        plain = qdq_builder(Path(model_fp32), fit, cfg, cache_dir, Path(tmp_name))
         holdout = Holdout({"input": hold.samples}, hold.labels)
-        reference = run_onnx(builder.src, holdout.x, cfg)
-        options = SearchOptions(resolve_methods(cfg.method), cfg.max_drop_pp, cfg.fallback, cfg.max_fallback_layers)
-        found = search(builder, holdout, reference, options, metric or default_metric(hold.labels is not None,
-                                                                                     cfg.tie_margin))
+        # the reference is always the original graph: an equalised candidate that replaced a
+        # ReLU6 is judged on what it changed
+        reference = run_onnx(plain.src, holdout.x, cfg)
+        choice = None if cfg.equalize == "off" else equalized_builder(plain, fit, cfg, cache_dir, Path(tmp_name))
+        options = SearchOptions(resolve_methods(cfg.method, cfg.equalize), cfg.max_drop_pp, cfg.fallback,
+                                cfg.max_fallback_layers)
+        found = search(choice or plain, holdout, reference, options,
+                       metric or default_metric(hold.labels is not None, cfg.tie_margin))
         found.candidate.save(Path(output))
         report = found.report
+        shipped = choice.builder(report.method)[0] if choice else plain
         report.notes = {**found.candidate.notes(), "output": str(output)}
-        report.per_layer_sqnr = per_layer_sqnr(builder.src, Path(output), hold.samples, cfg.batch_size, cfg.threads)
-    report.stats_cache_hit = builder.stats.cache_hit
+        if choice:
+            report.notes["equalization"] = {**choice.facts, "shipped": shipped is choice.equalized}
+        # tensor by tensor against the graph it was calibrated on (equalisation rescales channels)
+        report.per_layer_sqnr = per_layer_sqnr(shipped.src, Path(output), hold.samples, cfg.batch_size, cfg.threads)
+    report.stats_cache_hit = plain.stats.cache_hit
     report.calibration_samples = len(fit)
     report.calibration_time_s = round(time.perf_counter() - t0, 3)
     return report

@@ -11,6 +11,10 @@ from calibration.errors import CalibrationConfigError
 METHODS = ("minmax", "percentile", "entropy", "mse")
 METHOD_CHOICES = ("auto", *METHODS)
 TARGETS = ("onnxruntime", "tensorrt")
+#: cross-layer equalisation (calibration.equalize): never, always, or scored beside the plain graph
+EQUALIZE_CHOICES = ("off", "on", "auto")
+#: the method-name suffix of a candidate calibrated on the equalised graph ("entropy+cle")
+CLE_SUFFIX = "+cle"
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,12 @@ class CalibrationConfig:
         bias_correction: fold the mean output shift of weight rounding into Conv/Gemm biases
             (the written QDQ model carries the corrected biases; see
             :func:`calibration.plan.bias_correction`).
+        equalize: cross-layer equalisation before calibration (:mod:`calibration.equalize`):
+            "off", "on" (every method on the equalised graph) or "auto" (each method with and
+            without; the holdout picks, and a "+cle" method name says the equalised one won).
+        equalize_relu6: what equalisation does with Clip(0, 6) between two convolutions:
+            "relu" (replace it by Relu, Nagel et al.'s choice; the holdout judges against the
+            original fp32) or "skip" (leave the pair alone; the fp32 function stays exact).
     """
 
     method: str = "auto"
@@ -59,6 +69,8 @@ class CalibrationConfig:
     max_fallback_layers: int | None = None
     tie_margin: float = 0.0
     bias_correction: bool = True
+    equalize: str = "off"
+    equalize_relu6: str = "relu"
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_CHOICES:
@@ -80,6 +92,10 @@ class CalibrationConfig:
             raise CalibrationConfigError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.max_drop_pp is not None and self.max_drop_pp < 0:
             raise CalibrationConfigError(f"max_drop_pp must be >= 0, got {self.max_drop_pp}")
+        if self.equalize not in EQUALIZE_CHOICES:
+            raise CalibrationConfigError(f"equalize {self.equalize!r} unknown; choose one of {', '.join(EQUALIZE_CHOICES)}")
+        if self.equalize_relu6 not in ("relu", "skip"):
+            raise CalibrationConfigError(f"equalize_relu6 {self.equalize_relu6!r} unknown; choose 'relu' or 'skip'")
         if self.bins < 256:
             raise CalibrationConfigError(f"bins must be >= 256 (entropy needs room above 128 levels), got {self.bins}")
 
@@ -95,13 +111,19 @@ class CalibrationConfig:
         return asdict(self)
 
 
-def resolve_methods(method: str) -> tuple[str, ...]:
-    """The methods a search tries: every observer for "auto", else the one named."""
-    if method == "auto":
-        return METHODS
-    if method not in METHODS:
+def resolve_methods(method: str, equalize: str = "off") -> tuple[str, ...]:
+    """The methods a search tries: every observer for "auto", else the one named; with
+    ``equalize`` "on" each as "<method>+cle", with "auto" both."""
+    if method not in METHOD_CHOICES:
         raise CalibrationConfigError(f"method {method!r} unknown; choose one of {', '.join(METHOD_CHOICES)}")
-    return (method,)
+    plain = METHODS if method == "auto" else (method,)
+    cle = tuple(m + CLE_SUFFIX for m in plain)
+    return {"off": plain, "on": cle, "auto": plain + cle}[equalize]
+
+
+def split_method(method: str) -> tuple[str, bool]:
+    """("entropy", True) for "entropy+cle": the observer and whether the graph is equalised."""
+    return (method[:-len(CLE_SUFFIX)], True) if method.endswith(CLE_SUFFIX) else (method, False)
 
 
 @dataclass
