@@ -289,15 +289,16 @@ def baseline_pin(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[
 @app.command()
 def history(spec: Path = SPEC_OPT, target: str = TARGET_OPT,
             history_dir: Path = typer.Option(Path("build/history"), "--history", help="where the history is kept")) -> None:
-    """The nightly's trend: accuracy, p50 and verdict per night and run."""
+    """The nightly's trend: the spec's metric, p50 and verdict per night and run."""
     from pipeline.nightly import history_file
     from pipeline.validate.report import print_table
-    from pipeline.validate.trend import HISTORY_COLUMNS, history_rows, read_history
+    from pipeline.validate.trend import HISTORY_TEXT_COLUMNS, history_columns, history_rows, read_history
 
     s, t = _load(spec, target)
-    rows = history_rows(read_history(history_file(history_dir, s.name, t.name)))
-    print_table(out_console, f"{s.name} on {t.name}: nightly history", tuple(HISTORY_COLUMNS), rows,
-                [row[-1] != "pass" for row in rows], left=tuple(c for c in HISTORY_COLUMNS if not c.endswith(("%", "ms"))))
+    entries = read_history(history_file(history_dir, s.name, t.name))
+    rows = history_rows(entries)
+    print_table(out_console, f"{s.name} on {t.name}: nightly history", history_columns(entries), rows,
+                [row[-1] != "pass" for row in rows], left=HISTORY_TEXT_COLUMNS)
 
 
 @targets_app.command("list")

@@ -121,8 +121,10 @@ def run_nightly(specs: list[Path], targets: list[str], out_root: Path, history: 
                 error = None
             except EdgeshipError as exc:
                 results, error = None, str(exc)
+            # the metric every accuracy figure of the entry is in (`edgeship history` names its column by
+            # it), from the spec: an entry whose deploy failed has no reference to read it from
             entry: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                     "spec": spec.name, "target": target.name}
+                                     "spec": spec.name, "target": target.name, "metric": spec.evaluation.metric_name}
             if results is None:
                 entry.update({"error": error, "devices": [], "gate": {"passed": False, "reasons": [error]}})
                 regress: list[str] = []

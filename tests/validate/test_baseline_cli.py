@@ -53,3 +53,36 @@ def test_history_prints_the_trend(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert len(lines) == 3
     assert "2026-12-01" in lines[0] and "97.90" in lines[0] and "0.112" in lines[0] and "pass" in lines[0]
     assert "2026-12-03" in lines[2] and "97.10" in lines[2] and "FAIL" in lines[2]
+
+
+def _history(tmp_path: Path, *metrics: str | None) -> str:
+    """A history with one night per metric (None: an entry from before entries recorded it)."""
+    hist = tmp_path / "history" / "mnist-cnn" / "local.jsonl"
+    hist.parent.mkdir(parents=True, exist_ok=True)
+    nights = [{"when": f"2026-12-0{i + 1}T02:00:00Z", **({"metric": m} if m else {}), "devices": [{
+        "device": "local", "runs": [{"id": "tflite-int8", "accuracy": 71.25, "gate": {"passed": True}}]}]}
+        for i, m in enumerate(metrics)]
+    hist.write_text("".join(json.dumps(n) + "\n" for n in nights))
+    return str(tmp_path / "history")
+
+
+def _header(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    out = capsys.readouterr().out.splitlines()
+    return next(ln.split() for ln in out if ln.split()[:2] == ["night", "run"])
+
+
+@pytest.mark.parametrize("metrics, column, cell", [
+    (("map", "map"), ["mAP"], "71.25"),
+    ((None, "mine"), ["mine"], "71.25"),            # a user metric's own name; an old entry does not count
+    ((None, None), ["accuracy", "%"], "71.25"),     # entries from before the metric was recorded
+    (("top1", "map"), ["metric"], "71.25 mAP"),     # the metric changed: each value names its own
+], ids=["map", "user-metric", "old-entries", "mixed"])
+def test_history_names_its_column_by_the_metric(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                metrics: tuple[str | None, ...], column: list[str], cell: str) -> None:
+    history = _history(tmp_path, *metrics)
+    assert main(["history", "--spec", SPEC, "--target", "local", "--history", history]) == 0
+    header = _header(capsys)
+    assert header[2:2 + len(column)] == column and header[2 + len(column):] == ["p50", "ms", "verdict"], header
+    main(["history", "--spec", SPEC, "--target", "local", "--history", history])
+    last = [ln for ln in capsys.readouterr().out.splitlines() if "local/tflite-int8" in ln][-1]
+    assert f" {cell} " in f" {last} " and "2026-12-02" in last, last

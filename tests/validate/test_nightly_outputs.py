@@ -50,6 +50,8 @@ def test_nightly_reports_regressions_and_junit(tmp_path: Path, monkeypatch: pyte
     assert "regressions</h3><ul><li>local/onnxruntime-int8: accuracy 97.50% is 0.80 pp below" in page
     # the trend covers last night (from the history) and tonight (appended before the report)
     assert 'id="plot-trend"' in page and "2026-12-03T02:00" in page and '<td class="fail">97.5 %' in page
+    # tonight's entry says which metric its figures are in (the spec's), last night's did not
+    assert [json.loads(ln).get("metric") for ln in hist.read_text().splitlines()] == [None, "top1"]
     root = ET.parse(junit).getroot()
     assert (root.get("tests"), root.get("failures")) == ("2", "1")
     assert [f.get("message") for f in root.iter("failure")] == [why]
