@@ -34,12 +34,28 @@ def test_fused_graph_computes_the_same_numbers() -> None:
 
     graph, x = _converted()
     pairs = _count(graph, "dequantize_per_tensor")
-    fused, n = fuse_fake_quant(graph)
-    assert n == pairs > 0
-    assert _count(fused, "quantized_decomposed.quantize_per_tensor") == 0 and _count(fused, "fake_quantize_per_tensor_affine") == n
+    weights = _count(graph, "dequantize_per_channel")
+    fused, done = fuse_fake_quant(graph)
+    assert done == {"activations": pairs, "weights": weights} and pairs > 0 and weights == 3
+    assert _count(fused, "quantized_decomposed") == 0  # every pair rewritten or folded
+    assert _count(fused, "fake_quant") == pairs
     with torch.no_grad():
         assert torch.equal(fused(x), graph(x))  # type: ignore[operator]
         # off the calibration range too: clamping must agree, not only rounding
         wide = 8 * torch.randn(8, 3, 32, 32)
         assert torch.equal(fused(wide), graph(wide))  # type: ignore[operator]
     assert _count(graph, "dequantize_per_tensor") == pairs  # what litert-torch converts is untouched
+    assert _count(graph, "dequantize_per_channel") == weights
+
+
+def test_fake_quant_matches_the_decomposed_pair_on_ties_and_clamps() -> None:
+    from torch.ao.quantization.fx import _decomposed  # noqa: F401 - registers the ops
+
+    from pipeline.backends.tflite.fakequant import fake_quant
+
+    ops = torch.ops.quantized_decomposed
+    scale, zero_point = 0.037, -7
+    x = torch.cat([torch.arange(-400, 400) * (scale / 2), 50 * torch.randn(1000)])  # half-way ties, far outside
+    q = ops.quantize_per_tensor.default(x, scale, zero_point, -128, 127, torch.int8)
+    expected = ops.dequantize_per_tensor.default(q, scale, zero_point, -128, 127, torch.int8)
+    assert torch.equal(fake_quant(x, scale, zero_point, -128, 127), expected)
