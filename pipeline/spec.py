@@ -198,6 +198,9 @@ class CalibrationSpec(_Strict):
     per_channel: bool = True
     fallback: bool = Field(True, description="keep the most sensitive layers in float to meet the budget")
     holdout_fraction: float = Field(0.2, ge=0.0, lt=0.9)
+    equalize: StrictBool | Literal["auto"] = Field(
+        False, description="cross-layer equalisation before calibration (ONNX Runtime and TensorRT QDQ only): true "
+                           "calibrates the equalised graph, auto scores both on the holdout and keeps the better")
 
     @field_validator("method")
     @classmethod

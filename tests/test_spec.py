@@ -45,6 +45,7 @@ SPEC_CASES = [
     ("missing model", "model", _DELETE, "model", "required"),
     ("factory without colon", "model.factory", "pipeline.workloads.mnist.pretrained_model", "model", "module:function"),
     ("unknown calibration method", "calibration.method", "magic", "calibration.method", "entropy"),
+    ("equalize not true/false/auto", "calibration.equalize", "yes", "calibration.equalize", "auto"),
     ("unknown source kind", "calibration.source", {"kind": "ftp", "path": "x"}, "calibration.source", "kind"),
     ("missing npz file", "evaluation.source", {"kind": "npz", "path": "nope.npz"}, "evaluation.source.path", "not found"),
     ("bad metric", "evaluation.metric", "f1", "evaluation.metric", "top1"),
@@ -64,6 +65,14 @@ def test_bad_spec_gives_one_line(tmp_path, label, field, value, named, expect) -
     assert str(path) in msg
     assert named in msg
     assert expect.lower() in msg.lower()
+
+
+@pytest.mark.parametrize("value,word", [(True, "on"), (False, "off"), ("auto", "auto")])
+def test_calibration_equalize_reaches_the_calibration_config(tmp_path, value, word) -> None:
+    from pipeline.backends.calibrate import equalize_choice
+
+    spec = load_spec(_write(tmp_path, "spec.yaml", _with(GOOD_SPEC, "calibration.equalize", value)))
+    assert spec.calibration.equalize == value and equalize_choice(spec.calibration.equalize) == word
 
 
 def test_spec_yaml_syntax_error_names_line(tmp_path) -> None:

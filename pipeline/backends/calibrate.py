@@ -117,7 +117,13 @@ def calibration_config(ctx: "BuildContext", method: str | None = None, activatio
     return CalibrationConfig(method=method or cal.method, percentile=cal.percentile,
                              activation_mode=activation_mode or cal.activations, per_channel=cal.per_channel,
                              holdout_fraction=cal.holdout_fraction, max_drop_pp=budget_pp(ctx),
-                             fallback=cal.fallback, target=target, tie_margin=ctx.spec.evaluation.tie_margin)
+                             fallback=cal.fallback, target=target, tie_margin=ctx.spec.evaluation.tie_margin,
+                             equalize=equalize_choice(cal.equalize))
+
+
+def equalize_choice(value: bool | str) -> str:
+    """``calibration.equalize`` of the spec (true | false | auto) as CalibrationConfig's word."""
+    return {True: "on", False: "off"}.get(value, str(value))  # type: ignore[call-overload]
 
 
 def calibration_set(ctx: "BuildContext") -> Any:
