@@ -204,6 +204,14 @@ def fidelity(tie_margin: float) -> Metric:
     return Metric("fidelity", True, lambda o, y, r: _fidelity(o, y, r, tie_margin), needs_labels=False)
 
 
+def counts_samples(metric: Metric) -> bool:
+    """Whether ``metric`` is a percentage of samples, each moving it 100/n points: the built-in top1,
+    top5 and fidelity (its agreement); not mAP, nor a user metric (which may share their names)."""
+    if metric.name in ("top1", "top5"):
+        return metric is BUILTIN[metric.name]
+    return metric.name == "fidelity" and not metric.needs_labels
+
+
 def spec_metric(spec: "PipelineSpec") -> Metric:
     """The one metric a spec names (``evaluation.metric``): what the INT8 search optimises and the
     build's reference, the device results, the gate, the report and the nightly hold."""

@@ -176,3 +176,14 @@ def test_user_metric_beside_the_spec(tmp_path: Path) -> None:
     assert err.value.exit_code == 1 and str(err.value).startswith(where)
     with pytest.raises(UserCodeError, match="mymetric:wrong_type returned str; a metric returns a float"):
         user_metric("mymetric:wrong_type", "x", True, tmp_path, where).evaluate(out, [1, 2, 3])
+
+
+def test_counts_samples_only_for_the_builtin_sample_means() -> None:
+    """top1, top5 and fidelity move 100/n points per sample (the INT8 check's tolerance and the
+    exact intervals rely on it); mAP and a user metric do not, whatever it is called."""
+    from pipeline.metrics import BUILTIN, Metric, Score, counts_samples, fidelity
+
+    assert all(counts_samples(m) for m in (BUILTIN["top1"], BUILTIN["top5"], BUILTIN["fidelity"], fidelity(0.5)))
+    assert not counts_samples(BUILTIN["map"])
+    mine = Metric("top1", True, lambda o, y, r: Score(0.0))
+    assert not counts_samples(mine) and not counts_samples(Metric("fidelity", True, mine.compute))

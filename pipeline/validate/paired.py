@@ -94,13 +94,13 @@ def output_outcomes(metric: Any, outputs: dict[str, np.ndarray], host: Any,
     """Per sample (fp32 right, candidate right) for the metrics that are a mean over samples:
     top1/top5 against the labels, fidelity's agreement on its worst (N, classes) output (fp32 agrees
     with itself); None for the others (mAP, user metrics)."""
-    from pipeline.metrics import BUILTIN, top_k_hits
+    from pipeline.metrics import counts_samples, top_k_hits
 
-    if metric.name in ("top1", "top5") and metric is BUILTIN[metric.name]:
+    if not counts_samples(metric):  # (a user metric may be called top1 or fidelity too)
+        return None
+    if metric.name in ("top1", "top5"):
         k = int(metric.name[3:])
         return top_k_hits(host.reference, host.labels, k), top_k_hits(outputs, host.labels, k)
-    if metric.name != "fidelity" or metric.needs_labels:  # a user metric may be called fidelity too
-        return None
     worst: np.ndarray | None = None
     for name, ref in host.reference.items():
         if ref.ndim == 2 and ref.shape[1] > 1 and name in outputs:

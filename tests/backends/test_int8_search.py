@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import ConversionError
 from pipeline.registry import get_backend
 from tests.backends.helpers import planted_context
 
@@ -32,11 +31,14 @@ def second_conv(onnx_path: Path) -> str:
 @pytest.mark.parametrize("fallback", [True, False])
 def test_onnxruntime_keeps_the_planted_layer_float(tmp_path: Path, fallback: bool) -> None:
     ctx = planted_context(tmp_path, "onnxruntime", fallback)
-    if not fallback:  # the planted layer ruins the holdout (and the converter's own check)
-        with pytest.raises(ConversionError, match="top-1 agreement"):
-            get_backend("onnxruntime").convert(ctx, "int8")
+    art = get_backend("onnxruntime").convert(ctx, "int8")
+    cal = art.info["calibration"]
+    if not fallback:  # the planted layer ruins the holdout: the report says so (and the gate fails it);
+        # the written model is the one the search scored, so the conversion's check passes
+        assert cal["budget_met"] is False and "fallback is off" in cal["budget_reason"], cal
+        check = art.info["check"]["metric"]
+        assert abs(check["value"] - cal["holdout"]["top1_agreement"]) <= check["tolerance"], check
         return
-    cal = get_backend("onnxruntime").convert(ctx, "int8").info["calibration"]
     assert cal["method_scores"][cal["method"]]["drop_pp"] > 10.0  # the planted channel ruins every method
     assert cal["budget_met"] is True and cal["holdout"]["drop_pp"] <= 10.0, cal["holdout"]
     assert [f["name"] for f in cal["fallback_layers"]] == [second_conv(ctx.onnx_fp32)], cal["fallback_layers"]

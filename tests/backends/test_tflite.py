@@ -95,11 +95,14 @@ def test_float_layers_option_keeps_a_layer_float(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fallback", [True, False])
 def test_fallback_keeps_the_planted_layer_float_to_meet_the_budget(tmp_path: Path, fallback: bool) -> None:
     ctx = planted_context(tmp_path, NAME, fallback)
-    if not fallback:  # the planted layer ruins the holdout (and the converter's own check)
-        with pytest.raises(ConversionError, match="top-1 agreement"):
-            get_backend(NAME).convert(ctx, "int8")
+    art = get_backend(NAME).convert(ctx, "int8")
+    cal = art.info["calibration"]
+    if not fallback:  # the planted layer ruins the holdout: the report says so (and the gate fails it);
+        # the written model reproduces what the search scored, so the conversion's check passes
+        assert cal["budget_met"] is False and "fallback is off" in cal["budget_reason"], cal
+        check = art.info["check"]["metric"]
+        assert abs(check["value"] - cal["holdout"]["top1_agreement"]) <= check["tolerance"], check
         return
-    cal = get_backend(NAME).convert(ctx, "int8").info["calibration"]
     assert cal["budget_met"] is True and cal["holdout"]["drop_pp"] <= 10.0, cal
     # ranked by the gated ONNX model: the second conv (reading the x300 channel) saves the most
     first = cal["fallback_layers"][0]

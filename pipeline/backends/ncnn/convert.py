@@ -62,7 +62,7 @@ class NcnnBackend:
             ConversionError: unsupported precision or model, pnnx failure, failed numeric check.
         """
         from pipeline.backends.base import Artifact
-        from pipeline.backends.checks import check_outputs, run_runner_all
+        from pipeline.backends.checks import check_artifact, run_runner_all
         from pipeline.backends.ncnn import paramfile
 
         if precision not in self.precisions:
@@ -96,8 +96,8 @@ class NcnnBackend:
         info["size_bytes"] = (ctx.workdir / BIN).stat().st_size + (ctx.workdir / PARAM).stat().st_size
         info["convert_seconds"] = round(time.perf_counter() - t0, 2)
         # the same runner class the device uses, on real samples, against fp32 ONNX Runtime
-        got = run_runner_all("ncnn", ctx.workdir, config, ctx.check.x, 1, ctx.target.threads)
-        info.update(check_outputs(self.name, precision, ctx.reference, got))
+        info.update(check_artifact(ctx, self.name, precision, lambda x: run_runner_all(
+            "ncnn", ctx.workdir, config, x, 1, ctx.target.threads), info.get("calibration")))
         c = info["check"]
         agree = c.get("top1_agreement")  # only outputs shaped (N, classes) have one (e.g. not a detector's)
         ctx.log(f"ncnn {precision}: {info['size_bytes'] / 1024:.0f} KiB, check rel_diff={c['rel_diff']:.2e} "

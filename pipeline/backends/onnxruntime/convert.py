@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.backends.base import Artifact, BuildContext, device_build_config
-from pipeline.backends.checks import check_outputs, run_runner_all
+from pipeline.backends.checks import check_artifact, run_runner_all
 from pipeline.errors import ConversionError
 
 
@@ -51,8 +51,8 @@ class OnnxRuntimeBackend:
         info["convert_s"] = round(time.perf_counter() - t0, 3)
         config = {"model": out.name, "inputs": ctx.input_names, "outputs": ctx.output_names}
         batch = ctx.spec.input.shape[0]
-        got = run_runner_all("onnxruntime", ctx.workdir, config, ctx.check.x, batch, ctx.target.threads)
-        info.update(check_outputs(self.name, precision, ctx.reference, got))
+        info.update(check_artifact(ctx, self.name, precision, lambda x: run_runner_all(
+            "onnxruntime", ctx.workdir, config, x, batch, ctx.target.threads), info.get("calibration")))
         if self.device_build(ctx.build.options):  # checked above as shipped; the device optimises it for its CPU
             config["device_build"] = device_build_config(out, "model.optimized.onnx", ctx.build.options)
         return Artifact(self.name, precision, ctx.workdir, [out.name], "onnxruntime", config, info)

@@ -73,7 +73,7 @@ class TensorRTBackend:
                                   "precision": precision}
         if precision == "int8":
             config["calibration_cache"] = CALIBRATION_CACHE
-        info.update(_host_check(ctx, precision, onnx_file))
+        info.update(_host_check(ctx, precision, onnx_file, info.get("calibration")))
         config["device_build"] = device_build_config(onnx_file, ENGINE, ctx.build.options)
         return Artifact(self.name, precision, ctx.workdir, files, "tensorrt", config, info)
 
@@ -102,15 +102,15 @@ def _quantize_qdq(ctx: BuildContext, out: Path) -> dict[str, Any]:
     return report.to_dict()
 
 
-def _host_check(ctx: BuildContext, precision: str, onnx_file: Path) -> dict[str, Any]:
+def _host_check(ctx: BuildContext, precision: str, onnx_file: Path,
+                calibration: dict[str, Any] | None) -> dict[str, Any]:
     """The shipped ONNX run by ONNX Runtime against the fp32 reference (fp16 is checked as fp32:
-    the precision is the device builder's)."""
-    from pipeline.backends.checks import check_outputs, run_runner_all
+    the precision is the device builder's); int8 against the search's figure (``calibration``)."""
+    from pipeline.backends.checks import check_artifact, run_runner_all
 
     config = {"model": onnx_file.name, "inputs": ctx.input_names, "outputs": ctx.output_names}
-    got = run_runner_all("onnxruntime", ctx.workdir, config, ctx.check.x, ctx.spec.input.shape[0],
-                         ctx.target.threads)
-    out = check_outputs("tensorrt", "int8" if precision == "int8" else "fp32", ctx.reference, got)
+    out = check_artifact(ctx, "tensorrt", "int8" if precision == "int8" else "fp32", lambda x: run_runner_all(
+        "onnxruntime", ctx.workdir, config, x, ctx.spec.input.shape[0], ctx.target.threads), calibration)
     out["check"]["runtime"] = "onnxruntime on the shipped ONNX (the engine is checked on the device)"
     return out
 

@@ -66,7 +66,7 @@ class TFLiteBackend:
             ConversionError: unsupported precision, converter failure, or failed numeric check.
         """
         from pipeline.backends.base import Artifact
-        from pipeline.backends.checks import check_outputs, run_runner_all
+        from pipeline.backends.checks import check_artifact, run_runner_all
         from pipeline.backends.tflite import build, interface
 
         if precision not in self.precisions:
@@ -121,8 +121,8 @@ class TFLiteBackend:
         info["tensor_types"] = interface.tensor_types(model)
         info["size_bytes"] = len(model)
         # the same runner class the device uses, on real samples, against fp32 ONNX Runtime
-        got = run_runner_all("tflite", ctx.workdir, config, ctx.check.x, prepared.batch, ctx.target.threads)
-        info.update(check_outputs(self.name, precision, ctx.reference, got))
+        info.update(check_artifact(ctx, self.name, precision, lambda x: run_runner_all(
+            "tflite", ctx.workdir, config, x, prepared.batch, ctx.target.threads), info.get("calibration")))
         ctx.log(f"tflite {precision}: {len(model) / 1024:.0f} KiB, check {_summary(info['check'])}")
         return Artifact(backend=self.name, precision=precision, workdir=ctx.workdir, files=[MODEL_FILE],
                         runner="tflite", runner_config=config, info=info)
