@@ -130,3 +130,55 @@ def test_labels_are_scored_when_the_holdout_has_them() -> None:
     labels[:20] = (labels[:20] + 1) % 10  # fp32 itself is 90 % right
     fig = score(ref, ref, Holdout(hold.x, labels), Top1())
     assert fig["accuracy"] == fig["fp32_accuracy"] == 90.0 and fig["drop_pp"] == 0.0
+
+
+NOISE = {"coarse": 0.3, "minmax": 0.01, "near": 0.011}  # output noise per method: SQNR ~ -20 log10(sigma)
+
+
+@dataclass
+class NoisyCandidate:
+    """fp32's outputs plus per-sample deterministic noise (the same for a sample in any subset)."""
+
+    method: str
+    float_layers: tuple[str, ...]
+    runs: dict[str, int]
+
+    def run(self, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.runs[self.method] = self.runs.get(self.method, 0) + len(x["x"])
+        ref = forward(x["x"], None, ())
+        wave = np.sin(1000.0 * x["x"].sum(axis=1, keepdims=True) + np.arange(ref.shape[1]))
+        return {"logits": ref + NOISE[self.method] * np.abs(ref).mean() * wave}
+
+
+class CountingBuilder(ToyBuilder):
+    """Builds NoisyCandidates and counts the samples each method runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.samples: dict[str, int] = {}
+
+    def candidate(self, method: str, float_layers: Sequence[str]) -> NoisyCandidate:  # type: ignore[override]
+        self.built.append((method, tuple(float_layers)))
+        return NoisyCandidate(method, tuple(float_layers), self.samples)
+
+
+def test_the_method_race_stops_a_method_far_behind_and_keeps_close_ones() -> None:
+    from calibration.search import RACE_MARGIN_DB
+
+    hold, ref = holdout()  # 200 samples: raced
+    builder = CountingBuilder()
+    rep = search(builder, hold, ref, SearchOptions(("coarse", "minmax", "near")), Agreement()).report
+    # coarse (~30 dB behind) stops after the strided third; minmax and near (under 1 dB apart,
+    # within the margin) both run the whole holdout
+    assert builder.samples == {"coarse": 67, "minmax": 200, "near": 200}
+    assert rep.method_scores["coarse"]["n"] == 67 and rep.method_scores["minmax"]["n"] == 200
+    assert rep.method == "minmax" and rep.holdout == rep.method_scores["minmax"]
+    assert f"stopped over {RACE_MARGIN_DB:g} dB behind" in rep.reason and "coarse" in rep.reason
+    # the contenders' whole-holdout figures are exactly those of an unraced run (order restored)
+    whole = score(NoisyCandidate("near", (), {}).run(hold.x), ref, hold, Agreement())
+    assert rep.method_scores["near"] == whole
+    # a small holdout is not raced: every method runs all of it
+    small = CountingBuilder()
+    search(small, hold.take(np.arange(40)), {"logits": ref["logits"][:40]}, SearchOptions(("coarse", "minmax")),
+           Agreement())
+    assert small.samples == {"coarse": 40, "minmax": 40}

@@ -6,6 +6,7 @@ importing this module stays cheap.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,12 +102,12 @@ def cast_weights_fp16(fp32_model: bytes) -> tuple[bytes, dict[str, Any]]:
 RUN_BATCH = 32
 
 
-def export_for_search(p: Prepared, x: np.ndarray) -> tuple[Any, int]:
-    """The module exported for PT2E, and the batch its graphs run with.
+def export_for_search(p: Prepared, x: np.ndarray) -> tuple[Any, int | None]:
+    """The module exported for PT2E, and the batch its graphs run with (None: any batch).
 
     The search runs every candidate over the whole holdout, so the graph is exported with a
     dynamic batch (traced on two samples: a batch of one would be specialised) and run
-    ``RUN_BATCH`` samples at a time, ~10x faster than one by one; litert-torch re-exports the
+    up to ``RUN_BATCH`` samples at a time, ~10x faster than one by one; litert-torch re-exports the
     final graph on the static sample. A model whose code fixes the batch keeps the static export
     and runs at the spec's batch.
     """
@@ -116,7 +117,7 @@ def export_for_search(p: Prepared, x: np.ndarray) -> tuple[Any, int]:
         try:
             dim = torch.export.Dim("batch", min=1, max=1 << 16)
             two = torch.from_numpy(np.ascontiguousarray(x[:2], dtype=np.float32))
-            return torch.export.export(p.module, (two,), dynamic_shapes=({0: dim},)).module(), RUN_BATCH
+            return torch.export.export(p.module, (two,), dynamic_shapes=({0: dim},)).module(), None
         except Exception:  # noqa: BLE001 - torch.export raises many types; the static export decides
             pass
     return torch.export.export(p.module, (p.sample,)).module(), p.batch
@@ -127,10 +128,12 @@ def _whole_batches(x: np.ndarray, batch: int) -> np.ndarray:
     return x[:(x.shape[0] // batch) * batch]
 
 
-def _run(module: Any, x: np.ndarray, batch: int, names: Sequence[str]) -> Arrays:
+def _run(module: Any, x: np.ndarray, batch: int | None, names: Sequence[str]) -> Arrays:
     """Every output of ``module`` on ``x`` in static batches (checks.run_batched_all), by the
     model's output ``names`` in the order the exporter flattens them: what the INT8 search
-    scores, so a metric reading any output (a detector's boxes) sees it."""
+    scores, so a metric reading any output (a detector's boxes) sees it. ``batch`` None: the
+    graph takes any batch, so ``x`` is split evenly in chunks of at most ``RUN_BATCH`` (34
+    samples run as 17 + 17, not as 32 + 32 with 30 padding copies)."""
     import torch
 
     from pipeline.backends.checks import run_batched_all
@@ -142,6 +145,9 @@ def _run(module: Any, x: np.ndarray, batch: int, names: Sequence[str]) -> Arrays
             raise ValueError(f"the module returns {len(flat)} outputs; the model's outputs are {list(names)}")
         return {n: t.numpy() for n, t in zip(names, flat)}
 
+    if batch is None:
+        chunks = max(1, math.ceil(x.shape[0] / RUN_BATCH))
+        batch = max(1, math.ceil(x.shape[0] / chunks))
     with torch.no_grad():  # np.array: a writable copy (the samples may be memory-mapped)
         return run_batched_all(every, {"x": x}, batch)
 
