@@ -43,7 +43,8 @@ def _photos(folder: Path, seed: int) -> None:
             Image.fromarray(img).save(folder / name / f"{i}.jpg")
 
 
-def _project(tmp_path: Path, **preprocessing: object) -> Path:
+def image_project(tmp_path: Path, **preprocessing: object) -> Path:
+    """A model module, two image folders and a spec reading them (the target ``dev``: ``local``)."""
     project = tmp_path / "proj"
     project.mkdir(parents=True)
     (project / "mymodel.py").write_text(MODEL)
@@ -65,7 +66,7 @@ def _project(tmp_path: Path, **preprocessing: object) -> Path:
 
 def test_image_release_ships_uint8_and_the_device_scores_as_the_host(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = _project(tmp_path, resize_shorter=28, center_crop=[24, 24], color="bgr", scale=1.0,
+    spec = image_project(tmp_path, resize_shorter=28, center_crop=[24, 24], color="bgr", scale=1.0,
                     mean=[120.0, 110.0, 100.0], std=[60.0, 64.0, 58.0])
     monkeypatch.setenv("EDGESHIP_TARGETS_PATH", str(tmp_path / "targets"))
     monkeypatch.setenv("EDGESHIP_STAGE_CACHE", str(tmp_path / "stages"))
@@ -102,7 +103,7 @@ def test_image_release_ships_uint8_and_the_device_scores_as_the_host(
     assert agent["sqnr_db"] > 100.0  # the same input bits: fp32 outputs agree to rounding
 
     # another recipe is another release (the recipe is part of the release id)
-    spec2 = _project(tmp_path / "b", resize_shorter=28, center_crop=[24, 24], color="bgr", scale=1.0,
+    spec2 = image_project(tmp_path / "b", resize_shorter=28, center_crop=[24, 24], color="bgr", scale=1.0,
                      mean=[120.0, 110.0, 100.0], std=[60.0, 64.0, 59.0])
     assert main(["build", "--spec", str(spec2), "--target", "dev", "--out", str(tmp_path / "build2")]) == 0
     other = json.loads((tmp_path / "build2" / "release" / "manifest.json").read_text())
