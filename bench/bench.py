@@ -4,8 +4,10 @@ Everything runs in one go on this machine through the real pipeline (a cold buil
 cache of its own -> local device -> the agent). The agent times every artifact in ROUNDS
 interleaved rounds (A B C, B C A, ...), each in its own worker process, so a noisy neighbour hits
 all precisions alike; p50 carries its 95 % bootstrap interval and n, the speed-up column is the
-ratio to fp32 of the same backend measured in the same rounds, and the build column is each
-artifact's convert stage from an empty cache (for int8: statistics, the search and the writer).
+ratio to fp32 of the same backend measured in the same rounds, the int8 ops column how many of
+an int8 artifact's compute ops run in int8 (pipeline.backends.coverage; the float ones are listed
+under the table), and the build column is each artifact's convert stage from an empty cache (for
+int8: statistics, the search and the writer).
 Results: bench/results/bench.json and bench/results/bench.md.
 """
 
@@ -24,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline.backends.coverage import coverage_cell, coverage_line  # noqa: E402
 from pipeline.registry import BACKENDS, get_backend  # noqa: E402
 from pipeline.spec import load_spec, load_target  # noqa: E402
 
@@ -105,7 +108,8 @@ def bench_rows(results: dict) -> list[dict]:
                      "p50_ms": lat.get("p50"), "p50_low": lat.get("p50_low"), "p50_high": lat.get("p50_high"),
                      "p90_ms": lat.get("p90"), "cv": lat.get("cv"), "n": lat.get("runs"),
                      "build_s": build_s.get(f"{run['backend']} {run['precision']}"),
-                     "calibration": run.get("calibration"), "gate": run["gate"]["passed"]})
+                     "calibration": run.get("calibration"), "int8_coverage": run.get("int8_coverage"),
+                     "gate": run["gate"]["passed"]})
     for row in rows:
         base = next((r for r in rows if r["backend"] == row["backend"] and r["precision"] == "fp32"), None)
         row["speedup_vs_fp32"] = (round(base["p50_ms"] / row["p50_ms"], 2)
@@ -128,10 +132,14 @@ def markdown(report: dict) -> str:
                       f"{w['reference'].get('samples')} samples, "
                       f"{m.get('params', 0) / 1e6:.2f} M params, {m.get('flops', 0) / 1e6:.1f} MFLOPs)", "",
                   "| backend | precision | accuracy | drop pp (95 % interval) | strict top-1 agree % | SQNR dB | "
-                  "p50 ms (95 % interval) | p90 ms | CV | speed-up vs fp32 | peak RSS MB | size kB | build s | gate |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "p50 ms (95 % interval) | p90 ms | CV | speed-up vs fp32 | int8 ops | peak RSS MB | size kB | "
+                  "build s | gate |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in w["rows"]:
             lines.append(_row(r))
+        notes = [f"- {r['backend']} int8: {line}" for r in w["rows"]
+                 if (line := coverage_line(r.get("int8_coverage"))) and r.get("int8_coverage", {}).get("float")]
+        lines += [""] + notes if notes else []
     return "\n".join(lines) + "\n"
 
 
@@ -146,7 +154,8 @@ def _row(r: dict) -> str:
                                         if r.get("p50_low") is not None else "")
     return (f"| {r['backend']} | {r['precision']} | {_f(r['accuracy'])} | {drop} | {_f(r['top1_agreement'])} | "
             f"{_f(r['sqnr_db'], '{:.1f}')} | {p50} | {_f(r['p90_ms'], '{:.3f}')} | {_f(r.get('cv'))} | "
-            f"{_f(r['speedup_vs_fp32'], '{:.2f}x')} | {_f(r['peak_rss_mb'], '{:.0f}')} | "
+            f"{_f(r['speedup_vs_fp32'], '{:.2f}x')} | {coverage_cell(r.get('int8_coverage'))} | "
+            f"{_f(r['peak_rss_mb'], '{:.0f}')} | "
             f"{_f((r['artifact_bytes'] or 0) / 1024, '{:.0f}')} | {_f(r.get('build_s'), '{:.1f}')} | "
             f"{'pass' if r['gate'] else 'FAIL'} |")
 

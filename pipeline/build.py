@@ -312,9 +312,23 @@ def _convert_all(run: _Run, onnx_opt: Path, weights: str, calib: Samples, check:
             entry = run.timed(f"{backend.name} {precision}", lambda convert=convert, ctx_parts=ctx_parts:
                               run.cache.get_or_build("convert", ctx_parts, convert))
             meta = json.loads((entry.path / "artifact.json").read_text())
+            if precision == "int8":
+                meta["info"]["int8_coverage"] = _int8_coverage(run, backend, entry.key, entry.path, meta)
             artifacts.append(Artifact(meta["backend"], meta["precision"], entry.path, meta["files"],
                                       meta["runner"], meta["runner_config"], meta["info"]))
     return artifacts
+
+
+def _int8_coverage(run: _Run, backend: Any, artifact_key: str, workdir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """How many of an int8 artifact's compute ops run in int8 (pipeline.backends.coverage), cached
+    apart from the conversion so that changing the analysis never reruns a calibration search."""
+    from pipeline.backends.coverage import artifact_coverage
+
+    parts = {"artifact": artifact_key, "versions": backend.version(),
+             "code": source_digest("pipeline.backends.coverage", f"pipeline.agent.runners.{meta['runner']}")}
+    entry = run.cache.get_or_build("coverage", parts, lambda d: _write_json(d / "coverage.json", artifact_coverage(
+        meta["runner"], workdir, meta["runner_config"], run.target.threads)))
+    return json.loads((entry.path / "coverage.json").read_text())
 
 
 def _build(spec: PipelineSpec, target: TargetSpec, out_dir: Path, cache: Cache,

@@ -72,6 +72,9 @@ def test_deploy_local_passes_and_writes_results(workspace: Path) -> None:
     int8 = next(r for r in res["runs"] if r["precision"] == "int8")
     assert fp32["accuracy"] == pytest.approx(res["reference"]["accuracy"], abs=1e-6)
     assert int8["artifact_bytes"] < fp32["artifact_bytes"]  # int8 weights are smaller
+    cov = int8["int8_coverage"]  # what ONNX Runtime's session runs in int8 (issue 15)
+    assert fp32["int8_coverage"] is None and cov["int8"] >= 3 and cov["compute_ops"] == cov["int8"] + cov["float"]
+    assert f"int8 ops: {cov['int8']}/{cov['compute_ops']}" in (workspace / "build" / "report.md").read_text()
     assert "<img" in (workspace / "build" / "report.html").read_text()  # beside report.md
     # The release is on the "device": a separate folder, switched atomically.
     current = workspace / "device" / "mnist-cnn" / "current"

@@ -61,6 +61,8 @@ def run_row(raw: dict[str, Any], run_meta: dict[str, Any], reference: dict[str, 
         "energy_mj_per_inference_est": (round(tdp_w * latency["p50"], 4)
                                         if tdp_w and latency.get("p50") and not raw.get("power") else None),
         "calibration": _calibration_summary(run_meta),
+        # int8 builds: how many compute ops run in int8, which stay float (pipeline.backends.coverage)
+        "int8_coverage": (run_meta.get("conversion") or {}).get("int8_coverage"),
         "device_build": raw.get("device_build"),  # built on the device: cached?, time, log, layer precisions
         "error": raw.get("error"),
     }

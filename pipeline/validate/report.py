@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.backends.coverage import coverage_line
+
 RESULTS_SCHEMA = "edgeship.results/2"  # /2: accuracy_drop_interval, regressions (README)
 
 
@@ -188,6 +190,8 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
                                f"{' (' + cal['reason'] + ')' if cal.get('reason') else ''}"
                                f"{', kept in float: ' + ', '.join(str(k.get('name', k)) for k in kept) if kept else ''}"
                                f"{', lowest SQNR: ' + _worst(worst[:3]) if worst else ''}", "dim")
+            if line := coverage_line(r.get("int8_coverage"), r.get("device_build")):
+                _line(console, f"{dev['device']} {r['id']}: {line}", "dim")
     print_gate(results, console)
 
 
@@ -262,6 +266,8 @@ def markdown(results: dict[str, Any]) -> str:
             kept = cal.get("fallback_layers") or []
             if kept:
                 lines.append("kept in float: " + ", ".join(f"`{k.get('name', k)}`" for k in kept))
+            if line := coverage_line(r.get("int8_coverage"), r.get("device_build")):
+                lines.append(line)
             if cal.get("budget_met") is False:
                 lines.append(f"budget not met: {cal.get('budget_reason') or 'see the calibration report'}")
             if cal.get("worst_tensors"):
