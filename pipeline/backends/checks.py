@@ -119,9 +119,7 @@ def check_metric(ctx: "BuildContext", what: str, run: Callable[[Arrays], Arrays]
     expected, n = float(holdout[calibration["metric"]]), int(holdout["n"])
     _, hold = split(ctx)
     x = {ctx.input_name: hold.samples[:n]}
-    reference = run_runner_all("onnxruntime", ctx.onnx_fp32.parent, {"model": ctx.onnx_fp32.name,
-                               "inputs": ctx.input_names, "outputs": ctx.output_names}, x,
-                               ctx.spec.input.shape[0], ctx.target.threads)
+    reference = fp32_reference(ctx, x)
     labels = None if hold.labels is None else hold.labels[:n]
     got = score(run(x), reference, Holdout(x, labels), metric)[metric.name]
     tol = metric_tolerance(metric, float(calibration.get("budget_pp") or 0.0), n)
@@ -132,6 +130,14 @@ def check_metric(ctx: "BuildContext", what: str, run: Callable[[Arrays], Arrays]
             "the one scored; ship fp32/fp16 of this backend meanwhile and report it with the build log")
     return {"name": metric.name, "value": round(got, 4), "search": round(expected, 4), "tolerance": round(tol, 4),
             "samples": n}
+
+
+def fp32_reference(ctx: "BuildContext", x: Arrays) -> Arrays:
+    """Every output of the fp32 ONNX model (the one every backend converts) on ``x``, through
+    the agent's ONNX Runtime runner: the reference INT8 figures are measured against."""
+    return run_runner_all("onnxruntime", ctx.onnx_fp32.parent, {"model": ctx.onnx_fp32.name,
+                          "inputs": ctx.input_names, "outputs": ctx.output_names}, x,
+                          ctx.spec.input.shape[0], ctx.target.threads)
 
 
 def metric_tolerance(metric: Any, budget_pp: float, n: int) -> float:
