@@ -16,6 +16,7 @@ fp32 ONNX Runtime reference on real samples, and fails the build when the number
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -132,12 +133,25 @@ def check_metric(ctx: "BuildContext", what: str, run: Callable[[Arrays], Arrays]
             "samples": n}
 
 
+# The last fp32 reference computed: an INT8 build asks twice for the same holdout (the search,
+# then the conversion check), seconds each on a large model.
+_LAST_REFERENCE: dict[str, Arrays] = {}
+
+
 def fp32_reference(ctx: "BuildContext", x: Arrays) -> Arrays:
     """Every output of the fp32 ONNX model (the one every backend converts) on ``x``, through
     the agent's ONNX Runtime runner: the reference INT8 figures are measured against."""
-    return run_runner_all("onnxruntime", ctx.onnx_fp32.parent, {"model": ctx.onnx_fp32.name,
-                          "inputs": ctx.input_names, "outputs": ctx.output_names}, x,
-                          ctx.spec.input.shape[0], ctx.target.threads)
+    digest = hashlib.sha256(str((str(ctx.onnx_fp32), ctx.onnx_fp32.stat().st_mtime_ns, ctx.output_names,
+                                 ctx.spec.input.shape[0])).encode())
+    for name in sorted(x):
+        digest.update(name.encode() + str(x[name].shape).encode() + np.ascontiguousarray(x[name]).tobytes())
+    key = digest.hexdigest()
+    if key not in _LAST_REFERENCE:
+        _LAST_REFERENCE.clear()
+        _LAST_REFERENCE[key] = run_runner_all("onnxruntime", ctx.onnx_fp32.parent, {
+            "model": ctx.onnx_fp32.name, "inputs": ctx.input_names, "outputs": ctx.output_names}, x,
+            ctx.spec.input.shape[0], ctx.target.threads)
+    return _LAST_REFERENCE[key]
 
 
 def metric_tolerance(metric: Any, budget_pp: float, n: int) -> float:
