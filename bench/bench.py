@@ -128,10 +128,13 @@ def markdown(report: dict) -> str:
         metric = {"top1": "top-1 accuracy %", "map": "COCO mAP@[.5:.95] x 100"}.get(
             w["metric"], "top-1 agreement with fp32 %"
             + (f", a swap of classes within {ties} in fp32 probability counted as agreement" if ties else ""))
-        lines += ["", f"### {name} ({metric}; fp32 reference {w['reference']['accuracy']:.2f}%, "
+        # mAP is in its own points, not a percentage of samples; its drop has no paired interval
+        value, unit = ("mAP", "") if w["metric"] == "map" else ("accuracy", "%")
+        lines += ["", f"### {name} ({metric}; fp32 reference {w['reference']['accuracy']:.2f}{unit}, "
                       f"{w['reference'].get('samples')} samples, "
                       f"{m.get('params', 0) / 1e6:.2f} M params, {m.get('flops', 0) / 1e6:.1f} MFLOPs)", "",
-                  "| backend | precision | accuracy | drop pp (95 % interval) | strict top-1 agree % | SQNR dB | "
+                  f"| backend | precision | {value} | drop {'pp (95 % interval)' if unit else 'points'} | "
+                  "strict top-1 agree % | SQNR dB | "
                   "p50 ms (95 % interval) | p90 ms | CV | speed-up vs fp32 | int8 ops | peak RSS MB | size kB | "
                   "build s | gate |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
