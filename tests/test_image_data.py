@@ -262,3 +262,17 @@ def test_imagenet_images_example_reads_the_workload_s_exact_samples() -> None:
     assert np.array_equal(cal.x["input"], xc) and np.array_equal(cal.y, yc) and len(cal.ids) == 200
     check_disjoint(cal, ev, spec)
     assert json.dumps(spec.calibration.source.include) == '["???[05]_*"]'
+
+
+def test_the_imagenet_examples_read_their_workloads_exact_evaluation_samples() -> None:
+    """EfficientNet-Lite0's and MobileNetV2's examples read the evaluation split as an image folder
+    (so releases ship uint8 pixels): the same float32 bits and labels as the python workloads."""
+    from pipeline.stages.inputs import load_samples
+    from pipeline.workloads import effnet, mobilenet_v2
+
+    for example, workload in (("efficientnet_lite0.yaml", effnet), ("mobilenet_v2.yaml", mobilenet_v2)):
+        spec = load_spec(ROOT / "examples" / example)
+        assert spec.evaluation.source.kind == "images", example
+        ev = load_samples(spec, "evaluation")
+        x, y = workload.evaluation_split()
+        assert np.array_equal(ev.x["input"], x) and np.array_equal(ev.y, y) and len(ev.ids) == 400, example
