@@ -269,7 +269,8 @@ def _race(builder: CandidateBuilder, methods: Sequence[str], holdout: Holdout, r
     race = len(methods) > 1 and n >= RACE_MIN_SAMPLES
     idx = np.arange(0, n, 3) if race else np.arange(n)
     rest = np.setdiff1d(np.arange(n), idx)
-    part, ref_part = holdout.take(idx), {k: v[idx] for k, v in reference.items()}
+    # without a race the first pass is the whole holdout: no copy of it
+    part, ref_part = (holdout.take(idx), {k: v[idx] for k, v in reference.items()}) if race else (holdout, reference)
     scores: dict[str, dict[str, float]] = {}
     first_outputs: dict[str, Arrays] = {}
     for i, m in enumerate(methods, 1):

@@ -73,10 +73,7 @@ def _fold_weight(gm: Any, dq: Any, q: Any, index: int) -> bool:
     name = f"_edgeship_folded_weight_{index}"
     gm.register_buffer(name, value)
     with gm.graph.inserting_before(dq):
-        node = gm.graph.get_attr(name)
-    dq.replace_all_uses_with(node)
-    gm.graph.erase_node(dq)
-    gm.graph.erase_node(q)
+        _replace_pair(gm, dq, q, gm.graph.get_attr(name))
     return True
 
 
@@ -85,6 +82,11 @@ def _fuse_activation(gm: Any, dq: Any, q: Any) -> None:
     with gm.graph.inserting_before(dq):
         node = gm.graph.call_function(fake_quant, (x, float(scale), int(zero_point), int(qmin), int(qmax)))
     node.meta = dict(dq.meta)
+    _replace_pair(gm, dq, q, node)
+
+
+def _replace_pair(gm: Any, dq: Any, q: Any, node: Any) -> None:
+    """``node`` takes the place of the quantize -> dequantize pair (``q``, ``dq``)."""
     dq.replace_all_uses_with(node)
     gm.graph.erase_node(dq)
     gm.graph.erase_node(q)
@@ -96,9 +98,9 @@ def fuse_fake_quant(graph_module: Any) -> tuple[Any, dict[str, int]]:
     import torch
 
     ops = _ops()
-    # A new module over a copy of the graph that shares the original's tensors (a deepcopy of
-    # the whole module copied every weight: seconds per candidate on EfficientNet-Lite0); the
-    # rewrite only adds nodes and buffers of its own, so the original stays as it was.
+    # A new module over a copy of the graph that shares the original's tensors, so a candidate
+    # does not hold a second copy of every weight; the rewrite only adds nodes and buffers of its
+    # own, so the original stays as it was.
     gm = torch.fx.GraphModule(graph_module, copy.deepcopy(graph_module.graph))
     done = {"activations": 0, "weights": 0}
     for node in list(gm.graph.nodes):
