@@ -192,7 +192,8 @@ class Pt2eCandidate:
         kept = list(self.quantizer.kept_float)
         return {"format": "TFLite full integer (litert-torch PT2E)", "quantizer": f["quantizer"],
                 "shared_ranges": {**f["pairing"], "from_plan": self.applied}, "weights": f["weights"],
-                "fused_conv_relu6": int(self.quantizer.fused_relu6), "pads_folded_into_conv": f["pads_folded"],
+                "fused_conv_relu6": int(self.quantizer.fused_relu6), "int8_add_mul": int(self.quantizer.int8_binary),
+                "pads_folded_into_conv": f["pads_folded"],
                 "kept_float": kept, "bias_correction": f["bias_correction"],
                 # a float layer reads a float tensor, so the conv / linear producing it stays float too
                 "float_producers": sorted(set(kept) - set(f["user_float"]) - set(self.float_layers))}
@@ -295,8 +296,8 @@ def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any
     * Activations: int8 per tensor. The observers see the calibration fit split; every observer
       whose tensor pairs with an ONNX tensor (ranges.py) then takes the shared calibration plan's
       range (asymmetric, as TFLite's int8 activations are). ``ort-default`` (or option
-      ``observer: histogram``) keeps the graph's own observers. Conv + ReLU6 is fused (see
-      quantizer.py).
+      ``observer: histogram``) keeps the graph's own observers. Conv + ReLU6 is fused, and ADD /
+      MUL of two activations (residual adds) run in int8 (see quantizer.py).
     * Method choice, fallback, budget and report: ``calibration.search`` over
       :class:`Pt2eBuilder`, each candidate scored with its PT2E fake-quant graph on the
       calibration holdout against the fp32 module. Modules named in ``options["float_layers"]``

@@ -11,6 +11,11 @@ Conv -> ReLU is annotated (inputs and weights on the conv, the output observer a
 then lets the stock annotators handle everything else. TFLite's converter folds the clamp into the
 convolution as its fused RELU6 activation, exactly as it does for ReLU.
 
+It also annotates the binary ops (ADD, MUL) of two activations itself: the stock ``add`` / ``mul``
+annotators find their ops through ``source_fn_stack``, which ``torch.export`` no longer records,
+so they annotate nothing and every residual ADD stayed float behind a DEQUANTIZE pair and a
+QUANTIZE (EfficientNet-Lite0 int8: ADD x7 float, 17 Q/DQ ops left inside; MobileNetV2: ADD x9, 22).
+
 Imports torch / litert_torch / torchao lazily (inside the functions).
 """
 
@@ -49,12 +54,16 @@ PASS_THROUGH = ("relu", "relu6", "hardtanh", "constant_pad_nd", "pad", "view", "
                 "max_pool2d", "permute", "squeeze", "unsqueeze", "clone", "dropout")
 
 
+#: binary ops TFLite runs in int8 when both inputs are activations (:func:`annotate_binary`)
+BINARY = ("add", "mul")
+
+
 def _producer(node: Any) -> Any:
-    """The conv / linear node whose output reaches ``node``'s first input through pass-through
-    ops only (None if another op, or the graph input, produces it)."""
+    """The conv / linear / binary node whose output reaches ``node``'s first input through
+    pass-through ops only (None if another op, or the graph input, produces it)."""
     src = node.args[0] if node.args else None
     while src is not None and getattr(src, "op", None) == "call_function":
-        if is_call(src, CONVS + ("linear", "addmm")):
+        if is_call(src, CONVS + ("linear", "addmm") + BINARY):
             return src
         if not is_call(src, PASS_THROUGH) or not src.args:
             return None
@@ -112,7 +121,9 @@ def keep_float(model: Any, layers: list[str]) -> list[str]:
     input's int8 range is a poor fit (one channel stretching it), and DEQUANTIZE cannot restore
     what the int8 tensor lost. That tensor is quantized as its producer's output, so a conv /
     linear that feeds a float layer through pass-through ops (ReLU, ReLU6, padding, reshapes)
-    stays float with it; it is returned too, so reports list every float layer.
+    stays float with it; it is returned too, so reports list every float layer. A residual ADD
+    (or MUL) producing that tensor stays float the same way, listed as ``<module>/<node>``
+    (``features.3/add``): its inputs are then dequantized, as before ADDs ran in int8.
 
     Returns:
         The module names whose nodes stay float, the named ones and the producers they pull in.
@@ -132,8 +143,17 @@ def keep_float(model: Any, layers: list[str]) -> list[str]:
         producer = _producer(node)
         if producer is not None:
             producer.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
-            matched.append(_module_name(producer).removeprefix("wrapped."))
+            matched.append(_float_name(producer))
     return sorted(set(matched))
+
+
+def _float_name(node: Any) -> str:
+    """How reports name a node kept float: its module (conv / linear), or module/node for an op
+    that is not a module of its own (a residual ADD)."""
+    module = _module_name(node).removeprefix("wrapped.")
+    if is_call(node, CONVS + ("linear", "addmm")):
+        return module
+    return f"{module}/{node.name}" if module else node.name
 
 
 def annotate_conv_relu6(model: Any, config: Any) -> int:
@@ -178,11 +198,54 @@ def annotate_conv_relu6(model: Any, config: Any) -> int:
     return count
 
 
+def _is_activation(arg: Any) -> bool:
+    """A float tensor computed by the graph (not a constant, nor a Python scalar)."""
+    val = getattr(arg, "meta", {}).get("val")
+    return (getattr(arg, "op", None) in ("call_function", "call_module", "placeholder")
+            and getattr(val, "is_floating_point", lambda: False)())
+
+
+def annotate_binary(model: Any, config: Any) -> int:
+    """Annotate every ADD / MUL of two activations of ``model`` (an FX graph) for int8.
+
+    Both inputs get the activation qspec (a producer with an output observer shares it: a conv's
+    output feeds its ADD without a requantize), and the output its own observer; the plan's range
+    reaches it by value like any other (ranges.py pairs it with the ONNX Add's output). An ADD
+    read only by a ReLU / ReLU6 puts the output observer after the clamp, as for a conv: TFLite
+    fuses the clamp into the ADD. Ops with a constant operand (``x + 3``), an ``alpha`` or an
+    annotation already (kept float by :func:`keep_float`) are left alone, so they stay float.
+
+    Returns:
+        The number of ops annotated.
+    """
+    from litert_torch.quantize.pt2e_quantizer_utils import get_input_act_qspec, get_output_act_qspec
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    count = 0
+    for node in model.graph.nodes:
+        if not is_call(node, BINARY) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+            continue
+        if not all(_is_activation(a) for a in node.args) or "quantization_annotation" in node.meta:
+            continue
+        users = list(node.users)
+        clamp = users[0] if len(users) == 1 and (is_call(users[0], ("relu",)) or _is_relu6(users[0])) \
+            and "quantization_annotation" not in users[0].meta else None
+        output = get_output_act_qspec(config)
+        node.meta["quantization_annotation"] = QuantizationAnnotation(
+            input_qspec_map={a: get_input_act_qspec(config) for a in node.args},
+            output_qspec=None if clamp is not None else output, _annotated=True)
+        if clamp is not None:
+            clamp.meta["quantization_annotation"] = QuantizationAnnotation(output_qspec=output, _annotated=True)
+        count += 1
+    return count
+
+
 OBSERVERS = ("histogram", "minmax")
 
 
 def make_quantizer(per_channel: bool, observer: str = "histogram", float_layers: list[str] | None = None) -> Any:
-    """A static symmetric-int8 PT2E quantizer (litert-torch's) that also fuses Conv + ReLU6.
+    """A static symmetric-int8 PT2E quantizer (litert-torch's) that also fuses Conv + ReLU6 and
+    runs ADD / MUL of two activations in int8.
 
     Args:
         float_layers: module names whose conv / linear stay float (fallback, user option).
@@ -200,15 +263,17 @@ def make_quantizer(per_channel: bool, observer: str = "histogram", float_layers:
         raise ValueError(f"unknown activation observer {observer!r}; choose one of {OBSERVERS}")
 
     class _Quantizer(PT2EQuantizer):
-        """PT2EQuantizer + Conv/ReLU6 fusion (see module docstring)."""
+        """PT2EQuantizer + Conv/ReLU6 fusion + int8 ADD / MUL (see module docstring)."""
 
         fused_relu6 = 0
+        int8_binary = 0
         kept_float: list[str] = []
 
         def annotate(self, model: Any) -> Any:
             if self.global_config is not None and self.global_config.input_activation is not None:
                 self.kept_float = keep_float(model, list(float_layers or ()))
                 self.fused_relu6 = annotate_conv_relu6(model, self.global_config)
+                self.int8_binary = annotate_binary(model, self.global_config)
             return super().annotate(model)
 
     config = get_symmetric_quantization_config(is_per_channel=per_channel)
