@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from calibration.config import CalibrationConfig, resolve_methods, split_method
+from calibration.config import CalibrationConfig, resolve_methods, split_adaround, split_method
 from calibration.data import CalibrationSet
 from calibration.errors import CalibrationError
 from calibration.plan import QuantPlan, make_plan
@@ -92,6 +92,7 @@ class QdqCandidate:
         return {"format": "QDQ ONNX", "target": cfg.target, "per_channel": cfg.per_channel,
                 "activation_mode": "symmetric" if self.plan.symmetric else "asymmetric",
                 "scale_mismatches": self.mismatches, "bias_corrected": sorted(self.plan.bias),
+                "adarounded": sorted(self.plan.rounded),
                 "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in self.plan.ranges.items()}}
 
 
@@ -99,19 +100,32 @@ class QdqBuilder:
     """QDQ candidates (ONNX Runtime, TensorRT) from one set of statistics: a plan per method,
     computed once; each candidate is a real QDQ model written by ``writers.qdq``."""
 
-    def __init__(self, src: Path, model: Any, stats: Statistics, cfg: CalibrationConfig, work: Path) -> None:
+    def __init__(self, src: Path, model: Any, stats: Statistics, cfg: CalibrationConfig, work: Path,
+                 fit: CalibrationSet | None = None, cache_dir: Path | None = None) -> None:
         from calibration.graph import weighted_layers
 
         self.src, self.model, self.stats, self.cfg, self.work = src, model, stats, cfg, work
+        self.fit, self.cache_dir = fit, cache_dir  # AdaRound's samples and its cache
         self.layers = weighted_layers(model)
         self.plans: dict[str, QuantPlan] = {}
+        self.adaround: dict[str, dict[str, Any]] = {}  # "+ada" method -> calibration.adaround summary
         self.count = 0
 
     def plan(self, method: str) -> QuantPlan:
+        """The plan of ``method``; "<observer>+ada" is the observer's with AdaRound's weights."""
         if method not in self.plans:
             c = self.cfg
-            self.plans[method] = make_plan(self.model, self.stats, self.layers, method, c.symmetric, c.per_channel,
-                                           c.percentile, c.bias_correction)
+            base, learned = split_adaround(method)
+            plan = make_plan(self.model, self.stats, self.layers, base, c.symmetric, c.per_channel, c.percentile,
+                             c.bias_correction)
+            if learned:
+                from calibration.adaround import learn_plan_rounding
+
+                if self.fit is None:
+                    raise CalibrationError(f"method {method!r} learns weight rounding: the builder has no fit samples")
+                self.adaround[method] = learn_plan_rounding(self.model, plan, self.stats, self.fit, c.bias_correction,
+                                                            self.cache_dir, c.batch_size, c.threads).summary()
+            self.plans[method] = plan
         return self.plans[method]
 
     def candidate(self, method: str, float_layers: Sequence[str]) -> QdqCandidate:
@@ -178,7 +192,7 @@ def equalized_builder(plain: QdqBuilder, fit: CalibrationSet, cfg: CalibrationCo
     onnx.save(model, str(src))
     stats = collect_statistics(src, fit, cache_dir, cfg.bins, cfg.batch_size, cfg.threads)
     facts = {**eq.to_dict(), "relu6": cfg.equalize_relu6, "seconds": round(time.perf_counter() - t0, 3)}
-    return EqualizeChoice(plain, QdqBuilder(src, model, stats, cfg, folder), facts)
+    return EqualizeChoice(plain, QdqBuilder(src, model, stats, cfg, folder, fit, cache_dir), facts)
 
 
 def write_qdq_model(src: Path, model: Any, out: Path, plan: QuantPlan, cfg: CalibrationConfig,
@@ -190,8 +204,9 @@ def write_qdq_model(src: Path, model: Any, out: Path, plan: QuantPlan, cfg: Cali
     from calibration.writers.qdq import write_qdq
 
     qsrc = src
-    if plan.bias:
-        # bias correction lives in the float model that ORT quantizes; float layers keep theirs
+    if plan.bias or plan.rounded:
+        # bias correction and learned rounding live in the float model that ORT quantizes (with
+        # the plan's scales it rounds s*q back to q); float layers keep their own
         qsrc = out.with_name(out.stem + "_fp32_corrected.onnx")
         onnx.save(corrected_model(model, plan, exclude), str(qsrc))
     drop = float_tensors_for(model, exclude) if exclude else set()
@@ -241,7 +256,7 @@ def quantize_onnx(
         # ReLU6 is judged on what it changed
         reference = run_onnx(plain.src, holdout.x, cfg)
         choice = None if cfg.equalize == "off" else equalized_builder(plain, fit, cfg, cache_dir, Path(tmp_name))
-        options = SearchOptions(resolve_methods(cfg.method, cfg.equalize), cfg.max_drop_pp, cfg.fallback,
+        options = SearchOptions(resolve_methods(cfg.method, cfg.equalize, cfg.adaround), cfg.max_drop_pp, cfg.fallback,
                                 cfg.max_fallback_layers)
         found = search(choice or plain, holdout, reference, options,
                        metric or default_metric(hold.labels is not None, cfg.tie_margin))
@@ -251,6 +266,9 @@ def quantize_onnx(
         report.notes = {**found.candidate.notes(), "output": str(output)}
         if choice:
             report.notes["equalization"] = {**choice.facts, "shipped": shipped is choice.equalized}
+        base = choice.builder(report.method)[1] if choice else report.method
+        if base in shipped.adaround:
+            report.notes["adaround"] = shipped.adaround[base]
         # tensor by tensor against the graph it was calibrated on (equalisation rescales channels)
         report.per_layer_sqnr = per_layer_sqnr(shipped.src, Path(output), hold.samples, cfg.batch_size, cfg.threads)
     report.stats_cache_hit = plain.stats.cache_hit
@@ -266,7 +284,7 @@ def qdq_builder(model_fp32: Path, fit: CalibrationSet, cfg: CalibrationConfig, c
 
     src, model = _prepare(model_fp32, work)
     stats = collect_statistics(src, fit, cache_dir, cfg.bins, cfg.batch_size, cfg.threads)
-    return QdqBuilder(src, model, stats, cfg, work)
+    return QdqBuilder(src, model, stats, cfg, work, fit, cache_dir)
 
 
 def build_plan(

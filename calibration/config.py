@@ -15,6 +15,11 @@ TARGETS = ("onnxruntime", "tensorrt")
 EQUALIZE_CHOICES = ("off", "on", "auto")
 #: the method-name suffix of a candidate calibrated on the equalised graph ("entropy+cle")
 CLE_SUFFIX = "+cle"
+#: learned weight rounding (calibration.adaround): never, always, or scored beside nearest rounding
+ADAROUND_CHOICES = ("off", "on", "auto")
+#: the method-name suffix of a plan whose weight rounding AdaRound learned ("entropy+ada"; before
+#: "+cle": "entropy+ada+cle" is AdaRound on the equalised graph)
+ADA_SUFFIX = "+ada"
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,9 @@ class CalibrationConfig:
             by Relu, Nagel et al.'s choice; the holdout judges against the original fp32). Not
             the default: fp32 top-1 on the ImageNet sample falls 83.5 -> 82.25 % (MobileNetV2)
             and 86.5 -> 55.75 % (EfficientNet-Lite0, whose weights lean on the clip).
+        adaround: learned weight rounding with the plan's scales (:mod:`calibration.adaround`):
+            "off", "on" (every method's plan) or "auto" (each method with and without; the
+            holdout picks, and a "+ada" method name says the learned rounding won).
     """
 
     method: str = "auto"
@@ -73,6 +81,7 @@ class CalibrationConfig:
     bias_correction: bool = True
     equalize: str = "off"
     equalize_relu6: str = "skip"
+    adaround: str = "off"
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_CHOICES:
@@ -96,6 +105,9 @@ class CalibrationConfig:
             raise CalibrationConfigError(f"max_drop_pp must be >= 0, got {self.max_drop_pp}")
         if self.equalize not in EQUALIZE_CHOICES:
             raise CalibrationConfigError(f"equalize {self.equalize!r} unknown; choose one of {', '.join(EQUALIZE_CHOICES)}")
+        if self.adaround not in ADAROUND_CHOICES:
+            raise CalibrationConfigError(
+                f"adaround {self.adaround!r} unknown; choose one of {', '.join(ADAROUND_CHOICES)}")
         if self.equalize_relu6 not in ("relu", "skip"):
             raise CalibrationConfigError(f"equalize_relu6 {self.equalize_relu6!r} unknown; choose 'relu' or 'skip'")
         if self.bins < 256:
@@ -113,14 +125,22 @@ class CalibrationConfig:
         return asdict(self)
 
 
-def resolve_methods(method: str, equalize: str = "off") -> tuple[str, ...]:
+def resolve_methods(method: str, equalize: str = "off", adaround: str = "off") -> tuple[str, ...]:
     """The methods a search tries: every observer for "auto", else the one named; with
-    ``equalize`` "on" each as "<method>+cle", with "auto" both."""
+    ``adaround`` "on" each as "<method>+ada", with "auto" both; then the same for ``equalize``
+    and "+cle"."""
     if method not in METHOD_CHOICES:
         raise CalibrationConfigError(f"method {method!r} unknown; choose one of {', '.join(METHOD_CHOICES)}")
-    plain = METHODS if method == "auto" else (method,)
+    observers = METHODS if method == "auto" else (method,)
+    learned = tuple(m + ADA_SUFFIX for m in observers)
+    plain = {"off": observers, "on": learned, "auto": observers + learned}[adaround]
     cle = tuple(m + CLE_SUFFIX for m in plain)
     return {"off": plain, "on": cle, "auto": plain + cle}[equalize]
+
+
+def split_adaround(method: str) -> tuple[str, bool]:
+    """("entropy", True) for "entropy+ada": the observer and whether AdaRound learns the rounding."""
+    return (method[:-len(ADA_SUFFIX)], True) if method.endswith(ADA_SUFFIX) else (method, False)
 
 
 def split_method(method: str) -> tuple[str, bool]:

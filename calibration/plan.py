@@ -35,6 +35,8 @@ class QuantPlan:
         weights: weight initializer -> parameters.
         layers: the weighted layers.
         bias: bias initializer -> bias-corrected values (see :func:`bias_correction`).
+        rounded: weight initializer -> float weights ``s * q`` whose rounding AdaRound learned
+            (:mod:`calibration.adaround`); each backend's round-to-nearest gives back ``q``.
     """
 
     method: str
@@ -44,6 +46,7 @@ class QuantPlan:
     weights: dict[str, QParams]
     layers: list[WeightedLayer]
     bias: dict[str, np.ndarray] = field(default_factory=dict)
+    rounded: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def make_plan(
@@ -138,7 +141,9 @@ def bias_correction(model: Any, plan: QuantPlan, stats: Statistics) -> dict[str,
         shape = [1] * w.ndim
         shape[layer.axis] = -1
         s = np.asarray(wq.scale, np.float64).reshape(shape if wq.axis is not None else ())
-        dw = np.clip(np.round(w / s), -128, 127) * s - w
+        # learned rounding (plan.rounded) shifts the output too: correct what it leaves
+        learned = plan.rounded.get(layer.weight)
+        dw = (learned.astype(np.float64) if learned is not None else np.clip(np.round(w / s), -128, 127) * s) - w
         mu = np.asarray(t.channel_mean, np.float64)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if layer.op == "Conv":
@@ -161,16 +166,18 @@ def bias_correction(model: Any, plan: QuantPlan, stats: Statistics) -> dict[str,
 
 
 def corrected_model(model: Any, plan: QuantPlan, float_nodes: list[str] | None = None) -> Any:
-    """Copy of ``model`` with the plan's corrected biases (layers kept in float keep theirs)."""
+    """Copy of ``model`` with the plan's corrected biases and learned weight rounding (layers kept
+    in float keep their own)."""
     import onnx
     from onnx import numpy_helper
 
-    keep = {n.input[2] for n in model.graph.node if n.name in set(float_nodes or []) and len(n.input) > 2}
+    keep = {i for n in model.graph.node if n.name in set(float_nodes or []) for i in n.input[1:3]}
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for init in m.graph.initializer:
-        if init.name in plan.bias and init.name not in keep:
-            init.CopyFrom(numpy_helper.from_array(plan.bias[init.name], init.name))
+        new = plan.bias.get(init.name, plan.rounded.get(init.name))
+        if new is not None and init.name not in keep:
+            init.CopyFrom(numpy_helper.from_array(new, init.name))
     return m
 
 

@@ -46,6 +46,7 @@ SPEC_CASES = [
     ("factory without colon", "model.factory", "pipeline.workloads.mnist.pretrained_model", "model", "module:function"),
     ("unknown calibration method", "calibration.method", "magic", "calibration.method", "entropy"),
     ("equalize not true/false/auto", "calibration.equalize", "yes", "calibration.equalize", "auto"),
+    ("adaround not true/false/auto", "calibration.adaround", "yes", "calibration.adaround", "auto"),
     ("unknown source kind", "calibration.source", {"kind": "ftp", "path": "x"}, "calibration.source", "kind"),
     ("missing npz file", "evaluation.source", {"kind": "npz", "path": "nope.npz"}, "evaluation.source.path", "not found"),
     ("bad metric", "evaluation.metric", "f1", "evaluation.metric", "top1"),
@@ -73,6 +74,17 @@ def test_calibration_equalize_reaches_the_calibration_config(tmp_path, value, wo
 
     spec = load_spec(_write(tmp_path, "spec.yaml", _with(GOOD_SPEC, "calibration.equalize", value)))
     assert spec.calibration.equalize == value and equalize_choice(spec.calibration.equalize) == word
+
+
+@pytest.mark.parametrize("value,word", [(True, "on"), (False, "off"), ("auto", "auto")])
+def test_calibration_adaround_reaches_the_calibration_config(tmp_path, value, word) -> None:
+    from calibration import CalibrationConfig
+
+    from pipeline.backends.calibrate import equalize_choice
+
+    spec = load_spec(_write(tmp_path, "spec.yaml", _with(GOOD_SPEC, "calibration.adaround", value)))
+    assert spec.calibration.adaround == value
+    assert CalibrationConfig(adaround=equalize_choice(spec.calibration.adaround)).adaround == word
 
 
 def test_spec_yaml_syntax_error_names_line(tmp_path) -> None:

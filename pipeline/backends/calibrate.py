@@ -118,11 +118,12 @@ def calibration_config(ctx: "BuildContext", method: str | None = None, activatio
                              activation_mode=activation_mode or cal.activations, per_channel=cal.per_channel,
                              holdout_fraction=cal.holdout_fraction, max_drop_pp=budget_pp(ctx),
                              fallback=cal.fallback, target=target, tie_margin=ctx.spec.evaluation.tie_margin,
-                             equalize=equalize_choice(cal.equalize))
+                             equalize=equalize_choice(cal.equalize), adaround=equalize_choice(cal.adaround))
 
 
 def equalize_choice(value: bool | str) -> str:
-    """``calibration.equalize`` of the spec (true | false | auto) as CalibrationConfig's word."""
+    """``calibration.equalize`` or ``calibration.adaround`` of the spec (true | false | auto) as
+    CalibrationConfig's word."""
     return {True: "on", False: "off"}.get(value, str(value))  # type: ignore[call-overload]
 
 
