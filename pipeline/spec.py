@@ -202,9 +202,8 @@ class CalibrationSpec(_Strict):
         False, description="cross-layer equalisation before calibration (ONNX Runtime and TensorRT QDQ only): true "
                            "calibrates the equalised graph, auto scores both on the holdout and keeps the better")
     adaround: StrictBool | Literal["auto"] = Field(
-        False, description="weight rounding learned on the calibration set (AdaRound): true for every method, auto "
-                           "scores it beside round-to-nearest on the holdout (ONNX Runtime and TensorRT; ncnn and "
-                           "TFLite take true only)")
+        False, description="weight rounding learned on the calibration set (AdaRound; ONNX Runtime and TensorRT QDQ "
+                           "only): true for every method, auto scores it beside round-to-nearest on the holdout")
 
     @field_validator("method")
     @classmethod

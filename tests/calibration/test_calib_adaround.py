@@ -155,3 +155,28 @@ def test_config_and_method_names() -> None:
     assert resolve_methods("minmax", "auto", "auto") == ("minmax", "minmax+ada", "minmax+cle", "minmax+ada+cle")
     with pytest.raises(CalibrationConfigError, match="adaround"):
         CalibrationConfig(adaround="yes")
+
+
+def test_ncnn_and_pt2e_weight_quantizers_give_back_the_learned_integers(learned) -> None:
+    """ncnn's int8 writer (absmax / 127, round half away) and litert-torch's PT2E per-channel
+    weight observer, run on the learned float weights, store the same q as the plan's scale."""
+    import torch
+    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
+
+    from pipeline.backends.ncnn.int8 import weight_scales
+    from pipeline.backends.ncnn.paramfile import Layer
+
+    model, plan, _, result = learned
+    w = result.rounded["w2"]
+    s = np.asarray(plan.weights["w2"].scale, np.float32)
+    want = np.round(w / s[:, None, None, None]).astype(np.int64)
+    q_ncnn, _ = weight_scales(Layer("Convolution", "conv2", ["r1"], ["c2"], {0: str(w.shape[0])}), w, True)
+    assert np.array_equal(q_ncnn.reshape(w.shape).astype(np.int64), want)
+    spec = get_symmetric_quantization_config(is_per_channel=True).weight
+    assert spec.qscheme == torch.per_channel_symmetric  # the case AdaRound keeps the scale for
+    observer = spec.observer_or_fake_quant_ctr(dtype=spec.dtype, quant_min=spec.quant_min, quant_max=spec.quant_max,
+                                               qscheme=spec.qscheme, ch_axis=spec.ch_axis)
+    observer(torch.from_numpy(w))
+    scale, zero = observer.calculate_qparams()
+    q_pt2e = torch.quantize_per_channel(torch.from_numpy(w), scale, zero, 0, torch.qint8).int_repr().numpy()
+    assert np.array_equal(q_pt2e.astype(np.int64), want)
