@@ -257,7 +257,7 @@ def quantize_onnx(
         reference = run_onnx(plain.src, holdout.x, cfg)
         choice = None if cfg.equalize == "off" else equalized_builder(plain, fit, cfg, cache_dir, Path(tmp_name))
         options = SearchOptions(resolve_methods(cfg.method, cfg.equalize, cfg.adaround), cfg.max_drop_pp, cfg.fallback,
-                                cfg.max_fallback_layers)
+                                cfg.max_fallback_layers, cfg.min_sqnr_db)
         found = search(choice or plain, holdout, reference, options,
                        metric or default_metric(hold.labels is not None, cfg.tie_margin))
         found.candidate.save(Path(output))

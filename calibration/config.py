@@ -62,6 +62,9 @@ class CalibrationConfig:
         adaround: learned weight rounding with the plan's scales (:mod:`calibration.adaround`):
             "off", "on" (every method's plan) or "auto" (each method with and without; the
             holdout picks, and a "+ada" method name says the learned rounding won).
+        min_sqnr_db: fidelity floor: the fallback keeps layers in float until the holdout's output
+            SQNR against fp32 reaches it (None: no floor; see
+            :func:`calibration.sensitivity.choose_fallback`).
     """
 
     method: str = "auto"
@@ -82,6 +85,7 @@ class CalibrationConfig:
     equalize: str = "off"
     equalize_relu6: str = "skip"
     adaround: str = "off"
+    min_sqnr_db: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_CHOICES:
@@ -101,6 +105,8 @@ class CalibrationConfig:
             raise CalibrationConfigError(f"percentile must be in (0, 100], got {self.percentile}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise CalibrationConfigError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if self.min_sqnr_db is not None and not 0.0 < self.min_sqnr_db <= 200.0:
+            raise CalibrationConfigError(f"min_sqnr_db {self.min_sqnr_db} must be in (0, 200] dB")
         if self.max_drop_pp is not None and self.max_drop_pp < 0:
             raise CalibrationConfigError(f"max_drop_pp must be >= 0, got {self.max_drop_pp}")
         if self.equalize not in EQUALIZE_CHOICES:

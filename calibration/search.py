@@ -34,7 +34,7 @@ import numpy as np
 
 from calibration.config import FallbackLayer
 from calibration.metrics import accuracy, sqnr_db, top1_agreement
-from calibration.sensitivity import LayerSensitivity, choose_fallback
+from calibration.sensitivity import LayerSensitivity, choose_fallback, meets, shortfall
 from pipeline.metrics import drop_pp
 
 #: name -> array, samples on axis 0 (model inputs or outputs)
@@ -154,12 +154,14 @@ class Holdout:
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """Methods to try (one: requested), the budget (None: none), the fallback switch."""
+    """Methods to try (one: requested), the budget (None: none), the fallback switch, and the
+    fidelity floor: the least holdout output SQNR (dB) to ship (None: none)."""
 
     methods: tuple[str, ...]
     budget_pp: float | None = None
     fallback: bool = True
     max_fallback_layers: int | None = None
+    min_sqnr_db: float | None = None
 
 
 @dataclass
@@ -303,13 +305,6 @@ def _choose(scores: dict[str, dict[str, float]], metric: Metric, n: int, raced: 
                   f"held-out calibration samples; {metric.name} {scores[best][metric.name]:.2f}")
 
 
-def budget_reason(drop_pp: float, budget: float, fallback: bool) -> str:
-    """Why the holdout drop misses the budget ('' when it does not)."""
-    if drop_pp <= budget:
-        return ""
-    return f"holdout drop {drop_pp:.2f} pp > budget {budget:.2f} pp" + ("" if fallback else " and fallback is off")
-
-
 @dataclass
 class SearchResult:
     """The candidate to ship and the report."""
@@ -335,12 +330,13 @@ def search(builder: CandidateBuilder, holdout: Holdout, reference: Arrays, optio
     report = SearchReport(metric=metric.name, method=method, reason=reason, method_scores=scores,
                           budget_pp=options.budget_pp, holdout=scores[method], holdout_samples=len(holdout))
     final = candidates[method]
-    budget = options.budget_pp
-    if budget is not None and report.holdout["drop_pp"] > budget and options.fallback:
+    budget, floor = options.budget_pp, options.min_sqnr_db
+    if not meets(report.holdout, budget, floor) and options.fallback:
         final = _fallback(builder, final, holdout, reference, options, metric, report)
-    elif budget is not None:
-        report.budget_met = report.holdout["drop_pp"] <= budget
-        report.budget_reason = budget_reason(report.holdout["drop_pp"], budget, options.fallback)
+    elif budget is not None or floor is not None:
+        report.budget_met = meets(report.holdout, budget, floor)
+        missed = shortfall(report.holdout, budget, floor)
+        report.budget_reason = missed + ("" if report.budget_met or options.fallback else " and fallback is off")
     report.calibration_time_s = round(time.perf_counter() - t0, 3)
     return SearchResult(final, report)
 
@@ -348,20 +344,20 @@ def search(builder: CandidateBuilder, holdout: Holdout, reference: Arrays, optio
 def _fallback(builder: CandidateBuilder, base: Candidate, holdout: Holdout, reference: Arrays,
               options: SearchOptions, metric: Metric, report: SearchReport) -> Candidate:
     """Rank, then ``choose_fallback`` with real candidates; fill the report; the one to ship."""
-    _LOG.info("holdout drop %.2f pp > budget %.2f pp: ranking layers for the float fallback",
-              report.holdout["drop_pp"], float(options.budget_pp or 0.0))
+    _LOG.info("%s: ranking layers for the float fallback",
+              shortfall(report.holdout, options.budget_pp, options.min_sqnr_db))
     ranking = builder.rank(base.method, holdout, reference)
     built: dict[tuple[str, ...], Candidate] = {}
 
     def evaluate(names: list[str]) -> dict[str, float]:
         built[tuple(names)] = cand = builder.candidate(base.method, tuple(names))
         figures = score(cand.run(holdout.x), reference, holdout, metric)
-        _LOG.info("fallback: %d of %d layers in float: holdout drop %.2f pp", len(names), len(ranking.layers),
-                  figures["drop_pp"])
+        _LOG.info("fallback: %d of %d layers in float: holdout drop %.2f pp, SQNR %.2f dB", len(names),
+                  len(ranking.layers), figures["drop_pp"], figures["sqnr_db"])
         return figures
 
-    budget = float(options.budget_pp or 0.0)
-    result = choose_fallback(ranking.layers, evaluate, report.holdout, budget, options.max_fallback_layers)
+    result = choose_fallback(ranking.layers, evaluate, report.holdout, options.budget_pp, options.max_fallback_layers,
+                             options.min_sqnr_db)
     if ranking.solo_sqnr is not None:
         for layer in result.layers:
             layer.sqnr_db = round(ranking.solo_sqnr(layer.name), 3)

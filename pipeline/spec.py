@@ -197,6 +197,10 @@ class CalibrationSpec(_Strict):
     activations: Literal["symmetric", "asymmetric"] = "asymmetric"
     per_channel: bool = True
     fallback: bool = Field(True, description="keep the most sensitive layers in float to meet the budget")
+    min_sqnr_db: float | None = Field(
+        None, gt=0, le=200, description="fidelity floor: the fallback also keeps layers in float until the calibration "
+                                        "holdout's output SQNR against fp32 reaches this many dB (a 1 pp top-1 budget "
+                                        "on a 100-image holdout is one image; SQNR averages every output value)")
     holdout_fraction: float = Field(0.2, ge=0.0, lt=0.9)
     equalize: StrictBool | Literal["auto"] = Field(
         False, description="cross-layer equalisation before calibration (ONNX Runtime and TensorRT QDQ only): true "
@@ -524,6 +528,9 @@ class TfliteOptions(_Strict):
 
 class NcnnOptions(_Strict):
     float_layers: LayerNames = Field(default_factory=list, description="ncnn layer names kept float at int8")
+    int8_depthwise: Literal["auto", "int8", "float"] = Field(
+        "auto", description="int8: depthwise convs in int8, in float, or auto (x86_64 targets: float except 3x3 "
+                            "stride 2, where ncnn's x86 int8 depthwise kernel is slower than fp32; int8 elsewhere)")
 
 
 class BatchProfile(_Strict):

@@ -47,6 +47,7 @@ SPEC_CASES = [
     ("unknown calibration method", "calibration.method", "magic", "calibration.method", "entropy"),
     ("equalize not true/false/auto", "calibration.equalize", "yes", "calibration.equalize", "auto"),
     ("adaround not true/false/auto", "calibration.adaround", "yes", "calibration.adaround", "auto"),
+    ("sqnr floor not positive", "calibration.min_sqnr_db", 0, "calibration.min_sqnr_db", "greater than 0"),
     ("unknown source kind", "calibration.source", {"kind": "ftp", "path": "x"}, "calibration.source", "kind"),
     ("missing npz file", "evaluation.source", {"kind": "npz", "path": "nope.npz"}, "evaluation.source.path", "not found"),
     ("bad metric", "evaluation.metric", "f1", "evaluation.metric", "top1"),

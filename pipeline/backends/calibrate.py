@@ -118,7 +118,8 @@ def calibration_config(ctx: "BuildContext", method: str | None = None, activatio
                              activation_mode=activation_mode or cal.activations, per_channel=cal.per_channel,
                              holdout_fraction=cal.holdout_fraction, max_drop_pp=budget_pp(ctx),
                              fallback=cal.fallback, target=target, tie_margin=ctx.spec.evaluation.tie_margin,
-                             equalize=equalize_choice(cal.equalize), adaround=equalize_choice(cal.adaround))
+                             equalize=equalize_choice(cal.equalize), adaround=equalize_choice(cal.adaround),
+                             min_sqnr_db=cal.min_sqnr_db)
 
 
 def equalize_choice(value: bool | str) -> str:
@@ -171,7 +172,8 @@ def run_search(ctx: "BuildContext", builder: CandidateBuilder, holdout: Holdout,
     ``started`` (a ``time.perf_counter()``) dates the report's ``calibration_time_s`` from the
     start of the backend's INT8 work (statistics, pairing), not only the search.
     """
-    options = SearchOptions(methods, budget_pp(ctx), bool(ctx.spec.calibration.fallback))
+    options = SearchOptions(methods, budget_pp(ctx), bool(ctx.spec.calibration.fallback),
+                            min_sqnr_db=ctx.spec.calibration.min_sqnr_db)
     found = search(builder, holdout, reference, options, search_metric(ctx))
     found.report.calibration_samples = fit_samples
     found.report.calibration_time_s = round(time.perf_counter() - started, 3)

@@ -70,6 +70,20 @@ def test_fallback_finds_planted_sensitive_layer(tmp_path: Path, calib_samples: n
     assert producers.get(conv2.input[0]) != "DequantizeLinear" and conv2.input[1] == "w2"
 
 
+def test_sqnr_floor_reaches_the_qdq_model(tmp_path: Path, calib_samples: np.ndarray) -> None:
+    """The fidelity floor alone (no drop budget) keeps the planted layer float in the written model."""
+    model = build_cnn(tmp_path / "planted.onnx", seed=3, outlier_channel=3000.0)
+    calib = CalibrationSet.from_arrays(calib_samples)
+    plain = quantize_onnx(model, tmp_path / "a.onnx", calib, CalibrationConfig(method="minmax", bias_correction=False))
+    floor = plain.holdout["sqnr_db"] + 10.0
+    rep = quantize_onnx(model, tmp_path / "f.onnx", calib,
+                        CalibrationConfig(method="minmax", bias_correction=False, min_sqnr_db=floor))
+    assert rep.budget_met is True and [f.name for f in rep.fallback_layers] == ["conv2"]
+    assert rep.holdout["sqnr_db"] >= floor
+    with pytest.raises(CalibrationConfigError, match="min_sqnr_db"):
+        CalibrationConfig(min_sqnr_db=0.0)
+
+
 def test_fallback_on_a_fixed_batch_model(tmp_path: Path, calib_samples: np.ndarray) -> None:
     """Exported edge models usually have a static batch of 1: sensitivity runs must respect it."""
     model = build_cnn(tmp_path / "b1.onnx", seed=3, outlier_channel=3000.0, batch=1)

@@ -46,3 +46,28 @@ def test_budget_out_of_reach_says_so_with_all_but_one_layer_float() -> None:
     evaluate, calls = drop_when(100)
     res = choose_fallback(ranked(12), evaluate, {"drop_pp": 9.0}, 2.0)
     assert not res.budget_met and calls[-1] == 11 and "even with 11 of 12 layers in float" in res.reason
+
+
+def sqnr_rises(per_layer: float):
+    calls: list[int] = []
+
+    def evaluate(names: list[str]) -> dict[str, float]:
+        calls.append(len(names))
+        return {"drop_pp": 0.0, "sqnr_db": 10.0 + per_layer * len(names)}
+
+    return evaluate, calls
+
+
+def test_sqnr_floor_keeps_layers_float_even_within_the_drop_budget() -> None:
+    evaluate, calls = sqnr_rises(2.0)
+    base = {"drop_pp": 0.0, "sqnr_db": 10.0}
+    assert choose_fallback(ranked(10), evaluate, base, 1.0).layers == [] and calls == []  # no floor: done
+    res = choose_fallback(ranked(10), evaluate, base, 1.0, min_sqnr_db=17.0)
+    assert res.budget_met and len(res.layers) == 4 and calls == [1, 2, 3, 4] and res.metrics["sqnr_db"] == 18.0
+
+
+def test_sqnr_floor_without_a_drop_budget_and_out_of_reach() -> None:
+    evaluate, _ = sqnr_rises(0.1)
+    res = choose_fallback(ranked(6), evaluate, {"drop_pp": 5.0, "sqnr_db": 10.0}, None, min_sqnr_db=30.0)
+    assert not res.budget_met and len(res.layers) == 5
+    assert res.reason == "holdout SQNR 10.50 dB < floor 30.00 dB even with 5 of 6 layers in float"

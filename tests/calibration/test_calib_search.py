@@ -182,3 +182,15 @@ def test_the_method_race_stops_a_method_far_behind_and_keeps_close_ones() -> Non
     search(small, hold.take(np.arange(40)), {"logits": ref["logits"][:40]}, SearchOptions(("coarse", "minmax")),
            Agreement())
     assert small.samples == {"coarse": 40, "minmax": 40}
+
+
+def test_sqnr_floor_drives_the_fallback_without_a_budget() -> None:
+    hold, ref = holdout()
+    base = search(ToyBuilder(), hold, ref, SearchOptions(("minmax",)), Agreement()).report.holdout["sqnr_db"]
+    rep = search(ToyBuilder(), hold, ref, SearchOptions(("minmax",), min_sqnr_db=base + 1.0), Agreement()).report
+    assert [f.name for f in rep.fallback_layers] == ["fc2"] and rep.budget_met is True
+    assert rep.holdout["sqnr_db"] >= base + 1.0
+    rep = search(ToyBuilder(), hold, ref, SearchOptions(("minmax",), min_sqnr_db=base + 1.0, fallback=False),
+                 Agreement()).report
+    assert rep.budget_met is False and rep.fallback_layers == []
+    assert rep.budget_reason == f"holdout SQNR {base:.2f} dB < floor {base + 1.0:.2f} dB and fallback is off"
