@@ -272,6 +272,9 @@ def _convert_key(run: _Run, backend: Any, build_spec: Any, precision: str, onnx_
         "metric": spec.evaluation.model_dump(mode="json", include={"metric", "postprocess"}),
         **({"metric_sources": spec_sources(spec)} if precision == "int8" else {}),
         "input": [i.model_dump() for i in spec.input_specs()], "edgeship": __version__,
+        # a precision its backend tunes to the target's CPU (ncnn int8: the depthwise convs x86 runs
+        # faster in float) differs per arch
+        **({"arch": run.target.arch} if precision in getattr(backend, "arch_dependent", ()) else {}),
         "code": source_digest(type(backend).__module__.rpartition(".")[0], "pipeline.backends.checks",
                               "calibration", f"pipeline.agent.runners.{backend.name}"),
     }

@@ -49,9 +49,9 @@ def test_float_precisions_match_onnxruntime(convert: Callable[..., Artifact], pr
 def test_int8_model_written_from_calibration(convert: Callable[..., Artifact]) -> None:
     from pipeline.backends.ncnn import paramfile
 
-    art = convert("int8")
+    art = convert("int8", int8_depthwise="int8")  # every weighted layer int8, the depthwise one too
     layers = paramfile.read(art.workdir / "model.param").layers
-    quantized = {q.name: q.type for q in layers if q.params.get(8) == "1"}
+    quantized = {q.name: q.type for q in layers if q.params.get(8) in ("1", "101")}
     assert sorted(quantized.values()) == ["Convolution", "Convolution", "ConvolutionDepthWise", "InnerProduct"]
     info = art.info["calibration"]
     assert info["notes"]["quantized_layers"] == 4 and info["notes"]["kept_float"] == []
@@ -62,6 +62,113 @@ def test_int8_model_written_from_calibration(convert: Callable[..., Artifact]) -
     assert art.runner_config["int8"] is True
     # int8 weights: the .bin shrinks to about a quarter of the fp32 one
     assert (art.workdir / "model.bin").stat().st_size < 0.4 * (convert("fp32").workdir / "model.bin").stat().st_size
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+def test_int8_conv_read_only_by_an_int8_conv_requantizes(convert: Callable[..., Artifact]) -> None:
+    """The depthwise conv feeds the next conv alone: it writes int8 in that conv's scale (8=101,
+    a top scale), and the outputs are those of dequantizing to float and quantizing again."""
+    from pipeline.backends.checks import run_runner
+    from pipeline.backends.ncnn import int8, paramfile
+    from pipeline.backends.ncnn.weights import read_weights
+
+    art, fp32 = convert("int8", int8_depthwise="int8"), convert("fp32")
+    params = {q.name: q for q in paramfile.read(art.workdir / "model.param").layers}
+    scales = art.info["calibration"]["notes"]["scales"]
+    fused = {n: s["requantized_for"] for n, s in scales.items() if "requantized_for" in s}
+    assert len(fused) == 1
+    (dw, reader), = fused.items()
+    assert params[dw].type == "ConvolutionDepthWise" and params[dw].params[8] == "101"
+    assert params[reader].type == "Convolution" and params[reader].params[8] == "1"
+    # everything else dequantizes: the first conv feeds a MaxPool, the last one a pooling
+    assert sorted(q.params.get(8) for q in params.values() if q.params.get(8)) == ["1", "1", "1", "101"]
+    # the same model written without requantize: same numbers up to float rounding
+    model = paramfile.read(fp32.workdir / "model.param")
+    weights = read_weights(model, (fp32.workdir / "model.bin").read_bytes())
+    thr = {s["bottom"]: s["threshold"] for s in scales.values()}
+    quantize = [q for q in model.layers if q.name in scales]
+    x = digits(32, offset=96)
+    outs = {}
+    for fuse in (True, False):
+        param, blob, _ = int8.write(model, weights, quantize, thr, requantize=fuse)
+        folder = art.workdir.parent / f"requantize-{fuse}"
+        folder.mkdir(exist_ok=True)
+        param.write(folder / "model.param")
+        (folder / "model.bin").write_bytes(blob)
+        outs[fuse] = run_runner(NAME, folder, art.runner_config, x, 1)
+    assert np.abs(outs[True] - outs[False]).max() <= 1e-3 * np.abs(outs[False]).max()
+
+
+@pytest.mark.slow
+@pytest.mark.backend(NAME)
+def test_x86_keeps_its_slow_int8_depthwise_float(convert: Callable[..., Artifact]) -> None:
+    """On an x86_64 target the default keeps the 3x3 stride 1 depthwise conv float (ncnn's x86 int8
+    kernel is slower than fp32 there); the report says why and the other layers stay int8."""
+    cal = convert("int8").info["calibration"]
+    kept = cal["notes"]["kept_float"]
+    assert [(k["type"], k["reason"].split(":")[0]) for k in kept] == [("ConvolutionDepthWise", "faster in float on x86")]
+    assert cal["notes"]["quantized_layers"] == 3 and kept[0]["name"] not in cal["notes"]["scales"]
+    float_dw = convert("int8", int8_depthwise="float").info["calibration"]["notes"]["kept_float"]
+    assert [k["reason"] for k in float_dw] == ["depthwise kept float (option int8_depthwise: float)"]
+
+
+_DEPTHWISE_PARAM = """7767517
+6 6
+Input                    in0                      0 1 in0
+ConvolutionDepthWise     dw3s1                    1 1 in0 1 0=8 1=3 11=3 3=1 13=1 4=1 5=1 6=72 7=8
+ConvolutionDepthWise     dw3s2                    1 1 1 2 0=8 1=3 11=3 3=2 13=2 4=1 5=1 6=72 7=8
+ConvolutionDepthWise     dw5s2                    1 1 2 3 0=8 1=5 11=5 3=2 13=2 4=2 5=1 6=200 7=8
+ConvolutionDepthWise     grouped                  1 1 3 4 0=8 1=3 11=3 4=1 5=1 6=144 7=4
+Convolution              pw                       1 1 4 5 0=8 1=1 5=1 6=64
+"""
+
+
+def test_depthwise_policy_keeps_all_but_3x3_stride2_depthwise_float_on_x86() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.backends.ncnn import int8, paramfile
+    from pipeline.backends.ncnn.quantize import depthwise_policy
+    from pipeline.spec import BuildSpec, TargetSpec
+
+    model = paramfile.parse(_DEPTHWISE_PARAM)
+    quantized = {p: [q.name for q in int8.plan(model, depthwise=p).quantize] for p in int8.DEPTHWISE_POLICIES}
+    assert quantized == {"int8": ["dw3s1", "dw3s2", "dw5s2", "grouped", "pw"], "float": ["pw"],
+                         "x86": ["dw3s2", "grouped", "pw"]}
+    kept = int8.plan(model, frozenset({"dw3s2"}), depthwise="x86").kept_float
+    assert {k["name"]: k["reason"] for k in kept}["dw3s2"] == "kept float on request"  # float_layers come first
+    with pytest.raises(ValueError, match="depthwise policy"):
+        int8.plan(model, depthwise="auto")
+
+    def policy(arch: str, **options: str) -> str:
+        build = BuildSpec(backend=NAME, precisions=["int8"], options=options)
+        return depthwise_policy(SimpleNamespace(build=build, target=TargetSpec(name="t", arch=arch, builds=[build])))
+
+    assert (policy("x86_64"), policy("aarch64"), policy("armv7l")) == ("x86", "int8", "int8")
+    assert (policy("x86_64", int8_depthwise="int8"), policy("aarch64", int8_depthwise="float")) == ("int8", "float")
+
+
+def test_ncnn_int8_cache_key_holds_the_target_arch(tmp_path: Path) -> None:
+    """int8 artifacts differ per arch (int8_depthwise: auto), so an x86_64 and an aarch64 target
+    must not share one; fp32 and the other backends' int8 still do."""
+    from pipeline.backends.base import Samples
+    from pipeline.build import _convert_key, _Run
+    from pipeline.cache import Cache
+    from pipeline.spec import load_spec, load_target
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "mnist.yaml")
+    calib = Samples({"input": np.zeros((1, 1, 28, 28), np.float32)}, None, ["0"], "sha")
+    keys = {}
+    for arch in ("x86_64", "aarch64"):
+        target = load_target("local").model_copy(deep=True)
+        target.arch = arch
+        run = _Run(spec, Cache(tmp_path), lambda s: None, target=target)
+        for b in target.builds:
+            for p in ("fp32", "int8"):
+                keys[arch, b.backend, p] = _convert_key(run, get_backend(b.backend), b, p, "onnx", "w", calib)
+    assert keys["x86_64", NAME, "int8"] != keys["aarch64", NAME, "int8"]
+    assert keys["x86_64", NAME, "fp32"] == keys["aarch64", NAME, "fp32"]
+    assert keys["x86_64", "onnxruntime", "int8"] == keys["aarch64", "onnxruntime", "int8"]
 
 
 @pytest.mark.slow
@@ -104,7 +211,8 @@ def test_bias_correction_refuses_conversions_that_differ_beyond_biases(convert: 
 @pytest.mark.slow
 @pytest.mark.backend(NAME)
 def test_float_layers_option_keeps_layers_float(tmp_path: Path) -> None:
-    ctx = make_context(tmp_path, NAME, tiny_cnn, digits(32), digits(8, offset=32), {"float_layers": ["linear_5"]})
+    ctx = make_context(tmp_path, NAME, tiny_cnn, digits(32), digits(8, offset=32),
+                       {"float_layers": ["linear_5"], "int8_depthwise": "int8"})
     art = get_backend(NAME).convert(ctx, "int8")
     kept = art.info["calibration"]["notes"]["kept_float"]
     assert kept == [{"name": "linear_5", "type": "InnerProduct", "reason": "kept float on request"}]

@@ -12,6 +12,9 @@
 
 Build options (``target.builds[].options``):
     float_layers (list[str]): ncnn layer names to keep float at int8.
+    int8_depthwise ("auto" | "int8" | "float"): which depthwise convs int8 quantizes; auto keeps
+        those ncnn's x86 int8 kernel runs slower than fp32 float on x86_64 targets (all but 3x3
+        stride 2; int8.fast_int8_depthwise) and quantizes every one on other CPUs.
 
 After every conversion the artifact runs on the host with the device's runner class and is
 compared with the fp32 ONNX Runtime reference (pipeline.backends.checks, one set of thresholds).
@@ -38,6 +41,7 @@ class NcnnBackend:
 
     name = "ncnn"
     precisions = ("fp32", "fp16", "int8")
+    arch_dependent = ("int8",)  # int8_depthwise: auto differs on x86_64 (quantize.depthwise_policy)
 
     def device_build(self, options: dict[str, Any]) -> bool:
         return False  # the host's artifact is what the device loads

@@ -198,6 +198,16 @@ def _int8_layers(layout: Any, absmax: dict[str, float]) -> tuple[list["Layer"], 
     return [q for q in layout.quantize if q not in dead], kept
 
 
+def depthwise_policy(ctx: "BuildContext") -> str:
+    """The build's int8_depthwise option; ``auto`` keeps the depthwise convs that ncnn's x86 int8
+    kernel runs slower than fp32 float on an x86_64 target (int8.fast_int8_depthwise) and
+    quantizes them all elsewhere (ncnn's ARM int8 kernels are its tuned ones; not measured here)."""
+    option = str(ctx.build.options.get("int8_depthwise") or "auto")
+    if option != "auto":
+        return option
+    return "x86" if ctx.target.arch == "x86_64" else "int8"
+
+
 def ncnn_builder(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_path: Path, config: dict[str, Any],
                  scratch: Path, fit: Any, methods: tuple[str, ...]) -> NcnnBuilder:
     """Statistics on the fp32 ncnn model, the plan's ranges paired onto its blobs, the plan's
@@ -210,7 +220,7 @@ def ncnn_builder(ctx: "BuildContext", model: "ParamFile", param_path: Path, bin_
     except ValueError as err:
         raise ConversionError(f"ncnn int8: cannot rewrite this model's weights: {err}") from err
     cal = ctx.spec.calibration
-    layout = int8.plan(model, frozenset(ctx.build.options.get("float_layers") or ()))
+    layout = int8.plan(model, frozenset(ctx.build.options.get("float_layers") or ()), depthwise_policy(ctx))
     blobs = list(dict.fromkeys(q.bottoms[0] for q in layout.quantize))
     shared: dict[str, dict[str, float]] = {}
     absmax: dict[str, float] = {}
