@@ -202,7 +202,8 @@ def ncnn_coverage(param: Path) -> Coverage:
     from pipeline.backends.ncnn.paramfile import read
 
     cov = Coverage("ncnn .param, int8_scale_term per weighted layer",
-                   note="each int8 layer quantizes its input and dequantizes its output itself; "
+                   note="each int8 layer quantizes its float input and dequantizes its output itself (or "
+                        "requantizes it for the int8 conv that alone reads it, int8_scale_term 101); "
                         "weightless layers run in float")
     for layer in read(param).layers:
         if layer.type in ("Quantize", "Dequantize", "Requantize"):

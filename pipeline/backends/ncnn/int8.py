@@ -13,8 +13,8 @@ InnerProduct ``load_model``):
   ``8=101`` and that reader's input scale as top_blob_int8_scales (raw float32, one value). It
   then writes int8 (bias, activation, then the reader's rounding) instead of float the reader
   quantizes again: the same numbers, a quarter of the bytes, one pass less. On the 2026-12-07
-  x86 host this alone took MobileNetV2 and EfficientNet-Lite0 int8 from 0.91x fp32 to 1.09-1.10x
-  (batch 1, 2 threads; README "ncnn int8 on x86").
+  x86 host this alone took MobileNetV2 and EfficientNet-Lite0 int8 from 0.96x fp32 to 1.11x /
+  1.08x (batch 1, 2 threads; bench/ncnn_int8_x86.py, README "ncnn int8 on x86").
 
 ncnn's scales are multipliers: ``q = round(x * scale)``, i.e. ``127 / threshold`` -- the
 reciprocal of the usual ``threshold / 127``. Other int8 layers dequantize to float before bias
@@ -58,9 +58,9 @@ def fast_int8_depthwise(layer: Layer) -> bool:
     AVX/AVX-512 3x3 and 5x5 kernels. It pays only where the layer moves more data than it
     computes: a 3x3 stride 2 reads its int8 input (requantized by the conv before it) at a quarter
     of the bytes for 2.25 MACs per input value. Measured on the 2026-12-07 x86 host (batch 1, 2
-    threads, int8 vs fp32 ncnn, requantize on): 3x3 stride 1 and 5x5 depthwise in float took
-    MobileNetV2 int8 from 1.10x to 1.28x fp32 and EfficientNet-Lite0 from 1.09x to 1.34x; 3x3
-    stride 2 in float as well gave 1.14x and 1.25x (README "ncnn int8 on x86").
+    threads, requantize on, bench/ncnn_int8_x86.py): 3x3 stride 1 and 5x5 depthwise in float took
+    MobileNetV2 int8 from 1.11x to 1.34x fp32 and EfficientNet-Lite0 from 1.08x to 1.38x; 3x3
+    stride 2 in float as well gave 1.28x and 1.33x (README "ncnn int8 on x86").
     """
     kernel = (layer.get_int(1), layer.get_int(11, layer.get_int(1)))
     stride = (layer.get_int(3, 1), layer.get_int(13, layer.get_int(3, 1)))
