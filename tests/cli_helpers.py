@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,13 @@ class SlowNet(torch.nn.Module):
 def model():
     return SlowNet()
 '''
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` of a child a test interrupts with SIGINT: a suite started in the background by
+    a non-interactive shell (``cmd &``) inherits SIGINT ignored, and a Python child that starts with
+    it ignored never raises KeyboardInterrupt, so the test would time out instead of testing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def edgeship(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:

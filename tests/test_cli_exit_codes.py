@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cli_helpers import EDGESHIP, MNIST, cheap_target, edgeship, lines, make_env, spec_with
+from tests.cli_helpers import EDGESHIP, MNIST, cheap_target, edgeship, lines, make_env, sigint_default, spec_with
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_interrupt_exits_130_with_one_line(command: str, sig: signal.Signals, wh
     spec = spec_with(tmp_path, f"slow-{where}", **changes)
     proc = subprocess.Popen([str(EDGESHIP), command, "--spec", str(spec), "--target", str(cheap_target(tmp_path)),
                              "--out", str(tmp_path / "build")], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_default)
     mark = Path(env["SLOW_MARK"])
     deadline = time.monotonic() + 300
     while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_helpers import sigint_default
 from tests.deploy.cli import EDGESHIP, MNIST, agent_pids, edgeship, env_for, last_line, local_target
 
 pytestmark = [pytest.mark.slow, pytest.mark.backend("onnxruntime")]
@@ -32,7 +33,7 @@ def test_interrupt_while_the_agent_measures_restores_the_device(sig: signal.Sign
     # The same device, a release whose validation takes minutes: the interrupt lands mid-measurement.
     slow = local_target(tmp_path / "t2", device, validation={"warmup": 1, "runs": 5_000_000})
     proc = subprocess.Popen([str(EDGESHIP), "deploy", "--target", str(slow), *out], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_default)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:

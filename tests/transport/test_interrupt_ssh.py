@@ -14,6 +14,7 @@ import yaml
 
 from pipeline.spec import TargetSpec
 from pipeline.transport import open_transport
+from tests.cli_helpers import sigint_default
 from tests.deploy.cli import EDGESHIP, MNIST, agent_pids, edgeship, env_for, last_line
 
 pytestmark = [pytest.mark.device, pytest.mark.slow, pytest.mark.backend("onnxruntime")]
@@ -40,7 +41,7 @@ def test_sigint_over_ssh_stops_the_remote_agent_and_rolls_back(ssh_target: Calla
 
     slow = _target_file(target, tmp_path / "slow.yaml", 5_000_000)
     proc = subprocess.Popen([str(EDGESHIP), "deploy", "--target", str(slow), *out], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_default)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
