@@ -14,6 +14,20 @@ from pipeline.backends.base import Artifact, BuildContext, Samples
 from pipeline.registry import get_backend
 
 
+def with_bn_statistics(model: Any) -> Any:
+    """``model`` in eval mode with non-trivial BatchNorm running statistics (seeded by the caller's
+    ``torch.manual_seed``), so folding them into the convs matters."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
 def tiny_cnn() -> Any:
     """Conv+BN+ReLU, depthwise Conv+BN+ReLU6, Conv+BN+ReLU, GAP, Linear; seeded, eval mode."""
     import torch
@@ -26,12 +40,7 @@ def tiny_cnn() -> Any:
         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
     )
-    with torch.no_grad():  # non-trivial BN statistics, so folding them matters
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return with_bn_statistics(model)
 
 
 def planted_cnn() -> Any:

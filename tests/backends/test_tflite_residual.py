@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.backends.coverage import artifact_coverage
 from pipeline.registry import get_backend
-from tests.backends.helpers import digits, make_context, run_artifact
+from tests.backends.helpers import digits, make_context, run_artifact, with_bn_statistics
 
 NAME = "tflite"
 pytestmark = [pytest.mark.slow, pytest.mark.backend(NAME)]
@@ -53,12 +53,7 @@ def residual_cnn() -> Any:
 
     torch.manual_seed(0)
     model = Net()
-    with torch.no_grad():  # non-trivial BN statistics, so folding them matters
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return with_bn_statistics(model)
 
 
 def _convert(tmp: Path, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], Counter]:
