@@ -186,6 +186,9 @@ def collect_rows(model: Any, layers: list[WeightedLayer], calib: CalibrationSet,
     names = list(dict.fromkeys(layer.inputs[0] for layer in layers))
     session = make_session(model_with_outputs(model, names).SerializeToString(), threads=threads)
     per_sample = -(-opts.rows // n)
+    # each conv's attributes once, not per batch (initializer_array decodes the weight)
+    conv_attrs = {layer.node: _conv_attrs(nodes[layer.node], initializer_array(model, layer.weight).shape[2:4])
+                  for layer in layers if layer.op != "Gemm"}
     parts: dict[str, list[np.ndarray]] = {layer.node: [] for layer in layers}
     for _, outs in run_batches(session, calib.samples[picked], batch_size, names):
         values = dict(zip(names, outs))
@@ -194,9 +197,7 @@ def collect_rows(model: Any, layers: list[WeightedLayer], calib: CalibrationSet,
             if layer.op == "Gemm":
                 parts[layer.node].append(x.reshape(x.shape[0], 1, -1).astype(np.float32))
             else:
-                w = initializer_array(model, layer.weight)
-                attrs = _conv_attrs(nodes[layer.node], (w.shape[2], w.shape[3]))
-                parts[layer.node].append(conv_rows(x, attrs, per_sample, rng))
+                parts[layer.node].append(conv_rows(x, conv_attrs[layer.node], per_sample, rng))
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
