@@ -144,14 +144,18 @@ def resolve_methods(method: str, equalize: str = "off", adaround: str = "off") -
     return {"off": plain, "on": cle, "auto": plain + cle}[equalize]
 
 
+def _split_suffix(method: str, suffix: str) -> tuple[str, bool]:
+    return (method[:-len(suffix)], True) if method.endswith(suffix) else (method, False)
+
+
 def split_adaround(method: str) -> tuple[str, bool]:
     """("entropy", True) for "entropy+ada": the observer and whether AdaRound learns the rounding."""
-    return (method[:-len(ADA_SUFFIX)], True) if method.endswith(ADA_SUFFIX) else (method, False)
+    return _split_suffix(method, ADA_SUFFIX)
 
 
 def split_method(method: str) -> tuple[str, bool]:
     """("entropy", True) for "entropy+cle": the observer and whether the graph is equalised."""
-    return (method[:-len(CLE_SUFFIX)], True) if method.endswith(CLE_SUFFIX) else (method, False)
+    return _split_suffix(method, CLE_SUFFIX)
 
 
 @dataclass
