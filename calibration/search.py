@@ -334,9 +334,10 @@ def search(builder: CandidateBuilder, holdout: Holdout, reference: Arrays, optio
     if not meets(report.holdout, budget, floor) and options.fallback:
         final = _fallback(builder, final, holdout, reference, options, metric, report)
     elif budget is not None or floor is not None:
-        report.budget_met = meets(report.holdout, budget, floor)
+        # here the holdout meets both, or misses one with the fallback off
         missed = shortfall(report.holdout, budget, floor)
-        report.budget_reason = missed + ("" if report.budget_met or options.fallback else " and fallback is off")
+        report.budget_met = not missed
+        report.budget_reason = f"{missed} and fallback is off" if missed else ""
     report.calibration_time_s = round(time.perf_counter() - t0, 3)
     return SearchResult(final, report)
 
