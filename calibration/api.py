@@ -212,7 +212,7 @@ def write_qdq_model(src: Path, model: Any, out: Path, plan: QuantPlan, cfg: Cali
     drop = float_tensors_for(model, exclude) if exclude else set()
     res = write_qdq(qsrc, out, plan.ranges, plan.acts, plan.weights, symmetric=plan.symmetric,
                     per_channel=cfg.per_channel, nodes_to_exclude=exclude, quantize_bias=cfg.target != "tensorrt",
-                    float_tensors=drop)
+                    float_tensors=drop, fold_unfused=cfg.target != "tensorrt")
     return res.mismatches
 
 

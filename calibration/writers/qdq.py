@@ -88,6 +88,7 @@ def write_qdq(
     verify: bool = True,
     quantize_bias: bool = True,
     float_tensors: Iterable[str] = (),
+    fold_unfused: bool = False,
 ) -> QdqResult:
     """Write a QDQ model whose scales are exactly ``acts`` and ``weights``.
 
@@ -107,6 +108,10 @@ def write_qdq(
             insists on quantizing every output of a quantized node, so their Q/DQ pairs are
             removed after writing; ReLU/Clip are then kept as nodes (ORT would otherwise fold
             them into the very Q we remove).
+        fold_unfused: turn the weight DequantizeLinears of layers whose output stays float into
+            float initializers (:func:`fold_unfused_weights`); ONNX Runtime, whose kernels only
+            fuse a layer whose output is quantized too. TensorRT runs int8-in/float-out layers
+            itself, so its writer leaves them.
 
     Returns:
         The written parameters and any mismatch.
@@ -126,6 +131,8 @@ def write_qdq(
     result.activations, result.weights = read_qdq_params(output)
     if verify:
         result.mismatches = _compare(result, acts, weights)
+    if fold_unfused:
+        fold_unfused_weights(output)
     return result
 
 
@@ -194,8 +201,85 @@ def strip_qdq(path: Path, tensors: set[str]) -> int:
                 n.input[k] = rewire[name]
     del g.node[:]
     g.node.extend(kept)
+    _drop_unused_initializers(g)  # the removed pairs' scales and zero points
     onnx.save(model, str(path))
     return len(rewire)
+
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def fold_unfused_weights(path: Path) -> int:
+    """Replace ``DequantizeLinear(int8 weight)`` by its float value where the layer cannot run in int8.
+
+    A layer just before a float fallback keeps quantized inputs but a float output, and ONNX
+    Runtime fuses DQ -> Conv -> Q into QLinearConv only with the Q. Without it the session
+    dequantizes the weight on every run and, the weight no longer being a constant, runs the
+    generic convolution instead of its prepacked NCHWc kernel (MobileNetV2 with 20 float layers:
+    8 such convolutions cost as much as the whole fp32 model's). The folded weight is exactly
+    ``(q - zero_point) * scale``, so the outputs do not change. Returns the number folded.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    producer = {o: n for n in g.node for o in n.output}
+    folded: list[Any] = []
+    for n in g.node:
+        if n.op_type not in WEIGHTED_OPS or all(_quantized(o, consumers) for o in n.output):
+            continue
+        for name in n.input[1:]:
+            dq = producer.get(name)
+            if (dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits
+                    and len(consumers[name]) == 1):
+                g.initializer.append(_dequantized(dq, inits, name))
+                folded.append(dq)
+    if folded:
+        keep = [n for n in g.node if not any(n is f for f in folded)]
+        del g.node[:]
+        g.node.extend(keep)
+        _drop_unused_initializers(g)
+        onnx.save(model, str(path))
+    return len(folded)
+
+
+def _quantized(tensor: str, consumers: dict[str, list[Any]]) -> bool:
+    """Whether ``tensor`` is only read by QuantizeLinear, directly or through ReLU/Clip (which
+    ONNX Runtime folds into the Q), so its producer fuses into an int8 kernel."""
+    found = consumers.get(tensor, [])
+    return bool(found) and all(
+        c.op_type == "QuantizeLinear"
+        or (c.op_type in ("Relu", "Clip") and all(_quantized(o, consumers) for o in c.output))
+        for c in found)
+
+
+def _dequantized(dq: Any, inits: dict[str, Any], name: str) -> Any:
+    """The float initializer ``name`` holding what ``dq`` computes (per-tensor or along its axis)."""
+    from onnx import numpy_helper
+
+    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    zp = (numpy_helper.to_array(inits[dq.input[2]]).astype(np.float64)
+          if len(dq.input) > 2 and dq.input[2] else np.zeros(scale.shape))
+    if scale.ndim == 1 and q.ndim > 1:
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    # float32 product, as DequantizeLinear computes it: the session's outputs stay bit-identical
+    return numpy_helper.from_array((q - zp).astype(np.float32) * scale, name)
+
+
+def _drop_unused_initializers(g: Any) -> None:
+    used = {name for n in g.node for name in n.input} | {o.name for o in g.output}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
 
 
 def read_qdq_params(path: Path) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[np.ndarray, np.ndarray]]]:

@@ -133,3 +133,44 @@ def test_tflite_samples_and_manifest(tmp_path: Path) -> None:
     assert back.dtype == np.float32 and np.array_equal(back, calib.samples)
     m = json.loads(manifest.read_text())
     assert m["set_sha256"] == calib.content_hash == CalibrationSet.from_arrays(back).content_hash
+
+
+def test_layer_before_a_float_fallback_gets_float_weights_and_the_same_outputs(
+        tiny_cnn: Path, calib_samples: np.ndarray, tmp_path: Path) -> None:
+    """conv2 falls back to float, so conv1 keeps int8 inputs but a float output: ONNX Runtime
+    cannot fuse it into QLinearConv, and a weight left behind a DequantizeLinear would be
+    dequantized on every run and miss the prepacked float kernel. The fold makes it a float
+    initializer holding exactly the dequantized values."""
+    from calibration.plan import float_tensors_for
+    from calibration.runtime import make_session, predict
+    from calibration.writers.qdq import fold_unfused_weights
+
+    import onnx
+
+    plan = _plan(tiny_cnn, calib_samples, tmp_path, symmetric=False)
+    floats = float_tensors_for(load_model(tiny_cnn), ["conv2"])
+    assert floats == {"c1", "r1"}  # the ReLU between them too
+    kw = dict(nodes_to_exclude=["conv2"], float_tensors=floats)
+    plain = write_qdq(tiny_cnn, tmp_path / "plain.onnx", plan.ranges, plan.acts, plan.weights, False, True, **kw).path
+    folded = write_qdq(tiny_cnn, tmp_path / "folded.onnx", plan.ranges, plan.acts, plan.weights, False, True,
+                       fold_unfused=True, **kw).path
+
+    def weight_inputs(path: Path, node: str) -> list[str]:
+        m = onnx.load(str(path))
+        inits = {i.name for i in m.graph.initializer}
+        producer = {o: n.op_type for n in m.graph.node for o in n.output}
+        conv = next(n for n in m.graph.node if n.name == node)
+        return ["float" if i in inits else producer[i] for i in conv.input[1:]]
+
+    assert weight_inputs(plain, "conv1") == ["DequantizeLinear", "DequantizeLinear"]
+    assert weight_inputs(folded, "conv1") == ["float", "float"]
+    # fc's output is quantized (ORT quantizes the graph output too): it still fuses, left alone
+    assert weight_inputs(folded, "fc") == ["DequantizeLinear", "DequantizeLinear"]
+    producer = {o: n.op_type for n in onnx.load(str(folded)).graph.node for o in n.output}
+    assert producer[next(n for n in onnx.load(str(folded)).graph.node if n.name == "conv1").input[0]] == "DequantizeLinear"
+    a = predict(make_session(plain), calib_samples)
+    b = predict(make_session(folded), calib_samples)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    assert fold_unfused_weights(folded) == 0  # nothing left to fold
+    used = {i for n in onnx.load(str(folded)).graph.node for i in n.input}
+    assert {i.name for i in onnx.load(str(folded)).graph.initializer} <= used
