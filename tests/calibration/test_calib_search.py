@@ -194,3 +194,40 @@ def test_sqnr_floor_drives_the_fallback_without_a_budget() -> None:
                  Agreement()).report
     assert rep.budget_met is False and rep.fallback_layers == []
     assert rep.budget_reason == f"holdout SQNR {base:.2f} dB < floor {base + 1.0:.2f} dB and fallback is off"
+
+
+def test_lone_gaps_between_float_layers() -> None:
+    from calibration.sensitivity import lone_gaps
+
+    order = ["a", "b", "c", "d", "e", "f"]
+    assert lone_gaps(order, {"a", "c", "d", "f"}) == ["b", "e"]
+    assert lone_gaps(order, {"a", "d"}) == []  # a gap of two stays int8
+    assert lone_gaps(order, {"b"}) == [] and lone_gaps(order, set()) == []
+
+
+def test_fallback_fills_a_lone_gap_only_while_the_floor_still_holds() -> None:
+    from calibration.config import FallbackLayer
+    from calibration.search import _fill_gaps
+    from calibration.sensitivity import FallbackResult
+
+    ranked = [LayerSensitivity(n, "Conv", float("nan"), saved, 0.0) for n, saved in
+              (("a", 3.0), ("c", 2.0), ("b", 0.1), ("d", 0.05))]
+    ranking = Ranking(ranked, order=["a", "b", "c", "d"])
+    chosen = FallbackResult([FallbackLayer("a", "Conv", 1.0, 0.0, 3.0), FallbackLayer("c", "Conv", 1.0, 0.0, 2.0)],
+                            True, "", {"drop_pp": 0.0, "sqnr_db": 23.2}, [(2, 0.0)])
+    asked: list[list[str]] = []
+
+    def evaluate(names: list[str]) -> dict[str, float]:
+        asked.append(names)
+        return {"drop_pp": 0.0, "sqnr_db": 23.0 + 0.4 * len(names)}
+
+    filled = _fill_gaps(chosen, ranking, evaluate, SearchOptions(("minmax",), budget_pp=1.0, min_sqnr_db=23.0))
+    assert asked == [["a", "c", "b"]]
+    assert [(layer.name, layer.gap) for layer in filled.layers] == [("a", False), ("c", False), ("b", True)]
+    assert filled.metrics["sqnr_db"] == 23.0 + 1.2 and filled.tried[-1] == (3, 0.0)
+
+    def worse(names: list[str]) -> dict[str, float]:  # e.g. a float layer that changes rounding downstream
+        return {"drop_pp": 2.0, "sqnr_db": 22.0}
+
+    kept = _fill_gaps(chosen, ranking, worse, SearchOptions(("minmax",), budget_pp=1.0, min_sqnr_db=23.0))
+    assert [layer.name for layer in kept.layers] == ["a", "c"] and kept.metrics["sqnr_db"] == 23.2
