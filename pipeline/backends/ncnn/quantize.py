@@ -186,7 +186,7 @@ class NcnnBuilder:
         base = t.score(layers, thr, xr, rr)
         ranked = [LayerSensitivity(q.name, q.type, float("nan"), t.score([o for o in layers if o is not q], thr, xr, rr)
                                    - base, 0.0) for q in layers]
-        return Ranking(sorted(ranked, key=lambda s: -s.saved_db), order=[q.name for q in layers])
+        return Ranking(sorted(ranked, key=lambda s: -s.saved_db))
 
 
 def _int8_layers(layout: Any, absmax: dict[str, float]) -> tuple[list["Layer"], list[dict[str, str]]]:

@@ -281,15 +281,12 @@ class Pt2eBuilder:
 
     def rank(self, method: str, holdout: Holdout, reference: Arrays) -> Ranking:
         """Gated ONNX ranking under the same plan, paired with the modules (sensitivity.py)."""
-        from pipeline.backends.tflite.sensitivity import module_layers, rank_modules
+        from pipeline.backends.tflite.sensitivity import rank_modules
 
         ctx = self.ctx
         ranked = rank_modules(ctx.torch_model().eval(), self.fit.samples, first(holdout.x), self.per_channel,
                               ctx.onnx_fp32, self.plans.get(method), self.onnx_values, ctx.target.threads)
-        ranked = [s for s in ranked if s.name not in self.user_float]
-        names = {s.name for s in ranked}
-        # named_modules() follows the definition order, the execution order of the CNNs it serves
-        return Ranking(ranked, order=[n for n, _ in module_layers(ctx.torch_model()) if n in names])
+        return Ranking([s for s in ranked if s.name not in self.user_float])
 
 
 def convert_int8(p: Prepared, ctx: "BuildContext") -> tuple[bytes, dict[str, Any]]:

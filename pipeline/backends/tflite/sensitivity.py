@@ -28,7 +28,7 @@ RANK_SAMPLES = 8  # samples for the weight-only ranking
 SENSITIVITY_SAMPLES = 16  # holdout samples for the gated ONNX ranking (as quantize_onnx)
 
 
-def module_layers(module: Any) -> list[tuple[str, Any]]:
+def _layers(module: Any) -> list[tuple[str, Any]]:
     import torch
 
     return [(n, m) for n, m in module.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
@@ -45,7 +45,7 @@ def weight_sensitivity(module: Any, x: np.ndarray, per_channel: bool, only: set[
     out: dict[str, float] = {}
     with torch.no_grad():
         ref = module(xt).numpy().astype(np.float64)
-        for name, layer in module_layers(module):
+        for name, layer in _layers(module):
             if only is not None and name not in only:
                 continue
             w = layer.weight.detach().clone()
@@ -80,11 +80,11 @@ def pair_modules(module: Any, x: np.ndarray, model: Any, onnx_values: dict[str, 
     from pipeline.backends.tflite.ranges import module_inputs
 
     tol = MATCH_TOL if tol is None else tol
-    seen = module_inputs(module, dict(module_layers(module)), x)
+    seen = module_inputs(module, dict(_layers(module)), x)
     shapes = {i.name: tuple(sorted(numpy_helper.to_array(i).shape)) for i in model.graph.initializer}
     free = list(weighted_layers(model))
     out: dict[str, str] = {}
-    for name, layer in module_layers(module):
+    for name, layer in _layers(module):
         if name not in seen:
             continue
         ours = seen[name].astype(np.float64).ravel()
@@ -142,7 +142,7 @@ def rank_modules(module: Any, fit: np.ndarray, holdout: np.ndarray, per_channel:
         to_module = {node: name for name, node in pair_modules(module, fit[:n], model, onnx_values).items()}
         ranked = [LayerSensitivity(to_module[s.name], f"onnx {s.name}", float("nan"), s.saved_db, s.saved_pp)
                   for s in gated if s.name in to_module]
-    rest = {name for name, _ in module_layers(module)} - {s.name for s in ranked}
+    rest = {name for name, _ in _layers(module)} - {s.name for s in ranked}
     solo = weight_sensitivity(module, fit, per_channel, rest) if rest else {}
     return ranked + [LayerSensitivity(n, "weights only", solo[n], float("nan"), 0.0)
                      for n in sorted(solo, key=lambda n: solo[n])]
