@@ -149,8 +149,7 @@ class QdqBuilder:
         x, ref = first(holdout.x)[:k], first(reference)[:k]
         labels = None if holdout.labels is None else holdout.labels[:k]
         ranked = layer_sensitivity(gated, x, ref, labels, tie_margin=self.cfg.tie_margin)
-        return Ranking(ranked, solo_sqnr=lambda name: only_layer_sqnr(gated, x, ref, name),
-                       order=[layer.node for layer in self.layers])
+        return Ranking(ranked, solo_sqnr=lambda name: only_layer_sqnr(gated, x, ref, name))
 
 
 class EqualizeChoice:

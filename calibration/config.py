@@ -170,8 +170,6 @@ class FallbackLayer:
         saved_pp: holdout accuracy (or agreement) points recovered when this layer alone is
             left in float while all others are quantized.
         saved_db: output SQNR gained the same way.
-        gap: kept in float because it sat alone between two float layers (each island costs
-            its runtime a layout and precision change in and out), not for its own sensitivity.
     """
 
     name: str
@@ -179,4 +177,3 @@ class FallbackLayer:
     sqnr_db: float
     saved_pp: float
     saved_db: float
-    gap: bool = False

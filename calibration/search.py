@@ -34,7 +34,7 @@ import numpy as np
 
 from calibration.config import FallbackLayer
 from calibration.metrics import accuracy, sqnr_db, top1_agreement
-from calibration.sensitivity import FallbackResult, LayerSensitivity, choose_fallback, lone_gaps, meets, shortfall
+from calibration.sensitivity import LayerSensitivity, choose_fallback, meets, shortfall
 from pipeline.metrics import drop_pp
 
 #: name -> array, samples on axis 0 (model inputs or outputs)
@@ -122,9 +122,6 @@ class Ranking:
 
     layers: list[LayerSensitivity]
     solo_sqnr: Callable[[str], float] | None = None
-    order: list[str] | None = None
-    """The same layers in execution order, where the builder knows it: the fallback then also
-    floats an int8 layer left alone between two float ones (:func:`_fill_gaps`)."""
 
 
 class CandidateBuilder(Protocol):
@@ -362,8 +359,6 @@ def _fallback(builder: CandidateBuilder, base: Candidate, holdout: Holdout, refe
 
     result = choose_fallback(ranking.layers, evaluate, report.holdout, options.budget_pp, options.max_fallback_layers,
                              options.min_sqnr_db)
-    if result.budget_met and ranking.order:
-        result = _fill_gaps(result, ranking, evaluate, options)
     if ranking.solo_sqnr is not None:
         for layer in result.layers:
             layer.sqnr_db = round(ranking.solo_sqnr(layer.name), 3)
@@ -377,26 +372,3 @@ def _fallback(builder: CandidateBuilder, base: Candidate, holdout: Holdout, refe
         report.holdout = result.metrics
         return built[key]
     return base
-
-
-def _fill_gaps(result: FallbackResult, ranking: Ranking, evaluate: Callable[[list[str]], dict[str, float]],
-               options: SearchOptions) -> FallbackResult:
-    """Also float each int8 layer that the chosen ones leave alone between two float layers.
-
-    Such a layer buys little speed and costs two crossings between the int8 and the float
-    domain (ONNX Runtime: a transpose, a (de)quantize and an NCHWc reorder each way; MobileNetV2
-    with 20 scattered float layers ran at 0.95x fp32, with its one-layer gaps filled at 1.06x).
-    Kept only if the filled candidate still meets the budget and the floor.
-    """
-    names = [layer.name for layer in result.layers]
-    gaps = lone_gaps(ranking.order or [], set(names))
-    if not gaps:
-        return result
-    metrics = evaluate(names + gaps)
-    result.tried.append((len(names) + len(gaps), metrics["drop_pp"]))
-    if not meets(metrics, options.budget_pp, options.min_sqnr_db):
-        return result
-    known = {s.name: s for s in ranking.layers}
-    filled = [FallbackLayer(g, known[g].op, known[g].sqnr_db, known[g].saved_pp, known[g].saved_db, gap=True)
-              for g in gaps]
-    return FallbackResult(result.layers + filled, True, "", metrics, result.tried)

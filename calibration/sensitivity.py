@@ -16,7 +16,7 @@ last gap).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -132,12 +132,6 @@ def shortfall(metrics: dict[str, float], max_drop_pp: float | None, min_sqnr_db:
     if min_sqnr_db is not None and metrics["sqnr_db"] < min_sqnr_db:
         parts.append(f"holdout SQNR {metrics['sqnr_db']:.2f} dB < floor {min_sqnr_db:.2f} dB")
     return " and ".join(parts)
-
-
-def lone_gaps(order: Sequence[str], floats: Collection[str]) -> list[str]:
-    """The layers of ``order`` (execution order) that sit alone between two float layers."""
-    return [order[i] for i in range(1, len(order) - 1)
-            if order[i] not in floats and order[i - 1] in floats and order[i + 1] in floats]
 
 
 def choose_fallback(
