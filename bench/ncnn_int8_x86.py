@@ -39,15 +39,18 @@ SPECS = {"efficientnet-lite0": ROOT / "examples" / "efficientnet_lite0.yaml",
          "mobilenet-v2": ROOT / "examples" / "mobilenet_v2.yaml", "mnist": ROOT / "examples" / "mnist.yaml"}
 
 
-def build(workload: str, work: Path) -> tuple[dict[str, Any], Any]:
-    """The fp32 and int8 ncnn artifacts (by precision) and the spec."""
+def build(workload: str, work: Path, backend: str = "ncnn",
+          options: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
+    """The fp32 and int8 artifacts of ``backend`` (by precision) and the spec (a ``local``-based
+    target, a private stage cache under ``work``)."""
     from pipeline.build import build as run_build
     from pipeline.cache import Cache
     from pipeline.spec import BuildSpec, load_spec, load_target
 
     spec = load_spec(SPECS[workload])
     target = load_target("local").model_copy(deep=True)
-    target.builds = [BuildSpec(backend="ncnn", precisions=["fp32", "int8"], options={"int8_depthwise": "int8"})]
+    opts = {"int8_depthwise": "int8"} if options is None and backend == "ncnn" else (options or {})
+    target.builds = [BuildSpec(backend=backend, precisions=["fp32", "int8"], options=opts)]
     result = run_build(spec, target, work / "build", cache=Cache(work / "stages"), log=lambda s: None)
     return {a.precision: a for a in result.artifacts}, spec
 

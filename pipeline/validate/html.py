@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.validate.report import (COLUMNS, budget_rule, columns, conditions_line, metric_label, recommended_line,
-                                      rows)
+                                      rows, slower_lines)
 from pipeline.validate.stats import MAX_CV, coefficient_of_variation
 from pipeline.validate.trend import Series, series
 
@@ -220,6 +220,8 @@ def _devices(results: dict[str, Any]) -> str:
                           ("release", dep.get("release_id")), ("bytes moved", dep.get("bytes_moved")),
                           ("rolled back to", dev.get("rolled_back_to") if dev.get("rolled_back") else None),
                           ("error", dev.get("error"))]))
+        slow = slower_lines(dev)
+        out.append("<ul>" + "".join(f'<li class="fail">{escape(line)}</li>' for line in slow) + "</ul>" if slow else "")
     return "".join(out)
 
 

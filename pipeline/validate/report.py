@@ -179,6 +179,8 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
             _line(console, f"{dev['device']}: {dev['error']}", "red")
         if line := conditions_line(dev):
             _line(console, line, "yellow" if "FLAGGED" in line else "dim")
+        for line in slower_lines(dev):
+            _line(console, line, "yellow")
         for r in dev.get("runs", []):
             for line in run_lines(dev["device"], r):
                 _line(console, line, "dim")
@@ -212,6 +214,37 @@ def run_lines(device: str, r: dict[str, Any]) -> list[str]:
         what = "engine cached" if build.get("cached") else f"engine built in {build.get('seconds', 0):.1f} s"
         out.append(f"{device} {r['id']}: {what} on the device ({build.get('builder')})")
     return out
+
+
+def slower_lines(dev: dict[str, Any]) -> list[str]:
+    """Each reduced-precision run that ran slower than its backend's fp32 on this device, both
+    timed in the same interleaved rounds, with their p50 intervals apart (not noise): on a CPU
+    whose float kernels are fast, float layers kept by the calibration fallback (each a crossing
+    in and out of int8) can cost more than int8 saves, and the user should ship fp32 there."""
+    runs = dev.get("runs") or []
+    fp32 = {r["backend"]: r.get("latency_ms") or {} for r in runs if r.get("precision") == "fp32"}
+    out = []
+    for r in runs:
+        lat, ref = r.get("latency_ms") or {}, fp32.get(r.get("backend"))
+        if r.get("precision") == "fp32" or not ref or not all(
+                isinstance(d.get(k), (int, float)) for d in (lat, ref) for k in ("p50", "p50_low", "p50_high")):
+            continue
+        if lat["p50_low"] <= ref["p50_high"]:
+            continue
+        out.append(f"{dev['device']} {r['id']}: SLOWER than {r['backend']} fp32 ({ref['p50'] / lat['p50']:.2f}x, "
+                   f"p50 {lat['p50']:.3f} vs {ref['p50']:.3f} ms): {_slower_advice(r)}")
+    return out
+
+
+def _slower_advice(r: dict[str, Any]) -> str:
+    kept = len((r.get("calibration") or {}).get("fallback_layers") or [])
+    fp32 = f"ship {r['backend']} fp32 on this device"
+    if r.get("precision") != "int8":
+        return f"no {r.get('precision')} arithmetic pays on this device for {r['backend']}: {fp32} unless size matters"
+    if kept:
+        return (f"its {kept} float layer(s) from the calibration fallback cost more than int8 saves here; {fp32}, "
+                "or lower calibration.min_sqnr_db / raise the budget so fewer layers stay float")
+    return f"its int8 kernels are not faster than the float ones here; {fp32}"
 
 
 def recommended_line(results: dict[str, Any]) -> str | None:
@@ -255,6 +288,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"- {r}" for r in gate.get("reasons") or []]
     lines += ["", line] if (line := "\n".join(filter(None, map(conditions_line, results["devices"])))) else []
     measured = [f"- {line}" for dev in results["devices"] for r in dev.get("runs", []) for line in run_lines(dev["device"], r)]
+    measured += [f"- {line}" for dev in results["devices"] for line in slower_lines(dev)]
     lines += [""] + measured if measured else []
     for dev in results["devices"]:
         for r in dev.get("runs", []):
