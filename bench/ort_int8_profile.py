@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -39,6 +40,7 @@ from ncnn_int8_x86 import ROOT, build
 CLASSES = ("conv 1x1 / full", "conv depthwise", "quantize / dequantize", "layout", "other")
 CONV_OPS = {"Conv", "FusedConv", "QLinearConv"}
 LAYOUT_OPS = {"Transpose", "ReorderInput", "ReorderOutput"}
+WARMUP = 5  # runs per session before the measured rounds, dropped from the profile
 
 
 def session(model: Path, optimized: Path, profile: bool) -> Any:
@@ -92,9 +94,8 @@ def profile_pair(models: dict[str, Path], work: Path, rounds: int, per_round: in
     sessions = {k: session(p, work / f"{k}.opt.onnx", profile=True) for k, p in models.items()}
     for s in sessions.values():
         name = s.get_inputs()[0].name
-        for _ in range(5):
+        for _ in range(WARMUP):
             s.run(None, {name: x})
-    skip = {k: 5 for k in sessions}
     for _ in range(rounds):
         for s in sessions.values():
             name = s.get_inputs()[0].name
@@ -103,7 +104,7 @@ def profile_pair(models: dict[str, Path], work: Path, rounds: int, per_round: in
     out = {}
     for k, s in sessions.items():
         prof = Path(s.end_profiling())
-        out[k] = per_run(prof, node_classes(work / f"{k}.opt.onnx"))[skip[k]:]
+        out[k] = per_run(prof, node_classes(work / f"{k}.opt.onnx"))[WARMUP:]
         prof.unlink()
     return out
 
@@ -186,7 +187,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     report: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.platform(),
-                              "cpu": f"{__import__('os').cpu_count()} cores", "onnxruntime": onnxruntime.__version__,
+                              "cpu": f"{os.cpu_count()} cores", "onnxruntime": onnxruntime.__version__,
                               "gemm": gemm_bound(), "workloads": {}}
     with tempfile.TemporaryDirectory(prefix="edgeship-ortprof-") as tmp:
         for workload in args.workloads:

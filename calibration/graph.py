@@ -136,6 +136,15 @@ def weighted_layers(model: onnx.ModelProto) -> list[WeightedLayer]:
     return layers
 
 
+def consumer_map(graph: "onnx.GraphProto") -> "dict[str, list[onnx.NodeProto]]":
+    """Tensor name -> the nodes that read it, in graph order."""
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for name in n.input:
+            found.setdefault(name, []).append(n)
+    return found
+
+
 def initializer_array(model: onnx.ModelProto, name: str):  # -> np.ndarray
     """Return an initializer as a numpy array (raises CalibrationError if absent)."""
     from onnx import numpy_helper

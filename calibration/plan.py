@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.graph import WeightedLayer, initializer_array
+from calibration.graph import WeightedLayer, consumer_map, initializer_array
 from calibration.observers import QParams, compute_ranges, qparams, weight_qparams
 from calibration.stats import Statistics
 
@@ -192,10 +192,7 @@ def float_tensors_for(model: Any, float_nodes: list[str]) -> set[str]:
     """
     nodes = set(float_nodes)
     producer = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumer_map(model.graph)
     passthrough = ("Relu", "Clip", *SHARE_INPUT_PARAMS)
     dropped: set[str] = set()
     for n in model.graph.node:

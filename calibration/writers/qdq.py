@@ -206,9 +206,6 @@ def strip_qdq(path: Path, tensors: set[str]) -> int:
     return len(rewire)
 
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
 def fold_unfused_weights(path: Path) -> int:
     """Replace ``DequantizeLinear(int8 weight)`` by its float value where the layer cannot run in int8.
 
@@ -221,15 +218,14 @@ def fold_unfused_weights(path: Path) -> int:
     """
     import onnx
 
+    from calibration.graph import WEIGHTED_OPS, consumer_map
+
     model = onnx.load(str(path))
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
+    consumers = consumer_map(g)
     producer = {o: n for n in g.node for o in n.output}
-    folded: list[Any] = []
+    folded: set[str] = set()  # the folded DequantizeLinears' outputs, now initializers
     for n in g.node:
         if n.op_type not in WEIGHTED_OPS or all(_quantized(o, consumers) for o in n.output):
             continue
@@ -238,9 +234,9 @@ def fold_unfused_weights(path: Path) -> int:
             if (dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits
                     and len(consumers[name]) == 1):
                 g.initializer.append(_dequantized(dq, inits, name))
-                folded.append(dq)
+                folded.add(name)
     if folded:
-        keep = [n for n in g.node if not any(n is f for f in folded)]
+        keep = [n for n in g.node if not (n.op_type == "DequantizeLinear" and n.output[0] in folded)]
         del g.node[:]
         g.node.extend(keep)
         _drop_unused_initializers(g)
