@@ -132,7 +132,8 @@ def up(name: str, install_deps: bool = False, rebuild: bool = False,
         if was_up:
             sshd.thaw(root)  # `up` promises a usable device, even after an unpaired freeze()
         try:
-            sshd.configure(root)
+            if sshd.configure(spec, root) and was_up:
+                sshd.stop(root)  # a new drop-in (e.g. the emulated CPU) applies to new sessions only
             rootfs.mount_api_fs(root)
             if releases_mb is not None:
                 _apply_quota(_quota_point(root, None), releases_mb)

@@ -47,6 +47,12 @@ MaxSessions 64
 """
 
 
+def sshd_config(spec: SimSpec) -> str:
+    """The drop-in for ``spec``: the common settings, and the emulated CPU model for every session
+    (qemu-user reads ``QEMU_CPU`` from the environment of each program it starts)."""
+    return SSHD_CONFIG + (f"SetEnv QEMU_CPU={spec.qemu_cpu}\n" if spec.qemu_cpu else "")
+
+
 def ensure_client_key() -> Path:
     """Create the edgeship-owned client key pair once (``$EDGESHIP_HOME/sim/id_ed25519``)."""
     key = client_key_path()
@@ -61,12 +67,17 @@ def ensure_client_key() -> Path:
     return key
 
 
-def configure(root: Path) -> None:
-    """Write the sshd drop-in and root's authorized_keys (the edgeship client key only)."""
+def configure(spec: SimSpec, root: Path) -> bool:
+    """Write the sshd drop-in and root's authorized_keys (the edgeship client key only).
+
+    Returns:
+        Whether the drop-in changed (a running sshd must restart to apply it).
+    """
     pub = ensure_client_key().with_suffix(".pub").read_text().strip()
     dropin = inside(root, SSHD_DROPIN)
     dropin.parent.mkdir(parents=True, exist_ok=True)
-    dropin.write_text(SSHD_CONFIG)
+    changed = not dropin.exists() or dropin.read_text() != sshd_config(spec)
+    dropin.write_text(sshd_config(spec))
     ssh_dir = inside(root, f"/{DEVICE_USER}/.ssh")
     ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ssh_dir.chmod(0o700)
@@ -75,6 +86,7 @@ def configure(root: Path) -> None:
     auth.chmod(0o600)
     # Privilege-separation directory sshd insists on; /run is a plain folder in the rootfs.
     inside(root, "/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
+    return changed
 
 
 def host_public_key_line(root: Path) -> str:

@@ -101,6 +101,32 @@ def test_onnxruntime_runs_tiny_model_on_arm64(sim_devices, tmp_path):
     np.testing.assert_allclose(np.array(result["y"]), expected, rtol=1e-5, atol=1e-6)
 
 
+# The CPU features a program on the device sees: AT_HWCAP (type 16) from its own auxiliary vector,
+# which qemu-user builds from the CPU model it emulates.
+_HWCAP_SCRIPT = (
+    "import struct; a = open('/proc/self/auxv', 'rb').read(); "
+    "print(dict(struct.iter_unpack('<QQ', a)).get(16, 0))"
+)
+_HWCAP_ASIMD, _HWCAP_ASIMDDP, _HWCAP_SVE = 1 << 1, 1 << 20, 1 << 22
+
+
+def test_arm64_sessions_see_a_cortex_a72(sim_devices, tmp_path):
+    """The Pi 4's CPU, not qemu's `max`: NEON but no dot product or SVE, so runtimes pick the
+    kernels a Pi 4 runs (with `max`, ONNX Runtime's int8 took its dot-product kernels, which
+    qemu emulates ~10x slower, and int8 timed 7x slower than fp32)."""
+    info = sim_devices["sim-arm64"]
+    client = ssh_client(info, enroll_known_hosts(tmp_path / "known_hosts", info))
+    try:
+        code, out, err = run_remote(client, f'{info.python} -c "{_HWCAP_SCRIPT}"; echo $QEMU_CPU', timeout=60)
+    finally:
+        client.close()
+    assert code == 0, err
+    hwcap, cpu = out.split()
+    assert cpu == "cortex-a72"
+    assert int(hwcap) & _HWCAP_ASIMD
+    assert not int(hwcap) & (_HWCAP_ASIMDDP | _HWCAP_SVE)
+
+
 def test_runtime_venv_has_every_runtime(sim_devices, tmp_path):
     info = sim_devices["sim-x86"]
     client = ssh_client(info, enroll_known_hosts(tmp_path / "known_hosts", info))
