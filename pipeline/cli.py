@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 
 from pipeline import __version__
-from pipeline.errors import AccuracyRegression, DeviceError, EdgeshipError, Interrupted
+from pipeline.errors import AccuracyRegression, BadInput, DeviceError, EdgeshipError, Interrupted
 
 app = typer.Typer(help="edgeship: PyTorch -> ONNX -> edge artifacts, calibrated INT8, deployed and measured.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -290,17 +290,28 @@ def baseline_pin(spec: Path = SPEC_OPT, target: str = TARGET_OPT, out: Optional[
 
 @app.command()
 def history(spec: Path = SPEC_OPT, target: str = TARGET_OPT,
-            history_dir: Path = typer.Option(Path("build/history"), "--history", help="where the history is kept")) -> None:
-    """The nightly's trend: the spec's metric, p50 and verdict per night and run."""
-    from pipeline.nightly import history_file
+            history_dir: Path = typer.Option(Path("build/history"), "--history", help="where the history is kept"),
+            accept_runs: bool = typer.Option(False, "--accept", help="accept the newest night's regressions as the "
+                                             "new last good (an intended change); needs --reason"),
+            run: list[str] = typer.Option([], "--run", help="with --accept: only this run (e.g. ncnn-int8); repeatable"),
+            reason: str = typer.Option("", "--reason", help="with --accept: why the change is intended")) -> None:
+    """The nightly's trend: the spec's metric, p50 and verdict per night and run. With --accept, first
+    make the newest night's regressed runs the last good ones the next nights compare with."""
+    from pipeline.nightly import accept, history_file
     from pipeline.validate.report import print_table
     from pipeline.validate.trend import HISTORY_TEXT_COLUMNS, history_columns, history_rows, read_history
 
     s, t = _load(spec, target)
-    entries = read_history(history_file(history_dir, s.name, t.name))
+    if (run or reason) and not accept_runs:
+        raise BadInput("edgeship history: --run and --reason go with --accept")
+    path = history_file(history_dir, s.name, t.name)
+    if accept_runs:
+        accepted = accept(path, run, reason)["accepted"]
+        out_console.print(f"accepted {', '.join(accepted['runs'])} of {accepted['night']} as last good: {accepted['reason']}")
+    entries = read_history(path)
     rows = history_rows(entries)
     print_table(out_console, f"{s.name} on {t.name}: nightly history", history_columns(entries), rows,
-                [row[-1] != "pass" for row in rows], left=HISTORY_TEXT_COLUMNS)
+                [row[-1] == "FAIL" for row in rows], left=HISTORY_TEXT_COLUMNS)
 
 
 @targets_app.command("list")

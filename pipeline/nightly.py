@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.errors import EdgeshipError
+from pipeline.errors import BadInput, EdgeshipError
 from pipeline.metrics import drop_pp
 from pipeline.paths import contained
 from pipeline.spec import load_spec, load_target
@@ -33,16 +33,67 @@ def history_file(history: Path, spec_name: str, target_name: str) -> Path:
     return contained(history / spec_name / f"{target_name}.jsonl", history, f"history of {spec_name} on {target_name}")
 
 
+def _gated_rows(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """(device/run id) -> each row of a nightly entry that passed its own gate, with the night."""
+    return {f"{dev['device']}/{row['id']}": {**row, "when": entry.get("when"), "release_id": entry.get("release_id")}
+            for dev in entry.get("devices", []) for row in dev.get("runs", [])
+            if (row.get("gate") or {}).get("passed")}
+
+
 def last_good(path: Path) -> dict[str, dict[str, Any]]:
-    """(device/run id) -> the newest row that passed its gate."""
+    """(device/run id) -> the newest row that passed its gate without regressing, or that was
+    accepted (:func:`accept`).
+
+    A row that regressed is not good even though its own gate passed: otherwise the next night
+    compares with it, and a regression inside the budget is red for one night and then forgotten.
+    """
     good: dict[str, dict[str, Any]] = {}
+    nights: dict[str, dict[str, dict[str, Any]]] = {}
     for entry in read_history(path):
-        for dev in entry.get("devices", []):
-            for row in dev.get("runs", []):
-                if (row.get("gate") or {}).get("passed"):
-                    good[f"{dev['device']}/{row['id']}"] = {**row, "when": entry.get("when"),
-                                                            "release_id": entry.get("release_id")}
+        if "accepted" in entry:
+            night = nights.get(entry["accepted"]["night"], {})
+            good.update({key: night[key] for key in entry["accepted"]["runs"] if key in night})
+            continue
+        rows = nights[str(entry.get("when"))] = _gated_rows(entry)
+        good.update({key: row for key, row in rows.items() if not row.get("regressions")})
     return good
+
+
+def accept(path: Path, runs: list[str], reason: str) -> dict[str, Any]:
+    """Accept the newest night's regressed runs as the new last good (an intended change: a bigger
+    artifact from a deliberate float fallback, a new toolchain's latency). Appends an entry that
+    :func:`last_good` applies and returns it.
+
+    Args:
+        path: The history file of one (spec, target).
+        runs: Run ids (``ncnn-int8``) or device/run ids to accept; empty: every regressed run.
+        reason: Why, kept in the history beside the night it accepts.
+
+    Raises:
+        BadInput: No history, nothing regressed on the newest night, a run it does not hold or
+            that failed its own gate (a gate failure is fixed, not accepted), or no reason.
+    """
+    nights = [e for e in read_history(path) if "accepted" not in e]
+    if not reason.strip():
+        raise BadInput(f"{path}: --reason is empty: say why the change is intended (it stays in the history)")
+    if not nights:
+        raise BadInput(f"{path}: no nightly history to accept from: run `edgeship nightly` first")
+    newest = nights[-1]
+    gated = _gated_rows(newest)
+    regressed = [key for key, row in gated.items() if row.get("regressions")]
+    chosen = [k for k in gated if any(k == r or k.endswith("/" + r) for r in runs)] if runs else regressed
+    unknown = [r for r in runs if not any(k == r or k.endswith("/" + r) for k in gated)]
+    if unknown:
+        raise BadInput(f"{path}: --run {', '.join(unknown)}: not a run of the night of {newest.get('when')} that "
+                       f"passed its gate; those are: {', '.join(gated) or 'none'}")
+    if not chosen:
+        raise BadInput(f"{path}: the night of {newest.get('when')} has no regressed run to accept")
+    entry = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "spec": newest.get("spec"),
+             "target": newest.get("target"), "accepted": {"night": str(newest.get("when")), "runs": chosen,
+                                                          "reason": reason.strip()}}
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    return entry
 
 
 def _slower(key: str, row: dict[str, Any], prev: dict[str, Any], limit_pct: float) -> list[str]:

@@ -140,3 +140,57 @@ def test_nightly_regression_against_last_good(tmp_path: Path) -> None:
     assert regressions(_results(97.7), good, 0.5) == []
     found = regressions(_results(97.2), good, 0.5)
     assert len(found) == 1 and "0.70 pp below the last good run" in found[0]
+
+
+def _night(when: str, acc: float, regressed: bool = False, passed: bool = True) -> dict:
+    row = {**_row(acc), "gate": {"passed": passed}, "regressions": ["fell"] if regressed else []}
+    return {"when": when, "devices": [{"device": "d", "runs": [row]}]}
+
+
+def test_a_regressed_night_does_not_become_last_good(tmp_path: Path) -> None:
+    """Its own gate passed, but it regressed: the next night still compares with day1, so a
+    regression inside the budget stays red until it is fixed or accepted."""
+    hist = tmp_path / "h.jsonl"
+    hist.write_text("".join(json.dumps(e) + "\n" for e in (_night("day1", 97.9), _night("day2", 97.0, regressed=True))))
+    assert last_good(hist)["d/onnxruntime-int8"]["when"] == "day1"
+    assert len(regressions(_results(97.0), last_good(hist), 0.5)) == 1
+
+
+def test_accept_makes_the_newest_regressed_runs_last_good(tmp_path: Path) -> None:
+    from pipeline.nightly import accept
+
+    hist = tmp_path / "h.jsonl"
+    hist.write_text("".join(json.dumps(e) + "\n" for e in (_night("day1", 97.9), _night("day2", 97.0, regressed=True))))
+    entry = accept(hist, [], "new calibration method, measured on the full set")
+    assert entry["accepted"] == {"night": "day2", "runs": ["d/onnxruntime-int8"],
+                                 "reason": "new calibration method, measured on the full set"}
+    good = last_good(hist)
+    assert good["d/onnxruntime-int8"]["when"] == "day2" and good["d/onnxruntime-int8"]["accuracy"] == 97.0
+    assert regressions(_results(97.0), good, 0.5) == []
+    # a later regressed night is measured against the accepted one, not day1
+    with open(hist, "a") as fh:
+        fh.write(json.dumps(_night("day3", 96.2, regressed=True)) + "\n")
+    assert last_good(hist)["d/onnxruntime-int8"]["when"] == "day2"
+
+
+@pytest.mark.parametrize("nights, runs, reason, needle", [
+    ([], [], "why", "no nightly history to accept from"),
+    (["ok"], [], "why", "has no regressed run to accept"),
+    (["regressed"], ["tflite-int8"], "why", "--run tflite-int8: not a run of the night of day1"),
+    (["gate-failed"], ["onnxruntime-int8"], "why", "--run onnxruntime-int8: not a run"),
+    (["regressed"], [], "  ", "--reason is empty"),
+])
+def test_accept_refuses_what_it_cannot_accept(tmp_path: Path, nights: list[str], runs: list[str], reason: str,
+                                              needle: str) -> None:
+    from pipeline.errors import BadInput
+    from pipeline.nightly import accept
+
+    hist = tmp_path / "h.jsonl"
+    make = {"ok": _night("day1", 97.9), "regressed": _night("day1", 97.0, regressed=True),
+            "gate-failed": _night("day1", 90.0, regressed=True, passed=False)}
+    if nights:
+        hist.write_text("".join(json.dumps(make[n]) + "\n" for n in nights))
+    before = hist.read_text() if hist.exists() else None
+    with pytest.raises(BadInput, match=needle.replace("(", r"\(")):
+        accept(hist, runs, reason)
+    assert (hist.read_text() if hist.exists() else None) == before  # nothing appended

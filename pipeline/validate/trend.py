@@ -64,6 +64,10 @@ def history_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
     mixed = len({m for m in map(entry_metric, entries) if m}) > 1
     out = []
     for entry in entries:
+        if "accepted" in entry:  # `edgeship history --accept`: its runs of that night are good from now on
+            acc = entry["accepted"]
+            out += [[acc["night"], key, "-", "-", f"accepted {entry['when']}: {acc['reason']}"] for key in acc["runs"]]
+            continue
         suffix = f" {_value_label(entry_metric(entry))}" if mixed else ""
         for key, points in series([entry]).items():
             for when, acc, p50, ok in points:

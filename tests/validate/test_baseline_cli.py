@@ -86,3 +86,26 @@ def test_history_names_its_column_by_the_metric(tmp_path: Path, capsys: pytest.C
     main(["history", "--spec", SPEC, "--target", "local", "--history", history])
     last = [ln for ln in capsys.readouterr().out.splitlines() if "local/tflite-int8" in ln][-1]
     assert f" {cell} " in f" {last} " and "2026-12-02" in last, last
+
+
+def test_history_accept_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An intended change (the artifact grew by design) is accepted once; the history keeps the
+    reason, the table shows it, and the next night compares with the accepted run."""
+    from pipeline.nightly import last_good
+
+    history = _history(tmp_path, "top1")
+    hist = Path(history) / "mnist-cnn" / "local.jsonl"
+    grown = {"when": "2026-12-02T02:00:00Z", "metric": "top1", "devices": [{"device": "local", "runs": [
+        {"id": "tflite-int8", "accuracy": 71.0, "artifact_bytes": 5_300_000, "gate": {"passed": True},
+         "regressions": ["local/tflite-int8: artifact 5.3e+06 bytes is 10.5 % over the last good run's"]}]}]}
+    with open(hist, "a") as fh:
+        fh.write(json.dumps(grown) + "\n")
+    base = ["history", "--spec", SPEC, "--target", "local", "--history", history]
+    assert main([*base, "--run", "tflite-int8"]) == 2              # --run without --accept
+    assert main([*base, "--accept"]) == 2                          # no reason
+    assert "--reason is empty" in capsys.readouterr().err
+    assert main([*base, "--accept", "--run", "tflite-int8", "--reason", "depthwise layers float by design"]) == 0
+    out = capsys.readouterr().out
+    assert "accepted local/tflite-int8 of 2026-12-02T02:00:00Z as last good: depthwise layers float by design" in out
+    assert any("2026-12-02" in ln and "accepted" in ln and "depthwise layers float" in ln for ln in out.splitlines())
+    assert last_good(hist)["local/tflite-int8"]["artifact_bytes"] == 5_300_000
