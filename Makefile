@@ -12,12 +12,13 @@ TARGET   ?= local
 PYTEST_ARGS ?=
 STAMP    := $(VENV)/.installed
 
-.PHONY: help venv deploy build validate test test-fast bench bench-calibration devices devices-down nightly schema clean docker-image test-docker
+.PHONY: help venv deploy build validate test test-fast bench bench-arm bench-calibration devices devices-down nightly schema clean docker-image test-docker
 
 help:
 	@echo "make deploy TARGET=local   build + deploy + validate + gate the default example (MNIST-5k CNN)"
 	@echo "make test                  run the test suite"
 	@echo "make bench                 fp32 vs fp16 vs int8, both workloads, side by side -> bench/results/"
+	@echo "make bench-arm             int8 vs fp32 speed of every backend on the emulated Pi 4 -> bench/results/sim-arm64/"
 	@echo "make bench-calibration     edgeship INT8 vs ONNX Runtime, NNCF and litert-torch on ImageNet -> bench/results/"
 	@echo "make devices               start the emulated devices (sim-arm64, sim-x86; needs root)"
 	@echo "make nightly               deploy every nightly target, keep history, fail on accuracy regressions"
@@ -50,6 +51,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench.py
+
+# The emulated Pi 4 (needs root for the device): ratios only, timings under qemu are not ARM's.
+bench-arm: $(STAMP)
+	$(EDGESHIP) sim up sim-arm64
+	$(PY) bench/bench.py --device sim-arm64 --rounds 3 --workloads efficientnet-lite0 mobilenet-v2 \
+		--out bench/results/sim-arm64
 
 # The peers (NNCF) are a bench-only extra: installed here, not by `make venv`.
 bench-calibration: $(STAMP)
