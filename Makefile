@@ -70,9 +70,11 @@ devices-down: $(STAMP)
 	$(EDGESHIP) sim down sim-arm64 sim-x86
 
 NIGHTLY_TARGETS ?= local
+NIGHTLY_SPECS ?=
 # Reports land in build/nightly/<spec>/<target>/report.html; the JUnit file covers every pair.
+# No NIGHTLY_SPECS: the reference workloads (mnist, efficientnet_lite0, mobilenet_v2).
 nightly: $(STAMP)
-	$(EDGESHIP) nightly $(foreach t,$(NIGHTLY_TARGETS),--target $(t)) --junit build/nightly/junit.xml
+	$(EDGESHIP) nightly $(foreach t,$(NIGHTLY_TARGETS),--target $(t)) $(foreach s,$(NIGHTLY_SPECS),--spec $(s)) --junit build/nightly/junit.xml
 
 schema: $(STAMP)
 	@mkdir -p build/schema

@@ -258,12 +258,10 @@ def nightly(spec: Optional[list[Path]] = typer.Option(None, "--spec", "-s", help
             junit: Optional[Path] = JUNIT_OPT, verbose: bool = VERBOSE_OPT, quiet: bool = QUIET_OPT,
             log_file: Optional[Path] = LOG_FILE_OPT) -> None:
     """Deploy every spec to every target, append to the history, fail on gate failures or regressions."""
-    from pipeline.nightly import run_nightly
+    from pipeline.nightly import REFERENCE_SPECS, run_nightly
     from pipeline.spec import project_root
 
-    # the reference workloads: MNIST and the two ImageNet models on real labels (MobileNetV2 is
-    # per-tensor int8's hard case, the one a quantization change is most likely to break)
-    specs = spec or [project_root() / "examples" / name for name in ("mnist.yaml", "efficientnet_lite0.yaml", "mobilenet_v2.yaml")]
+    specs = spec or [project_root() / "examples" / f"{name}.yaml" for name in REFERENCE_SPECS]
     with _captured(out, log_file, verbose, quiet):  # one log for the night: <out>/log.txt
         summary = run_nightly(specs, target or ["local"], out, history, tolerance_pp, log=_log, junit=junit)
     for pair in summary["pairs"]:

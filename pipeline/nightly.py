@@ -25,6 +25,11 @@ from pipeline.validate.stats import MAX_LATENCY_REGRESSION_PCT, latency_regressi
 from pipeline.validate.timings import keyed_rows, unstable
 from pipeline.validate.trend import read_history
 
+# The reference workloads (examples/<name>.yaml) a nightly deploys when no spec is named: MNIST and
+# the two ImageNet models on real labels (MobileNetV2 is per-tensor int8's hard case, the one a
+# quantization change is most likely to break). .github/workflows/nightly.yml runs one leg each.
+REFERENCE_SPECS = ("mnist", "efficientnet_lite0", "mobilenet_v2")
+
 # Pinned baselines, in the project (meant to be committed): baselines/<spec>/<target>.json
 BASELINES = Path("baselines")
 

@@ -11,6 +11,7 @@ import typer.main
 import yaml
 
 from pipeline.cli import app
+from pipeline.nightly import REFERENCE_SPECS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,3 +37,17 @@ def test_workflow_publishes_the_reports_and_the_junit_file() -> None:
     junit = re.search(r"--junit (\S+)", recipe.group(1))
     assert junit is not None and junit.group(1) in published
     assert "build/history" in published
+
+
+def test_workflow_runs_every_reference_workload_on_the_devices() -> None:
+    """One leg per (spec, target), each keeping its own history: the matrix is the nightly's
+    default spec list, and each leg's history cache key names its leg."""
+    job = yaml.safe_load((ROOT / ".github" / "workflows" / "nightly.yml").read_text())["jobs"]["nightly"]
+    matrix = job["strategy"]["matrix"]
+    assert matrix["spec"] == list(REFERENCE_SPECS) and "sim-arm64" in matrix["target"]
+    assert all((ROOT / "examples" / f"{name}.yaml").is_file() for name in matrix["spec"])
+    history = next(s for s in job["steps"] if s.get("with", {}).get("path") == "build/history"
+                   and "cache" in s["uses"])
+    assert "${{ matrix.spec }}-${{ matrix.target }}" in history["with"]["key"]
+    run = next(s["run"] for s in job["steps"] if s.get("name") == "nightly")
+    assert "NIGHTLY_SPECS=examples/${{ matrix.spec }}.yaml" in run and "NIGHTLY_TARGETS=${{ matrix.target }}" in run
