@@ -52,11 +52,13 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench.py
 
-# The emulated Pi 4 (needs root for the device): ratios only, timings under qemu are not ARM's.
+# The emulated Pi 4 by default (needs root for the device): ratios only, timings under qemu are not
+# ARM's. BENCH_DEVICE=<your target> runs the same bench on a real board.
+BENCH_DEVICE ?= sim-arm64
 bench-arm: $(STAMP)
-	$(EDGESHIP) sim up sim-arm64
-	$(PY) bench/bench.py --device sim-arm64 --rounds 3 --workloads efficientnet-lite0 mobilenet-v2 \
-		--out bench/results/sim-arm64
+	$(if $(filter sim-%,$(BENCH_DEVICE)),$(EDGESHIP) sim up $(BENCH_DEVICE))
+	$(PY) bench/bench.py --device $(BENCH_DEVICE) --rounds 3 --workloads efficientnet-lite0 mobilenet-v2 \
+		--out bench/results/$(BENCH_DEVICE)
 
 # The peers (NNCF) are a bench-only extra: installed here, not by `make venv`.
 bench-calibration: $(STAMP)

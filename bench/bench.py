@@ -10,7 +10,8 @@ under the table), and the build column is each artifact's convert stage from an 
 int8: statistics, the search and the writer).
 Results: bench/results/bench.json and bench/results/bench.md.
 
-`make bench-arm` runs the same bench on the emulated Pi 4 (``--device sim-arm64``): the artifacts
+`make bench-arm` runs the same bench on the emulated Pi 4 (``--device sim-arm64``; BENCH_DEVICE=<target>
+for a real board): the artifacts
 go over SSH to the device and the agent times them there. Under qemu only the int8/fp32 ratios
 mean anything (the emulated CPU is a Cortex-A72, so the runtimes take the Pi 4's NEON kernels);
 a few samples and runs keep it to minutes, and the builds come from the shared stage cache.
@@ -41,9 +42,10 @@ WORKLOADS = {"mnist": ROOT / "examples" / "mnist.yaml",
              "mobilenet-v2": ROOT / "examples" / "mobilenet_v2.yaml",
              "digit-detector": ROOT / "examples" / "detector.yaml"}
 RUNS = {"mnist": (20, 300), "efficientnet-lite0": (5, 60), "mobilenet-v2": (5, 60), "digit-detector": (10, 100)}
-# On an emulated device one inference of an ImageNet model takes ~1 s: few samples (accuracy there
-# is not the point, the host bench measures it) and few runs, spread over the interleaved rounds.
-EMULATED_VALIDATION = {"warmup": 2, "runs": 8, "samples": 24}
+# On a device (one inference of an ImageNet model takes ~1 s under qemu, ~0.1 s on a Pi 4): few
+# samples (accuracy there is not the point, the host bench measures it) and few runs, spread over
+# the interleaved rounds.
+DEVICE_VALIDATION = {"warmup": 2, "runs": 8, "samples": 24}
 
 
 def runs_here(name: str, device: str) -> tuple[bool, str]:
@@ -64,7 +66,7 @@ def device_backends(device: str) -> list[str]:
 
 
 def bench_precisions(name: str, device: str) -> list[str]:
-    """Every precision on ``local``; on an emulated device fp32 and int8 (the ratio asked there)."""
+    """Every precision on ``local``; on a device fp32 and int8 (the ratio asked there)."""
     precisions = list(get_backend(name).precisions)
     return precisions if device == "local" else [p for p in precisions if p in ("fp32", "int8")]
 
@@ -73,7 +75,7 @@ def bench_target(tmp: Path, workload: str, backends: list[str], rounds: int, dev
     """A target extending ``device`` that builds every precision of ``backends``; on ``local`` the
     releases go to a folder of the bench's own."""
     warmup, runs = RUNS[workload]
-    validation = {"warmup": warmup, "runs": runs} if device == "local" else dict(EMULATED_VALIDATION)
+    validation = {"warmup": warmup, "runs": runs} if device == "local" else dict(DEVICE_VALIDATION)
     transport = {"root": str(tmp / "device" / workload)} if device == "local" else {"command_timeout_s": 3600}
     tdir = tmp / "targets"
     tdir.mkdir(exist_ok=True)
@@ -93,7 +95,7 @@ def main() -> int:
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--device", default="local",
-                        help="target to measure on (an emulated one: its builds come from the shared cache)")
+                        help="target to measure on (not local: fp32 and int8 of its backends, builds from the shared stage cache)")
     args = parser.parse_args()
 
     from pipeline.cache import Cache
@@ -110,7 +112,7 @@ def main() -> int:
     for workload in args.workloads:
         spec = load_spec(WORKLOADS[workload])
         target = load_target(bench_target(tmp, workload, backends, args.rounds, args.device))
-        # A cold cache times the builds; on an emulated device the builds are not what is measured
+        # A cold cache times the builds; on a device the builds are not what is measured
         cache = Cache(tmp / "stages" / workload) if args.device == "local" else Cache()
         t0 = time.perf_counter()
         first = deploy(spec, target, tmp / "build" / workload, cache=cache, log=lambda m: print(m, file=sys.stderr))
@@ -147,9 +149,12 @@ def bench_rows(results: dict) -> list[dict]:
 
 def markdown(report: dict) -> str:
     where = f"{report['host']} ({report['cpu_count']} cores)"
-    if report.get("device", "local") != "local":
-        where = (f"{report['device']} (qemu user emulation of a Cortex-A72 on {where}; only the "
-                 "speed-up column means anything, accuracy is on a few samples)")
+    device = report.get("device", "local")
+    if device.startswith("sim-"):
+        where = (f"{device} (qemu user emulation of a Cortex-A72 on {where}; only the speed-up column "
+                 "means anything, accuracy is on a few samples)")
+    elif device != "local":
+        where = f"{device} over SSH (accuracy on a few samples: the host bench measures it)"
     lines = [f"Measured {report['when']} on {where}, {report['rounds']} interleaved rounds, batch 1, 2 threads.", ""]
     for b, why in report["backends_skipped"].items():
         lines.append(f"- `{b}` not measured here: {why}")
