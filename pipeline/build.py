@@ -27,7 +27,7 @@ from pipeline.errors import ConversionError, EdgeshipError, SpecError
 from pipeline.metrics import spec_sources
 from pipeline.output import step
 from pipeline.registry import get_backend, require_available
-from pipeline.spec import PipelineSpec, TargetSpec
+from pipeline.spec import PipelineSpec, TargetSpec, effective_validation
 
 OPTIMIZE_PASSES = ("fold_conv_bn", "onnxslim", "infer_shapes")
 CHECK_SAMPLES = 32
@@ -207,7 +207,7 @@ def _load_data(run: _Run) -> tuple[Samples, Samples]:
     evals = run.timed("load evaluation set", lambda: load_samples(spec, "evaluation"),
                       lambda s: f"{len(s)} samples sha256:{s.sha256[:12]}")
     check_disjoint(calib, evals, spec)
-    limit = (spec.validation or target.validation).samples
+    limit = effective_validation(spec, target).samples
     if limit and limit < len(evals):
         evals = evals.head(limit, f"{evals.sha256}[:{limit}]")
         run.log(f"{'evaluation subset':<24} first {limit} samples (validation.samples of {target.name})")

@@ -1009,6 +1009,20 @@ def resolve_target_data(name_or_path: str) -> tuple[dict[str, Any], Path]:
     return merged, path
 
 
+def effective_validation(spec: PipelineSpec, target: TargetSpec) -> ValidationSpec:
+    """The validation settings a deploy uses: the target's, with each field the spec sets on top.
+
+    Field by field, not block by block: a spec that sets ``warmup`` and ``runs`` for its model
+    used to hide the whole target block, so an emulated device's ``samples`` limit (and a bench
+    target's ``rounds``) was silently ignored.
+    """
+    if spec.validation is None:
+        return target.validation
+    merged = target.validation.model_dump()
+    merged.update({k: getattr(spec.validation, k) for k in spec.validation.model_fields_set})
+    return ValidationSpec.model_validate(merged)
+
+
 def load_target(name_or_path: str) -> TargetSpec:
     """Load a target by name or path, resolving ``extends:``, and validate it."""
     data, path = resolve_target_data(name_or_path)

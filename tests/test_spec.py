@@ -186,3 +186,20 @@ def test_every_registered_backend_has_an_options_schema() -> None:
     from pipeline.spec import BACKEND_OPTIONS, BACKENDS
 
     assert set(BACKEND_OPTIONS) == set(REGISTERED) == set(BACKENDS)
+
+
+def test_a_spec_validation_block_overrides_the_target_field_by_field() -> None:
+    """The spec's warmup/runs for its model, the emulated device's sample limit and rounds: both
+    apply (a spec block used to hide the whole target block, so sim-arm64's limit was ignored)."""
+    from pipeline.spec import effective_validation, load_spec, load_target
+
+    spec = load_spec(ROOT / "examples" / "mobilenet_v2.yaml")
+    target = load_target("sim-arm64")
+    merged = effective_validation(spec, target)
+    assert (merged.warmup, merged.runs) == (spec.validation.warmup, spec.validation.runs) == (5, 50)
+    assert merged.samples == target.validation.samples == 300
+    target.validation.rounds = 2
+    assert effective_validation(spec, target).rounds == 2
+    spec.validation.rounds = 7                                  # set by the spec: the spec wins
+    spec.validation.model_fields_set.add("rounds")
+    assert effective_validation(spec, target).rounds == 7

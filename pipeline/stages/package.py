@@ -30,7 +30,7 @@ import numpy as np
 from pipeline.agent.evaldata import normalise, recipe, write_pixels
 from pipeline.backends.base import Artifact, Pixels, Samples
 from pipeline.cache import canonical_json, disk_full, disk_full_error, sha256_file
-from pipeline.spec import PipelineSpec, TargetSpec
+from pipeline.spec import PipelineSpec, TargetSpec, effective_validation
 
 AGENT_SOURCE = Path(__file__).resolve().parent.parent / "agent"
 
@@ -81,7 +81,7 @@ def package_release(out_dir: Path, spec: PipelineSpec, target: TargetSpec, artif
             np.save(tmp / "data" / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
         for name, pix in sorted(pixels.items()):
             write_pixels(tmp / "data" / f"{name}.npz", pix.values, int(pix.recipe["stride"]))
-        validation = spec.validation or target.validation
+        validation = effective_validation(spec, target)
         agent = {"eval_dir": "data", "threads": target.threads, "warmup": validation.warmup,
                  "runs": validation.runs, "rounds": validation.rounds, "max_cv": validation.max_cv,
                  "retry_unstable": validation.retry_unstable, "batch": spec.input.shape[0],
