@@ -11,8 +11,7 @@ int8: statistics, the search and the writer).
 Results: bench/results/bench.json and bench/results/bench.md.
 
 `make bench-arm` runs the same bench on the emulated Pi 4 (``--device sim-arm64``; BENCH_DEVICE=<target>
-for a real board): the artifacts
-go over SSH to the device and the agent times them there. Under qemu only the int8/fp32 ratios
+for a real board): the artifacts go over SSH to the device and the agent times them there. Under qemu only the int8/fp32 ratios
 mean anything (the emulated CPU is a Cortex-A72, so the runtimes take the Pi 4's NEON kernels);
 a few samples and runs keep it to minutes, and the builds come from the shared stage cache.
 Results: bench/results/sim-arm64/.

@@ -86,8 +86,11 @@ def accept(path: Path, runs: list[str], reason: str) -> dict[str, Any]:
     newest = nights[-1]
     gated = _gated_rows(newest)
     regressed = [key for key, row in gated.items() if row.get("regressions")]
-    chosen = [k for k in gated if any(k == r or k.endswith("/" + r) for r in runs)] if runs else regressed
-    unknown = [r for r in runs if not any(k == r or k.endswith("/" + r) for k in gated)]
+    def names(key: str, run: str) -> bool:  # "local/ncnn-int8" is named by itself or by "ncnn-int8"
+        return key == run or key.endswith("/" + run)
+
+    chosen = [k for k in gated if any(names(k, r) for r in runs)] if runs else regressed
+    unknown = [r for r in runs if not any(names(k, r) for k in gated)]
     if unknown:
         raise BadInput(f"{path}: --run {', '.join(unknown)}: not a run of the night of {newest.get('when')} that "
                        f"passed its gate; those are: {', '.join(gated) or 'none'}")

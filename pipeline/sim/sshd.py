@@ -76,8 +76,9 @@ def configure(spec: SimSpec, root: Path) -> bool:
     pub = ensure_client_key().with_suffix(".pub").read_text().strip()
     dropin = inside(root, SSHD_DROPIN)
     dropin.parent.mkdir(parents=True, exist_ok=True)
-    changed = not dropin.exists() or dropin.read_text() != sshd_config(spec)
-    dropin.write_text(sshd_config(spec))
+    text = sshd_config(spec)
+    changed = not dropin.exists() or dropin.read_text() != text
+    dropin.write_text(text)
     ssh_dir = inside(root, f"/{DEVICE_USER}/.ssh")
     ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ssh_dir.chmod(0o700)
