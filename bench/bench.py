@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.backends.coverage import coverage_cell, coverage_line  # noqa: E402
 from pipeline.registry import BACKENDS, get_backend  # noqa: E402
-from pipeline.spec import load_spec, load_target  # noqa: E402
+from pipeline.spec import PipelineSpec, load_spec, load_target  # noqa: E402
 
 WORKLOADS = {"mnist": ROOT / "examples" / "mnist.yaml",
              "efficientnet-lite0": ROOT / "examples" / "efficientnet_lite0.yaml",
@@ -68,6 +68,13 @@ def bench_precisions(name: str, device: str) -> list[str]:
     """Every precision on ``local``; on a device fp32 and int8 (the ratio asked there)."""
     precisions = list(get_backend(name).precisions)
     return precisions if device == "local" else [p for p in precisions if p in ("fp32", "int8")]
+
+
+def bench_spec(workload: str) -> PipelineSpec:
+    """The workload's example spec without its validation block: the bench's target sets the timing
+    (RUNS, DEVICE_VALIDATION, --rounds), and the example's block, written for a deploy, would win
+    the field-by-field merge over it (spec.effective_validation)."""
+    return load_spec(WORKLOADS[workload]).model_copy(update={"validation": None})
 
 
 def bench_target(tmp: Path, workload: str, backends: list[str], rounds: int, device: str) -> str:
@@ -109,7 +116,7 @@ def main() -> int:
               "cpu_count": os.cpu_count(), "rounds": args.rounds, "device": args.device,
               "backends_skipped": skipped, "workloads": {}}
     for workload in args.workloads:
-        spec = load_spec(WORKLOADS[workload])
+        spec = bench_spec(workload)
         target = load_target(bench_target(tmp, workload, backends, args.rounds, args.device))
         # A cold cache times the builds; on a device the builds are not what is measured
         cache = Cache(tmp / "stages" / workload) if args.device == "local" else Cache()
