@@ -263,7 +263,9 @@ def _convert_key(run: _Run, backend: Any, build_spec: Any, precision: str, onnx_
     return {
         "onnx": onnx_sha, "weights": weights, "backend": backend.name, "precision": precision,
         "versions": backend.version(), "options": build_spec.options,
-        "calibration": spec.calibration.model_dump(exclude={"source", "limit"}) | {"sha256": calib.sha256},
+        # the floor is this backend's: a per-backend floor edited for one runtime rebuilds only it
+        "calibration": spec.calibration.model_dump(exclude={"source", "limit", "min_sqnr_db"})
+        | {"sha256": calib.sha256, "min_sqnr_db": spec.calibration.floor_for(backend.name)},
         "budget": [spec.accuracy.max_drop_pp, run.target.limits.max_accuracy_drop_pp],
         # the holdout's drop (method choice, fallback) counts ties within this margin
         **({"tie_margin": spec.evaluation.tie_margin} if spec.evaluation.tie_margin else {}),

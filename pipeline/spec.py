@@ -189,6 +189,9 @@ class ImageFolderSource(_Strict):
 DataSource = Annotated[Union[PythonSource, NpzSource, ImageFolderSource], Field(discriminator="kind")]
 
 
+SqnrFloor = Annotated[float, Field(gt=0, le=200)]
+
+
 class CalibrationSpec(_Strict):
     source: DataSource
     limit: int | None = Field(None, gt=0, description="use at most this many samples")
@@ -197,10 +200,11 @@ class CalibrationSpec(_Strict):
     activations: Literal["symmetric", "asymmetric"] = "asymmetric"
     per_channel: bool = True
     fallback: bool = Field(True, description="keep the most sensitive layers in float to meet the budget")
-    min_sqnr_db: float | None = Field(
-        None, gt=0, le=200, description="fidelity floor: the fallback also keeps layers in float until the calibration "
-                                        "holdout's output SQNR against fp32 reaches this many dB (a 1 pp top-1 budget "
-                                        "on a 100-image holdout is one image; SQNR averages every output value)")
+    min_sqnr_db: SqnrFloor | dict[str, SqnrFloor] | None = Field(
+        None, description="fidelity floor: the fallback also keeps layers in float until the calibration holdout's "
+                          "output SQNR against fp32 reaches this many dB (a 1 pp top-1 budget on a 100-image "
+                          "holdout is one image; SQNR averages every output value). A mapping sets it per backend, "
+                          "e.g. {default: 25, onnxruntime: 23}: a float layer costs each runtime differently")
     holdout_fraction: float = Field(0.2, ge=0.0, lt=0.9)
     equalize: StrictBool | Literal["auto"] = Field(
         False, description="cross-layer equalisation before calibration (ONNX Runtime and TensorRT QDQ only): true "
@@ -215,6 +219,32 @@ class CalibrationSpec(_Strict):
         if v not in CALIBRATION_METHODS:
             raise ValueError(f"unknown method {v!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
         return v
+
+    @field_validator("min_sqnr_db", mode="before")
+    @classmethod
+    def _floor(cls, v: Any) -> Any:
+        """One message for either shape (the union's own errors name both of its branches)."""
+        def ok(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 200
+
+        if v is None or ok(v):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError("give dB in (0, 200], or a mapping per backend such as {default: 25, onnxruntime: 23}")
+        unknown = sorted(str(k) for k in v if k not in ("default", *BACKENDS))
+        if unknown:
+            raise ValueError(f"unknown backend {unknown[0]!r}; use default or one of {', '.join(BACKENDS)}")
+        bad = next((k for k, x in v.items() if not ok(x)), None)
+        if bad is not None:
+            raise ValueError(f"{bad}: give dB in (0, 200] (got {v[bad]!r})")
+        return v
+
+    def floor_for(self, backend: str) -> float | None:
+        """The fidelity floor (dB) of ``backend``'s INT8 search: the mapping's entry for it, else its
+        ``default``, else none; a plain number is every backend's."""
+        if isinstance(self.min_sqnr_db, dict):
+            return self.min_sqnr_db.get(backend, self.min_sqnr_db.get("default"))
+        return self.min_sqnr_db
 
 
 _MODULE_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")

@@ -47,7 +47,11 @@ SPEC_CASES = [
     ("unknown calibration method", "calibration.method", "magic", "calibration.method", "entropy"),
     ("equalize not true/false/auto", "calibration.equalize", "yes", "calibration.equalize", "auto"),
     ("adaround not true/false/auto", "calibration.adaround", "yes", "calibration.adaround", "auto"),
-    ("sqnr floor not positive", "calibration.min_sqnr_db", 0, "calibration.min_sqnr_db", "greater than 0"),
+    ("sqnr floor not positive", "calibration.min_sqnr_db", 0, "calibration.min_sqnr_db", "(0, 200]"),
+    ("sqnr floor of an unknown backend", "calibration.min_sqnr_db", {"default": 25, "tflte": 24},
+     "calibration.min_sqnr_db", "unknown backend 'tflte'"),
+    ("sqnr floor of a backend not positive", "calibration.min_sqnr_db", {"ncnn": -1},
+     "calibration.min_sqnr_db", "ncnn: give dB"),
     ("unknown source kind", "calibration.source", {"kind": "ftp", "path": "x"}, "calibration.source", "kind"),
     ("missing npz file", "evaluation.source", {"kind": "npz", "path": "nope.npz"}, "evaluation.source.path", "not found"),
     ("bad metric", "evaluation.metric", "f1", "evaluation.metric", "top1"),
@@ -203,3 +207,23 @@ def test_a_spec_validation_block_overrides_the_target_field_by_field() -> None:
     spec.validation.rounds = 7                                  # set by the spec: the spec wins
     spec.validation.model_fields_set.add("rounds")
     assert effective_validation(spec, target).rounds == 7
+
+
+@pytest.mark.parametrize("floor,expect", [
+    (24.0, {"onnxruntime": 24.0, "tflite": 24.0}),
+    ({"default": 25.0, "onnxruntime": 23.0}, {"onnxruntime": 23.0, "tflite": 25.0, "ncnn": 25.0}),
+    ({"ncnn": 26.0}, {"ncnn": 26.0, "onnxruntime": None}),
+    (None, {"tflite": None}),
+])
+def test_fidelity_floor_per_backend(tmp_path, floor, expect) -> None:
+    """A per-backend floor reaches each backend's INT8 search (its default, else none)."""
+    from types import SimpleNamespace
+
+    from pipeline.backends.calibrate import calibration_config
+
+    spec = load_spec(_write(tmp_path, "spec.yaml", _with(GOOD_SPEC, "calibration.min_sqnr_db", floor)))
+    for backend, want in expect.items():
+        assert spec.calibration.floor_for(backend) == want
+        ctx = SimpleNamespace(spec=spec, build=SimpleNamespace(backend=backend),
+                              target=SimpleNamespace(limits=SimpleNamespace(max_accuracy_drop_pp=None)))
+        assert calibration_config(ctx).min_sqnr_db == want

@@ -119,7 +119,7 @@ def calibration_config(ctx: "BuildContext", method: str | None = None, activatio
                              holdout_fraction=cal.holdout_fraction, max_drop_pp=budget_pp(ctx),
                              fallback=cal.fallback, target=target, tie_margin=ctx.spec.evaluation.tie_margin,
                              equalize=equalize_choice(cal.equalize), adaround=equalize_choice(cal.adaround),
-                             min_sqnr_db=cal.min_sqnr_db)
+                             min_sqnr_db=cal.floor_for(ctx.build.backend))
 
 
 def equalize_choice(value: bool | str) -> str:
@@ -173,7 +173,7 @@ def run_search(ctx: "BuildContext", builder: CandidateBuilder, holdout: Holdout,
     start of the backend's INT8 work (statistics, pairing), not only the search.
     """
     options = SearchOptions(methods, budget_pp(ctx), bool(ctx.spec.calibration.fallback),
-                            min_sqnr_db=ctx.spec.calibration.min_sqnr_db)
+                            min_sqnr_db=ctx.spec.calibration.floor_for(ctx.build.backend))
     found = search(builder, holdout, reference, options, search_metric(ctx))
     found.report.calibration_samples = fit_samples
     found.report.calibration_time_s = round(time.perf_counter() - started, 3)
