@@ -166,3 +166,18 @@ def model_with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelPr
         if n not in existing:
             out.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
     return out
+
+
+def replace_nodes(graph: "onnx.GraphProto", nodes: "list[onnx.NodeProto]") -> None:
+    """Make ``nodes`` the graph's node list, in this order (a protobuf repeated field is edited in
+    place: cleared, then extended)."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def drop_unused_initializers(graph: "onnx.GraphProto") -> None:
+    """Remove the initializers no node reads and no graph output names (what a rewrite left behind)."""
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.graph import WeightedLayer
+from calibration.graph import WeightedLayer, replace_nodes
 from calibration.observers import QParams
 
 
@@ -182,8 +182,7 @@ def build_gated_model(
         ordered.extend(before)
         ordered.append(n)
         ordered.extend(after)
-    del g.node[:]
-    g.node.extend(ordered)
+    replace_nodes(g, ordered)
     session = make_session(m.SerializeToString(), threads=threads)
     data_input = next(i.name for i in session.get_inputs() if not i.name.startswith("__edgeship_gate_"))
     names = [o.name for o in session.get_outputs()]

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from calibration.errors import CalibrationError
+from calibration.graph import drop_unused_initializers, replace_nodes
 from calibration.observers import QParams
 
 
@@ -199,9 +200,8 @@ def strip_qdq(path: Path, tensors: set[str]) -> int:
         for k, name in enumerate(n.input):
             if name in rewire:
                 n.input[k] = rewire[name]
-    del g.node[:]
-    g.node.extend(kept)
-    _drop_unused_initializers(g)  # the removed pairs' scales and zero points
+    replace_nodes(g, kept)
+    drop_unused_initializers(g)  # the removed pairs' scales and zero points
     onnx.save(model, str(path))
     return len(rewire)
 
@@ -237,9 +237,8 @@ def fold_unfused_weights(path: Path) -> int:
                 folded.add(name)
     if folded:
         keep = [n for n in g.node if not (n.op_type == "DequantizeLinear" and n.output[0] in folded)]
-        del g.node[:]
-        g.node.extend(keep)
-        _drop_unused_initializers(g)
+        replace_nodes(g, keep)
+        drop_unused_initializers(g)
         onnx.save(model, str(path))
     return len(folded)
 
@@ -269,13 +268,6 @@ def _dequantized(dq: Any, inits: dict[str, Any], name: str) -> Any:
         scale, zp = scale.reshape(shape), zp.reshape(shape)
     # float32 product, as DequantizeLinear computes it: the session's outputs stay bit-identical
     return numpy_helper.from_array((q - zp).astype(np.float32) * scale, name)
-
-
-def _drop_unused_initializers(g: Any) -> None:
-    used = {name for n in g.node for name in n.input} | {o.name for o in g.output}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
 
 
 def read_qdq_params(path: Path) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[np.ndarray, np.ndarray]]]:

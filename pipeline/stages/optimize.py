@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from calibration.graph import drop_unused_initializers
 from pipeline.errors import ConversionError
 
 # Optimizing only refolds arithmetic: outputs stay within this share of each output's scale.
@@ -64,16 +65,9 @@ def fold_conv_bn(model: Any) -> int:
     for bn in removed:
         graph.node.remove(bn)
     if removed:
-        _drop_unused_initializers(graph)
+        drop_unused_initializers(graph)
         onnx.checker.check_model(model)
     return len(removed)
-
-
-def _drop_unused_initializers(graph: Any) -> None:
-    used = {name for node in graph.node for name in node.input}
-    keep = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
 
 
 def count_ops(model: Any) -> dict[str, int]:
