@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -149,7 +149,16 @@ class QdqBuilder:
         x, ref = first(holdout.x)[:k], first(reference)[:k]
         labels = None if holdout.labels is None else holdout.labels[:k]
         ranked = layer_sensitivity(gated, x, ref, labels, tie_margin=self.cfg.tie_margin)
-        return Ranking(ranked, solo_sqnr=lambda name: only_layer_sqnr(gated, x, ref, name))
+        return Ranking(ranked, solo_sqnr=lambda name: only_layer_sqnr(gated, x, ref, name), close=self.closer())
+
+    def closer(self) -> Callable[[list[str]], list[str]] | None:
+        """ONNX Runtime's island closing (:mod:`calibration.islands`); TensorRT fuses int8 and
+        float layers in one layout, so its QDQ graph is left as the fallback chose it."""
+        if self.cfg.target != "onnxruntime" or not self.cfg.close_islands:
+            return None
+        from calibration.islands import ORT_CPU, close_islands
+
+        return lambda names: close_islands(self.model, names, ORT_CPU)
 
 
 class EqualizeChoice:

@@ -65,6 +65,9 @@ class CalibrationConfig:
         min_sqnr_db: fidelity floor: the fallback keeps layers in float until the holdout's output
             SQNR against fp32 reaches it (None: no floor; see
             :func:`calibration.sensitivity.choose_fallback`).
+        close_islands: after the fallback, also keep in float each int8 run between float layers
+            that costs ONNX Runtime more in layout crossings than it saves
+            (:mod:`calibration.islands`; target "onnxruntime" only).
     """
 
     method: str = "auto"
@@ -86,6 +89,7 @@ class CalibrationConfig:
     equalize_relu6: str = "skip"
     adaround: str = "off"
     min_sqnr_db: float | None = None
+    close_islands: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_CHOICES:

@@ -34,7 +34,7 @@ import numpy as np
 
 from calibration.config import FallbackLayer
 from calibration.metrics import accuracy, sqnr_db, top1_agreement
-from calibration.sensitivity import LayerSensitivity, choose_fallback, meets, shortfall
+from calibration.sensitivity import FallbackResult, LayerSensitivity, choose_fallback, meets, shortfall
 from pipeline.metrics import drop_pp
 
 #: name -> array, samples on axis 0 (model inputs or outputs)
@@ -118,10 +118,13 @@ class Candidate(Protocol):
 @dataclass
 class Ranking:
     """Layers for the fallback, most sensitive first; ``solo_sqnr(name)``, where the builder can
-    measure it, is the output SQNR with only that layer quantized (for the report)."""
+    measure it, is the output SQNR with only that layer quantized (for the report); ``close(names)``,
+    where the builder knows its runtime's costs, is ``names`` plus the int8 runs between float
+    layers that cost the runtime more than they save (:mod:`calibration.islands`)."""
 
     layers: list[LayerSensitivity]
     solo_sqnr: Callable[[str], float] | None = None
+    close: Callable[[list[str]], list[str]] | None = None
 
 
 class CandidateBuilder(Protocol):
@@ -182,6 +185,8 @@ class SearchReport:
         calibration_samples, holdout_samples: sizes of the fit and holdout splits.
         calibration_time_s: wall time of the whole INT8 build's calibration.
         stats_cache_hit: the activation statistics came from the cache.
+        islands_closed: layers the fallback added to float because, on the target runtime, their
+            int8 run between float layers cost more in layout crossings than it saved.
         per_layer_sqnr: per-tensor SQNR of the shipped model (where the builder measures it).
         notes: the builder's format-specific facts (:meth:`Candidate.notes`).
     """
@@ -200,6 +205,7 @@ class SearchReport:
     holdout_samples: int = 0
     calibration_time_s: float = 0.0
     stats_cache_hit: bool = False
+    islands_closed: list[str] = field(default_factory=list)
     per_layer_sqnr: list[dict[str, Any]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -342,6 +348,27 @@ def search(builder: CandidateBuilder, holdout: Holdout, reference: Arrays, optio
     return SearchResult(final, report)
 
 
+def _close_islands(result: FallbackResult, ranking: Ranking, evaluate: Callable[[list[str]], dict[str, float]],
+                   options: SearchOptions) -> list[str]:
+    """Add to ``result`` the int8 runs that ``ranking.close`` says lose time; kept only where the
+    real candidate still meets the budget and the floor (more float is nearly always more
+    fidelity, not always). Returns the added layers."""
+    names = [layer.name for layer in result.layers]
+    closed = ranking.close(names) if ranking.close else names
+    extra = closed[len(names):]
+    if not extra:
+        return []
+    figures = evaluate(closed)
+    if not meets(figures, options.budget_pp, options.min_sqnr_db):
+        _LOG.info("closing %d int8 island layer(s) missed the budget or floor: kept the fallback as chosen", len(extra))
+        return []
+    known = {s.name: s for s in ranking.layers}
+    result.layers += [FallbackLayer(n, known[n].op, known[n].sqnr_db, known[n].saved_pp, known[n].saved_db)
+                      if n in known else FallbackLayer(n, "", float("nan"), 0.0, 0.0) for n in extra]
+    result.metrics = figures
+    return extra
+
+
 def _fallback(builder: CandidateBuilder, base: Candidate, holdout: Holdout, reference: Arrays,
               options: SearchOptions, metric: Metric, report: SearchReport) -> Candidate:
     """Rank, then ``choose_fallback`` with real candidates; fill the report; the one to ship."""
@@ -359,6 +386,8 @@ def _fallback(builder: CandidateBuilder, base: Candidate, holdout: Holdout, refe
 
     result = choose_fallback(ranking.layers, evaluate, report.holdout, options.budget_pp, options.max_fallback_layers,
                              options.min_sqnr_db)
+    if result.budget_met and result.layers and ranking.close is not None:
+        report.islands_closed = _close_islands(result, ranking, evaluate, options)
     if ranking.solo_sqnr is not None:
         for layer in result.layers:
             layer.sqnr_db = round(ranking.solo_sqnr(layer.name), 3)

@@ -205,6 +205,10 @@ class CalibrationSpec(_Strict):
                           "output SQNR against fp32 reaches this many dB (a 1 pp top-1 budget on a 100-image "
                           "holdout is one image; SQNR averages every output value). A mapping sets it per backend, "
                           "e.g. {default: 25, onnxruntime: 23}: a float layer costs each runtime differently")
+    close_islands: StrictBool = Field(
+        True, description="ONNX Runtime int8: after the fallback, also keep in float each int8 run between float "
+                          "layers whose layout crossings (Transpose, (de)quantize, reorder) cost more than its int8 "
+                          "saves, estimated from the layers' shapes; false keeps exactly the fallback's layers")
     holdout_fraction: float = Field(0.2, ge=0.0, lt=0.9)
     equalize: StrictBool | Literal["auto"] = Field(
         False, description="cross-layer equalisation before calibration (ONNX Runtime and TensorRT QDQ only): true "

@@ -119,7 +119,7 @@ def calibration_config(ctx: "BuildContext", method: str | None = None, activatio
                              holdout_fraction=cal.holdout_fraction, max_drop_pp=budget_pp(ctx),
                              fallback=cal.fallback, target=target, tie_margin=ctx.spec.evaluation.tie_margin,
                              equalize=equalize_choice(cal.equalize), adaround=equalize_choice(cal.adaround),
-                             min_sqnr_db=cal.floor_for(ctx.build.backend))
+                             min_sqnr_db=cal.floor_for(ctx.build.backend), close_islands=cal.close_islands)
 
 
 def equalize_choice(value: bool | str) -> str:

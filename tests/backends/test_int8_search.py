@@ -30,7 +30,7 @@ def second_conv(onnx_path: Path) -> str:
 @pytest.mark.backend("onnxruntime")
 @pytest.mark.parametrize("fallback", [True, False])
 def test_onnxruntime_keeps_the_planted_layer_float(tmp_path: Path, fallback: bool) -> None:
-    ctx = planted_context(tmp_path, "onnxruntime", fallback)
+    ctx = planted_context(tmp_path, "onnxruntime", fallback, close_islands=True)
     art = get_backend("onnxruntime").convert(ctx, "int8")
     cal = art.info["calibration"]
     if not fallback:  # the planted layer ruins the holdout: the report says so (and the gate fails it);
@@ -41,9 +41,13 @@ def test_onnxruntime_keeps_the_planted_layer_float(tmp_path: Path, fallback: boo
         return
     assert cal["method_scores"][cal["method"]]["drop_pp"] > 10.0  # the planted channel ruins every method
     assert cal["budget_met"] is True and cal["holdout"]["drop_pp"] <= 10.0, cal["holdout"]
-    assert [f["name"] for f in cal["fallback_layers"]] == [second_conv(ctx.onnx_fp32)], cal["fallback_layers"]
+    chosen = [f["name"] for f in cal["fallback_layers"]]
+    assert chosen[0] == second_conv(ctx.onnx_fp32), cal["fallback_layers"]
+    # the rest are the int8 runs left between float layers that cost ONNX Runtime more in
+    # crossings than they save (on this 8x8 toy: the 3-channel stem and the classifier)
+    assert chosen[1:] == cal["islands_closed"] and set(chosen[1:]) <= {"node_conv2d", "node_linear"}, cal
     assert cal["fallback_layers"][0]["saved_db"] > 10.0 and cal["fallback_layers"][0]["sqnr_db"] is not None
-    assert cal["fallback_tried"] == [[1, cal["holdout"]["drop_pp"]]] and cal["notes"]["format"] == "QDQ ONNX"
+    assert [k for k, _ in cal["fallback_tried"]] == [1] and cal["notes"]["format"] == "QDQ ONNX"
 
 
 @pytest.mark.slow

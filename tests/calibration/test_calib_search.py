@@ -194,3 +194,34 @@ def test_sqnr_floor_drives_the_fallback_without_a_budget() -> None:
                  Agreement()).report
     assert rep.budget_met is False and rep.fallback_layers == []
     assert rep.budget_reason == f"holdout SQNR {base:.2f} dB < floor {base + 1.0:.2f} dB and fallback is off"
+
+
+class ClosingBuilder(ToyBuilder):
+    """A builder whose runtime would rather run ``extra`` in float too (``Ranking.close``); a
+    candidate naming "bad-layer" is built with nothing in float (as if more float had made it
+    worse), so closing it misses the budget."""
+
+    def __init__(self, extra: str) -> None:
+        super().__init__()
+        self.extra = extra
+
+    def candidate(self, method: str, float_layers: Sequence[str]) -> ToyCandidate:
+        found = super().candidate(method, float_layers)
+        return ToyCandidate(method, ()) if "bad-layer" in float_layers else found
+
+    def rank(self, method: str, holdout: Holdout, reference: dict[str, np.ndarray]) -> Ranking:
+        ranking = super().rank(method, holdout, reference)
+        ranking.close = lambda names: names + [self.extra]
+        return ranking
+
+
+def test_closing_islands_adds_layers_only_when_the_real_candidate_still_meets_the_budget() -> None:
+    hold, ref = holdout()
+    res = search(ClosingBuilder("fc1"), hold, ref, SearchOptions(("minmax",), budget_pp=2.0), Agreement())
+    rep = res.report
+    assert rep.islands_closed == ["fc1"] and [f.name for f in rep.fallback_layers] == ["fc2", "fc1"]
+    assert res.candidate.float_layers == ("fc2", "fc1") and rep.budget_met is True
+    assert rep.holdout["drop_pp"] == 0.0  # both layers float: fp32 itself
+    res = search(ClosingBuilder("bad-layer"), hold, ref, SearchOptions(("minmax",), budget_pp=2.0), Agreement())
+    assert res.report.islands_closed == [] and res.candidate.float_layers == ("fc2",)
+    assert [f.name for f in res.report.fallback_layers] == ["fc2"] and res.report.budget_met is True

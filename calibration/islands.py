@@ -1,0 +1,201 @@
+"""Close the int8 islands a float fallback leaves where they cost more than they save.
+
+The fallback keeps the layers that hurt fidelity most in float. On a runtime whose int8 and
+float kernels use different layouts, every edge between an int8 and a float layer costs a
+crossing: ONNX Runtime's CPU provider runs int8 convolutions in NHWC and float ones in NCHWc, so
+each crossing is a Transpose, a (de)quantize and an NCHWc reorder of the whole tensor. A short
+int8 run between two float layers then saves less than its two crossings cost: on MobileNetV2 a
+single 24->144 1x1 conv at 56x56 between float layers saved 0.13 ms of compute and paid 0.25 ms
+of crossings (ONNX Runtime's profiler, per node).
+
+:func:`close_islands` estimates, per connected run of int8 layers, the compute that int8 saves
+and the crossings it costs, with one runtime's measured relative costs (:class:`RuntimeCosts`),
+and returns the fallback set with every run that loses time added. Keeping more layers in float
+only raises fidelity (the caller checks that on the holdout all the same), so this trades
+nothing for speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from calibration.graph import weighted_layers
+
+if TYPE_CHECKING:
+    import onnx
+
+#: graph input / output as an endpoint: always float (the model's own float tensors)
+EDGE = "<io>"
+
+
+@dataclass(frozen=True)
+class RuntimeCosts:
+    """One runtime's relative kernel costs, in units of one fp32 1x1-conv multiply-accumulate.
+
+    Attributes:
+        depthwise_fp32: fp32 time per MAC of a depthwise conv (memory-bound, so dearer per MAC).
+        int8_speedup: fp32 time / int8 time per layer kind ("conv", "depthwise", "stem": a conv
+            reading <= 4 channels, whose int8 im2col has little to multiply).
+        crossing: time per element of a tensor that crosses between int8 and float.
+    """
+
+    depthwise_fp32: float
+    int8_speedup: dict[str, float] = field(default_factory=dict)
+    crossing: float = 0.0
+
+
+#: ONNX Runtime 1.32, CPU provider, x86 AVX-512 VNNI, 2 threads, from per-node kernel times of
+#: MobileNetV2 and EfficientNet-Lite0 (ONNX Runtime's profiler): fp32 1x1 conv ~14-18 ps per MAC,
+#: depthwise ~3.6x that per MAC; int8 1x1 2.3-3.6x faster than fp32, depthwise 0.8-1.3x, the
+#: 3-channel stem 0.76x. Crossing: closing MobileNetV2's two losing runs removed 1.27 M crossing
+#: elements and 0.38 ms of Transpose, (de)quantize and reorder kernels, ~0.3 ns per element:
+#: about 20 1x1-conv MACs.
+ORT_CPU = RuntimeCosts(depthwise_fp32=3.6, int8_speedup={"conv": 2.8, "depthwise": 1.0, "stem": 0.76},
+                       crossing=20.0)
+
+
+@dataclass
+class LayerCost:
+    """A weighted layer's estimated fp32 time and int8 speed-up."""
+
+    name: str
+    fp32: float
+    speedup: float
+
+
+@dataclass
+class CostGraph:
+    """The weighted layers with their costs, and the tensors between them: (from, to, elements),
+    ``EDGE`` standing for the graph's own inputs and outputs."""
+
+    layers: dict[str, LayerCost]
+    edges: list[tuple[str, str, int]]
+
+
+def _elements(model: "onnx.ModelProto") -> dict[str, int]:
+    """Tensor -> element count, from ONNX shape inference (tensors without a static shape left out)."""
+    import onnx
+
+    g = onnx.shape_inference.infer_shapes(model).graph
+    out: dict[str, int] = {}
+    for vi in (*g.input, *g.value_info, *g.output):
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if dims and all(d > 0 for d in dims):
+            out[vi.name] = int(np.prod(dims))
+    return out
+
+
+def _kind(node: "onnx.NodeProto", dims: list[int]) -> str:
+    """"depthwise" (one input channel per group), "stem" (a conv reading <= 4 channels) or "conv"."""
+    if node.op_type != "Conv":
+        return "conv"
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    if group > 1 and dims[1] == 1:
+        return "depthwise"
+    return "stem" if dims[1] * group <= 4 else "conv"
+
+
+def cost_graph(model: "onnx.ModelProto", costs: RuntimeCosts) -> CostGraph | None:
+    """The weighted layers' estimated fp32 times and int8 speed-ups, and the tensors between them.
+
+    Returns None where a tensor a layer reads or writes has no static shape: no estimate is
+    better than a wrong one.
+    """
+    elements = _elements(model)
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    layers: dict[str, LayerCost] = {}
+    for layer in weighted_layers(model):
+        dims = inits[layer.weight]
+        if layer.output not in elements or not layer.inputs or layer.inputs[0] not in elements:
+            return None
+        kind = _kind(nodes[layer.node], dims)
+        macs = elements[layer.output] * int(np.prod(dims)) // dims[layer.axis]
+        per_mac = costs.depthwise_fp32 if kind == "depthwise" else 1.0
+        layers[layer.node] = LayerCost(layer.node, macs * per_mac, costs.int8_speedup.get(kind, 1.0))
+    edges = _edges(model, layers, elements)
+    fed = {a for a, _, _ in edges}
+    edges += [(name, EDGE, elements[nodes[name].output[0]]) for name in layers if name not in fed]
+    return CostGraph(layers, edges)
+
+
+def _edges(model: "onnx.ModelProto", layers: dict[str, LayerCost], elements: dict[str, int]
+           ) -> list[tuple[str, str, int]]:
+    """(from, to, elements) per pair of weighted layers (or graph input) joined through unweighted
+    nodes (ReLU, Add, pooling, reshapes): the tensor the later layer reads."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    edges = []
+    for name in layers:
+        x = nodes[name].input[0]
+        stack, seen, ups = [x], set(), set()
+        while stack:
+            t = stack.pop()
+            if t in seen or t in inits:
+                continue
+            seen.add(t)
+            p = producer.get(t)
+            if p is None:
+                ups.add(EDGE)
+            elif p.name in layers:
+                ups.add(p.name)
+            else:
+                stack.extend(i for i in p.input if i)
+        edges += [(up, name, elements[x]) for up in sorted(ups)]
+    return edges
+
+
+def int8_runs(graph: CostGraph, floats: set[str]) -> list[set[str]]:
+    """The connected runs of int8 layers (joined by the tensors between them)."""
+    parent = {n: n for n in graph.layers if n not in floats}
+
+    def root(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for a, b, _ in graph.edges:
+        if a in parent and b in parent:
+            parent[root(b)] = root(a)
+    runs: dict[str, set[str]] = {}
+    for n in parent:
+        runs.setdefault(root(n), set()).add(n)
+    return list(runs.values())
+
+
+def run_balance(run: set[str], graph: CostGraph, costs: RuntimeCosts) -> tuple[float, float]:
+    """(compute its int8 saves, time its crossings cost) of one maximal int8 run: every tensor
+    between the run and the rest crosses, since whatever borders a maximal run is float."""
+    saved = sum(graph.layers[n].fp32 * (1.0 - 1.0 / graph.layers[n].speedup) for n in run)
+    crossed = sum(size for a, b, size in graph.edges if (a in run) != (b in run))
+    return saved, crossed * costs.crossing
+
+
+def close_islands(model: "onnx.ModelProto", float_layers: Iterable[str], costs: RuntimeCosts) -> list[str]:
+    """``float_layers`` plus every int8 run whose crossings cost more than its int8 saves.
+
+    Args:
+        model: the fp32 graph the fallback names layers of (static shapes).
+        float_layers: the fallback's float layers.
+        costs: the target runtime's relative costs.
+
+    Returns:
+        The given layers, then the added ones in graph order; the input unchanged where nothing
+        is in float or a shape is not static.
+    """
+    names = list(float_layers)
+    graph = cost_graph(model, costs) if names else None
+    if graph is None:
+        return names
+    added: set[str] = set()
+    for run in int8_runs(graph, set(names)):
+        saved, crossed = run_balance(run, graph, costs)
+        if saved < crossed:
+            added |= run
+    return names + [n for n in graph.layers if n in added]
