@@ -204,7 +204,7 @@ class CalibrationSpec(_Strict):
         None, description="fidelity floor: the fallback also keeps layers in float until the calibration holdout's "
                           "output SQNR against fp32 reaches this many dB (a 1 pp top-1 budget on a 100-image "
                           "holdout is one image; SQNR averages every output value). A mapping sets it per backend, "
-                          "e.g. {default: 25, onnxruntime: 23}: a float layer costs each runtime differently")
+                          "e.g. {default: 25, onnxruntime: 24}: a float layer costs each runtime differently")
     close_islands: StrictBool = Field(
         True, description="ONNX Runtime int8: after the fallback, also keep in float each int8 run between float "
                           "layers whose layout crossings (Transpose, (de)quantize, reorder) cost more than its int8 "
@@ -234,7 +234,7 @@ class CalibrationSpec(_Strict):
         if v is None or ok(v):
             return v
         if not isinstance(v, dict):
-            raise ValueError("give dB in (0, 200], or a mapping per backend such as {default: 25, onnxruntime: 23}")
+            raise ValueError("give dB in (0, 200], or a mapping per backend such as {default: 25, onnxruntime: 24}")
         unknown = sorted(str(k) for k in v if k not in ("default", *BACKENDS))
         if unknown:
             raise ValueError(f"unknown backend {unknown[0]!r}; use default or one of {', '.join(BACKENDS)}")

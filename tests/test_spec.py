@@ -227,3 +227,17 @@ def test_fidelity_floor_per_backend(tmp_path, floor, expect) -> None:
         ctx = SimpleNamespace(spec=spec, build=SimpleNamespace(backend=backend),
                               target=SimpleNamespace(limits=SimpleNamespace(max_accuracy_drop_pp=None)))
         assert calibration_config(ctx).min_sqnr_db == want
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_close_islands_reaches_the_calibration_config(tmp_path, value) -> None:
+    """calibration.close_islands (default on) is what the ONNX Runtime search's builder reads."""
+    from types import SimpleNamespace
+
+    from pipeline.backends.calibrate import calibration_config
+
+    assert load_spec(_write(tmp_path, "d.yaml", GOOD_SPEC)).calibration.close_islands is True
+    spec = load_spec(_write(tmp_path, "spec.yaml", _with(GOOD_SPEC, "calibration.close_islands", value)))
+    ctx = SimpleNamespace(spec=spec, build=SimpleNamespace(backend="onnxruntime"),
+                          target=SimpleNamespace(limits=SimpleNamespace(max_accuracy_drop_pp=None)))
+    assert calibration_config(ctx).close_islands is value
