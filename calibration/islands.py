@@ -11,8 +11,8 @@ of crossings (ONNX Runtime's profiler, per node).
 :func:`close_islands` estimates, per connected run of int8 layers, the compute that int8 saves
 and the crossings it costs, with one runtime's measured relative costs (:class:`RuntimeCosts`),
 and returns the fallback set with every run that loses time added. Keeping more layers in float
-only raises fidelity (the caller checks that on the holdout all the same), so this trades
-nothing for speed.
+nearly always raises fidelity as well; not always, so the caller scores the real candidate on the
+holdout and keeps it only if it still meets the budget and the floor.
 """
 
 from __future__ import annotations
