@@ -117,22 +117,21 @@ def cost_graph(model: "onnx.ModelProto", costs: RuntimeCosts) -> CostGraph | Non
         macs = elements[layer.output] * int(np.prod(dims)) // dims[layer.axis]
         per_mac = costs.depthwise_fp32 if kind == "depthwise" else 1.0
         layers[layer.node] = LayerCost(layer.node, macs * per_mac, costs.int8_speedup.get(kind, 1.0))
-    edges = _edges(model, layers, elements)
+    edges = _edges(model, {name: nodes[name].input[0] for name in layers}, elements)
     fed = {a for a, _, _ in edges}
     edges += [(name, EDGE, elements[nodes[name].output[0]]) for name in layers if name not in fed]
     return CostGraph(layers, edges)
 
 
-def _edges(model: "onnx.ModelProto", layers: dict[str, LayerCost], elements: dict[str, int]
+def _edges(model: "onnx.ModelProto", reads: dict[str, str], elements: dict[str, int]
            ) -> list[tuple[str, str, int]]:
     """(from, to, elements) per pair of weighted layers (or graph input) joined through unweighted
-    nodes (ReLU, Add, pooling, reshapes): the tensor the later layer reads."""
+    nodes (ReLU, Add, pooling, reshapes): the tensor the later layer reads. ``reads``: weighted
+    layer -> its activation input."""
     producer = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name for i in model.graph.initializer}
-    nodes = {n.name: n for n in model.graph.node}
     edges = []
-    for name in layers:
-        x = nodes[name].input[0]
+    for name, x in reads.items():
         stack, seen, ups = [x], set(), set()
         while stack:
             t = stack.pop()
@@ -142,7 +141,7 @@ def _edges(model: "onnx.ModelProto", layers: dict[str, LayerCost], elements: dic
             p = producer.get(t)
             if p is None:
                 ups.add(EDGE)
-            elif p.name in layers:
+            elif p.name in reads:
                 ups.add(p.name)
             else:
                 stack.extend(i for i in p.input if i)

@@ -120,7 +120,8 @@ class Ranking:
     """Layers for the fallback, most sensitive first; ``solo_sqnr(name)``, where the builder can
     measure it, is the output SQNR with only that layer quantized (for the report); ``close(names)``,
     where the builder knows its runtime's costs, is ``names`` plus the int8 runs between float
-    layers that cost the runtime more than they save (:mod:`calibration.islands`)."""
+    layers that cost the runtime more than they save (:mod:`calibration.islands`), all of them
+    layers of ``layers``."""
 
     layers: list[LayerSensitivity]
     solo_sqnr: Callable[[str], float] | None = None
@@ -348,23 +349,21 @@ def search(builder: CandidateBuilder, holdout: Holdout, reference: Arrays, optio
     return SearchResult(final, report)
 
 
-def _close_islands(result: FallbackResult, ranking: Ranking, evaluate: Callable[[list[str]], dict[str, float]],
-                   options: SearchOptions) -> list[str]:
-    """Add to ``result`` the int8 runs that ``ranking.close`` says lose time; kept only where the
-    real candidate still meets the budget and the floor (more float is nearly always more
-    fidelity, not always). Returns the added layers."""
+def _close_islands(result: FallbackResult, ranked: list[LayerSensitivity], close: Callable[[list[str]], list[str]],
+                   evaluate: Callable[[list[str]], dict[str, float]], options: SearchOptions) -> list[str]:
+    """Add to ``result`` the int8 runs that ``close`` (the ranking's) says lose time; kept only
+    where the real candidate still meets the budget and the floor (more float is nearly always
+    more fidelity, not always). Returns the added layers."""
     names = [layer.name for layer in result.layers]
-    closed = ranking.close(names) if ranking.close else names
-    extra = closed[len(names):]
+    extra = close(names)[len(names):]
     if not extra:
         return []
-    figures = evaluate(closed)
+    figures = evaluate(names + extra)
     if not meets(figures, options.budget_pp, options.min_sqnr_db):
         _LOG.info("closing %d int8 island layer(s) missed the budget or floor: kept the fallback as chosen", len(extra))
         return []
-    known = {s.name: s for s in ranking.layers}
-    result.layers += [FallbackLayer(n, known[n].op, known[n].sqnr_db, known[n].saved_pp, known[n].saved_db)
-                      if n in known else FallbackLayer(n, "", float("nan"), 0.0, 0.0) for n in extra]
+    by_name = {s.name: s for s in ranked}
+    result.layers += [by_name[n].kept_float() for n in extra]
     result.metrics = figures
     return extra
 
@@ -387,7 +386,7 @@ def _fallback(builder: CandidateBuilder, base: Candidate, holdout: Holdout, refe
     result = choose_fallback(ranking.layers, evaluate, report.holdout, options.budget_pp, options.max_fallback_layers,
                              options.min_sqnr_db)
     if result.budget_met and result.layers and ranking.close is not None:
-        report.islands_closed = _close_islands(result, ranking, evaluate, options)
+        report.islands_closed = _close_islands(result, ranking.layers, ranking.close, evaluate, options)
     if ranking.solo_sqnr is not None:
         for layer in result.layers:
             layer.sqnr_db = round(ranking.solo_sqnr(layer.name), 3)

@@ -36,6 +36,10 @@ class LayerSensitivity:
     saved_db: float
     saved_pp: float
 
+    def kept_float(self) -> FallbackLayer:
+        """This layer as the report lists a layer the fallback kept in float."""
+        return FallbackLayer(self.name, self.op, self.sqnr_db, self.saved_pp, self.saved_db)
+
 
 def layer_sensitivity(
     gated: GatedModel,
@@ -190,7 +194,7 @@ def choose_fallback(
                 k, metrics = mid, m
             else:
                 below = mid
-    chosen = [FallbackLayer(s.name, s.op, s.sqnr_db, s.saved_pp, s.saved_db) for s in ranked[:k]]
+    chosen = [s.kept_float() for s in ranked[:k]]
     if ok(metrics) and k > 0:
         return FallbackResult(chosen, True, "", metrics, tried)
     missed = shortfall(metrics if limit > 0 else base_metrics, max_drop_pp, min_sqnr_db)
