@@ -75,9 +75,14 @@ class QdqCandidate:
         return run_onnx(self.path, x, self.cfg)
 
     def save(self, output: Path) -> None:
-        """Copy the model to ``output`` (checked against TensorRT's rules for that target)."""
+        """Copy the model to ``output``: for ONNX Runtime with narrow convs padded for its fused
+        kernel (the same outputs), for TensorRT checked against its rules."""
         output.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.path, output)
+        if self.cfg.target == "onnxruntime":
+            from calibration.writers.qdq import ORT_CHANNEL_ALIGN, pad_conv_channels
+
+            pad_conv_channels(output, ORT_CHANNEL_ALIGN)
         if self.cfg.target == "tensorrt":
             from calibration.writers.tensorrt import check_tensorrt_rules
 
@@ -219,9 +224,10 @@ def write_qdq_model(src: Path, model: Any, out: Path, plan: QuantPlan, cfg: Cali
         qsrc = out.with_name(out.stem + "_fp32_corrected.onnx")
         onnx.save(corrected_model(model, plan, exclude), str(qsrc))
     drop = float_tensors_for(model, exclude) if exclude else set()
+    ort = cfg.target != "tensorrt"  # TensorRT takes float biases and fuses int8-in/float-out layers
     res = write_qdq(qsrc, out, plan.ranges, plan.acts, plan.weights, symmetric=plan.symmetric,
-                    per_channel=cfg.per_channel, nodes_to_exclude=exclude, quantize_bias=cfg.target != "tensorrt",
-                    float_tensors=drop, fold_unfused=cfg.target != "tensorrt")
+                    per_channel=cfg.per_channel, nodes_to_exclude=exclude, quantize_bias=ort,
+                    float_tensors=drop, fold_unfused=ort)
     return res.mismatches
 
 
@@ -279,7 +285,9 @@ def quantize_onnx(
         if base in shipped.adaround:
             report.notes["adaround"] = shipped.adaround[base]
         # tensor by tensor against the graph it was calibrated on (equalisation rescales channels)
-        report.per_layer_sqnr = per_layer_sqnr(shipped.src, Path(output), hold.samples, cfg.batch_size, cfg.threads)
+        # (the unpadded candidate: a padded conv input has no fp32 tensor of its shape)
+        report.per_layer_sqnr = per_layer_sqnr(shipped.src, found.candidate.path, hold.samples, cfg.batch_size,
+                                               cfg.threads)
     report.stats_cache_hit = plain.stats.cache_hit
     report.calibration_samples = len(fit)
     report.calibration_time_s = round(time.perf_counter() - t0, 3)

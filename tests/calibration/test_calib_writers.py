@@ -174,3 +174,45 @@ def test_layer_before_a_float_fallback_gets_float_weights_and_the_same_outputs(
     assert fold_unfused_weights(folded) == 0  # nothing left to fold
     used = {i for n in onnx.load(str(folded)).graph.node for i in n.input}
     assert {i.name for i in onnx.load(str(folded)).graph.initializer} <= used
+
+
+def test_a_three_channel_stem_is_padded_to_four_channels_with_the_same_outputs(
+        tiny_cnn: Path, calib_samples: np.ndarray, tmp_path: Path) -> None:
+    """ONNX Runtime's fused int8 conv kernel takes input channels in fours; conv1 reads 3. The
+    padded model appends a zero-point channel to conv1's quantized input and a zero weight
+    channel, so every output is the same sum, and the optimized session runs conv1 as a
+    QLinearConv reading 4 channels."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from calibration.runtime import make_session, predict
+    from calibration.writers.qdq import pad_conv_channels
+
+    plan = _plan(tiny_cnn, calib_samples, tmp_path, symmetric=False)
+    plain = write_qdq(tiny_cnn, tmp_path / "plain.onnx", plan.ranges, plan.acts, plan.weights, False, True).path
+    padded = tmp_path / "padded.onnx"
+    padded.write_bytes(plain.read_bytes())
+    assert pad_conv_channels(padded, 4) == 1
+
+    m = onnx.load(str(padded))
+    producer = {o: n for n in m.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    conv1 = next(n for n in m.graph.node if n.name == "conv1")
+    pad = producer[producer[conv1.input[0]].input[0]]
+    assert pad.op_type == "Pad" and producer[pad.input[0]].op_type == "QuantizeLinear"
+    w = inits[producer[conv1.input[1]].input[0]]
+    assert w.shape == (8, 4, 3, 3) and not w[:, 3].any()
+    conv2 = next(n for n in m.graph.node if n.name == "conv2")  # 8 channels: left alone
+    assert producer[producer[conv2.input[0]].input[0]].op_type == "QuantizeLinear"
+    np.testing.assert_array_equal(predict(make_session(padded), calib_samples),
+                                  predict(make_session(plain), calib_samples))
+    assert pad_conv_channels(padded, 4) == 0  # nothing narrow left
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(padded), opts, providers=["CPUExecutionProvider"])
+    opt = onnx.load(str(tmp_path / "optimized.onnx"))
+    fused = {i.name: list(i.dims) for i in opt.graph.initializer}
+    stem = [n for n in opt.graph.node if n.op_type == "QLinearConv" and fused.get(n.input[3], [0, 0])[1] == 4]
+    assert len(stem) == 1
