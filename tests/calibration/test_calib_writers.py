@@ -209,6 +209,13 @@ def test_a_three_channel_stem_is_padded_to_four_channels_with_the_same_outputs(
                                   predict(make_session(plain), calib_samples))
     assert pad_conv_channels(padded, 4) == 0  # nothing narrow left
 
+    # a weight zero point that is not 0: a zero channel would not be the integer 0, so no padding
+    shifted = onnx.load(str(plain))
+    zp = next(i for i in shifted.graph.initializer if i.name == producer[conv1.input[1]].input[2])
+    zp.CopyFrom(numpy_helper.from_array(np.ones(numpy_helper.to_array(zp).shape, np.int8), zp.name))
+    onnx.save(shifted, str(tmp_path / "shifted.onnx"))
+    assert pad_conv_channels(tmp_path / "shifted.onnx", 4) == 0
+
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(padded), opts, providers=["CPUExecutionProvider"])
