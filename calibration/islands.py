@@ -39,7 +39,7 @@ class RuntimeCosts:
     Attributes:
         depthwise_fp32: fp32 time per MAC of a depthwise conv (memory-bound, so dearer per MAC).
         int8_speedup: fp32 time / int8 time per layer kind ("conv", "depthwise", "stem": a conv
-            reading <= 4 channels, whose int8 im2col has little to multiply).
+            reading <= 4 channels, an image's, which ONNX Runtime's int8 build pads to 4).
         crossing: time per element of a tensor that crosses between int8 and float.
     """
 

@@ -306,16 +306,12 @@ def _narrow_int8_conv(conv: Any, producer: dict[str, Any], consumers: dict[str, 
         return None  # another reader would see the padded tensor or weight
     if any(t not in inits or len(inits[t].dims) for t in (q_x.input[2], dq_x.input[1])):
         return None  # Pad's value must be one scalar, and a per-channel input scale has no padded channel
-    w_zero = inits.get(dq_w.input[2]) if len(dq_w.input) > 2 and dq_w.input[2] else None
-    if w_zero is not None and np.any(_array(w_zero)):
-        return None  # a zero weight is then not the integer 0
-    return q_x, dq_x, weight
-
-
-def _array(tensor: Any) -> np.ndarray:
     from onnx import numpy_helper
 
-    return numpy_helper.to_array(tensor)
+    w_zero = inits.get(dq_w.input[2]) if len(dq_w.input) > 2 and dq_w.input[2] else None
+    if w_zero is not None and np.any(numpy_helper.to_array(w_zero)):
+        return None  # a zero weight is then not the integer 0
+    return q_x, dq_x, weight
 
 
 def _pad_input(g: Any, conv: Any, q_x: Any, dq_x: Any, weight: Any, align: int) -> tuple[Any, Any]:

@@ -92,8 +92,8 @@ def test_fallback_on_a_fixed_batch_model(tmp_path: Path, calib_samples: np.ndarr
     rep = quantize_onnx(model, tmp_path / "b1q.onnx", CalibrationSet.from_arrays(calib_samples), cfg)
     assert rep.budget_met is True and rep.fallback_layers[0].name == "conv2"
     # static shapes, so ONNX Runtime's island closing can cost them: with conv2 float, the
-    # 3-channel stem (slower in int8) and the 8->4 classifier (less arithmetic than its
-    # crossings) lose time in int8 and are closed too; TensorRT's target closes nothing
+    # 3-channel stem and the 8->4 classifier (each less arithmetic than its crossings) lose
+    # time in int8 and are closed too; TensorRT's target closes nothing
     assert rep.islands_closed == ["conv1", "fc"] and [f.name for f in rep.fallback_layers] == ["conv2", "conv1", "fc"]
     trt = quantize_onnx(model, tmp_path / "b1t.onnx", CalibrationSet.from_arrays(calib_samples),
                         CalibrationConfig(method="minmax", max_drop_pp=0.0, bias_correction=False, batch_size=16,
