@@ -227,7 +227,7 @@ def write_qdq_model(src: Path, model: Any, out: Path, plan: QuantPlan, cfg: Cali
     ort = cfg.target != "tensorrt"  # TensorRT takes float biases and fuses int8-in/float-out layers
     res = write_qdq(qsrc, out, plan.ranges, plan.acts, plan.weights, symmetric=plan.symmetric,
                     per_channel=cfg.per_channel, nodes_to_exclude=exclude, quantize_bias=ort,
-                    float_tensors=drop, fold_unfused=ort)
+                    float_tensors=drop, ort_fusions=ort)
     return res.mismatches
 
 

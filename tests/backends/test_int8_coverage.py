@@ -27,10 +27,11 @@ def _build(tmp: Path, backend: str, fallback: bool) -> tuple[list[str], dict[str
 def test_onnxruntime_coverage_is_what_the_session_runs(tmp_path: Path) -> None:
     kept, plain = _build(tmp_path / "plain", "onnxruntime", fallback=False)
     assert kept == []
-    # both convs and the linear layer fuse into integer kernels; the GAP (exported as ReduceMean,
-    # which ORT's QDQ writer does not quantize) runs float between a DQ and a Q
-    assert (plain["int8"], plain["compute_ops"], plain["float_ops"]) == (3, 4, {"ReduceMean": 1}), plain
-    assert plain["qdq_left"] == 2 and plain["qdq_io"] == 2, plain
+    # both convs, the pool and the linear layer fuse into integer kernels: the GAP, exported as a
+    # ReduceMean that ORT has no int8 kernel for, is written as GlobalAveragePool
+    # (writers.qdq.pool_spatial_means), so no Q/DQ is left inside
+    assert (plain["int8"], plain["compute_ops"], plain["float_ops"]) == (4, 4, {}), plain
+    assert plain["qdq_left"] == 0 and plain["qdq_io"] == 2, plain
     kept, fell = _build(tmp_path / "fallback", "onnxruntime", fallback=True)
     assert kept == ["node_conv2d_1"]
     # the kept conv reads a float input (its Q/DQ is stripped), so the conv before it has no Q on

@@ -153,7 +153,7 @@ def test_layer_before_a_float_fallback_gets_float_weights_and_the_same_outputs(
     kw = dict(nodes_to_exclude=["conv2"], float_tensors=floats)
     plain = write_qdq(tiny_cnn, tmp_path / "plain.onnx", plan.ranges, plan.acts, plan.weights, False, True, **kw).path
     folded = write_qdq(tiny_cnn, tmp_path / "folded.onnx", plan.ranges, plan.acts, plan.weights, False, True,
-                       fold_unfused=True, **kw).path
+                       ort_fusions=True, **kw).path
 
     def weight_inputs(path: Path, node: str) -> list[str]:
         m = onnx.load(str(path))
@@ -223,3 +223,97 @@ def test_a_three_channel_stem_is_padded_to_four_channels_with_the_same_outputs(
     fused = {i.name: list(i.dims) for i in opt.graph.initializer}
     stem = [n for n in opt.graph.node if n.op_type == "QLinearConv" and fused.get(n.input[3], [0, 0])[1] == 4]
     assert len(stem) == 1
+
+
+def _mean_pooled(src: Path, out: Path, opset: int, keepdims: int = 1, conv_head: bool = False) -> Path:
+    """tiny_cnn with its GlobalAveragePool written as PyTorch's exporter writes
+    ``adaptive_avg_pool2d(x, 1)``: ReduceMean over H and W (axes an attribute before opset 18,
+    an input since)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(src))
+    gap = next(n for n in m.graph.node if n.op_type == "GlobalAveragePool")
+    if opset >= 18:
+        m.graph.initializer.append(numpy_helper.from_array(np.array([-1, -2], np.int64), "mean_axes"))
+        mean = helper.make_node("ReduceMean", [gap.input[0], "mean_axes"], list(gap.output), name="mean", keepdims=keepdims)
+    else:
+        mean = helper.make_node("ReduceMean", list(gap.input), list(gap.output), name="mean", axes=[2, 3],
+                                keepdims=keepdims)
+    gap.CopyFrom(mean)
+    if conv_head:  # the mean read by a 1x1 conv (quantized directly), then flattened
+        fc = next(n for n in m.graph.node if n.op_type == "Gemm")
+        w3 = next(i for i in m.graph.initializer if i.name == fc.input[1])
+        w3.dims.extend([1, 1])
+        flatten = next(n for n in m.graph.node if n.op_type == "Flatten")
+        flatten.input[0], flatten.output[0] = "head", fc.output[0]
+        fc.CopyFrom(helper.make_node("Conv", [gap.output[0], *fc.input[1:]], ["head"], name="head"))
+        nodes = sorted(m.graph.node, key=lambda n: n.op_type == "Flatten")  # the flatten last
+        del m.graph.node[:]
+        m.graph.node.extend(nodes)
+    if not keepdims:  # Flatten of a [N, C] tensor is itself
+        next(n for n in m.graph.node if n.op_type == "Flatten").attribute.append(helper.make_attribute("axis", 1))
+    m.opset_import[0].version = opset
+    onnx.checker.check_model(m)
+    onnx.save(m, str(out))
+    return out
+
+
+@pytest.mark.parametrize("opset, conv_head", [(17, False), (18, False), (18, True)])
+def test_a_quantized_spatial_mean_becomes_a_fused_int8_pool(
+        tiny_cnn: Path, calib_samples: np.ndarray, tmp_path: Path, opset: int, conv_head: bool) -> None:
+    """ONNX Runtime has no int8 ReduceMean: DQ -> ReduceMean -> Q runs a float mean. Written as
+    GlobalAveragePool (the same arithmetic) it fuses into QLinearGlobalAveragePool, and the
+    outputs stay those of the float mean to within the pool output's rounding. The Q either
+    reads the mean (a conv head) or the flattened mean (a Gemm head: the Q moves before the
+    Flatten)."""
+    import onnx
+    import onnxruntime as ort
+
+    from calibration.metrics import sqnr_db
+    from calibration.runtime import make_session, predict
+    from calibration.writers.qdq import pool_spatial_means
+
+    src = _mean_pooled(tiny_cnn, tmp_path / "mean.onnx", opset, conv_head=conv_head)
+    plan = _plan(src, calib_samples, tmp_path, symmetric=False)
+    plain = write_qdq(src, tmp_path / "plain.onnx", plan.ranges, plan.acts, plan.weights, False, True).path
+    pooled = write_qdq(src, tmp_path / "pooled.onnx", plan.ranges, plan.acts, plan.weights, False, True,
+                       ort_fusions=True).path
+    ops = [n.op_type for n in onnx.load(str(pooled)).graph.node]
+    assert "ReduceMean" not in ops and "GlobalAveragePool" in ops
+    assert "ReduceMean" in [n.op_type for n in onnx.load(str(plain)).graph.node]
+    assert pool_spatial_means(pooled) == 0
+
+    def fused_ops(path: Path) -> list[str]:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+    assert "QLinearGlobalAveragePool" in fused_ops(pooled)
+    assert "QLinearGlobalAveragePool" not in fused_ops(plain)
+    fp32 = predict(make_session(src), calib_samples)
+    a, b = predict(make_session(plain), calib_samples), predict(make_session(pooled), calib_samples)
+    assert sqnr_db(a, b) > 30  # one rounding of the pool's output apart
+    assert abs(sqnr_db(fp32, b) - sqnr_db(fp32, a)) < 0.5
+
+
+def test_a_float_or_flattening_mean_is_left_alone(tiny_cnn: Path, calib_samples: np.ndarray, tmp_path: Path) -> None:
+    """A mean that drops its dimensions is not a GlobalAveragePool, and a mean kept float (no Q
+    reads it) has no int8 kernel to fuse into: both stay ReduceMean."""
+    import onnx
+
+    from calibration.writers.qdq import pool_spatial_means
+
+    flat = _mean_pooled(tiny_cnn, tmp_path / "flat.onnx", 18, keepdims=0)
+    plan = _plan(flat, calib_samples, tmp_path, symmetric=False)
+    out = write_qdq(flat, tmp_path / "flat_q.onnx", plan.ranges, plan.acts, plan.weights, False, True,
+                    ort_fusions=True).path
+    assert "ReduceMean" in [n.op_type for n in onnx.load(str(out)).graph.node]
+
+    src = _mean_pooled(tiny_cnn, tmp_path / "mean.onnx", 18)
+    plan = _plan(src, calib_samples, tmp_path, symmetric=False)
+    kept = write_qdq(src, tmp_path / "kept.onnx", plan.ranges, plan.acts, plan.weights, False, True,
+                     float_tensors={"gap", "flat"}).path
+    assert pool_spatial_means(kept) == 0
+    assert "ReduceMean" in [n.op_type for n in onnx.load(str(kept)).graph.node]
