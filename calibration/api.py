@@ -27,6 +27,7 @@ from calibration.data import CalibrationSet
 from calibration.errors import CalibrationError
 from calibration.plan import QuantPlan, make_plan
 from calibration.search import Arrays, Holdout, Metric, Ranking, SearchOptions, SearchReport, default_metric, first, search
+from calibration.sensitivity import LayerSensitivity
 from calibration.stats import Statistics
 
 #: holdout samples used to rank layer sensitivity (the fallback itself is checked on all)
@@ -153,8 +154,22 @@ class QdqBuilder:
         k = min(len(holdout), SENSITIVITY_SAMPLES)
         x, ref = first(holdout.x)[:k], first(reference)[:k]
         labels = None if holdout.labels is None else holdout.labels[:k]
-        ranked = layer_sensitivity(gated, x, ref, labels, tie_margin=self.cfg.tie_margin)
+        ranked = self.cost_order(layer_sensitivity(gated, x, ref, labels, tie_margin=self.cfg.tie_margin))
         return Ranking(ranked, solo_sqnr=lambda name: only_layer_sqnr(gated, x, ref, name), close=self.closer())
+
+    def cost_order(self, ranked: list[LayerSensitivity]) -> list[LayerSensitivity]:
+        """On ONNX Runtime, the fallback's order by output noise removed per unit of estimated
+        time (:func:`calibration.islands.order_by_cost`): its int8 and float kernels use different
+        layouts, so which layers go float decides how many crossings the build pays."""
+        if self.cfg.target != "onnxruntime" or not self.cfg.close_islands:
+            return ranked
+        from calibration.islands import ORT_CPU, order_by_cost
+
+        order = order_by_cost(self.model, {s.name: s.saved_db for s in ranked}, ORT_CPU)
+        if order is None:
+            return ranked
+        by_name = {s.name: s for s in ranked}
+        return [by_name[n] for n in order]
 
     def closer(self) -> Callable[[list[str]], list[str]] | None:
         """ONNX Runtime's island closing (:mod:`calibration.islands`); TensorRT fuses int8 and

@@ -199,3 +199,48 @@ def close_islands(model: "onnx.ModelProto", float_layers: Iterable[str], costs: 
         if saved < crossed:
             added |= run
     return names + [n for n in graph.layers if n in added]
+
+
+def _is_float(layer: str, floats: set[str]) -> bool:
+    return layer == EDGE or layer in floats
+
+
+def estimated_time(graph: CostGraph, floats: set[str], costs: RuntimeCosts) -> float:
+    """The model's estimated kernel time (1x1-conv MAC units) with ``floats`` float and the rest
+    int8: each layer at its precision's cost, plus every tensor between the two precisions."""
+    compute = sum(c.fp32 if n in floats else c.fp32 / c.speedup for n, c in graph.layers.items())
+    crossed = sum(size for a, b, size in graph.edges if _is_float(a, floats) != _is_float(b, floats))
+    return compute + crossed * costs.crossing
+
+
+def order_by_cost(model: "onnx.ModelProto", saved_db: dict[str, float], costs: RuntimeCosts) -> list[str] | None:
+    """The layers in the order a float fallback should take them on a runtime with crossings:
+    each next the one that removes the most output noise per unit of time it adds.
+
+    ``saved_db`` (layer -> output SQNR recovered with that layer alone float, the leave-one-out
+    ranking) gives each layer's share of the output noise, ``1 - 10**(-saved/10)``: the noise
+    of single layers adds up close to independently (calibration/README.md). Time comes from
+    :func:`estimated_time`, so a layer next to float ones (few new crossings) or a depthwise one
+    (no int8 gain to lose) costs little, and one that removes crossings costs less than nothing
+    and is taken first. Returns None without static shapes (the fidelity order stands).
+    """
+    graph = cost_graph(model, costs)
+    if graph is None or set(saved_db) - set(graph.layers):
+        return None
+    noise = {n: max(0.0, 1.0 - 10.0 ** (-db / 10.0)) for n, db in saved_db.items()}
+    floats: set[str] = set()
+    now = estimated_time(graph, floats, costs)
+    order: list[str] = []
+    remaining = list(saved_db)  # fidelity order: the tie-break
+
+    def merit(n: str) -> tuple[int, float]:
+        added = estimated_time(graph, floats | {n}, costs) - now
+        return (1, noise[n]) if added <= 0 else (0, noise[n] / added)
+
+    while remaining:
+        best = max(remaining, key=merit)
+        remaining.remove(best)
+        floats.add(best)
+        order.append(best)
+        now = estimated_time(graph, floats, costs)
+    return order

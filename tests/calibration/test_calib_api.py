@@ -90,11 +90,12 @@ def test_fallback_on_a_fixed_batch_model(tmp_path: Path, calib_samples: np.ndarr
     model = build_cnn(tmp_path / "b1.onnx", seed=3, outlier_channel=3000.0, batch=1)
     cfg = CalibrationConfig(method="minmax", max_drop_pp=0.0, bias_correction=False, batch_size=16)
     rep = quantize_onnx(model, tmp_path / "b1q.onnx", CalibrationSet.from_arrays(calib_samples), cfg)
-    assert rep.budget_met is True and rep.fallback_layers[0].name == "conv2"
-    # static shapes, so ONNX Runtime's island closing can cost them: with conv2 float, the
-    # 3-channel stem and the 8->4 classifier (each less arithmetic than its crossings) lose
-    # time in int8 and are closed too; TensorRT's target closes nothing
-    assert rep.islands_closed == ["conv1", "fc"] and [f.name for f in rep.fallback_layers] == ["conv2", "conv1", "fc"]
+    # static shapes, so ONNX Runtime's cost model applies: the 8->4 classifier has less
+    # arithmetic than its crossings, so the cost order takes it first (float is faster), then the
+    # planted conv2; with both float the 3-channel stem loses time in int8 and is closed too.
+    # TensorRT's target keeps the fidelity order and closes nothing
+    names = [f.name for f in rep.fallback_layers]
+    assert rep.budget_met is True and names == ["fc", "conv2", "conv1"] and rep.islands_closed == ["conv1"]
     trt = quantize_onnx(model, tmp_path / "b1t.onnx", CalibrationSet.from_arrays(calib_samples),
                         CalibrationConfig(method="minmax", max_drop_pp=0.0, bias_correction=False, batch_size=16,
                                           target="tensorrt"))

@@ -12,7 +12,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from calibration.islands import EDGE, ORT_CPU, close_islands, cost_graph, int8_runs, run_balance
+from calibration.islands import (
+    EDGE,
+    ORT_CPU,
+    close_islands,
+    cost_graph,
+    estimated_time,
+    int8_runs,
+    order_by_cost,
+    run_balance,
+)
 
 
 def _conv(name: str, x: str, y: str, w: tuple[int, ...], group: int = 1) -> tuple[onnx.NodeProto, onnx.TensorProto]:
@@ -63,3 +72,36 @@ def test_nothing_changes_without_a_float_layer_or_a_static_shape() -> None:
     assert close_islands(graph(), [], ORT_CPU) == []
     assert cost_graph(graph("N"), ORT_CPU) is None
     assert close_islands(graph("N"), ["A", "C"], ORT_CPU) == ["A", "C"]
+
+
+def test_estimated_time_is_each_layer_at_its_precision_plus_the_crossings() -> None:
+    g = cost_graph(graph(), ORT_CPU)
+    assert g is not None
+    fp32 = sum(c.fp32 for c in g.layers.values())
+    # all float: fp32 itself, no crossing (the graph's input and output are float)
+    assert estimated_time(g, set(g.layers), ORT_CPU) == fp32
+    px, a = 16 * 16, g.layers["A"]
+    # only A int8: A at 2.8x, its input and its output cross
+    only_a = fp32 - a.fp32 + a.fp32 / 2.8 + (8 + 32) * px * ORT_CPU.crossing
+    assert np.isclose(estimated_time(g, {"B", "C", "D"}, ORT_CPU), only_a)
+
+
+def test_the_cost_order_takes_the_cheap_float_layer_first_and_the_noisy_one_regardless() -> None:
+    """Equal noise, so the order is by added time. From all int8: A loses its 2.8x but frees the
+    input's crossing for one of 32 channels (+165 k); B alone would add two 32-channel crossings
+    (+328 k); C +247 k; D, the most arithmetic, +431 k. Once A is float, B next to it moves a
+    crossing instead of adding one (+0), and then C removes one (< 0): the float region grows
+    where it is cheap. A layer that carries most of the noise is taken first all the same."""
+    model = graph()
+    g = cost_graph(model, ORT_CPU)
+    assert g is not None
+    added = {n: estimated_time(g, {n}, ORT_CPU) - estimated_time(g, set(), ORT_CPU) for n in "ABCD"}
+    assert sorted(added, key=added.get) == ["A", "C", "B", "D"]
+    assert estimated_time(g, {"A", "B"}, ORT_CPU) == estimated_time(g, {"A"}, ORT_CPU)
+    assert estimated_time(g, {"A", "B", "C"}, ORT_CPU) < estimated_time(g, {"A", "B"}, ORT_CPU)
+    even = {"A": 1.0, "B": 1.0, "C": 1.0, "D": 1.0}
+    assert order_by_cost(model, even, ORT_CPU) == ["A", "B", "C", "D"]
+    # the fidelity order's first layer is not what decides: C first in the ranking, A still first
+    assert order_by_cost(model, {"C": 1.0, "B": 1.0, "A": 1.0, "D": 1.0}, ORT_CPU)[0] == "A"
+    assert order_by_cost(model, {**even, "D": 12.0}, ORT_CPU)[0] == "D"
+    assert order_by_cost(graph("N"), even, ORT_CPU) is None
