@@ -65,9 +65,10 @@ class CalibrationConfig:
         min_sqnr_db: fidelity floor: the fallback keeps layers in float until the holdout's output
             SQNR against fp32 reaches it (None: no floor; see
             :func:`calibration.sensitivity.choose_fallback`).
-        close_islands: after the fallback, also keep in float each int8 run between float layers
-            that costs ONNX Runtime more in layout crossings than it saves
-            (:mod:`calibration.islands`; target "onnxruntime" only).
+        close_islands: let ONNX Runtime's layout crossings shape the fallback: take layers in
+            the order of output noise removed per unit of estimated time, and afterwards also
+            keep in float each int8 run between float layers that costs more in crossings than
+            it saves (:mod:`calibration.islands`; target "onnxruntime" only).
     """
 
     method: str = "auto"

@@ -206,9 +206,10 @@ class CalibrationSpec(_Strict):
                           "holdout is one image; SQNR averages every output value). A mapping sets it per backend, "
                           "e.g. {default: 25, onnxruntime: 24}: a float layer costs each runtime differently")
     close_islands: StrictBool = Field(
-        True, description="ONNX Runtime int8: after the fallback, also keep in float each int8 run between float "
-                          "layers whose layout crossings (Transpose, (de)quantize, reorder) cost more than its int8 "
-                          "saves, estimated from the layers' shapes; false keeps exactly the fallback's layers")
+        True, description="ONNX Runtime int8: let layout crossings (Transpose, (de)quantize, reorder) shape the "
+                          "fallback, estimated from the layers' shapes: layers taken by output noise removed per unit "
+                          "of time, then each int8 run between float layers whose crossings cost more than its int8 "
+                          "saves kept float too; false keeps exactly the fallback's layers in fidelity order")
     holdout_fraction: float = Field(0.2, ge=0.0, lt=0.9)
     equalize: StrictBool | Literal["auto"] = Field(
         False, description="cross-layer equalisation before calibration (ONNX Runtime and TensorRT QDQ only): true "
