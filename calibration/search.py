@@ -117,11 +117,12 @@ class Candidate(Protocol):
 
 @dataclass
 class Ranking:
-    """Layers for the fallback, most sensitive first; ``solo_sqnr(name)``, where the builder can
-    measure it, is the output SQNR with only that layer quantized (for the report); ``close(names)``,
-    where the builder knows its runtime's costs, is ``names`` plus the int8 runs between float
-    layers that cost the runtime more than they save (:mod:`calibration.islands`), all of them
-    layers of ``layers``."""
+    """Layers for the fallback, in the order the fallback takes them (most sensitive first; on ONNX
+    Runtime by noise removed per unit of time); ``solo_sqnr(name)``, where the builder can measure
+    it, is the output SQNR with only that layer quantized (for the report); ``close(names)``, where
+    the builder knows its runtime's costs, is ``names`` plus the int8 runs between float layers
+    that cost the runtime more than they save (:mod:`calibration.islands`), all of them layers of
+    ``layers``."""
 
     layers: list[LayerSensitivity]
     solo_sqnr: Callable[[str], float] | None = None
@@ -181,7 +182,8 @@ class SearchReport:
         budget_pp, budget_met, budget_reason: the budget, whether the holdout drop is within it
             (None without a budget) and why not.
         holdout: figures of the shipped candidate.
-        fallback_layers: layers kept in float by the fallback, most sensitive first.
+        fallback_layers: layers kept in float by the fallback, in the order it took them (most
+            sensitive first; ONNX Runtime: by noise removed per unit of time, then the closed islands).
         fallback_tried: (float layers, holdout drop) per fallback candidate run.
         calibration_samples, holdout_samples: sizes of the fit and holdout splits.
         calibration_time_s: wall time of the whole INT8 build's calibration.

@@ -113,7 +113,7 @@ class FallbackResult:
     """Outcome of :func:`choose_fallback`.
 
     Attributes:
-        layers: layers kept in float, most sensitive first.
+        layers: layers kept in float, in the order taken (the ranking's).
         budget_met: whether the holdout drop is within budget.
         reason: why not, if not.
         metrics: holdout metrics of the final candidate.
@@ -154,7 +154,7 @@ def choose_fallback(
     """Keep the most sensitive layers in float until the holdout meets the budget and the floor.
 
     Args:
-        ranked: layers, most sensitive first.
+        ranked: layers, in the order to take them (most sensitive first, or a cost order).
         evaluate: builds the real QDQ model with the given nodes in float and returns its holdout
             metrics (must contain ``drop_pp`` and ``sqnr_db``).
         base_metrics: metrics with no layer in float.
