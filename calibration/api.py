@@ -25,6 +25,7 @@ import numpy as np
 from calibration.config import CalibrationConfig, resolve_methods, split_adaround, split_method
 from calibration.data import CalibrationSet
 from calibration.errors import CalibrationError
+from calibration.islands import RuntimeCosts, close_islands, order_by_cost
 from calibration.plan import QuantPlan, make_plan
 from calibration.search import Arrays, Holdout, Metric, Ranking, SearchOptions, SearchReport, default_metric, first, search
 from calibration.sensitivity import LayerSensitivity
@@ -157,28 +158,31 @@ class QdqBuilder:
         ranked = self.cost_order(layer_sensitivity(gated, x, ref, labels, tie_margin=self.cfg.tie_margin))
         return Ranking(ranked, solo_sqnr=lambda name: only_layer_sqnr(gated, x, ref, name), close=self.closer())
 
-    def cost_order(self, ranked: list[LayerSensitivity]) -> list[LayerSensitivity]:
-        """On ONNX Runtime, the fallback's order by output noise removed per unit of estimated
-        time (:func:`calibration.islands.order_by_cost`): its int8 and float kernels use different
-        layouts, so which layers go float decides how many crossings the build pays."""
+    def layout_costs(self) -> RuntimeCosts | None:
+        """The runtime costs that shape the fallback (:mod:`calibration.islands`): ONNX Runtime's,
+        whose int8 and float kernels use different layouts, unless ``close_islands`` is off;
+        TensorRT fuses int8 and float layers in one layout, so its fallback is left as chosen."""
         if self.cfg.target != "onnxruntime" or not self.cfg.close_islands:
-            return ranked
-        from calibration.islands import ORT_CPU, order_by_cost
+            return None
+        from calibration.islands import ORT_CPU
 
-        order = order_by_cost(self.model, {s.name: s.saved_db for s in ranked}, ORT_CPU)
+        return ORT_CPU
+
+    def cost_order(self, ranked: list[LayerSensitivity]) -> list[LayerSensitivity]:
+        """The fallback's order by output noise removed per unit of estimated time
+        (:func:`calibration.islands.order_by_cost`) where crossings have a cost: which layers go
+        float decides how many the build pays."""
+        costs = self.layout_costs()
+        order = None if costs is None else order_by_cost(self.model, {s.name: s.saved_db for s in ranked}, costs)
         if order is None:
             return ranked
         by_name = {s.name: s for s in ranked}
         return [by_name[n] for n in order]
 
     def closer(self) -> Callable[[list[str]], list[str]] | None:
-        """ONNX Runtime's island closing (:mod:`calibration.islands`); TensorRT fuses int8 and
-        float layers in one layout, so its QDQ graph is left as the fallback chose it."""
-        if self.cfg.target != "onnxruntime" or not self.cfg.close_islands:
-            return None
-        from calibration.islands import ORT_CPU, close_islands
-
-        return lambda names: close_islands(self.model, names, ORT_CPU)
+        """The island closing (:func:`calibration.islands.close_islands`) where crossings have a cost."""
+        costs = self.layout_costs()
+        return None if costs is None else (lambda names: close_islands(self.model, names, costs))
 
 
 class EqualizeChoice:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from calibration.errors import CalibrationConfigError
-from calibration.graph import consumer_map
+from calibration.graph import consumer_map, producer_map
 
 if TYPE_CHECKING:
     import onnx
@@ -87,7 +87,7 @@ class _Graph:
 
         self.model = model
         self.nodes = {n.name: n for n in model.graph.node}
-        self.producer = {o: n for n in model.graph.node for o in n.output}
+        self.producer = producer_map(model.graph)
         self.consumers = consumer_map(model.graph)
         self.outputs = {o.name for o in model.graph.output}
         self.init = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}

@@ -145,6 +145,21 @@ def consumer_map(graph: "onnx.GraphProto") -> "dict[str, list[onnx.NodeProto]]":
     return found
 
 
+def producer_map(graph: "onnx.GraphProto") -> "dict[str, onnx.NodeProto]":
+    """Tensor name -> the node that writes it."""
+    return {o: n for n in graph.node for o in n.output}
+
+
+def tensor_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Tensor -> its dimensions after ONNX shape inference (0 where a dimension is not a number);
+    tensors whose shape inference could not tell are left out."""
+    import onnx
+
+    g = onnx.shape_inference.infer_shapes(model).graph
+    return {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+            for vi in (*g.input, *g.value_info, *g.output) if vi.type.tensor_type.HasField("shape")}
+
+
 def initializer_array(model: onnx.ModelProto, name: str):  # -> np.ndarray
     """Return an initializer as a numpy array (raises CalibrationError if absent)."""
     from onnx import numpy_helper

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calibration.graph import weighted_layers
+from calibration.graph import producer_map, tensor_dims, weighted_layers
 
 if TYPE_CHECKING:
     import onnx
@@ -78,16 +78,8 @@ class CostGraph:
 
 
 def _elements(model: "onnx.ModelProto") -> dict[str, int]:
-    """Tensor -> element count, from ONNX shape inference (tensors without a static shape left out)."""
-    import onnx
-
-    g = onnx.shape_inference.infer_shapes(model).graph
-    out: dict[str, int] = {}
-    for vi in (*g.input, *g.value_info, *g.output):
-        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-        if dims and all(d > 0 for d in dims):
-            out[vi.name] = int(np.prod(dims))
-    return out
+    """Tensor -> element count (tensors without a static shape left out)."""
+    return {name: int(np.prod(dims)) for name, dims in tensor_dims(model).items() if dims and all(d > 0 for d in dims)}
 
 
 def _kind(node: "onnx.NodeProto", dims: list[int]) -> str:
@@ -129,7 +121,7 @@ def _edges(model: "onnx.ModelProto", reads: dict[str, str], elements: dict[str, 
     """(from, to, elements) per pair of weighted layers (or graph input) joined through unweighted
     nodes (ReLU, Add, pooling, reshapes): the tensor the later layer reads. ``reads``: weighted
     layer -> its activation input."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producer_map(model.graph)
     inits = {i.name for i in model.graph.initializer}
     edges = []
     for name, x in reads.items():
@@ -205,12 +197,16 @@ def _is_float(layer: str, floats: set[str]) -> bool:
     return layer == EDGE or layer in floats
 
 
+def _crossed(edges: Iterable[tuple[str, str, int]], floats: set[str]) -> int:
+    """Elements of the tensors in ``edges`` between an int8 and a float end."""
+    return sum(size for a, b, size in edges if _is_float(a, floats) != _is_float(b, floats))
+
+
 def estimated_time(graph: CostGraph, floats: set[str], costs: RuntimeCosts) -> float:
     """The model's estimated kernel time (1x1-conv MAC units) with ``floats`` float and the rest
     int8: each layer at its precision's cost, plus every tensor between the two precisions."""
     compute = sum(c.fp32 if n in floats else c.fp32 / c.speedup for n, c in graph.layers.items())
-    crossed = sum(size for a, b, size in graph.edges if _is_float(a, floats) != _is_float(b, floats))
-    return compute + crossed * costs.crossing
+    return compute + _crossed(graph.edges, floats) * costs.crossing
 
 
 def order_by_cost(model: "onnx.ModelProto", saved_db: dict[str, float], costs: RuntimeCosts) -> list[str] | None:
@@ -228,13 +224,20 @@ def order_by_cost(model: "onnx.ModelProto", saved_db: dict[str, float], costs: R
     if graph is None or set(saved_db) - set(graph.layers):
         return None
     noise = {n: max(0.0, 1.0 - 10.0 ** (-db / 10.0)) for n, db in saved_db.items()}
+    # the time a layer adds is its own and its own tensors' (estimated_time's difference, without
+    # summing the whole model for every candidate of every step)
+    touching: dict[str, list[tuple[str, str, int]]] = {n: [] for n in graph.layers}
+    for edge in graph.edges:
+        for end in {edge[0], edge[1]} - {EDGE}:
+            touching[end].append(edge)
     floats: set[str] = set()
-    now = estimated_time(graph, floats, costs)
     order: list[str] = []
     remaining = list(saved_db)  # fidelity order: the tie-break
 
     def merit(n: str) -> tuple[int, float]:
-        added = estimated_time(graph, floats | {n}, costs) - now
+        c = graph.layers[n]
+        crossed = _crossed(touching[n], floats | {n}) - _crossed(touching[n], floats)
+        added = c.fp32 - c.fp32 / c.speedup + crossed * costs.crossing
         return (1, noise[n]) if added <= 0 else (0, noise[n] / added)
 
     while remaining:
@@ -242,5 +245,4 @@ def order_by_cost(model: "onnx.ModelProto", saved_db: dict[str, float], costs: R
         remaining.remove(best)
         floats.add(best)
         order.append(best)
-        now = estimated_time(graph, floats, costs)
     return order

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.graph import WeightedLayer, consumer_map, initializer_array
+from calibration.graph import WeightedLayer, consumer_map, initializer_array, producer_map
 from calibration.observers import QParams, compute_ranges, qparams, weight_qparams
 from calibration.stats import Statistics
 
@@ -191,7 +191,7 @@ def float_tensors_for(model: Any, float_nodes: list[str]) -> set[str]:
     share parameters with, the producer's output quantization).
     """
     nodes = set(float_nodes)
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producer_map(model.graph)
     consumers = consumer_map(model.graph)
     passthrough = ("Relu", "Clip", *SHARE_INPUT_PARAMS)
     dropped: set[str] = set()

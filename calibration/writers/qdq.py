@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from calibration.errors import CalibrationError
-from calibration.graph import drop_unused_initializers, replace_nodes
+from calibration.graph import drop_unused_initializers, producer_map, replace_nodes, tensor_dims
 from calibration.observers import QParams
 
 
@@ -226,7 +226,7 @@ def fold_unfused_weights(path: Path) -> int:
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     consumers = consumer_map(g)
-    producer = {o: n for n in g.node for o in n.output}
+    producer = producer_map(g)
     folded: set[str] = set()  # the folded DequantizeLinears' outputs, now initializers
     for n in g.node:
         if n.op_type not in WEIGHTED_OPS or all(_quantized(o, consumers) for o in n.output):
@@ -263,11 +263,10 @@ def pool_spatial_means(path: Path) -> int:
 
     model = onnx.load(str(path))
     g = model.graph
-    ranks = _ranks(model)
+    ranks = {name: len(dims) for name, dims in tensor_dims(model).items()}
     consumers = consumer_map(g)
-    producer = {o: n for n in g.node for o in n.output}
+    producer = producer_map(g)
     inits = {i.name: i for i in g.initializer}
-    moved: dict[str, Any] = {}  # Q output -> the flatten node now placed after that Q
     changed = 0
     for n in g.node:
         x = n.input[0] if n.op_type == "ReduceMean" else None
@@ -280,19 +279,12 @@ def pool_spatial_means(path: Path) -> int:
             flat = _flatten_then_quantize(readers, consumers)
             if flat is None:
                 continue
-            shape, q = flat
-            q.input[0], shape.input[0] = n.output[0], f"{n.output[0]}_quantized"
-            q.output[0], shape.output[0] = shape.input[0], q.output[0]
-            moved[q.output[0]] = shape
+            _quantize_before(*flat)
         n.op_type = "GlobalAveragePool"
         del n.input[1:]
         del n.attribute[:]
         changed += 1
     if changed:
-        shapes = {id(s) for s in moved.values()}
-        order = [m for n in list(g.node) if id(n) not in shapes
-                 for m in ((n, moved[n.output[0]]) if n.output and n.output[0] in moved else (n,))]
-        replace_nodes(g, order)
         drop_unused_initializers(g)  # the axes
         onnx.save(model, str(path))
     return changed
@@ -308,13 +300,15 @@ def _flatten_then_quantize(readers: list[Any], consumers: dict[str, list[Any]]) 
     return readers[0], after[0]
 
 
-def _ranks(model: Any) -> dict[str, int]:
-    """Tensor -> rank, from ONNX shape inference."""
-    import onnx
-
-    g = onnx.shape_inference.infer_shapes(model).graph
-    return {vi.name: len(vi.type.tensor_type.shape.dim) for vi in (*g.input, *g.value_info, *g.output)
-            if vi.type.tensor_type.HasField("shape")}
+def _quantize_before(shape: Any, q: Any) -> None:
+    """Rewire ``x -> shape -> q -> y`` as ``x -> q -> shape -> y`` and swap the two nodes' places
+    in the graph, so the order stays topological (``shape`` came first)."""
+    q.input[0], shape.input[0] = shape.input[0], f"{shape.input[0]}_quantized"
+    q.output[0], shape.output[0] = shape.input[0], q.output[0]
+    earlier = type(shape)()
+    earlier.CopyFrom(q)
+    q.CopyFrom(shape)
+    shape.CopyFrom(earlier)
 
 
 def _reduced_axes(node: Any, inits: dict[str, Any]) -> set[int] | None:
@@ -359,7 +353,7 @@ def pad_conv_channels(path: Path, align: int) -> int:
         return 0
     inits = {i.name: i for i in g.initializer}
     consumers = consumer_map(g)
-    producer = {o: n for n in g.node for o in n.output}
+    producer = producer_map(g)
     pads: list[tuple[Any, Any]] = []  # (the DQ that reads the padded tensor, the Pad node)
     for conv in g.node:
         found = _narrow_int8_conv(conv, producer, consumers, inits, align)
