@@ -104,6 +104,7 @@ def main() -> int:
                         help="target to measure on (not local: fp32 and int8 of its backends, builds from the shared stage cache)")
     args = parser.parse_args()
 
+    from pipeline.agent.device_build import cpu_identity
     from pipeline.cache import Cache
     from pipeline.deploy import deploy
 
@@ -113,7 +114,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="edgeship-bench-"))
     os.environ["EDGESHIP_TARGETS_PATH"] = str(tmp / "targets")
     report = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.platform(),
-              "cpu_count": os.cpu_count(), "rounds": args.rounds, "device": args.device,
+              "cpu": cpu_identity()["cpu"], "cpu_count": os.cpu_count(), "rounds": args.rounds, "device": args.device,
               "backends_skipped": skipped, "workloads": {}}
     for workload in args.workloads:
         spec = bench_spec(workload)
@@ -154,7 +155,7 @@ def bench_rows(results: dict) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    where = f"{report['host']} ({report['cpu_count']} cores)"
+    where = f"{report['host']} ({report.get('cpu', 'CPU not recorded')}, {report['cpu_count']} cores)"
     device = report.get("device", "local")
     if device.startswith("sim-"):
         where = (f"{device} (qemu user emulation of a Cortex-A72 on {where}; only the speed-up column "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibration.metrics import sqnr_db  # noqa: E402
+from pipeline.agent.settle import settle  # noqa: E402
 from pipeline.validate.stats import discordant, p50_interval, paired_drop_interval  # noqa: E402
 
 SPECS = {"efficientnet-lite0": ROOT / "examples" / "efficientnet_lite0.yaml",
@@ -251,6 +253,7 @@ def latency(models: list[Model], x: np.ndarray, rounds: int, per_round: int, war
     times: dict[str, list[float]] = {m.name: [] for m in models}
     for r in range(rounds):
         for m in models[r % len(models):] + models[:r % len(models)]:
+            settle([os.getpid()])  # the previous model's pool threads stop spinning first
             m.runner.infer(sample)  # untimed: the caches after switching models
             for _ in range(per_round):
                 t0 = time.perf_counter()
@@ -300,7 +303,7 @@ def bench_workload(workload: str, work: Path, peers: list[str], rounds: int, per
 
 def to_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = ["# INT8 against the peers, on real labelled ImageNet", "",
-             f"Measured {meta['when']} on {meta['machine']} ({meta['cores']} cores); onnxruntime {meta['onnxruntime']}, "
+             f"Measured {meta['when']} on {meta['machine']} ({meta.get('cpu', 'CPU not recorded')}, {meta['cores']} cores); onnxruntime {meta['onnxruntime']}, "
              f"nncf {meta.get('nncf') or 'not installed'}. Same fp32 ONNX model and the same calibration images for "
              "every method; top-1 on the evaluation images' labels; drop = fp32 top-1 - top-1 with its exact paired "
              "95 % interval; agreement and SQNR against the fp32 outputs; p50 at batch 1, 2 threads, every model "
@@ -345,10 +348,10 @@ def main() -> None:
         nncf_version = nncf.__version__
     except ImportError:
         nncf_version = None
-    import os
+    from pipeline.agent.device_build import cpu_identity
 
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
-            "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "nncf": nncf_version,
+            "cpu": cpu_identity()["cpu"], "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "nncf": nncf_version,
             "rounds": args.rounds, "per_round": args.per_round, "wall_s": round(time.perf_counter() - t0, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

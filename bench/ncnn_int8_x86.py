@@ -22,6 +22,7 @@ the range over rounds. Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibration.metrics import sqnr_db  # noqa: E402
+from pipeline.agent.settle import settle  # noqa: E402
 
 SPECS = {"efficientnet-lite0": ROOT / "examples" / "efficientnet_lite0.yaml",
          "mobilenet-v2": ROOT / "examples" / "mobilenet_v2.yaml", "mnist": ROOT / "examples" / "mnist.yaml"}
@@ -89,6 +91,7 @@ def timed(runners: dict[str, Any], x: np.ndarray, rounds: int, per_round: int) -
     times: dict[str, list[list[float]]] = {n: [] for n in names}
     for i in range(rounds):
         for n in names[i % len(names):] + names[:i % len(names)]:
+            settle([os.getpid()])  # the previous variant's threads stop spinning first
             runners[n].run(x)  # untimed: caches after the switch
             one = []
             for _ in range(per_round):

@@ -37,10 +37,14 @@ from typing import Any
 import numpy as np
 from ncnn_int8_x86 import ROOT, build
 
+from pipeline.agent.device_build import cpu_identity
+from pipeline.agent.settle import settle
+
 CLASSES = ("conv 1x1 / full", "conv depthwise", "quantize / dequantize", "layout", "other")
 CONV_OPS = {"Conv", "FusedConv", "QLinearConv"}
 LAYOUT_OPS = {"Transpose", "ReorderInput", "ReorderOutput"}
 WARMUP = 5  # runs per session before the measured rounds, dropped from the profile
+GEMM_CHUNK = 30  # GEMM runs per chunk; chunks of the two sessions alternate
 
 
 def session(model: Path, optimized: Path, profile: bool) -> Any:
@@ -99,6 +103,7 @@ def profile_pair(models: dict[str, Path], work: Path, rounds: int, per_round: in
     for _ in range(rounds):
         for s in sessions.values():
             name = s.get_inputs()[0].name
+            settle([os.getpid()])  # the other session's pool thread stops spinning first
             for _ in range(per_round):
                 s.run(None, {name: x})
     out = {}
@@ -110,7 +115,7 @@ def profile_pair(models: dict[str, Path], work: Path, rounds: int, per_round: in
 
 
 def gemm_bound(m: int = 3136, k: int = 256, n: int = 256, runs: int = 300) -> dict[str, float]:
-    """fp32 MatMul vs u8 x s8 MatMulInteger of one large shape, interleaved, 2 threads."""
+    """fp32 MatMul vs u8 x s8 MatMulInteger of one large shape, in alternating chunks, 2 threads."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -128,16 +133,18 @@ def gemm_bound(m: int = 3136, k: int = 256, n: int = 256, runs: int = 300) -> di
     opts.intra_op_num_threads = 2
     f32, i8 = (ort.InferenceSession(model(q), opts, providers=["CPUExecutionProvider"]) for q in (False, True))
     a32, a8 = rng.normal(size=(m, k)).astype(np.float32), rng.integers(0, 255, (m, k)).astype(np.uint8)
-    t32, t8 = [], []
-    for _ in range(runs):
-        t = time.perf_counter()
-        f32.run(None, {"A": a32})
-        t32.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        i8.run(None, {"A": a8})
-        t8.append(time.perf_counter() - t)
+    t32: list[float] = []
+    t8: list[float] = []
+    for _ in range(runs // GEMM_CHUNK):  # chunks, alternated, each after the other's pool is idle
+        for sess, a, out in ((f32, a32, t32), (i8, a8, t8)):
+            settle([os.getpid()])
+            sess.run(None, {"A": a})
+            for _ in range(GEMM_CHUNK):
+                t = time.perf_counter()
+                sess.run(None, {"A": a})
+                out.append(time.perf_counter() - t)
     ms32, ms8 = np.array(t32) * 1e3, np.array(t8) * 1e3
-    return {"shape": [m, k, n], "n": runs, "speedup": float(np.median(ms32) / np.median(ms8)),
+    return {"shape": [m, k, n], "n": len(ms8), "speedup": float(np.median(ms32) / np.median(ms8)),
             **{f"{name}_{stat}": float(np.percentile(v, q)) for name, v in (("fp32", ms32), ("int8", ms8))
                for stat, q in (("ms", 50), ("p10", 10), ("p90", 90))}}
 
@@ -187,7 +194,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     report: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.platform(),
-                              "cpu": f"{os.cpu_count()} cores", "onnxruntime": onnxruntime.__version__,
+                              "cpu": f"{cpu_identity()['cpu']}, {os.cpu_count()} cores", "onnxruntime": onnxruntime.__version__,
                               "gemm": gemm_bound(), "workloads": {}}
     with tempfile.TemporaryDirectory(prefix="edgeship-ortprof-") as tmp:
         for workload in args.workloads:

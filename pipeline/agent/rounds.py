@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from .measure import coefficient_of_variation, summarize
 from .observe import POWER_WINDOW_S, Observer, chunk_for
+from .settle import settle
 
 # One untimed inference before each round's chunk: switching processes evicts the caches, and the
 # first inference after that would otherwise be charged to whichever run comes first.
@@ -108,6 +109,12 @@ class Measurement:
         self.timings: dict[str, list[float]] = {}
         self.retries: dict[str, int] = {}
         self.conditions: dict[str, Any] = {}  # clocks and heat before and after the timed rounds
+        self.settled_s: list[float] = []  # per chunk: the wait for the other runs' threads to go idle
+
+    def settle(self) -> None:
+        """Before a chunk: wait until no worker's threads are still spinning from their last one
+        (settle.py: the previous run's spin would otherwise be charged to the next)."""
+        self.settled_s.append(settle(w.proc.pid for w in self.workers.values()))
 
     def step(self, rid: str, action: Callable[[Worker], Any]) -> Any:
         """Run ``action`` on a live worker; a failure retires that run with its reason."""
@@ -130,6 +137,8 @@ class Measurement:
         got: dict[str, list[float]] = {rid: [] for rid in ids}
         for r, n in enumerate(chunks(total, rounds)):
             for rid in ids[r % len(ids):] + ids[:r % len(ids)] if ids else []:
+                self.settle()
+
                 def timed(w: Worker, n: int = n, rid: str = rid) -> None:
                     w.ask("warmup", n=CHUNK_WARMUP)
                     if window is None:
@@ -159,6 +168,7 @@ def _power_rounds(m: Measurement, obs: Observer, rounds: int) -> None:
         for rid in ids[r % len(ids):] + ids[:r % len(ids)]:
             left = POWER_WINDOW_S - obs.window_s(rid)
             n = chunk_for(obs.pace_ms(rid) or statistics.median(m.timings[rid]), left / max(1, rounds - r))
+            m.settle()
 
             def sampled(w: Worker, rid: str = rid, n: int = n) -> None:
                 with obs.span(rid, n):
@@ -194,7 +204,7 @@ def measure_runs(release: Path, runs: list[dict[str, Any]], cfg: dict[str, Any],
     with obs.power_phase() as measuring:
         if measuring:
             _power_rounds(m, obs, rounds)
-    m.conditions = obs.conditions()
+    m.conditions = {**obs.conditions(), "settle_ms": _settle_summary(m.settled_s)}
     results = {}
     for rid in list(m.workers):
         rss = m.step(rid, lambda w: w.ask("rss"))
@@ -206,6 +216,13 @@ def measure_runs(release: Path, runs: list[dict[str, Any]], cfg: dict[str, Any],
     for worker in m.workers.values():
         worker.close()
     return m, results
+
+
+def _settle_summary(waits: list[float]) -> dict[str, Any]:
+    """The waits before the chunks: their number, median and longest, in ms."""
+    ms = sorted(w * 1e3 for w in waits)
+    return {"n": len(ms), "median": round(statistics.median(ms), 1) if ms else None,
+            "max": round(ms[-1], 1) if ms else None}
 
 
 # Conditions under which no run's timings are to be trusted, whatever their spread.

@@ -94,6 +94,9 @@ def test_runs_are_timed_in_rotated_interleaved_rounds(agent: Any, tmp_path: Path
         assert min(r["timings_ms"]) == r["latency_ms"]["min"] and r["latency_ms"]["cv"] is not None
         assert r["samples"] == 8 and r["peak_rss_mb"] > 0
     assert m.failed == {}
+    # Every chunk waited for the other workers' threads to go idle first (settle.py), and says so.
+    assert len(m.settled_s) == 9 and m.conditions["settle_ms"]["n"] == 9
+    assert 0 < m.conditions["settle_ms"]["max"] < 1000 * sys.modules["edgeship_agent.settle"].CAP_S + 100
     # One process per run, all gone once the measurement is over.
     assert all(w.proc.poll() is not None for w in m.workers.values())
 
