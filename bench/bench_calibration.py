@@ -146,6 +146,45 @@ def edgeship_models(workload: str, work: Path) -> tuple[list[Model], Path, Any]:
     return models, fp32_onnx, spec
 
 
+# ONNX Runtime's speed / fidelity trade-off where a fidelity floor is in the spec: the same int8
+# build at lower floors (None: no floor), beside the shipped one. MobileNetV2 on ONNX Runtime
+# needs float layers for its floor, and each costs speed; these rows show what a lower floor buys.
+FLOOR_VARIANTS = {"mobilenet-v2": (None, 23.0, 24.0)}
+
+
+def floor_variants(workload: str, work: Path) -> list[Model]:
+    """The ONNX Runtime int8 build of ``workload`` at each of FLOOR_VARIANTS' floors, with the
+    same stage cache as the shipped build (calibration statistics reused, so its calib s is
+    warmer than the shipped build's cold stage; the search runs anew)."""
+    import yaml
+
+    from pipeline.agent.runners import load_runner_module
+    from pipeline.build import build
+    from pipeline.cache import Cache
+    from pipeline.spec import load_spec, load_target
+
+    spec = load_spec(SPECS[workload])
+    target = work / "targets" / "bench-floor.yaml"
+    target.write_text(yaml.safe_dump({"extends": "local", "name": "bench-floor", "threads": 2,
+                                      "builds": [{"backend": "onnxruntime", "precisions": ["int8"]}]}))
+    out = []
+    for floor in FLOOR_VARIANTS.get(workload, ()):
+        floors = dict(spec.calibration.min_sqnr_db or {}) if isinstance(spec.calibration.min_sqnr_db, dict) else {}
+        floors["onnxruntime"] = floor
+        variant = spec.model_copy(update={"calibration": spec.calibration.model_copy(update={"min_sqnr_db": floors})})
+        result = build(variant, load_target(str(target)), work / f"build-floor-{floor}", cache=Cache(work / "stages"),
+                       log=lambda m: print(m, file=sys.stderr))
+        art = result.artifacts[0]
+        stage_s = {e.stage: e.seconds for e in result.events}.get("onnxruntime int8")
+        runner = load_runner_module(art.runner).Runner(art.workdir, art.runner_config, 2)
+        runner.activate()
+        path = art.workdir / art.files[0]
+        name = "no floor" if floor is None else f"floor {floor:g} dB"
+        out.append(Model(f"edgeship onnxruntime int8 ({name})", "onnxruntime", runner, path, stage_s,
+                         {"calibration": (art.info or {}).get("calibration"), "bytes": path.stat().st_size}))
+    return out
+
+
 # ---- the peers ------------------------------------------------------------------------------------
 
 def _reader(name: str, calib: np.ndarray) -> Any:
@@ -286,6 +325,7 @@ def bench_workload(workload: str, work: Path, peers: list[str], rounds: int, per
     from pipeline.stages.inputs import load_samples
 
     models, fp32_onnx, spec = edgeship_models(workload, work)
+    models += floor_variants(workload, work)
     calib = np.asarray(load_samples(spec, "calibration").single("the calibration bench"), dtype=np.float32)
     evals = load_samples(spec, "evaluation")
     x, labels = np.asarray(evals.single("the calibration bench"), dtype=np.float32), np.asarray(evals.y).reshape(-1)
