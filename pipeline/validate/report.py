@@ -86,10 +86,18 @@ def conditions_line(dev: dict[str, Any]) -> str | None:
     parts = [f"governor {'/'.join(governors)}" if governors else None,
              f"{min(mhz):.0f}-{max(mhz):.0f} MHz" if mhz else None,
              f"max {max(temps):.0f} C" if temps else None,
-             f"load {load:.2f} on {before.get('cpus')} cpus" if load is not None else None]
+             f"load {load:.2f} on {before.get('cpus')} cpus" if load is not None else None,
+             _settle_text(cond.get("settle_ms") or {})]
     flags = cond.get("flags") or []
     text = ", ".join(p for p in parts if p)
     return f"{dev['device']}: measured with {text or 'no clock data'}" + (f"; FLAGGED: {', '.join(flags)}" if flags else "")
+
+
+def _settle_text(settle: dict[str, Any]) -> str | None:
+    """How long the chunks waited for other runs' threads to go idle (agent's settle.py)."""
+    if not settle.get("n"):
+        return None
+    return f"each of {settle['n']} chunks after a wait for idle threads (median {settle['median']:.0f} ms, max {settle['max']:.0f})"
 
 
 def rows(results: dict[str, Any]) -> list[list[str]]:

@@ -84,8 +84,9 @@ def test_reports_say_under_which_conditions_the_device_was_measured() -> None:
                                                                    "cpu1": {"governor": "powersave", "mhz": 1200.0}},
                    "thermal": [{"zone": "thermal_zone0", "temp_c": 50.0}]},
         "after": {"thermal": [{"zone": "thermal_zone0", "temp_c": 71.0}]},
-        "flags": ["powersave governor", "load above cores"]}
-    want = ("local: measured with governor powersave, 800-1200 MHz, max 71 C, load 3.50 on 2 cpus; "
+        "flags": ["powersave governor", "load above cores"], "settle_ms": {"n": 10, "median": 41.2, "max": 95.0}}
+    want = ("local: measured with governor powersave, 800-1200 MHz, max 71 C, load 3.50 on 2 cpus, "
+            "each of 10 chunks after a wait for idle threads (median 41 ms, max 95); "
             "FLAGGED: powersave governor, load above cores")
     assert want in markdown(doc)
     assert "FLAGGED: powersave governor, load above cores" in report_html(doc)
