@@ -55,6 +55,9 @@ class RuntimeCosts:
 #: padded to 4 channels (``writers.qdq.pad_conv_channels``). Crossing: closing MobileNetV2's two
 #: losing runs removed 1.27 M crossing elements and 0.38 ms of Transpose, (de)quantize and
 #: reorder kernels, ~0.3 ns per element: about 20 1x1-conv MACs.
+#: Fitted on a Xeon before timing waited out ONNX Runtime's idle spinning (pipeline/agent/settle.py);
+#: a settled profile on a Zen 4 EPYC (bench/results/ort-int8-profile.md) gives int8 1x1 2.9x and
+#: depthwise 1.17x, inside the ranges above, so the table stands as a relative ordering.
 ORT_CPU = RuntimeCosts(depthwise_fp32=3.6, int8_speedup={"conv": 2.8, "depthwise": 1.0, "stem": 1.3},
                        crossing=20.0)
 
