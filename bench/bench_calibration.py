@@ -111,37 +111,47 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 # ---- the pipeline's own artifacts ---------------------------------------------------------------
 
+def _pipeline_build(spec: Any, work: Path, name: str, builds: list[dict[str, Any]]) -> Any:
+    """``builds`` of ``spec`` through the pipeline on a ``local``-based target called ``name``,
+    all sharing one stage cache under ``work``; the build result."""
+    import yaml
+
+    from pipeline.build import build
+    from pipeline.cache import Cache
+    from pipeline.spec import load_target
+
+    target = work / "targets" / f"{name}.yaml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump({"extends": "local", "name": name, "threads": 2, "builds": builds}))
+    return build(spec, load_target(str(target)), work / "build" / name, cache=Cache(work / "stages"),
+                 log=lambda m: print(m, file=sys.stderr))
+
+
+def _artifact_model(art: Any, name: str, calib_s: float | None) -> Model:
+    """A built artifact in the device agent's runner (2 threads), as a measured model."""
+    from pipeline.agent.runners import load_runner_module
+
+    runner = load_runner_module(art.runner).Runner(art.workdir, art.runner_config, 2)
+    runner.activate()
+    return Model(name, art.backend, runner, art.workdir / art.files[0], calib_s,
+                 {"calibration": (art.info or {}).get("calibration"),
+                  "bytes": sum((art.workdir / f).stat().st_size for f in art.files)})  # ncnn: .param + .bin
+
+
 def edgeship_models(workload: str, work: Path) -> tuple[list[Model], Path, Any]:
     """Build fp32 + int8 on every CPU backend with the pipeline (cold stage cache) and wrap each
     artifact in the device agent's runner; returns them, the fp32 ONNX and the spec."""
-    import yaml
-
-    from pipeline.agent.runners import load_runner_module
-    from pipeline.build import build
-    from pipeline.cache import Cache
     from pipeline.registry import get_backend
-    from pipeline.spec import load_spec, load_target
+    from pipeline.spec import load_spec
 
     spec = load_spec(SPECS[workload])
-    (work / "targets").mkdir(parents=True, exist_ok=True)
     backends = [b for b in BACKENDS if get_backend(b).available()[0]]
-    (work / "targets" / "bench-calib.yaml").write_text(yaml.safe_dump({
-        "extends": "local", "name": "bench-calib", "threads": 2,
-        "builds": [{"backend": b, "precisions": ["fp32", "int8"]} for b in backends]}))
-    result = build(spec, load_target(str(work / "targets" / "bench-calib.yaml")), work / "build",
-                   cache=Cache(work / "stages"), log=lambda m: print(m, file=sys.stderr))
+    result = _pipeline_build(spec, work, "bench-calib", [{"backend": b, "precisions": ["fp32", "int8"]} for b in backends])
     stage_s = {e.stage: e.seconds for e in result.events}
-    models, fp32_onnx = [], None
-    for art in result.artifacts:
-        runner = load_runner_module(art.runner).Runner(art.workdir, art.runner_config, 2)
-        runner.activate()
-        path = art.workdir / art.files[0]
-        models.append(Model(f"edgeship {art.backend} {art.precision}", art.backend, runner, path,
-                            stage_s.get(f"{art.backend} {art.precision}") if art.precision == "int8" else None,
-                            {"calibration": (art.info or {}).get("calibration"),
-                             "bytes": sum((art.workdir / f).stat().st_size for f in art.files)}))  # ncnn: .param + .bin
-        if art.backend == "onnxruntime" and art.precision == "fp32":
-            fp32_onnx = path
+    models = [_artifact_model(art, f"edgeship {art.backend} {art.precision}",
+                              stage_s.get(f"{art.backend} {art.precision}") if art.precision == "int8" else None)
+              for art in result.artifacts]
+    fp32_onnx = next((m.path for m in models if m.name == "edgeship onnxruntime fp32"), None)
     assert fp32_onnx is not None, "the onnxruntime fp32 artifact is the peers' input"
     return models, fp32_onnx, spec
 
@@ -156,32 +166,18 @@ def floor_variants(workload: str, work: Path) -> list[Model]:
     """The ONNX Runtime int8 build of ``workload`` at each of FLOOR_VARIANTS' floors, with the
     same stage cache as the shipped build (calibration statistics reused, so its calib s is
     warmer than the shipped build's cold stage; the search runs anew)."""
-    import yaml
-
-    from pipeline.agent.runners import load_runner_module
-    from pipeline.build import build
-    from pipeline.cache import Cache
-    from pipeline.spec import load_spec, load_target
+    from pipeline.spec import load_spec
 
     spec = load_spec(SPECS[workload])
-    target = work / "targets" / "bench-floor.yaml"
-    target.write_text(yaml.safe_dump({"extends": "local", "name": "bench-floor", "threads": 2,
-                                      "builds": [{"backend": "onnxruntime", "precisions": ["int8"]}]}))
     out = []
     for floor in FLOOR_VARIANTS.get(workload, ()):
-        floors = dict(spec.calibration.min_sqnr_db or {}) if isinstance(spec.calibration.min_sqnr_db, dict) else {}
-        floors["onnxruntime"] = floor
-        variant = spec.model_copy(update={"calibration": spec.calibration.model_copy(update={"min_sqnr_db": floors})})
-        result = build(variant, load_target(str(target)), work / f"build-floor-{floor}", cache=Cache(work / "stages"),
-                       log=lambda m: print(m, file=sys.stderr))
-        art = result.artifacts[0]
+        # only the onnxruntime build runs, so its floor is the only one that matters
+        calibration = spec.calibration.model_copy(update={"min_sqnr_db": {"onnxruntime": floor}})
+        result = _pipeline_build(spec.model_copy(update={"calibration": calibration}), work, f"bench-floor-{floor}",
+                                 [{"backend": "onnxruntime", "precisions": ["int8"]}])
         stage_s = {e.stage: e.seconds for e in result.events}.get("onnxruntime int8")
-        runner = load_runner_module(art.runner).Runner(art.workdir, art.runner_config, 2)
-        runner.activate()
-        path = art.workdir / art.files[0]
-        name = "no floor" if floor is None else f"floor {floor:g} dB"
-        out.append(Model(f"edgeship onnxruntime int8 ({name})", "onnxruntime", runner, path, stage_s,
-                         {"calibration": (art.info or {}).get("calibration"), "bytes": path.stat().st_size}))
+        label = "no floor" if floor is None else f"floor {floor:g} dB"
+        out.append(_artifact_model(result.artifacts[0], f"edgeship onnxruntime int8 ({label})", stage_s))
     return out
 
 
