@@ -236,7 +236,9 @@ def test_int8_keeps_no_pad_op_a_conv_can_absorb(tmp_path: Path) -> None:
     assert art.info["calibration"]["notes"]["pads_folded_into_conv"] == 1
     ops = collections.Counter(d["op_name"] for d in Interpreter(
         model_path=str(art.workdir / "model.tflite"))._get_ops_details())
-    # without the fold the even pad stays a PAD op between quantize pairs, with its own TRANSPOSEs
-    # (a one-input-channel conv lowers to DEPTHWISE_CONV_2D)
-    assert ops["PAD"] == 1 and ops["CONV_2D"] + ops["DEPTHWISE_CONV_2D"] == 2, ops
+    # without the fold the even pad stays a PAD op between quantize pairs, with its own TRANSPOSEs;
+    # the uneven stride-2 one is TensorFlow's SAME, folded on the flatbuffer after conversion
+    # (padfold; a one-input-channel conv lowers to DEPTHWISE_CONV_2D)
+    assert art.info["pads_folded"] == {"into_conv": 1, "to_nhwc": 0}
+    assert ops["PAD"] == 0 and ops["TRANSPOSE"] == 0 and ops["CONV_2D"] + ops["DEPTHWISE_CONV_2D"] == 2, ops
     assert art.info["check"]["top1_agreement"] >= 87.5

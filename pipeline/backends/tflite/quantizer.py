@@ -78,8 +78,9 @@ def fold_zero_pads(model: Any) -> int:
     an explicit ``pad`` before each conv. In a float graph litert-torch folds it; in the PT2E
     graph the pad sits between quantize / dequantize pairs, stays a PAD op, and its NCHW layout
     costs a TRANSPOSE on each side (EfficientNet-Lite0 int8: 16 PADs, 31 TRANSPOSEs). A zero
-    pad with equal sides is exactly the conv's own ``padding``, so it is moved there; uneven
-    pads (stride-2 "same") are left as they are.
+    pad with equal sides is exactly the conv's own ``padding``, so it is moved there. Uneven pads
+    (stride-2 "same") have no torch conv padding; :mod:`pipeline.backends.tflite.padfold` folds
+    them into TFLite's SAME padding on the converted flatbuffer.
 
     Returns:
         The number of pads folded.
