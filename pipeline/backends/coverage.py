@@ -37,6 +37,10 @@ MOVEMENT_OPS = frozenset({
     "STRIDED_SLICE", "SPLIT", "SPLIT_V", "PACK", "UNPACK", "SHAPE", "DEPTH_TO_SPACE", "SPACE_TO_DEPTH", "CAST",
     "BROADCAST_TO", "TILE",
 })
+#: the data moves that copy a whole tensor into a new layout: worth naming on integer tensors too,
+#: where they are easy to miss (litert-torch's int8 EfficientNet-Lite0 kept 8 TRANSPOSEs around PADs)
+LAYOUT_COPIES = frozenset({"Transpose", "Pad", "DepthToSpace", "SpaceToDepth",
+                           "TRANSPOSE", "PAD", "PADV2", "DEPTH_TO_SPACE", "SPACE_TO_DEPTH"})
 #: ONNX Runtime's integer kernels, by op type (any domain), and whether their output is integer
 ORT_INTEGER_OPS = {"MatMulInteger": True, "ConvInteger": True, "QGemm": True, "QAttention": False,
                    "MatMulIntegerToFloat": False, "DynamicQuantizeMatMul": False, "DynamicQuantizeLSTM": False}
@@ -51,7 +55,8 @@ class Coverage:
     """Compute ops by where they run. ``qdq_left``: activation Quantize/Dequantize ops inside the
     model that the runtime runs as ops of their own (each a float <-> int8 round trip of a
     tensor); ``qdq_io``: those on the model's float inputs and outputs (unavoidable with float
-    I/O); ``float_data_ops``: data-movement ops (Transpose, Pad, Concat, ...) left on float tensors."""
+    I/O); ``float_data_ops``: data-movement ops (Transpose, Pad, Concat, ...) left on float tensors;
+    ``int8_layout_ops``: the layout copies (Transpose, Pad, ...) on integer tensors."""
 
     source: str
     int8: int = 0
@@ -60,6 +65,7 @@ class Coverage:
     qdq_left: int = 0
     qdq_io: int = 0
     float_data_ops: Counter = field(default_factory=Counter)
+    int8_layout_ops: Counter = field(default_factory=Counter)
     note: str = ""
 
     def add(self, op: str, name: str, integer: bool) -> None:
@@ -69,6 +75,15 @@ class Coverage:
         else:
             self.float_ops[op] += 1
             self.float_layers.append(name)
+
+    def data_op(self, op: str, integer: bool, constant: bool) -> None:
+        """One data-movement op: listed when it moves a float activation, or copies an integer one."""
+        if constant:
+            return
+        if not integer:
+            self.float_data_ops[op] += 1
+        elif op in LAYOUT_COPIES:
+            self.int8_layout_ops[op] += 1
 
     def qdq(self, edge: bool) -> None:
         """One Quantize/Dequantize op run on its own: at the model's float I/O (``edge``) or inside."""
@@ -82,7 +97,8 @@ class Coverage:
         out = {"compute_ops": self.int8 + floats, "int8": self.int8, "float": floats, "qdq_left": self.qdq_left,
                "qdq_io": self.qdq_io, "float_ops": dict(self.float_ops.most_common()),
                "float_layers": self.float_layers,
-               "float_data_ops": dict(self.float_data_ops.most_common()), "source": self.source}
+               "float_data_ops": dict(self.float_data_ops.most_common()),
+               "int8_layout_ops": dict(self.int8_layout_ops.most_common()), "source": self.source}
         return out | ({"note": self.note} if self.note else {})
 
 
@@ -129,8 +145,7 @@ def _classify_onnx_node(cov: Coverage, node: Any, integer_in: bool, constant_in:
             cov.qdq(edge)
         return op in ORT_QUANTIZE
     if op in MOVEMENT_OPS:
-        if not integer_in and not constant_in:
-            cov.float_data_ops[op] += 1
+        cov.data_op(op, integer_in, constant_in)
         return integer_in
     if op.startswith("QLinear") or op in ORT_INTEGER_OPS:
         cov.add(op, node.name, True)
@@ -190,8 +205,7 @@ def _classify_tflite_op(cov: Coverage, op: str, name: str, integer_in: bool, con
         if not constant_in:  # fp16 weights dequantized once are not a round trip
             cov.qdq(edge)
     elif op in MOVEMENT_OPS:
-        if not integer_in and not constant_in:
-            cov.float_data_ops[op] += 1
+        cov.data_op(op, integer_in, constant_in)
     else:
         cov.add(op, name, integer_in)
 
@@ -229,7 +243,8 @@ def coverage_line(cov: dict[str, Any] | None, device_build: dict[str, Any] | Non
     moved = ", ".join(f"{op} x{n}" for op, n in (cov.get("float_data_ops") or {}).items())
     line = f"int8 ops: {cov['int8']}/{cov['compute_ops']}" + (f", float: {floats}" if floats else ", none float")
     line += f"; Q/DQ left inside: {cov.get('qdq_left', 0)} (+{cov.get('qdq_io', 0)} at the inputs/outputs)"
-    return line + (f"; float data moves: {moved}" if moved else "")
+    copies = ", ".join(f"{op} x{n}" for op, n in (cov.get("int8_layout_ops") or {}).items())
+    return line + (f"; float data moves: {moved}" if moved else "") + (f"; int8 layout copies: {copies}" if copies else "")
 
 
 def coverage_cell(cov: dict[str, Any] | None) -> str:

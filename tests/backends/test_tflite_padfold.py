@@ -3,7 +3,8 @@
 A small CNN padded the way EfficientNet-Lite pads (asymmetric pads before stride-2 convs, a 5x5
 depthwise among them) goes through the real litert-torch conversion; the model as converted is
 captured before the fold and both run on the real LiteRT interpreter: the same outputs, bit for
-bit, with the PAD and TRANSPOSE ops gone, and a pad that is not SAME's left where it was.
+bit, with the PAD and TRANSPOSE ops gone, and a pad that is not SAME's left where it was; the op
+coverage report counts the layout copies left on int8 tensors.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pipeline.backends.coverage import artifact_coverage, coverage_line, tflite_coverage
 from pipeline.backends.tflite import padfold
 from pipeline.registry import get_backend
 from tests.backends.helpers import digits, make_context
@@ -96,6 +98,12 @@ def test_fold_keeps_outputs_and_drops_the_pad_chains(tmp_path: Path, monkeypatch
     # what stays: the input's NCHW -> NHWC and the one before the classifier's flatten
     assert ops_after["TRANSPOSE"] == 2 and ops_before["TRANSPOSE"] == (6 if int8 else 2), ops_before
     assert ops_after["CONV_2D"] == ops_before["CONV_2D"] and ops_after["DEPTHWISE_CONV_2D"] == 1
+    if int8:  # the op coverage names what is left: the input's transpose, the flatten's, the (2, 0) pad
+        (tmp_path / "before.tflite").write_bytes(before["model"])
+        assert tflite_coverage(tmp_path / "before.tflite").int8_layout_ops == {"TRANSPOSE": 6, "PAD": 3}
+        cov = artifact_coverage(art.runner, art.workdir, art.runner_config)
+        assert cov["int8_layout_ops"] == {"TRANSPOSE": 2, "PAD": 1} and cov["float_data_ops"] == {}, cov
+        assert coverage_line(cov).endswith("; int8 layout copies: TRANSPOSE x2, PAD x1")
     x = rgb_digits(16, offset=100)
     np.testing.assert_array_equal(_run(after, x), _run(before["model"], x))
 
