@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibration.metrics import sqnr_db  # noqa: E402
-from pipeline.agent.settle import settle  # noqa: E402
+from interleave import interleaved  # noqa: E402
 from pipeline.validate.stats import discordant, p50_interval, paired_drop_interval  # noqa: E402
 
 SPECS = {"efficientnet-lite0": ROOT / "examples" / "efficientnet_lite0.yaml",
@@ -279,22 +279,11 @@ def predict(m: Model, x: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(m.runner.infer(x[i:i + 1]), np.float32).reshape(1, -1) for i in range(len(x))])
 
 
-def latency(models: list[Model], x: np.ndarray, rounds: int, per_round: int, warmup: int = 5) -> dict[str, list[float]]:
+def latency(models: list[Model], x: np.ndarray, rounds: int, per_round: int) -> dict[str, list[float]]:
     """Raw ms per model, every model timed in each of ``rounds`` interleaved rounds."""
     sample = np.ascontiguousarray(x[:1], dtype=np.float32)
-    for m in models:
-        for _ in range(warmup):
-            m.runner.infer(sample)
-    times: dict[str, list[float]] = {m.name: [] for m in models}
-    for r in range(rounds):
-        for m in models[r % len(models):] + models[:r % len(models)]:
-            settle([os.getpid()])  # the previous model's pool threads stop spinning first
-            m.runner.infer(sample)  # untimed: the caches after switching models
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                m.runner.infer(sample)
-                times[m.name].append((time.perf_counter() - t0) * 1e3)
-    return times
+    chunks = interleaved({m.name: (lambda m=m: m.runner.infer(sample)) for m in models}, rounds, per_round)
+    return {name: [t for chunk in c for t in chunk] for name, c in chunks.items()}
 
 
 def row(m: Model, out: np.ndarray, ref: np.ndarray, labels: np.ndarray, times: list[float],

@@ -22,10 +22,8 @@ the range over rounds. Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibration.metrics import sqnr_db  # noqa: E402
-from pipeline.agent.settle import settle  # noqa: E402
+from interleave import interleaved  # noqa: E402
 
 SPECS = {"efficientnet-lite0": ROOT / "examples" / "efficientnet_lite0.yaml",
          "mobilenet-v2": ROOT / "examples" / "mobilenet_v2.yaml", "mnist": ROOT / "examples" / "mnist.yaml"}
@@ -84,22 +82,7 @@ def variants(arts: dict[str, Any], work: Path) -> dict[str, tuple[Path, dict[str
 
 def timed(runners: dict[str, Any], x: np.ndarray, rounds: int, per_round: int) -> dict[str, list[list[float]]]:
     """ms per run, per variant and round; every round visits every variant (rotated order)."""
-    names = list(runners)
-    for r in runners.values():
-        for _ in range(5):
-            r.run(x)
-    times: dict[str, list[list[float]]] = {n: [] for n in names}
-    for i in range(rounds):
-        for n in names[i % len(names):] + names[:i % len(names)]:
-            settle([os.getpid()])  # the previous variant's threads stop spinning first
-            runners[n].run(x)  # untimed: caches after the switch
-            one = []
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                runners[n].run(x)
-                one.append((time.perf_counter() - t0) * 1e3)
-            times[n].append(one)
-    return times
+    return interleaved({n: (lambda r=r: r.run(x)) for n, r in runners.items()}, rounds, per_round)
 
 
 def main() -> int:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from interleave import interleaved
 from ncnn_int8_x86 import ROOT, build
 
 from pipeline.agent.device_build import cpu_identity
@@ -133,17 +134,10 @@ def gemm_bound(m: int = 3136, k: int = 256, n: int = 256, runs: int = 300) -> di
     opts.intra_op_num_threads = 2
     f32, i8 = (ort.InferenceSession(model(q), opts, providers=["CPUExecutionProvider"]) for q in (False, True))
     a32, a8 = rng.normal(size=(m, k)).astype(np.float32), rng.integers(0, 255, (m, k)).astype(np.uint8)
-    t32: list[float] = []
-    t8: list[float] = []
-    for _ in range(runs // GEMM_CHUNK):  # chunks, alternated, each after the other's pool is idle
-        for sess, a, out in ((f32, a32, t32), (i8, a8, t8)):
-            settle([os.getpid()])
-            sess.run(None, {"A": a})
-            for _ in range(GEMM_CHUNK):
-                t = time.perf_counter()
-                sess.run(None, {"A": a})
-                out.append(time.perf_counter() - t)
-    ms32, ms8 = np.array(t32) * 1e3, np.array(t8) * 1e3
+    # chunks of GEMM_CHUNK, alternated, each after the other session's pool is idle
+    chunks = interleaved({"fp32": lambda: f32.run(None, {"A": a32}), "int8": lambda: i8.run(None, {"A": a8})},
+                         runs // GEMM_CHUNK, GEMM_CHUNK)
+    ms32, ms8 = (np.concatenate(chunks[v]) for v in ("fp32", "int8"))
     return {"shape": [m, k, n], "n": len(ms8), "speedup": float(np.median(ms32) / np.median(ms8)),
             **{f"{name}_{stat}": float(np.percentile(v, q)) for name, v in (("fp32", ms32), ("int8", ms8))
                for stat, q in (("ms", 50), ("p10", 10), ("p90", 90))}}
