@@ -83,20 +83,29 @@ def _opcode_index(model: Any, builtin: int) -> int:
     return len(model.operatorCodes) - 1
 
 
-def _float_twin(model: Any, sg: Any, idx: int, suffix: str) -> int:
-    """Append a float32 tensor shaped like tensor ``idx`` (own empty buffer); return its index."""
+def append_tensor(model: Any, sg: Any, shape: Any, dtype: int, name: str, data: np.ndarray | None = None,
+                  shape_signature: Any = None) -> int:
+    """Append a tensor of schema type ``dtype`` with its own buffer (holding ``data``, if given:
+    a constant); return its index."""
     schema = _schema()
-    src = sg.tensors[idx]
+    buf = schema.BufferT()
+    if data is not None:
+        buf.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), np.uint8)
+    model.buffers.append(buf)
     t = schema.TensorT()
-    t.shape = np.array(src.shape, dtype=np.int32)
-    t.shapeSignature = None if src.shapeSignature is None else np.array(src.shapeSignature, dtype=np.int32)
-    t.type = schema.TensorType.FLOAT32
-    name = src.name.decode() if isinstance(src.name, bytes) else str(src.name)
-    t.name = f"{name}{suffix}"
-    model.buffers.append(schema.BufferT())
-    t.buffer = len(model.buffers) - 1
+    t.shape = np.array(shape, dtype=np.int32)
+    t.shapeSignature = None if shape_signature is None else np.array(shape_signature, dtype=np.int32)
+    t.type, t.name, t.buffer = dtype, name, len(model.buffers) - 1
     sg.tensors.append(t)
     return len(sg.tensors) - 1
+
+
+def _float_twin(model: Any, sg: Any, idx: int, suffix: str) -> int:
+    """Append a float32 tensor shaped like tensor ``idx`` (own empty buffer); return its index."""
+    src = sg.tensors[idx]
+    name = src.name.decode() if isinstance(src.name, bytes) else str(src.name)
+    return append_tensor(model, sg, src.shape, _schema().TensorType.FLOAT32, f"{name}{suffix}",
+                         shape_signature=src.shapeSignature)
 
 
 def add_float_io(model_bytes: bytes) -> bytes:

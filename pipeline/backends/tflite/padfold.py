@@ -21,9 +21,11 @@ its two transposes go.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+from pipeline.backends.tflite.interface import _schema, append_tensor
 
 # the permutations litert-torch writes around layout-sensitive ops
 TO_NHWC = [0, 2, 3, 1]
@@ -94,11 +96,19 @@ def _is_same(pads: np.ndarray, spatial: tuple[int, int], hw: list[int], kernel: 
             and list(pads[spatial[1]]) == same_pads(hw[1], kernel[1], opts.strideW, opts.dilationWFactor))
 
 
-def _fold_one(g: _Graph, conv: Any, valid: int) -> set[int] | None:
-    """Fold the pad chain in front of ``conv``; returns the op indices to drop, or None."""
+def _fold_into_conv(g: _Graph, conv: Any) -> set[int] | None:
+    """Fold the pad chain in front of ``conv`` (its padding becomes SAME); the op indices to drop, or None."""
     opts = conv.builtinOptions
-    if opts is None or opts.padding != valid:
+    if opts is None or opts.padding != _schema().Padding.VALID:
         return None
+    drop = _unpad_input(g, conv, opts)
+    if drop:
+        opts.padding = _schema().Padding.SAME
+    return drop
+
+
+def _unpad_input(g: _Graph, conv: Any, opts: Any) -> set[int] | None:
+    """Rewire ``conv`` to read its input before a SAME-equivalent pad chain; the ops to drop."""
     x = int(conv.inputs[0])
     kernel = g.shape(int(conv.inputs[1]))[1:3]
     pad = g.made_by(x, _builtin().PAD)
@@ -143,9 +153,7 @@ def _perm_is(g: _Graph, transpose: Any, perm: list[int]) -> bool:
 
 
 def _builtin() -> Any:
-    from ai_edge_litert import schema_py_generated as schema
-
-    return schema.BuiltinOperator
+    return _schema().BuiltinOperator
 
 
 def _pad_to_nhwc(g: _Graph, pad: Any) -> set[int] | None:
@@ -163,22 +171,23 @@ def _pad_to_nhwc(g: _Graph, pad: Any) -> set[int] | None:
     nhwc, x = int(there[1].inputs[0]), int(back.outputs[0])
     if g.quant(nhwc) != g.quant(x):
         return None
-    pad.inputs = np.array([nhwc, _int32_constant(g, amounts.reshape(4, 2)[TO_NHWC], "paddings_nhwc")], np.int32)
+    paddings = amounts.reshape(4, 2)[TO_NHWC].astype(np.int32)
+    constant = append_tensor(g.model, g.sg, paddings.shape, _schema().TensorType.INT32, "paddings_nhwc", paddings)
+    pad.inputs = np.array([nhwc, constant], np.int32)
     pad.outputs = np.array([x], np.int32)
     return {there[0], users[0]}
 
 
-def _int32_constant(g: _Graph, value: np.ndarray, name: str) -> int:
-    """Append an int32 constant tensor with its own buffer; return its index."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    buf = schema.BufferT()
-    buf.data = np.frombuffer(np.ascontiguousarray(value, np.int32).tobytes(), np.uint8)
-    g.model.buffers.append(buf)
-    t = schema.TensorT()
-    t.shape, t.type, t.buffer, t.name = np.array(value.shape, np.int32), schema.TensorType.INT32, len(g.model.buffers) - 1, name
-    g.sg.tensors.append(t)
-    return len(g.sg.tensors) - 1
+def _rewrite(model: Any, builtins: tuple[int, ...], rewrite: Callable[[_Graph, Any], set[int] | None]) -> int:
+    """Apply ``rewrite`` to every op of the ``builtins`` kinds, drop the ops it frees; how many it rewrote."""
+    g, dropped, done = _Graph.of(model), set(), 0
+    for op in list(g.sg.operators):
+        drop = rewrite(g, op) if g.code(op) in builtins else None
+        if drop:
+            dropped |= drop
+            done += 1
+    g.sg.operators = [op for i, op in enumerate(g.sg.operators) if i not in dropped]
+    return done
 
 
 def fold_pads(model_bytes: bytes) -> tuple[bytes, dict[str, int]]:
@@ -187,28 +196,13 @@ def fold_pads(model_bytes: bytes) -> tuple[bytes, dict[str, int]]:
     ``into_conv``: SAME-equivalent pads folded into the conv they feed; ``to_nhwc``: other pads
     between a transpose pair, done on the channels-last tensor instead (the transposes go).
     """
-    from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
+    b = _builtin()
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
-    counts = {"into_conv": 0, "to_nhwc": 0}
-    g = _Graph.of(model)
-    convs = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D)
-    dropped: set[int] = set()
-    for op in list(g.sg.operators):
-        drop = _fold_one(g, op, schema.Padding.VALID) if g.code(op) in convs else None
-        if drop:
-            op.builtinOptions.padding = schema.Padding.SAME
-            dropped |= drop
-            counts["into_conv"] += 1
-    g.sg.operators = [op for i, op in enumerate(g.sg.operators) if i not in dropped]
-    g, dropped = _Graph.of(model), set()
-    for op in list(g.sg.operators):
-        drop = _pad_to_nhwc(g, op) if g.code(op) == schema.BuiltinOperator.PAD else None
-        if drop:
-            dropped |= drop
-            counts["to_nhwc"] += 1
-    g.sg.operators = [op for i, op in enumerate(g.sg.operators) if i not in dropped]
+    # convs first: a pad chain folded into its conv is gone before the second pass looks at pads
+    counts = {"into_conv": _rewrite(model, (b.CONV_2D, b.DEPTHWISE_CONV_2D), _fold_into_conv),
+              "to_nhwc": _rewrite(model, (b.PAD,), _pad_to_nhwc)}
     if not any(counts.values()):
         return bytes(model_bytes), counts
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), counts
